@@ -1,0 +1,56 @@
+"""ONNX Runtime backend: the canonical graph, plus outputs for each step's new keys/values.
+
+The extra outputs let the runtime append only the new tokens to its own preallocated KV cache
+instead of copying the whole `present` tensors back out every step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx_ir as ir
+
+from optc.errors import OptcError
+from optc.ir import save_model
+
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "gpu": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+GRAPH_FILE = "model.onnx"
+
+
+def expose_new_kv(model: ir.Model, info) -> list[list[str]]:
+    values = {v.name: v for n in model.graph for v in n.outputs}
+    names = []
+    for layer in info.layers:
+        pair = []
+        for kind, vname in (("key", layer.new_key), ("value", layer.new_value)):
+            v = values.get(vname)
+            if v is None:
+                raise OptcError(f"onnxruntime backend: layer {layer.index} {kind}s ({vname!r}) vanished from the graph")
+            out_name = f"optc.new.{layer.index}.{kind}"
+            if v.name != out_name:
+                v.name = out_name
+            if v not in model.graph.outputs:
+                model.graph.outputs.append(v)
+            pair.append(out_name)
+        names.append(pair)
+    return names
+
+
+def compile(model: ir.Model, info, out_dir: Path, target: str) -> dict:
+    if target not in PROVIDERS:
+        raise OptcError(f"--target {target}: the onnxruntime backend supports {', '.join(PROVIDERS)} "
+                        f"(the NPU target comes with the quantised outlier-splitting work)")
+    kv_outputs = expose_new_kv(model, info)
+    files = save_model(model, Path(out_dir) / GRAPH_FILE)
+    return {
+        "name": "onnxruntime",
+        "graph": GRAPH_FILE,
+        "weights": [f.name for f in files[1:]],
+        "providers": PROVIDERS[target],
+        "session_options": {"graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_num_threads": 0,
+                            "inter_op_num_threads": 1},
+        "kv_outputs": kv_outputs,
+    }

@@ -1,0 +1,220 @@
+"""Canonicalisation: find the decoder in an exported ONNX graph and put it in optc's canonical form.
+
+Canonical form (what every pass may assume; docs/canonical-form.md):
+  * interface: input_ids, attention_mask, position_ids, past_key_values.{i}.key/.value ->
+    logits, present.{i}.key/.value  ([batch, kv_heads, seq, head_dim] KV tensors);
+  * per layer i: present.{i}.key = Concat(past_key_values.{i}.key, new_key_i, axis=2), same for
+    values, and one standard ONNX `Attention` op (opset 23) whose K/V inputs are the present
+    tensors themselves (grouped-query attention native: no repeat_kv Expand/Reshape in between).
+
+Recognised exporter patterns are rewritten into that form; anything the canonicaliser cannot
+match is a `CanonicalizationError` naming what was not found.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+import onnx_ir as ir
+
+from optc.errors import OptcError
+
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_PRESENT = re.compile(r"^present\.(\d+)\.(key|value)$")
+
+
+class CanonicalizationError(OptcError):
+    pass
+
+
+@dataclass
+class LayerInfo:
+    index: int
+    attention: str            # node name of the layer's Attention op
+    new_key: str              # value name: this step's keys (the Concat's second input)
+    new_value: str
+
+
+@dataclass
+class DecoderInfo:
+    n_layers: int
+    num_heads: int
+    kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    context: int | None
+    rotary: str
+    norm: str
+    mlp: str
+    rewrites: dict[str, int] = field(default_factory=dict)
+    layers: list[LayerInfo] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        d = asdict(self)
+        d.pop("layers")
+        return d
+
+
+def _static(dim) -> int | None:
+    return dim if isinstance(dim, int) else None
+
+
+def _dims(value: ir.Value) -> list:
+    if value.shape is None:
+        return []
+    return [d if isinstance(d, int) else None for d in value.shape]
+
+
+def _producer_op(value: ir.Value | None) -> str | None:
+    if value is None or value.producer() is None:
+        return None
+    return value.producer().op_type
+
+
+def _strip_repeat_kv(attn: ir.Node, slot: int, present: ir.Value) -> bool:
+    """If Attention input `slot` is repeat_kv(present) (Unsqueeze -> Expand -> Reshape), feed
+    `present` directly: the standard Attention op does grouped-query attention itself."""
+    cur = attn.inputs[slot]
+    if cur is present:
+        return False
+    seen = []
+    while cur is not None and cur is not present and _producer_op(cur) in {"Reshape", "Expand", "Unsqueeze"}:
+        seen.append(cur.producer().op_type)
+        cur = cur.producer().inputs[0]
+    if cur is not present or "Expand" not in seen:
+        raise CanonicalizationError(
+            f"Attention node {attn.name!r}: its {'key' if slot == 1 else 'value'} input is not the layer's "
+            f"present tensor {present.name!r} (nor repeat_kv of it)")
+    attn.replace_input_with(slot, present)
+    return True
+
+
+def analyze(model: ir.Model) -> DecoderInfo:
+    """Find the decoder structure; rewrite recognised patterns into canonical form (in place)."""
+    from optc.canonical_patterns import rewrite_decomposed_attention, simplify_trivial_concats
+
+    rewrites: dict[str, int] = {}
+    if not any(n.op_type == "Attention" and n.domain == "" for n in model.graph):
+        rewrites.update(rewrite_decomposed_attention(model))  # may replace model.graph (opset upgrade)
+    if n := simplify_trivial_concats(model):
+        rewrites["trivial_concat_removed"] = n
+    g = model.graph
+    inputs = {v.name: v for v in g.inputs}
+    outputs = {v.name: v for v in g.outputs}
+    for required in ("input_ids", "attention_mask"):
+        if required not in inputs:
+            raise CanonicalizationError(f"graph input {required!r} not found (inputs: {', '.join(list(inputs)[:6])})")
+    if "logits" not in outputs:
+        raise CanonicalizationError(f"graph output 'logits' not found (outputs: {', '.join(list(outputs)[:6])})")
+
+    past = {(int(m[1]), m[2]): v for n, v in inputs.items() if (m := _PAST.match(n))}
+    present = {(int(m[1]), m[2]): v for n, v in outputs.items() if (m := _PRESENT.match(n))}
+    n_layers = len({i for i, _ in past})
+    if n_layers == 0:
+        raise CanonicalizationError("no KV-cache inputs named past_key_values.N.key / .value: not a decoder with "
+                                    "a KV cache in the optimum/transformers.js layout")
+    for i in range(n_layers):
+        for kind in ("key", "value"):
+            if (i, kind) not in past:
+                raise CanonicalizationError(f"graph input past_key_values.{i}.{kind} not found")
+            if (i, kind) not in present:
+                raise CanonicalizationError(f"graph output present.{i}.{kind} not found")
+
+    kv_dims = _dims(past[(0, "key")])
+    if len(kv_dims) != 4 or kv_dims[1] is None or kv_dims[3] is None:
+        raise CanonicalizationError(f"past_key_values.0.key: expected static [batch, kv_heads, past, head_dim], "
+                                    f"got {past[(0, 'key')].shape}")
+    kv_heads, head_dim = kv_dims[1], kv_dims[3]
+
+    attention_nodes = [n for n in g if n.op_type == "Attention" and n.domain == ""]
+    if len(attention_nodes) != n_layers:
+        raise CanonicalizationError(
+            f"found {len(attention_nodes)} attention ops (standard ONNX Attention or the MatMul-Softmax-MatMul "
+            f"pattern) for {n_layers} KV-cache layers")
+
+    layers = []
+    consumers: dict[str, ir.Node] = {}
+    for i in range(n_layers):
+        new = {}
+        for kind in ("key", "value"):
+            pres = present[(i, kind)]
+            cat = pres.producer()
+            if cat is None or cat.op_type != "Concat" or cat.inputs[0] is not past[(i, kind)]:
+                raise CanonicalizationError(
+                    f"present.{i}.{kind} is not Concat(past_key_values.{i}.{kind}, new) "
+                    f"(produced by {cat.op_type if cat else 'nothing'})")
+            axis = cat.attributes["axis"].value
+            if axis not in (2, -2):
+                raise CanonicalizationError(f"present.{i}.{kind}: KV concat along axis {axis}, expected 2")
+            new[kind] = cat.inputs[1]
+        # the Attention op that reads this layer's cache
+        users = [n for n in attention_nodes if _reads(n, 1, present[(i, "key")])]
+        if len(users) != 1:
+            raise CanonicalizationError(f"layer {i}: no single Attention op reads present.{i}.key")
+        attn = users[0]
+        for slot, kind in ((1, "key"), (2, "value")):
+            if _strip_repeat_kv(attn, slot, present[(i, kind)]):
+                rewrites["repeat_kv_removed"] = rewrites.get("repeat_kv_removed", 0) + 1
+        consumers[attn.name] = attn
+        layers.append(LayerInfo(i, attn.name, new["key"].name, new["value"].name))
+
+    logits_dims = _dims(outputs["logits"])
+    vocab = logits_dims[-1] if logits_dims else None
+    hidden = None
+    embed = _embedding_table(g, inputs["input_ids"])
+    if embed is not None:
+        vocab, hidden = embed
+    if not vocab:
+        raise CanonicalizationError("cannot tell the vocabulary size (no static logits dim, no embedding Gather)")
+
+    q_dims = _dims(attention_nodes[0].inputs[0])
+    num_heads = q_dims[1] if len(q_dims) == 4 and q_dims[1] else None
+    num_heads = num_heads or attention_nodes[0].attributes.get_int("q_num_heads", 0) or None
+    if num_heads is None and hidden and hidden % head_dim == 0:
+        num_heads = hidden // head_dim  # graphs without shape annotations (TorchScript exports)
+    if num_heads is None:
+        raise CanonicalizationError(f"Attention node {attention_nodes[0].name!r}: cannot tell the number of query heads")
+    hidden = hidden or num_heads * head_dim
+
+    ops = {n.op_type for n in g}
+    rotary = ("RotaryEmbedding" if "RotaryEmbedding" in ops else "decomposed (Sin/Cos)" if {"Sin", "Cos"} <= ops
+              else "none found")
+    norm = ("RMSNormalization" if "RMSNormalization" in ops else "SimplifiedLayerNormalization"
+            if "SimplifiedLayerNormalization" in ops else "LayerNormalization" if "LayerNormalization" in ops
+            else "decomposed (Pow/ReduceMean)" if {"Pow", "ReduceMean"} <= ops else "none found")
+    mlp = "SwiGLU (Sigmoid gate)" if "Sigmoid" in ops else "GELU" if "Gelu" in ops else "unknown"
+    context = None
+    meta = model.metadata_props.get("optc.context")
+    if meta and meta.isdigit():
+        context = int(meta)
+    return DecoderInfo(n_layers=n_layers, num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim,
+                       hidden_size=hidden, vocab_size=vocab, context=context, rotary=rotary, norm=norm, mlp=mlp,
+                       rewrites=rewrites, layers=layers)
+
+
+def _reads(node: ir.Node, slot: int, target: ir.Value) -> bool:
+    cur = node.inputs[slot] if len(node.inputs) > slot else None
+    while cur is not None and cur is not target and _producer_op(cur) in {"Reshape", "Expand", "Unsqueeze"}:
+        cur = cur.producer().inputs[0]
+    return cur is target
+
+
+def _embedding_table(g: ir.Graph, input_ids: ir.Value) -> tuple[int, int] | None:
+    for use in input_ids.uses():
+        node = use.node if hasattr(use, "node") else use[0]
+        if node.op_type == "Gather":
+            table = node.inputs[0]
+            dims = _dims(table)
+            if len(dims) == 2 and all(dims):
+                return dims[0], dims[1]
+    return None
+
+
+def canonicalize(model: ir.Model) -> DecoderInfo:
+    info = analyze(model)
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    RemoveUnusedNodesPass()(model)
+    return info

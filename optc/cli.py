@@ -1,0 +1,191 @@
+"""The `optc` command line. Bad input: one line on stderr, exit 2, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from optc.errors import OptcError
+
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def log(msg: str) -> None:
+    console.print(msg)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="optc")
+def cli():
+    """optc: compile transformer LMs for edge hardware through configurable rewrite passes.
+
+    \b
+    Typical flow:
+      optc export --hf models/pycoder-5m -o build/model.onnx
+      optc compile build/model.onnx --config passes.yaml -o build/artifact
+      optc run build/artifact --prompt "def f(" --max-new-tokens 64
+      optc bench build/artifact
+    """
+
+
+@cli.command()
+@click.option("--hf", "hf_dir", required=True, type=click.Path(path_type=Path),
+              help="local Hugging Face Llama/Mistral/Qwen2 checkpoint directory")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="ONNX file to write")
+def export(hf_dir, output):
+    """Export a local HF checkpoint to ONNX (opset 23).
+
+    Decoders (Llama / Mistral / Qwen2) get the optimum / transformers.js KV-cache layout;
+    BERT encoders (e.g. all-MiniLM-L6-v2) get input_ids, attention_mask, token_type_ids ->
+    last_hidden_state.
+    """
+    from optc.export import ENCODER_ARCHS, export_decoder, export_encoder, hf_architectures
+
+    if hf_architectures(hf_dir) & ENCODER_ARCHS:
+        export_encoder(hf_dir, output, log=log)
+    else:
+        export_decoder(hf_dir, output, log=log)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+def inspect(model):
+    """Print the decoder structure the canonicaliser finds in MODEL."""
+    from optc.canonical import canonicalize
+    from optc.ir import load_model
+
+    m = load_model(model)
+    info = canonicalize(m)
+    side_ctx = None
+    cfg = model.parent / "config.json"
+    if info.context is None and cfg.is_file():
+        import json
+
+        side_ctx = json.loads(cfg.read_text()).get("max_position_embeddings")
+    rows = [("layers", info.n_layers), ("attention heads", info.num_heads), ("KV heads", info.kv_heads),
+            ("head dim", info.head_dim), ("hidden size", info.hidden_size), ("vocab", info.vocab_size),
+            ("context", info.context or (f"{side_ctx} (config.json)" if side_ctx else "not recorded")),
+            ("attention", f"{info.n_layers} × ONNX Attention (opset 23)"), ("rotary", info.rotary),
+            ("norm", info.norm), ("MLP", info.mlp),
+            ("KV inputs/outputs", f"past_key_values.0..{info.n_layers - 1}.key/value → present.*"),
+            ("canonical rewrites", ", ".join(f"{k}×{v}" for k, v in info.rewrites.items()) or "none")]
+    for k, v in rows:
+        console.print(f"{k:>20}  {v}")
+
+
+@cli.command()
+def passes():
+    """List every pass with its options and defaults."""
+    from optc.registry import default_registry
+
+    for entry in default_registry():
+        console.print(f"[bold]{entry.name}[/]{'  (lossy)' if entry.lossy else ''}  {entry.summary}")
+        for name, field in entry.options_model.model_fields.items():
+            ann = getattr(field.annotation, "__name__", str(field.annotation))
+            console.print(f"    {name}: {ann} = {field.default!r}  {field.description or ''}")
+
+
+@cli.group()
+def config():
+    """Pass configuration files."""
+
+
+@config.command("show")
+@click.argument("file", type=click.Path(path_type=Path))
+def config_show(file):
+    """Validate FILE and print it back in normal form (all defaults filled in)."""
+    from optc.config import load_config
+    from optc.registry import default_registry
+
+    click.echo(load_config(file, default_registry()).to_yaml(), nl=False)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-c", "--config", "config_path", type=click.Path(path_type=Path),
+              help="pass configuration (YAML); default: identity pipeline")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="artifact directory")
+@click.option("--backend", default="onnxruntime", show_default=True)
+@click.option("--target", type=click.Choice(["cpu", "gpu", "npu"]), default="cpu", show_default=True)
+@click.option("--force", is_flag=True, help="replace an existing output directory")
+@click.option("--dump-ir", type=click.Path(path_type=Path), help="write the IR after each pass into DIR")
+@click.option("--eval-text", type=click.Path(path_type=Path),
+              help="held-out text for verification (.jsonl with 'text' or .txt); default models/data/heldout.jsonl")
+@click.option("--tokenizer", type=click.Path(path_type=Path), help="tokenizer.json (default: beside MODEL)")
+def compile(model, config_path, output, backend, target, force, dump_ir, eval_text, tokenizer):
+    """Compile MODEL (ONNX) through the configured passes into an artifact, verifying accuracy."""
+    from optc.compile import compile_model
+
+    compile_model(model, output, config_path=config_path, backend=backend, target=target, force=force,
+                  dump_ir=dump_ir, eval_text=eval_text, tokenizer=tokenizer, log=log)
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True)
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--temperature", default=0.8, show_default=True)
+@click.option("--top-k", default=40, show_default=True)
+@click.option("--top-p", default=0.95, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def run(artifact, prompt, max_new_tokens, temperature, top_k, top_p, seed):
+    """Stream a generation from ARTIFACT."""
+    from optc.runtime import load
+
+    m = load(artifact)
+    sys.stdout.write(prompt)
+    for piece in m.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, seed=seed, stream=True):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    s = m.last_stats
+    tps = s["new_tokens"] / s["decode_seconds"] if s["decode_seconds"] else 0.0
+    err_console.print(f"\n[dim]{s['new_tokens']} tokens, {tps:.1f} tokens/s, provider {m.provider}[/]")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--original", type=click.Path(path_type=Path), help="original ONNX model to compare against")
+@click.option("--hf", "hf_dir", type=click.Path(path_type=Path), help="HF checkpoint for the PyTorch eager column")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="write the results as JSON")
+@click.option("--plot", type=click.Path(path_type=Path), help="write a PNG plot")
+@click.option("--prompt-lengths", default="128,512,1024", show_default=True)
+@click.option("--decode-tokens", default=32, show_default=True)
+def bench(artifact, original, hf_dir, json_path, plot, prompt_lengths, decode_tokens):
+    """Benchmark ARTIFACT: TTFT, decode tokens/s, KV bytes, peak RSS (vs the original model)."""
+    from optc.bench import run_bench
+
+    lengths = [int(x) for x in prompt_lengths.split(",") if x.strip()]
+    run_bench(artifact, original=original, hf_dir=hf_dir, json_path=json_path, plot_path=plot,
+              prompt_lengths=lengths, decode_tokens=decode_tokens, log=log)
+
+
+def main(argv=None) -> None:
+    try:
+        cli.main(args=argv, prog_name="optc", standalone_mode=False)
+    except OptcError as e:
+        err_console.print(f"error: {e}", markup=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:  # an optc bug, not bad input: still one line unless debugging
+        if os.environ.get("OPTC_DEBUG"):
+            raise
+        err_console.print(f"internal error: {type(e).__name__}: {e} (set OPTC_DEBUG=1 for a traceback)",
+                          markup=False, soft_wrap=True)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

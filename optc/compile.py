@@ -1,0 +1,123 @@
+"""`optc compile`: load -> canonicalise -> passes -> backend -> verify -> artifact."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from optc import __version__
+from optc.artifact import check_output_dir, publish, staging_dir, write_manifest
+from optc.backends import get_backend
+from optc.canonical import canonicalize
+from optc.config import PipelineConfig, load_config
+from optc.data import read_texts
+from optc.errors import OptcError, VerificationError
+from optc.ir import load_model
+from optc.passes.base import PassContext
+from optc.pipeline import run_pipeline
+from optc.registry import default_registry
+from optc.runtime.artifact import sha256_file
+
+VERIFY_PROMPTS = 8
+VERIFY_LENGTH = 256
+
+
+def _hf_side_config(model_path: Path) -> dict:
+    """bos/eos/context from the config.json that `optc export` (and optimum) put beside the ONNX."""
+    out: dict = {}
+    for name in ("config.json", "generation_config.json"):
+        p = model_path.parent / name
+        if p.is_file():
+            try:
+                data = json.loads(p.read_text())
+            except ValueError:
+                raise OptcError(f"{p}: invalid JSON") from None
+            for key in ("bos_token_id", "eos_token_id"):
+                if isinstance(data.get(key), int):
+                    out[key] = data[key]
+            if isinstance(data.get("max_position_embeddings"), int):
+                out["context"] = data["max_position_embeddings"]
+    return out
+
+
+def compile_model(model_path, out, *, config: PipelineConfig | None = None, config_path=None,
+                  backend: str = "onnxruntime", target: str = "cpu", force: bool = False, dump_ir=None,
+                  eval_text=None, tokenizer=None, verify: bool = True, log=print) -> dict:
+    model_path, out = Path(model_path), Path(out)
+    registry = default_registry()
+    if config is None:
+        config = load_config(config_path, registry) if config_path else PipelineConfig()
+    check_output_dir(out, force)
+    backend_mod = get_backend(backend)
+
+    log(f"loading {model_path}")
+    model = load_model(model_path)
+    info = canonicalize(model)
+    tok_path = Path(tokenizer) if tokenizer else model_path.parent / "tokenizer.json"
+    if not tok_path.is_file():
+        raise OptcError(f"{tok_path}: tokenizer not found (export puts tokenizer.json beside the model; "
+                        f"or pass --tokenizer)")
+    texts = read_texts(eval_text) if verify else []
+    side = _hf_side_config(model_path)
+    if info.context is None and "context" in side:
+        info.context = side["context"]
+    rewrites = ", ".join(f"{k}×{v}" for k, v in info.rewrites.items()) or "none needed"
+    log(f"canonical decoder: {info.n_layers} layers, {info.num_heads} heads / {info.kv_heads} KV heads, "
+        f"head dim {info.head_dim}, vocab {info.vocab_size} (rewrites: {rewrites})")
+
+    context = PassContext(target=target, decoder=info)
+    log(f"pipeline: {len(config.passes)} pass(es)" + ("" if config.passes else " (identity)"))
+    records = run_pipeline(model, config, registry, context, dump_dir=Path(dump_ir) if dump_ir else None, log=log)
+
+    with staging_dir(out) as staging:
+        backend_section = backend_mod.compile(model, info, staging, target)
+        shutil.copyfile(tok_path, staging / "tokenizer.json")
+        manifest = {
+            "optc_version": __version__,
+            "source": {"file": model_path.name, "sha256": sha256_file(model_path)},
+            "model": {**info.summary(), "bos_token_id": side.get("bos_token_id"),
+                      "eos_token_id": side.get("eos_token_id")},
+            "target": target,
+            "backend": backend_section,
+            "passes": config.to_dict()["passes"],
+            "verify_budget": config.verify.model_dump(),
+            "tokenizer": "tokenizer.json",
+        }
+        write_manifest(staging, manifest)  # the runtime needs it to load the staged artifact
+        if verify:
+            manifest["verification"] = _verify(staging, model_path, info, texts, config, log)
+        full = write_manifest(staging, manifest)
+        publish(staging, out, force)
+    total = sum(r.seconds for r in records)
+    log(f"wrote {out} ({len(full['files'])} files; passes took {total:.2f}s)")
+    return full
+
+
+def _verify(staging: Path, model_path: Path, info, texts, config: PipelineConfig, log) -> dict:
+    from optc.runtime import load
+    from optc.verify import ReferenceModel, check_budget, compare, token_windows
+
+    artifact = load(staging)
+    windows = token_windows(artifact.tokenizer, texts, artifact.config.get("bos_token_id"),
+                            count=VERIFY_PROMPTS, length=VERIFY_LENGTH)
+    log(f"verifying on {len(windows)} held-out prompts × {VERIFY_LENGTH} tokens "
+        f"(provider {artifact.provider})")
+    report = compare(artifact, ReferenceModel(model_path, info), windows)
+    report["provider"] = artifact.provider
+    log(format_report(report))
+    failures = check_budget(report, config.verify)
+    if failures:
+        raise VerificationError("accuracy budget exceeded: " + "; ".join(failures) + " (artifact not written)")
+    return report
+
+
+def format_report(r: dict) -> str:
+    rows = [
+        ("perplexity (original → artifact)", f"{r['perplexity_original']:.4f} → {r['perplexity_artifact']:.4f} "
+                                             f"({r['perplexity_increase']:+.3%})"),
+        ("top-1 next-token agreement", f"{r['top1_agreement']:.2%}"),
+        ("max |Δlogit|", f"{r['max_abs_logit_diff']:.3g}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "verification:\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

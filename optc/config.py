@@ -1,0 +1,122 @@
+"""The pass configuration file (YAML), validated strictly with pydantic.
+
+    passes:
+      - name: sparse_attention   # the pass; the other keys are its options
+        sinks: 4
+    verify:                      # optional accuracy budget for the whole pipeline
+      max_perplexity_increase: 0.05
+
+Unknown keys and wrong types are errors that name their path (`passes[0].sinks: ...`).
+`passes: []` is the identity pipeline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from optc.errors import OptcError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PassOptions(Strict):
+    """Options every pass takes. Each pass subclasses this with its own keys."""
+
+    allow_noop: bool = Field(False, description="do not fail when the pass finds nothing to rewrite")
+
+
+class VerifyBudget(Strict):
+    """Accuracy budget of the whole pipeline, checked on held-out text at compile time."""
+
+    max_perplexity_increase: float | None = Field(
+        None, ge=0, description="relative held-out perplexity increase allowed (0.05 = +5%)")
+    min_top1_agreement: float | None = Field(None, ge=0, le=1, description="next-token top-1 agreement floor")
+    max_abs_logit_diff: float | None = Field(None, ge=0, description="max |Δlogit| allowed")
+
+
+class PassSpec(Strict):
+    name: str
+    options: PassOptions
+
+
+class PipelineConfig(Strict):
+    passes: list[PassSpec] = []
+    verify: VerifyBudget = VerifyBudget()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as data: what `optc config show` prints and the manifest records."""
+        out: dict[str, Any] = {"passes": [{"name": p.name, **p.options.model_dump()} for p in self.passes]}
+        out["verify"] = self.verify.model_dump()
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _loc(prefix: str, loc: tuple) -> str:
+    path = prefix
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def _first_error(e: ValidationError, prefix: str) -> str:
+    err = e.errors()[0]
+    where = _loc(prefix, tuple(err["loc"]))
+    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+    return f"{where}: {msg}"
+
+
+def parse_config(data: Any, registry, source: str = "<config>") -> PipelineConfig:
+    """Validate a parsed YAML document against the registry's pass option schemas."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise OptcError(f"{source}: the top level must be a mapping with 'passes' (and optional 'verify')")
+    unknown = set(data) - {"passes", "verify"}
+    if unknown:
+        raise OptcError(f"{source}: {sorted(unknown)[0]}: unknown key (expected 'passes', 'verify')")
+    raw_passes = data.get("passes", [])
+    if raw_passes is None:
+        raw_passes = []
+    if not isinstance(raw_passes, list):
+        raise OptcError(f"{source}: passes: must be a list")
+    specs = []
+    for i, raw in enumerate(raw_passes):
+        where = f"passes[{i}]"
+        if not isinstance(raw, dict):
+            raise OptcError(f"{source}: {where}: must be a mapping with a 'name'")
+        raw = dict(raw)
+        name = raw.pop("name", None)
+        if not isinstance(name, str):
+            raise OptcError(f"{source}: {where}.name: required (one of: {', '.join(registry.names())})")
+        entry = registry.get(name, where=f"{source}: {where}.name")
+        try:
+            options = entry.options_model.model_validate(raw)
+        except ValidationError as e:
+            raise OptcError(f"{source}: {_first_error(e, where)}") from None
+        specs.append(PassSpec(name=name, options=options))
+    try:
+        verify = VerifyBudget.model_validate(data.get("verify") or {})
+    except ValidationError as e:
+        raise OptcError(f"{source}: {_first_error(e, 'verify')}") from None
+    return PipelineConfig(passes=specs, verify=verify)
+
+
+def load_config(path: Path, registry) -> PipelineConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise OptcError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise OptcError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+    return parse_config(data, registry, source=str(path))

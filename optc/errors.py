@@ -1,0 +1,13 @@
+"""The one exception type users see: a one-line message saying what is wrong and where."""
+
+
+class OptcError(Exception):
+    """Bad input or an unmet requirement. The CLI prints `error: <message>` and exits 2."""
+
+    exit_code = 2
+
+
+class VerificationError(OptcError):
+    """The compiled artifact exceeded its accuracy budget. Exit code 1, nothing written."""
+
+    exit_code = 1

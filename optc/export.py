@@ -1,0 +1,208 @@
+"""`optc export`: a local Hugging Face decoder checkpoint -> ONNX in the common decoder layout.
+
+The layout is the one optimum and transformers.js use, so optc's canonicaliser sees the same
+interface whichever tool exported a model:
+
+    inputs   input_ids [batch, seq], attention_mask [batch, past+seq], position_ids [batch, seq],
+             past_key_values.{i}.key / .value   [batch, kv_heads, past, head_dim]
+    outputs  logits [batch, seq, vocab], present.{i}.key / .value [batch, kv_heads, past+seq, head_dim]
+
+One graph serves prefill (past = 0) and decode. torch's dynamo exporter at opset 23 lowers
+scaled-dot-product attention to the standard ONNX `Attention` op.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from optc.errors import OptcError
+
+SUPPORTED_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+ENCODER_ARCHS = {"BertModel"}
+OPSET = 23
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json")
+
+
+def hf_architectures(hf_dir: Path) -> set[str]:
+    import json
+
+    cfg_path = Path(hf_dir) / "config.json"
+    if not cfg_path.is_file():
+        raise OptcError(f"{hf_dir}: not a Hugging Face model directory (no config.json)")
+    try:
+        return set(json.loads(cfg_path.read_text()).get("architectures") or [])
+    except ValueError as e:
+        raise OptcError(f"{cfg_path}: invalid JSON ({e})") from None
+
+
+def _load_hf(hf_dir: Path):
+    archs = hf_architectures(hf_dir)
+    if not archs & SUPPORTED_ARCHS:
+        raise OptcError(f"{hf_dir / 'config.json'}: architecture {sorted(archs) or '?'} is not one of "
+                        f"{sorted(SUPPORTED_ARCHS | ENCODER_ARCHS)}")
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True, attn_implementation="sdpa",
+                                                 dtype="float32")
+    model.eval()
+    return model
+
+
+class _DecoderWithPast:
+    """Builds the torch.nn.Module that flattens the KV cache into named tensors."""
+
+    @staticmethod
+    def build(model):
+        import torch
+        from transformers.cache_utils import DynamicCache
+
+        n_layers = model.config.num_hidden_layers
+
+        class Wrapper(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids, attention_mask, position_ids, *past):
+                cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(n_layers)],
+                                     config=model.config)
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 past_key_values=cache, use_cache=True)
+                presents = []
+                for layer in out.past_key_values.layers:
+                    presents += [layer.keys, layer.values]
+                return (out.logits, *presents)
+
+        return Wrapper().eval()
+
+
+def io_names(n_layers: int) -> tuple[list[str], list[str]]:
+    inputs = ["input_ids", "attention_mask", "position_ids"]
+    outputs = ["logits"]
+    for i in range(n_layers):
+        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        outputs += [f"present.{i}.key", f"present.{i}.value"]
+    return inputs, outputs
+
+
+def export_decoder(hf_dir: Path, out_path: Path, *, log=print) -> Path:
+    """Export `hf_dir` to `out_path` (+ `out_path.data` external weights). Writes atomically."""
+    import torch
+
+    hf_dir, out_path = Path(hf_dir), Path(out_path)
+    model = _load_hf(hf_dir)
+    cfg = model.config
+    n_layers = cfg.num_hidden_layers
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    wrapper = _DecoderWithPast.build(model)
+
+    # Example shapes are > 1 and distinct so that no dimension is specialised by the tracer.
+    batch, seq, past = 2, 5, 3
+    input_ids = torch.randint(0, cfg.vocab_size, (batch, seq))
+    attention_mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    position_ids = torch.arange(past, past + seq).unsqueeze(0).expand(batch, -1).contiguous()
+    pkv = [torch.randn(batch, kv_heads, past, head_dim) for _ in range(2 * n_layers)]
+
+    B = torch.export.Dim("batch", min=1, max=1024)
+    S = torch.export.Dim("sequence_length", min=1, max=65536)
+    P = torch.export.Dim("past_sequence_length", min=0, max=65536)
+    T = torch.export.Dim("total_sequence_length", min=1, max=131072)
+    dyn = {"input_ids": {0: B, 1: S}, "attention_mask": {0: B, 1: T}, "position_ids": {0: B, 1: S},
+           "past": tuple({0: B, 2: P} for _ in pkv)}
+    input_names, output_names = io_names(n_layers)
+    log(f"exporting {hf_dir} ({type(model).__name__}, {n_layers} layers, {kv_heads} KV heads) at opset {OPSET}")
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".optc-export-") as tmp:
+        tmp_model = Path(tmp) / out_path.name
+        with torch.no_grad():
+            program = torch.onnx.export(
+                wrapper, (input_ids, attention_mask, position_ids, *pkv), dynamo=True, opset_version=OPSET,
+                input_names=input_names, output_names=output_names,
+                dynamic_shapes={"input_ids": dyn["input_ids"], "attention_mask": dyn["attention_mask"],
+                                "position_ids": dyn["position_ids"], "past": dyn["past"]},
+                optimize=True, verbose=False,
+            )
+        program.save(str(tmp_model), external_data=True)
+        data_name = out_path.name + ".data"
+        produced = [p for p in Path(tmp).iterdir() if p.name != out_path.name]
+        _finalize(tmp_model, produced, data_name, context=getattr(cfg, "max_position_embeddings", None))
+        # The tokenizer and configs travel beside the ONNX file, as optimum lays them out.
+        for name in SIDE_FILES:
+            if (hf_dir / name).is_file():
+                shutil.copyfile(hf_dir / name, Path(tmp) / name)
+        for p in Path(tmp).iterdir():
+            os.replace(p, out_path.parent / p.name)
+    log(f"wrote {out_path}")
+    return out_path
+
+
+def _finalize(model_path: Path, produced: list[Path], data_name: str, context: int | None) -> None:
+    """Name the external-data file `<model>.data` and record the trained context as metadata."""
+    import onnx
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    if len(produced) == 1 and produced[0].name != data_name:
+        for t in proto.graph.initializer:
+            for entry in t.external_data:
+                if entry.key == "location":
+                    entry.value = data_name
+        produced[0].rename(produced[0].with_name(data_name))
+    if context:
+        onnx.helper.set_model_props(proto, {"optc.context": str(context)})
+    onnx.save(proto, str(model_path))
+
+
+def export_encoder(hf_dir: Path, out_path: Path, *, log=print) -> Path:
+    """A BERT-style encoder (e.g. all-MiniLM-L6-v2) -> ONNX:
+    input_ids, attention_mask, token_type_ids [batch, seq] -> last_hidden_state [batch, seq, hidden]."""
+    import torch
+    from transformers import AutoModel
+
+    hf_dir, out_path = Path(hf_dir), Path(out_path)
+    archs = hf_architectures(hf_dir)
+    if not archs & ENCODER_ARCHS:
+        raise OptcError(f"{hf_dir / 'config.json'}: architecture {sorted(archs) or '?'} is not an encoder optc exports "
+                        f"({sorted(ENCODER_ARCHS)})")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = AutoModel.from_pretrained(hf_dir, local_files_only=True, attn_implementation="eager").eval()
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids).last_hidden_state
+
+    batch, seq = 2, 7
+    args = (torch.randint(0, model.config.vocab_size, (batch, seq)), torch.ones(batch, seq, dtype=torch.int64),
+            torch.zeros(batch, seq, dtype=torch.int64))
+    B = torch.export.Dim("batch", min=1, max=1024)
+    S = torch.export.Dim("sequence_length", min=1, max=model.config.max_position_embeddings)
+    dyn = {"input_ids": {0: B, 1: S}, "attention_mask": {0: B, 1: S}, "token_type_ids": {0: B, 1: S}}
+    log(f"exporting encoder {hf_dir} ({type(model).__name__}) at opset {OPSET}")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".optc-export-") as tmp:
+        tmp_model = Path(tmp) / out_path.name
+        with torch.no_grad():
+            program = torch.onnx.export(Encoder().eval(), args, dynamo=True, opset_version=OPSET,
+                                        input_names=list(dyn), output_names=["last_hidden_state"],
+                                        dynamic_shapes=dyn, optimize=True)
+        program.save(str(tmp_model), external_data=True)
+        produced = [p for p in Path(tmp).iterdir() if p.name != out_path.name]
+        _finalize(tmp_model, produced, out_path.name + ".data", context=model.config.max_position_embeddings)
+        for name in ("tokenizer.json", "tokenizer_config.json", "config.json", "vocab.txt"):
+            if (hf_dir / name).is_file():
+                shutil.copyfile(hf_dir / name, Path(tmp) / name)
+        for p in Path(tmp).iterdir():
+            os.replace(p, out_path.parent / p.name)
+    log(f"wrote {out_path}")
+    return out_path

@@ -1,0 +1,80 @@
+"""Loading and saving ONNX models as onnx-ir Models, with the input checks users need.
+
+Every failure is an OptcError naming the file: missing, truncated or not ONNX, external-data
+locations that escape the model's directory or point at missing/short files.
+"""
+
+from __future__ import annotations
+
+
+from pathlib import Path, PurePosixPath
+
+import onnx
+import onnx_ir as ir
+
+from optc.errors import OptcError
+
+
+def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
+    base = path.parent.resolve()
+    for t in proto.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        pure = PurePosixPath(loc.replace("\\", "/"))
+        target = (base / loc).resolve()
+        if not loc or pure.is_absolute() or ".." in pure.parts or not target.is_relative_to(base):
+            raise OptcError(f"{path}: initializer {t.name!r} has external data location {loc!r} "
+                            f"outside the model directory")
+        if not target.is_file():
+            raise OptcError(f"{path}: external data file {loc!r} for initializer {t.name!r} is missing")
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        if end > target.stat().st_size:
+            raise OptcError(f"{path}: external data file {loc!r} is truncated (initializer {t.name!r} "
+                            f"needs {end} bytes, file has {target.stat().st_size})")
+
+
+def load_model(path) -> ir.Model:
+    path = Path(path)
+    if not path.is_file():
+        raise OptcError(f"{path}: no such ONNX file")
+    if path.stat().st_size == 0:
+        raise OptcError(f"{path}: empty file, not an ONNX model")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises DecodeError and friends
+        raise OptcError(f"{path}: not a valid ONNX model (truncated or corrupt: {type(e).__name__})") from None
+    if not proto.graph.node:
+        raise OptcError(f"{path}: not a valid ONNX model (no graph nodes; truncated or not ONNX)")
+    _check_external_data(proto, path)
+    try:
+        model = ir.load(str(path))
+        # Weights move into memory: passes, the checker and the backend then never depend on the
+        # source directory (edge-sized models; a multi-GB model would want lazy tensors here).
+        return ir.external_data.load_to_model(model)
+    except Exception as e:
+        raise OptcError(f"{path}: onnx-ir cannot read the model ({str(e).splitlines()[0]})") from None
+
+
+def save_model(model: ir.Model, path: Path) -> list[Path]:
+    """Write `path` and its weights as `<name>.data`; returns the files written."""
+    path = Path(path)
+    data = path.name + ".data"
+    ir.save(model, str(path), external_data=data)
+    written = [path]
+    if (path.parent / data).exists():
+        written.append(path.parent / data)
+    return written
+
+
+def to_checked_proto(model: ir.Model, where: str) -> onnx.ModelProto:
+    """onnx.checker (full_check: with shape inference) on an in-memory copy of `model`."""
+    proto = ir.to_proto(model)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as e:
+        raise OptcError(f"{where}: the graph fails onnx.checker ({str(e).splitlines()[0]})") from None
+    return proto
+
+

@@ -1,0 +1,14 @@
+"""optc's runtime: load a compiled artifact and generate text.
+
+Imports only numpy, onnxruntime and tokenizers (and the TVM runtime for TVM artifacts) — never
+torch, onnx or the compiler — so apps can ship it alone.
+
+    m = optc.runtime.load("artifact/")
+    for piece in m.generate("def f(", max_new_tokens=64, stream=True):
+        print(piece, end="")
+"""
+
+from optc.runtime.artifact import ArtifactError, FORMAT_VERSION
+from optc.runtime.model import Model, load
+
+__all__ = ["ArtifactError", "FORMAT_VERSION", "Model", "load"]

@@ -1,0 +1,75 @@
+"""Reading and verifying an optc artifact directory. Shared by the runtime and the compiler.
+
+An artifact is a directory holding `manifest.json` and the files it lists with their sha256.
+Loading refuses: a missing manifest or file, a hash mismatch (tampered or truncated file), a path
+that leaves the directory, and a format version this runtime does not know.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path, PurePosixPath
+
+from optc.errors import OptcError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class ArtifactError(OptcError):
+    """The artifact cannot be loaded as it is; the message names the file."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_inside(root: Path, rel: str) -> Path:
+    """`root/rel`, refusing absolute paths, `..` and symlinks that lead outside `root`."""
+    pure = PurePosixPath(rel)
+    if not rel or pure.is_absolute() or "\\" in rel or any(part == ".." for part in pure.parts):
+        raise ArtifactError(f"{root / MANIFEST_NAME}: path {rel!r} leaves the artifact directory")
+    full = (root / rel).resolve()
+    if not full.is_relative_to(root.resolve()):
+        raise ArtifactError(f"{root / MANIFEST_NAME}: path {rel!r} leaves the artifact directory")
+    return full
+
+
+def read_manifest(root: Path, *, verify_hashes: bool = True) -> dict:
+    root = Path(root)
+    mpath = root / MANIFEST_NAME
+    if not root.is_dir():
+        raise ArtifactError(f"{root}: not an artifact directory")
+    if not mpath.is_file():
+        raise ArtifactError(f"{mpath}: missing (not an optc artifact)")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{mpath}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{mpath}: not a JSON object")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(f"{mpath}: unsupported format_version {version!r} (this runtime reads {FORMAT_VERSION})")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ArtifactError(f"{mpath}: 'files' must map file names to sha256 digests")
+    for rel, digest in files.items():
+        path = resolve_inside(root, rel)
+        if not path.is_file():
+            raise ArtifactError(f"{path}: missing file listed in the manifest")
+        if verify_hashes and sha256_file(path) != digest:
+            raise ArtifactError(f"{path}: sha256 mismatch (file tampered with or truncated)")
+    return manifest
+
+
+def artifact_file(root: Path, manifest: dict, rel: str) -> Path:
+    """A file the manifest lists (and therefore hash-checked), resolved inside the artifact."""
+    if rel not in manifest["files"]:
+        raise ArtifactError(f"{Path(root) / MANIFEST_NAME}: {rel!r} is referenced but not listed in 'files'")
+    return resolve_inside(Path(root), rel)

@@ -1,0 +1,59 @@
+"""The runtime's KV cache: preallocated per-layer buffers that grow geometrically.
+
+A decode step appends one token's keys and values in place (no re-concatenation of the cache in
+Python); capacity doubles when full, so the amortised append cost is O(1) per token.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class KVCache:
+    def __init__(self, n_layers: int, kv_heads: int, head_dim: int, *, dtype=np.float32, initial_capacity: int = 256):
+        self.n_layers, self.kv_heads, self.head_dim = n_layers, kv_heads, head_dim
+        self.dtype = np.dtype(dtype)
+        self._initial = max(1, initial_capacity)
+        self.reset()
+
+    def reset(self) -> None:
+        self.length = 0
+        self.capacity = self._initial
+        shape = (1, self.kv_heads, self.capacity, self.head_dim)
+        self.keys = [np.zeros(shape, self.dtype) for _ in range(self.n_layers)]
+        self.values = [np.zeros(shape, self.dtype) for _ in range(self.n_layers)]
+
+    def _grow(self, needed: int) -> None:
+        cap = self.capacity
+        while cap < needed:
+            cap *= 2
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                new = np.zeros((1, self.kv_heads, cap, self.head_dim), self.dtype)
+                new[:, :, : self.length] = old[:, :, : self.length]
+                store[i] = new
+        self.capacity = cap
+
+    def append(self, new_keys: list[np.ndarray], new_values: list[np.ndarray]) -> None:
+        """Append [1, kv_heads, n, head_dim] per layer, for all layers at once."""
+        n = new_keys[0].shape[2]
+        if self.length + n > self.capacity:
+            self._grow(self.length + n)
+        end = self.length + n
+        for i in range(self.n_layers):
+            self.keys[i][:, :, self.length:end] = new_keys[i]
+            self.values[i][:, :, self.length:end] = new_values[i]
+        self.length = end
+
+    def past(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Views of the filled part of layer `layer` (no copy here)."""
+        return self.keys[layer][:, :, : self.length], self.values[layer][:, :, : self.length]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of keys and values held for the tokens now in the cache."""
+        return 2 * self.n_layers * self.kv_heads * self.length * self.head_dim * self.dtype.itemsize
+
+    @property
+    def allocated_bytes(self) -> int:
+        return 2 * self.n_layers * self.kv_heads * self.capacity * self.head_dim * self.dtype.itemsize

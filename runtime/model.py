@@ -1,0 +1,128 @@
+"""The runtime model: prefill / decode / generate over a loaded artifact. Owns the KV cache."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from optc.runtime.artifact import ArtifactError, artifact_file, read_manifest
+from optc.runtime.kv_cache import KVCache
+from optc.runtime.sampler import sample
+
+
+def _make_executor(root: Path, manifest: dict):
+    name = manifest.get("backend", {}).get("name")
+    if name == "onnxruntime":
+        from optc.runtime.onnxruntime_executor import OnnxRuntimeExecutor
+
+        return OnnxRuntimeExecutor(root, manifest)
+    raise ArtifactError(f"{root / 'manifest.json'}: unknown backend {name!r}")
+
+
+class Model:
+    """A compiled decoder. Single sequence (batch 1); not thread-safe."""
+
+    def __init__(self, root: Path, manifest: dict):
+        self.root = Path(root)
+        self.manifest = manifest
+        cfg = manifest["model"]
+        self.config = cfg
+        self.executor = _make_executor(self.root, manifest)
+        self.cache = KVCache(cfg["n_layers"], cfg["kv_heads"], cfg["head_dim"])
+        self._tokenizer = None
+        self.reset()
+
+    # -- state -------------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.cache.reset()
+        self.position = 0  # absolute position of the next token
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.cache.nbytes
+
+    @property
+    def provider(self) -> str:
+        """The execution provider that actually runs the graph (e.g. CPUExecutionProvider)."""
+        return self.executor.provider
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_file(str(artifact_file(self.root, self.manifest,
+                                                                    self.manifest["tokenizer"])))
+        return self._tokenizer
+
+    # -- forward -----------------------------------------------------------------------------
+    def _step(self, ids: np.ndarray) -> np.ndarray:
+        n = len(ids)
+        input_ids = np.asarray(ids, dtype=np.int64).reshape(1, n)
+        position_ids = np.arange(self.position, self.position + n, dtype=np.int64).reshape(1, n)
+        attention_mask = np.ones((1, self.cache.length + n), dtype=np.int64)
+        past = [self.cache.past(i) for i in range(self.cache.n_layers)]
+        logits, new_k, new_v = self.executor.run(input_ids, position_ids, attention_mask, past)
+        self.cache.append(new_k, new_v)
+        self.position += n
+        return logits[0]
+
+    def prefill(self, ids, all_logits: bool = False) -> np.ndarray:
+        """Run the prompt `ids` (appended to whatever the cache holds). Returns next-token logits
+        [vocab], or [len(ids), vocab] with all_logits=True."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise ValueError("prefill needs at least one token")
+        logits = self._step(ids)
+        return logits if all_logits else logits[-1]
+
+    def decode(self, token_id: int) -> np.ndarray:
+        """One decode step; returns next-token logits [vocab]."""
+        return self._step(np.array([int(token_id)]))[-1]
+
+    # -- text --------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        bos = self.config.get("bos_token_id")
+        ids = self.tokenizer.encode(text).ids
+        return ([bos] if bos is not None else []) + ids
+
+    def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 40,
+                 top_p: float = 0.95, seed: int = 0, stream: bool = False):
+        """Generate a continuation of `prompt`. stream=True yields text pieces as they are decoded."""
+        pieces = self._generate(prompt, max_new_tokens, temperature, top_k, top_p, seed)
+        return pieces if stream else "".join(pieces)
+
+    def _generate(self, prompt, max_new_tokens, temperature, top_k, top_p, seed) -> Iterator[str]:
+        rng = np.random.default_rng(seed)
+        eos = self.config.get("eos_token_id")
+        self.reset()
+        logits = self.prefill(self.encode(prompt))
+        out_ids: list[int] = []
+        emitted = ""
+        self.last_stats = {"prompt_tokens": self.position, "new_tokens": 0, "decode_seconds": 0.0}
+        t0 = time.perf_counter()
+        for _ in range(max_new_tokens):
+            tok = sample(logits, rng, temperature=temperature, top_k=top_k, top_p=top_p)
+            if tok == eos:
+                break
+            out_ids.append(tok)
+            text = self.tokenizer.decode(out_ids)
+            # a byte-level BPE token can end mid-character: hold it back until it completes
+            if not text.endswith("\ufffd") and len(text) > len(emitted):
+                yield text[len(emitted):]
+                emitted = text
+            logits = self.decode(tok)
+            self.last_stats["new_tokens"] = len(out_ids)
+        self.last_stats["decode_seconds"] = time.perf_counter() - t0
+        tail = self.tokenizer.decode(out_ids)
+        if len(tail) > len(emitted):
+            yield tail[len(emitted):]
+
+
+def load(path) -> Model:
+    """Load an artifact directory: verifies every file's sha256 and refuses paths outside it."""
+    root = Path(path)
+    return Model(root, read_manifest(root))

@@ -1,0 +1,58 @@
+"""Runs an artifact's ONNX graph with ONNX Runtime: one forward step over new tokens + the cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from optc.runtime.artifact import ArtifactError, artifact_file
+
+
+class OnnxRuntimeExecutor:
+    def __init__(self, root: Path, manifest: dict):
+        import onnxruntime as ort
+
+        backend = manifest["backend"]
+        graph = artifact_file(root, manifest, backend["graph"])
+        opts = ort.SessionOptions()
+        so = backend.get("session_options", {})
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, so.get("graph_optimization_level",
+                                                                                 "ORT_ENABLE_ALL"))
+        opts.intra_op_num_threads = int(so.get("intra_op_num_threads", 0))
+        opts.inter_op_num_threads = int(so.get("inter_op_num_threads", 1))
+        opts.log_severity_level = 3
+        requested = backend.get("providers", ["CPUExecutionProvider"])
+        available = set(ort.get_available_providers())
+        providers = [p for p in requested if p in available]
+        if not providers:
+            raise ArtifactError(f"{graph}: none of the execution providers {requested} is available here "
+                                f"(available: {sorted(available)})")
+        try:
+            self.session = ort.InferenceSession(str(graph), sess_options=opts, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise ArtifactError(f"{graph}: ONNX Runtime cannot load the graph ({str(e).splitlines()[0]})") from None
+        self.providers = self.session.get_providers()
+        self.n_layers = manifest["model"]["n_layers"]
+        self.kv_outputs = backend["kv_outputs"]  # per layer: [new key output, new value output]
+        self._outputs = ["logits"] + [name for pair in self.kv_outputs for name in pair]
+        self._input_names = {i.name for i in self.session.get_inputs()}
+
+    @property
+    def provider(self) -> str:
+        return self.providers[0]
+
+    def run(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
+            past: list[tuple[np.ndarray, np.ndarray]]):
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "position_ids" in self._input_names:
+            feeds["position_ids"] = position_ids
+        for i, (k, v) in enumerate(past):
+            # ORT needs dense inputs; the cache views are dense whenever kv_heads == 1 or the cache is full.
+            feeds[f"past_key_values.{i}.key"] = np.ascontiguousarray(k)
+            feeds[f"past_key_values.{i}.value"] = np.ascontiguousarray(v)
+        out = self.session.run(self._outputs, feeds)
+        logits = out[0]
+        new_k = out[1::2]
+        new_v = out[2::2]
+        return logits, new_k, new_v

