@@ -116,14 +116,25 @@ ENGINES = {"artifact": _ArtifactEngine, "onnxruntime": _OrtEngine, "pytorch": _T
 
 
 def _peak_rss_bytes() -> int:
+    """This process's peak RSS. VmHWM, not getrusage: Linux carries ru_maxrss across exec, so a
+    worker started from a big parent would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def measure(engine_name: str, path: str, ids: list[int], lengths: list[int], decode_tokens: int) -> dict:
     eng = ENGINES[engine_name](path)
     result: dict = {"engine": engine_name, "ttft_ms": {}, "decode_ms_per_token": {}}
+    eng.prefill(ids[:max(lengths)])  # warm-up: first-call allocations and kernel selection
+    eng.decode(ids[max(lengths)])
+    eng.reset()
     for n in lengths:
         times = []
         for _ in range(REPEATS):

@@ -57,16 +57,11 @@ def export(hf_dir, output):
 def inspect(model):
     """Print the decoder structure the canonicaliser finds in MODEL."""
     from optc.canonical import canonicalize
+    from optc.compile import side_config
     from optc.ir import load_model
 
-    m = load_model(model)
-    info = canonicalize(m)
-    side_ctx = None
-    cfg = model.parent / "config.json"
-    if info.context is None and cfg.is_file():
-        import json
-
-        side_ctx = json.loads(cfg.read_text()).get("max_position_embeddings")
+    info = canonicalize(load_model(model))
+    side_ctx = side_config(model).get("context")
     rows = [("layers", info.n_layers), ("attention heads", info.num_heads), ("KV heads", info.kv_heads),
             ("head dim", info.head_dim), ("hidden size", info.hidden_size), ("vocab", info.vocab_size),
             ("context", info.context or (f"{side_ctx} (config.json)" if side_ctx else "not recorded")),

@@ -23,7 +23,7 @@ VERIFY_PROMPTS = 8
 VERIFY_LENGTH = 256
 
 
-def _hf_side_config(model_path: Path) -> dict:
+def side_config(model_path: Path) -> dict:
     """bos/eos/context from the config.json that `optc export` (and optimum) put beside the ONNX."""
     out: dict = {}
     for name in ("config.json", "generation_config.json"):
@@ -59,7 +59,7 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
         raise OptcError(f"{tok_path}: tokenizer not found (export puts tokenizer.json beside the model; "
                         f"or pass --tokenizer)")
     texts = read_texts(eval_text) if verify else []
-    side = _hf_side_config(model_path)
+    side = side_config(model_path)
     if info.context is None and "context" in side:
         info.context = side["context"]
     rewrites = ", ".join(f"{k}×{v}" for k, v in info.rewrites.items()) or "none needed"

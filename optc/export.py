@@ -24,6 +24,7 @@ SUPPORTED_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
 ENCODER_ARCHS = {"BertModel"}
 OPSET = 23
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json")
+ENCODER_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "config.json", "vocab.txt")
 
 
 def hf_architectures(hf_dir: Path) -> set[str]:
@@ -53,32 +54,42 @@ def _load_hf(hf_dir: Path):
     return model
 
 
-class _DecoderWithPast:
-    """Builds the torch.nn.Module that flattens the KV cache into named tensors."""
+def decoder_with_past(model):
+    """A torch.nn.Module around a HF causal LM whose KV cache is flat named tensors:
+    (input_ids, attention_mask, position_ids, *past) -> (logits, *present), past/present
+    ordered layer by layer, key before value. Used by every exporter path."""
+    import torch
+    from transformers.cache_utils import DynamicCache
 
-    @staticmethod
-    def build(model):
-        import torch
-        from transformers.cache_utils import DynamicCache
+    n_layers = model.config.num_hidden_layers
 
-        n_layers = model.config.num_hidden_layers
+    class DecoderWithPast(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
 
-        class Wrapper(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.model = model
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(n_layers)],
+                                 config=model.config)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=cache, use_cache=True)
+            presents = []
+            for layer in out.past_key_values.layers:
+                presents += [layer.keys, layer.values]
+            return (out.logits, *presents)
 
-            def forward(self, input_ids, attention_mask, position_ids, *past):
-                cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(n_layers)],
-                                     config=model.config)
-                out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 past_key_values=cache, use_cache=True)
-                presents = []
-                for layer in out.past_key_values.layers:
-                    presents += [layer.keys, layer.values]
-                return (out.logits, *presents)
+    return DecoderWithPast().eval()
 
-        return Wrapper().eval()
+
+def example_decoder_inputs(config, batch: int = 2, seq: int = 5, past: int = 3):
+    """Example inputs for tracing; sizes > 1 and distinct so no dimension gets specialised."""
+    import torch
+
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return (torch.randint(0, config.vocab_size, (batch, seq)), torch.ones(batch, past + seq, dtype=torch.int64),
+            torch.arange(past, past + seq).unsqueeze(0).expand(batch, -1).contiguous(),
+            *[torch.randn(batch, kv_heads, past, head_dim) for _ in range(2 * config.num_hidden_layers)])
 
 
 def io_names(n_layers: int) -> tuple[list[str], list[str]]:
@@ -98,49 +109,39 @@ def export_decoder(hf_dir: Path, out_path: Path, *, log=print) -> Path:
     model = _load_hf(hf_dir)
     cfg = model.config
     n_layers = cfg.num_hidden_layers
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    wrapper = _DecoderWithPast.build(model)
-
-    # Example shapes are > 1 and distinct so that no dimension is specialised by the tracer.
-    batch, seq, past = 2, 5, 3
-    input_ids = torch.randint(0, cfg.vocab_size, (batch, seq))
-    attention_mask = torch.ones(batch, past + seq, dtype=torch.int64)
-    position_ids = torch.arange(past, past + seq).unsqueeze(0).expand(batch, -1).contiguous()
-    pkv = [torch.randn(batch, kv_heads, past, head_dim) for _ in range(2 * n_layers)]
-
+    args = example_decoder_inputs(cfg)
     B = torch.export.Dim("batch", min=1, max=1024)
     S = torch.export.Dim("sequence_length", min=1, max=65536)
     P = torch.export.Dim("past_sequence_length", min=0, max=65536)
     T = torch.export.Dim("total_sequence_length", min=1, max=131072)
     dyn = {"input_ids": {0: B, 1: S}, "attention_mask": {0: B, 1: T}, "position_ids": {0: B, 1: S},
-           "past": tuple({0: B, 2: P} for _ in pkv)}
+           "past": tuple({0: B, 2: P} for _ in args[3:])}
     input_names, output_names = io_names(n_layers)
-    log(f"exporting {hf_dir} ({type(model).__name__}, {n_layers} layers, {kv_heads} KV heads) at opset {OPSET}")
+    log(f"exporting {hf_dir} ({type(model).__name__}, {n_layers} layers, {args[3].shape[1]} KV heads) "
+        f"at opset {OPSET}")
+    with torch.no_grad():
+        program = torch.onnx.export(decoder_with_past(model), args, dynamo=True, opset_version=OPSET,
+                                    input_names=input_names, output_names=output_names, dynamic_shapes=dyn,
+                                    optimize=True, verbose=False)
+    _write_export(program, out_path, hf_dir, SIDE_FILES, context=getattr(cfg, "max_position_embeddings", None))
+    log(f"wrote {out_path}")
+    return out_path
 
+
+def _write_export(program, out_path: Path, hf_dir: Path, side_files, context: int | None) -> None:
+    """Save an ONNXProgram as `out_path` + `<name>.data` with the HF side files (tokenizer,
+    configs) beside it, as optimum lays them out. Staged in a temp dir, then moved into place."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".optc-export-") as tmp:
         tmp_model = Path(tmp) / out_path.name
-        with torch.no_grad():
-            program = torch.onnx.export(
-                wrapper, (input_ids, attention_mask, position_ids, *pkv), dynamo=True, opset_version=OPSET,
-                input_names=input_names, output_names=output_names,
-                dynamic_shapes={"input_ids": dyn["input_ids"], "attention_mask": dyn["attention_mask"],
-                                "position_ids": dyn["position_ids"], "past": dyn["past"]},
-                optimize=True, verbose=False,
-            )
         program.save(str(tmp_model), external_data=True)
-        data_name = out_path.name + ".data"
         produced = [p for p in Path(tmp).iterdir() if p.name != out_path.name]
-        _finalize(tmp_model, produced, data_name, context=getattr(cfg, "max_position_embeddings", None))
-        # The tokenizer and configs travel beside the ONNX file, as optimum lays them out.
-        for name in SIDE_FILES:
+        _finalize(tmp_model, produced, out_path.name + ".data", context=context)
+        for name in side_files:
             if (hf_dir / name).is_file():
                 shutil.copyfile(hf_dir / name, Path(tmp) / name)
         for p in Path(tmp).iterdir():
             os.replace(p, out_path.parent / p.name)
-    log(f"wrote {out_path}")
-    return out_path
 
 
 def _finalize(model_path: Path, produced: list[Path], data_name: str, context: int | None) -> None:
@@ -189,20 +190,10 @@ def export_encoder(hf_dir: Path, out_path: Path, *, log=print) -> Path:
     S = torch.export.Dim("sequence_length", min=1, max=model.config.max_position_embeddings)
     dyn = {"input_ids": {0: B, 1: S}, "attention_mask": {0: B, 1: S}, "token_type_ids": {0: B, 1: S}}
     log(f"exporting encoder {hf_dir} ({type(model).__name__}) at opset {OPSET}")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".optc-export-") as tmp:
-        tmp_model = Path(tmp) / out_path.name
-        with torch.no_grad():
-            program = torch.onnx.export(Encoder().eval(), args, dynamo=True, opset_version=OPSET,
-                                        input_names=list(dyn), output_names=["last_hidden_state"],
-                                        dynamic_shapes=dyn, optimize=True)
-        program.save(str(tmp_model), external_data=True)
-        produced = [p for p in Path(tmp).iterdir() if p.name != out_path.name]
-        _finalize(tmp_model, produced, out_path.name + ".data", context=model.config.max_position_embeddings)
-        for name in ("tokenizer.json", "tokenizer_config.json", "config.json", "vocab.txt"):
-            if (hf_dir / name).is_file():
-                shutil.copyfile(hf_dir / name, Path(tmp) / name)
-        for p in Path(tmp).iterdir():
-            os.replace(p, out_path.parent / p.name)
+    with torch.no_grad():
+        program = torch.onnx.export(Encoder().eval(), args, dynamo=True, opset_version=OPSET,
+                                    input_names=list(dyn), output_names=["last_hidden_state"],
+                                    dynamic_shapes=dyn, optimize=True)
+    _write_export(program, out_path, hf_dir, ENCODER_SIDE_FILES, context=model.config.max_position_embeddings)
     log(f"wrote {out_path}")
     return out_path

@@ -29,7 +29,7 @@ def main() -> None:
     optc("inspect", str(onnx_path))
     optc("compile", str(onnx_path), "--config", str(ROOT / "configs" / "default.yaml"),
          "-o", str(BUILD / "artifact"), "--force")
-    optc("run", str(BUILD / "artifact"), "--prompt", "def read_config(path):\n", "--max-new-tokens", "80",
+    optc("run", str(BUILD / "artifact"), "--prompt", "def read_config(path):", "--max-new-tokens", "80",
          "--seed", "1")
     optc("bench", str(BUILD / "artifact"), "--original", str(onnx_path), "--hf", str(HF),
          "--json", str(BUILD / "bench.json"), "--plot", str(BUILD / "bench.png"))
