@@ -33,6 +33,7 @@ class Model:
         self.executor = _make_executor(self.root, manifest)
         self.cache = KVCache(cfg["n_layers"], cfg["kv_heads"], cfg["head_dim"])
         self._tokenizer = None
+        self.last_stats: dict = {}  # filled by generate(): prompt/new token counts, decode seconds
         self.reset()
 
     # -- state -------------------------------------------------------------------------------
