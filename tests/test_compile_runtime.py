@@ -157,3 +157,19 @@ def test_force_replaces_existing_artifact(tmp_path, exported_decoder, identity_a
     code, _, err = run_cli(["compile", exported_decoder, "-o", out, "--force"], capsys)
     assert code == 0, err
     assert not (out / "stale.txt").exists()
+
+
+def test_bench_table_json_and_plot(tmp_path, identity_artifact, exported_decoder, capsys):
+    """Smoke-checks the benchmark's outputs (the numbers themselves go to docs/, not asserts)."""
+    j, png = tmp_path / "b.json", tmp_path / "b.png"
+    code, out, err = run_cli(["bench", identity_artifact, "--original", exported_decoder, "--json", j, "--plot", png,
+                              "--prompt-lengths", "16,64", "--decode-tokens", "4"], capsys)
+    assert code == 0, err
+    report = json.loads(j.read_text())
+    assert [r["engine"] for r in report["results"]] == ["artifact", "onnxruntime"]
+    for r in report["results"]:
+        assert set(r["ttft_ms"]) == {"16", "64"} and set(r["decode_ms_per_token"]) == {"128", "2048"}
+        assert r["kv_bytes"] == 2 * 6 * 2 * 32 * 4 * (128 + 4)  # layers, K+V, kv heads, head dim, fp32
+        assert r["peak_rss_mb"] > 10
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "TTFT@16 ms" in out and "| artifact" in out
