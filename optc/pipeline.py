@@ -16,7 +16,7 @@ import onnx_ir as ir
 from optc.config import PipelineConfig
 from optc.errors import OptcError
 from optc.ir import to_checked_proto
-from optc.passes.base import PassContext
+from optc.passes.base import PassConfigError, PassContext
 
 
 @dataclass
@@ -47,6 +47,8 @@ def run_pipeline(model: ir.Model, config: PipelineConfig, registry, context: Pas
             result = p(model)
         except OptcError:
             raise
+        except PassConfigError as e:
+            raise OptcError(f"passes[{i}].{e.key}: {e}") from None
         except ir.passes.PassError as e:
             raise OptcError(f"passes[{i}] ({spec.name}): {e}") from None
         seconds = time.perf_counter() - t0

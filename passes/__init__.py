@@ -5,6 +5,7 @@ Pass families still to come (see DESIGN.md): token dropping, layer routing, outl
 
 from optc.config import PassOptions
 from optc.passes.cleanup import EliminateCommonSubexpressions, EliminateIdentity, RemoveUnused
+from optc.passes.kv_cache_compression import KVCacheCompression, KVCacheCompressionOptions
 from optc.registry import PassEntry
 
 
@@ -16,4 +17,5 @@ ALL_PASSES = [
     _entry(EliminateCommonSubexpressions),
     _entry(EliminateIdentity),
     _entry(RemoveUnused),
+    _entry(KVCacheCompression, KVCacheCompressionOptions, lossy=True),
 ]

@@ -15,7 +15,16 @@ class PassContext:
 
     target: str = "cpu"
     decoder: object | None = None   # optc.canonical.DecoderInfo
-    notes: list[str] = field(default_factory=list)
+    # What passes ask of the runtime, copied into the manifest (e.g. "kv_cache": {"layout": ...}).
+    runtime: dict = field(default_factory=dict)
+
+
+class PassConfigError(Exception):
+    """An option that is well-typed but does not fit this model; the pipeline names the key."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
 
 
 class OptcPass(ir.passes.InPlacePass):

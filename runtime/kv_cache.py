@@ -49,6 +49,13 @@ class KVCache:
         """Views of the filled part of layer `layer` (no copy here)."""
         return self.keys[layer][:, :, : self.length], self.values[layer][:, :, : self.length]
 
+    def feeds(self) -> dict[str, np.ndarray]:
+        """The graph's cache inputs for the next step."""
+        out = {}
+        for i in range(self.n_layers):
+            out[f"past_key_values.{i}.key"], out[f"past_key_values.{i}.value"] = self.past(i)
+        return out
+
     @property
     def nbytes(self) -> int:
         """Bytes of keys and values held for the tokens now in the cache."""
@@ -57,3 +64,19 @@ class KVCache:
     @property
     def allocated_bytes(self) -> int:
         return 2 * self.n_layers * self.kv_heads * self.capacity * self.head_dim * self.dtype.itemsize
+
+
+def make_cache(spec: dict, model_cfg: dict):
+    """The cache the manifest's `kv_cache` section asks for."""
+    layout = spec.get("layout", "float")
+    dims = (model_cfg["n_layers"], model_cfg["kv_heads"], model_cfg["head_dim"])
+    if layout == "float":
+        return KVCache(*dims)
+    if layout == "kivi":
+        from optc.runtime.kv_quant import QuantizedKVCache
+
+        return QuantizedKVCache(*dims, bits=spec["bits"], group_size=spec["group_size"],
+                                residual=spec["residual"], symmetric=spec["symmetric"])
+    from optc.runtime.artifact import ArtifactError
+
+    raise ArtifactError(f"manifest.json: unknown kv_cache layout {layout!r}")

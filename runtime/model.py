@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from optc.runtime.artifact import ArtifactError, artifact_file, read_manifest
-from optc.runtime.kv_cache import KVCache
+from optc.runtime.kv_cache import make_cache
 from optc.runtime.sampler import sample
 
 
@@ -31,7 +31,7 @@ class Model:
         cfg = manifest["model"]
         self.config = cfg
         self.executor = _make_executor(self.root, manifest)
-        self.cache = KVCache(cfg["n_layers"], cfg["kv_heads"], cfg["head_dim"])
+        self.cache = make_cache(manifest.get("kv_cache", {"layout": "float"}), cfg)
         self._tokenizer = None
         self.last_stats: dict = {}  # filled by generate(): prompt/new token counts, decode seconds
         self.reset()
@@ -65,8 +65,7 @@ class Model:
         input_ids = np.asarray(ids, dtype=np.int64).reshape(1, n)
         position_ids = np.arange(self.position, self.position + n, dtype=np.int64).reshape(1, n)
         attention_mask = np.ones((1, self.cache.length + n), dtype=np.int64)
-        past = [self.cache.past(i) for i in range(self.cache.n_layers)]
-        logits, new_k, new_v = self.executor.run(input_ids, position_ids, attention_mask, past)
+        logits, new_k, new_v = self.executor.run(input_ids, position_ids, attention_mask, self.cache.feeds())
         self.cache.append(new_k, new_v)
         self.position += n
         return logits[0]

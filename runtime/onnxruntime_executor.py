@@ -43,14 +43,14 @@ class OnnxRuntimeExecutor:
         return self.providers[0]
 
     def run(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
-            past: list[tuple[np.ndarray, np.ndarray]]):
+            cache_feeds: dict[str, np.ndarray]):
+        """One forward step. `cache_feeds` are the KV cache's graph inputs (KVCache.feeds())."""
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
         if "position_ids" in self._input_names:
             feeds["position_ids"] = position_ids
-        for i, (k, v) in enumerate(past):
-            # ORT needs dense inputs; the cache views are dense whenever kv_heads == 1 or the cache is full.
-            feeds[f"past_key_values.{i}.key"] = np.ascontiguousarray(k)
-            feeds[f"past_key_values.{i}.value"] = np.ascontiguousarray(v)
+        for name, arr in cache_feeds.items():
+            # ORT needs dense inputs; cache views are dense only when kv_heads == 1 or the buffer is full.
+            feeds[name] = np.ascontiguousarray(arr)
         out = self.session.run(self._outputs, feeds)
         logits = out[0]
         new_k = out[1::2]

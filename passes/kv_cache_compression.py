@@ -1,0 +1,109 @@
+"""kv_cache_compression: store the KV cache as int8 / int4 (KIVI), dequantised inside the graph.
+
+The pass replaces each float cache input `past_key_values.{i}.{key,value}` by the compressed
+tensors the runtime keeps (see optc/runtime/kv_quant.py for their layout) and a dequantisation
+subgraph whose result feeds the same Concat as before, so attention is unchanged apart from the
+quantisation error of cached tokens. It records the cache layout for the manifest (`kv_cache`),
+which tells the runtime to store the cache compressed.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir import tape
+from pydantic import Field
+
+from optc.config import PassOptions
+from optc.passes.base import OptcPass, PassConfigError
+
+
+class KVCacheCompressionOptions(PassOptions):
+    bits: Literal[4, 8] = Field(description="bits per cached key/value element")
+    group_size: int = Field(64, gt=0, description="tokens per key-scale group; channels per value-scale group "
+                                                  "(capped at head_dim)")
+    residual: int = Field(32, ge=0, description="newest tokens kept in full precision")
+    symmetric: bool | None = Field(None, description="symmetric quantisation (default: yes for 8 bits, no for 4)")
+
+
+def _const(t: tape.Tape, array) -> ir.Value:
+    return t.op("Constant", [], {"value": ir.tensor(np.asarray(array))})
+
+
+class KVCacheCompression(OptcPass):
+    """Quantise the KV cache to int8/int4 (keys per channel, values per token, KIVI)."""
+
+    name = "kv_cache_compression"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        o: KVCacheCompressionOptions = self.options
+        info = self.context.decoder
+        D, H = info.head_dim, info.kv_heads
+        if o.bits == 4 and D % 2:
+            raise PassConfigError("bits", f"int4 packing needs an even head_dim (model has {D})")
+        channel_group = min(o.group_size, D)
+        if D % channel_group:
+            raise PassConfigError("group_size", f"{o.group_size} does not divide head_dim {D}")
+        symmetric = o.bits == 8 if o.symmetric is None else o.symmetric
+        graph = model.graph
+        inputs = {v.name: v for v in graph.inputs}
+        changed = 0
+        for layer in range(info.n_layers):
+            for kind in ("key", "value"):
+                past = inputs.get(f"past_key_values.{layer}.{kind}")
+                if past is None:
+                    continue  # already compressed (a second run) or not a float cache
+                full = self._dequant_subgraph(graph, past.name, kind, H, D, o.bits, o.group_size, channel_group,
+                                              symmetric)
+                ir.convenience.replace_all_uses_with(past, full)
+                graph.inputs.remove(past)
+                changed += 1
+        if not changed:
+            return ir.passes.PassResult(model, False)
+        ir.passes.common.TopologicalSortPass()(model)
+        self.context.runtime["kv_cache"] = {"layout": "kivi", "bits": o.bits, "group_size": o.group_size,
+                                            "residual": o.residual, "symmetric": symmetric}
+        return ir.passes.PassResult(model, True)
+
+    @staticmethod
+    def _dequant_subgraph(graph, base, kind, H, D, bits, group, channel_group, symmetric) -> ir.Value:
+        dq = D if bits == 8 else D // 2
+        q_len = f"{base}.q_len"
+        q = ir.val(f"{base}.q", ir.DataType.UINT8, ["batch", H, q_len, dq])
+        scale_shape = (["batch", H, f"{base}.groups", D] if kind == "key"
+                       else ["batch", H, q_len, D // channel_group])
+        scale = ir.val(f"{base}.scale", ir.DataType.FLOAT16, scale_shape)
+        zero = None if symmetric else ir.val(f"{base}.zero", ir.DataType.FLOAT16, scale_shape)
+        residual = ir.val(f"{base}.residual", ir.DataType.FLOAT, ["batch", H, f"{base}.residual_len", D])
+        graph.inputs.extend([v for v in (q, scale, zero, residual) if v is not None])
+
+        t = tape.Tape()
+        x = q
+        if bits == 4:  # two values per byte: element 2j in the low nibble, 2j+1 in the high one
+            lo = t.op("BitwiseAnd", [q, _const(t, np.uint8(15))])
+            hi = t.op("BitShift", [q, _const(t, np.uint8(4))], {"direction": "RIGHT"})
+            axis = _const(t, np.array([-1], np.int64))
+            pairs = t.op("Concat", [t.op("Unsqueeze", [lo, axis]), t.op("Unsqueeze", [hi, axis])], {"axis": -1})
+            x = t.op("Reshape", [pairs, _const(t, np.array([0, 0, 0, D], np.int64))])
+        x = t.op("Cast", [x], {"to": ir.DataType.FLOAT})
+        if symmetric:
+            x = t.op("Sub", [x, _const(t, np.float32(1 << (bits - 1)))])
+        if kind == "key":  # [B,H,Q,D] -> [B,H,Q/G,G,D]; scale [B,H,Q/G,D] -> [B,H,Q/G,1,D]
+            grouped = t.op("Reshape", [x, _const(t, np.array([0, 0, -1, group, D], np.int64))])
+            expand_axis = _const(t, np.array([3], np.int64))
+        else:  # [B,H,Q,D] -> [B,H,Q,D/Gc,Gc]; scale [B,H,Q,D/Gc] -> [B,H,Q,D/Gc,1]
+            grouped = t.op("Reshape", [x, _const(t, np.array([0, 0, 0, D // channel_group, channel_group], np.int64))])
+            expand_axis = _const(t, np.array([4], np.int64))
+        s = t.op("Unsqueeze", [t.op("Cast", [scale], {"to": ir.DataType.FLOAT}), expand_axis])
+        y = t.op("Mul", [grouped, s])
+        if zero is not None:
+            y = t.op("Add", [y, t.op("Unsqueeze", [t.op("Cast", [zero], {"to": ir.DataType.FLOAT}), expand_axis])])
+        deq = t.op("Reshape", [y, _const(t, np.array([0, 0, -1, D], np.int64))])
+        full = t.op("Concat", [deq, residual], {"axis": 2})
+        full.name = f"{base}.dequantized"
+        for i, node in enumerate(t.nodes):
+            node.name = f"{base}/kv_dequant/{i}"
+        graph.extend(t.nodes)
+        return full

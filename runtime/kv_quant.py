@@ -1,0 +1,142 @@
+"""KIVI-style quantised KV cache (int8 / int4) that the runtime stores compressed.
+
+Keys are quantised per channel over groups of `group_size` tokens; values per token over groups
+of `min(group_size, head_dim)` channels (KIVI, Liu et al. 2024). The newest tokens stay in full
+precision in a residual of between `residual` and `residual + group_size` tokens; whenever it
+reaches `residual + group_size`, its oldest `group_size` tokens are quantised into the store.
+The graph (rewritten by the kv_cache_compression pass) dequantises on its side; this class only
+quantises, packs and hands out the compressed tensors.
+
+Per layer and kind (key / value) the graph inputs are
+    past_key_values.{i}.{kind}.q         uint8  [1, H, Q, D or D/2 (int4, two per byte)]
+    past_key_values.{i}.{kind}.scale     fp16   keys [1, H, Q/G, D]   values [1, H, Q, D/Gc]
+    past_key_values.{i}.{kind}.zero      fp16   same as scale (asymmetric only)
+    past_key_values.{i}.{kind}.residual  fp32   [1, H, R, D]
+Symmetric: x = (q - 2^(bits-1)) * scale.  Asymmetric: x = q * scale + zero.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+KINDS = ("key", "value")
+
+
+def quantize(x: np.ndarray, bits: int, symmetric: bool, axis: int):
+    """Quantise x along `axis` (the reduction axis of one group). Returns (q uint8, scale, zero|None),
+    scale/zero as float16 with the reduced axis kept (size 1)."""
+    levels = (1 << bits) - 1
+    if symmetric:
+        half = 1 << (bits - 1)
+        amax = np.abs(x).max(axis=axis, keepdims=True)
+        scale = np.maximum(amax / (half - 1), 1e-5).astype(np.float16)
+        q = np.clip(np.rint(x / scale.astype(np.float32)) + half, 1, levels)
+        return q.astype(np.uint8), scale, None
+    lo = x.min(axis=axis, keepdims=True).astype(np.float16)
+    hi = x.max(axis=axis, keepdims=True)
+    scale = np.maximum((hi - lo.astype(np.float32)) / levels, 1e-5).astype(np.float16)
+    q = np.clip(np.rint((x - lo.astype(np.float32)) / scale.astype(np.float32)), 0, levels)
+    return q.astype(np.uint8), scale, lo
+
+
+def dequantize(q, scale, zero, bits, symmetric):
+    """numpy reference of the graph's dequantisation (for tests)."""
+    x = q.astype(np.float32)
+    if symmetric:
+        return (x - (1 << (bits - 1))) * scale.astype(np.float32)
+    return x * scale.astype(np.float32) + zero.astype(np.float32)
+
+
+def pack4(q: np.ndarray) -> np.ndarray:
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
+class _Growable:
+    """A preallocated array that grows geometrically along axis 2."""
+
+    def __init__(self, tail_shape: tuple, dtype, heads: int, capacity: int = 64):
+        self.heads, self.tail, self.dtype = heads, tail_shape, dtype
+        self.data = np.zeros((1, heads, capacity) + tail_shape, dtype)
+        self.length = 0
+
+    def append(self, x: np.ndarray) -> None:
+        n = x.shape[2]
+        if self.length + n > self.data.shape[2]:
+            cap = self.data.shape[2]
+            while cap < self.length + n:
+                cap *= 2
+            new = np.zeros((1, self.heads, cap) + self.tail, self.dtype)
+            new[:, :, : self.length] = self.data[:, :, : self.length]
+            self.data = new
+        self.data[:, :, self.length:self.length + n] = x
+        self.length += n
+
+    def view(self) -> np.ndarray:
+        return self.data[:, :, : self.length]
+
+    @property
+    def nbytes(self) -> int:
+        return self.view().nbytes
+
+
+class QuantizedKVCache:
+    def __init__(self, n_layers: int, kv_heads: int, head_dim: int, *, bits: int, group_size: int, residual: int,
+                 symmetric: bool):
+        self.n_layers, self.kv_heads, self.head_dim = n_layers, kv_heads, head_dim
+        self.bits, self.group, self.residual_min, self.symmetric = bits, group_size, residual, symmetric
+        self.channel_group = min(group_size, head_dim)
+        self.reset()
+
+    def reset(self) -> None:
+        H, D = self.kv_heads, self.head_dim
+        dq = D if self.bits == 8 else D // 2
+        self.q = {(i, k): _Growable((dq,), np.uint8, H) for i in range(self.n_layers) for k in KINDS}
+        scale_tail = {"key": (D,), "value": (D // self.channel_group,)}
+        self.scale = {(i, k): _Growable(scale_tail[k], np.float16, H) for i in range(self.n_layers) for k in KINDS}
+        self.zero = ({} if self.symmetric else
+                     {(i, k): _Growable(scale_tail[k], np.float16, H) for i in range(self.n_layers) for k in KINDS})
+        self.res = {(i, k): np.zeros((1, H, 0, D), np.float32) for i in range(self.n_layers) for k in KINDS}
+
+    @property
+    def length(self) -> int:
+        return self.q[(0, "key")].length + self.res[(0, "key")].shape[2]
+
+    def _store(self, layer: int, kind: str, x: np.ndarray) -> None:
+        """Quantise one group of `group` tokens [1, H, G, D] into the store."""
+        if kind == "key":  # per channel: statistics over the group's tokens
+            q, scale, zero = quantize(x, self.bits, self.symmetric, axis=2)
+        else:  # per token: statistics over channel groups
+            g = x.reshape(1, self.kv_heads, x.shape[2], self.head_dim // self.channel_group, self.channel_group)
+            q, scale, zero = quantize(g, self.bits, self.symmetric, axis=4)
+            q = q.reshape(x.shape)
+            scale, zero = scale[..., 0], (None if zero is None else zero[..., 0])
+        self.q[(layer, kind)].append(pack4(q) if self.bits == 4 else q)
+        self.scale[(layer, kind)].append(scale)
+        if zero is not None:
+            self.zero[(layer, kind)].append(zero)
+
+    def append(self, new_keys: list[np.ndarray], new_values: list[np.ndarray]) -> None:
+        for i in range(self.n_layers):
+            for kind, new in (("key", new_keys[i]), ("value", new_values[i])):
+                res = np.concatenate([self.res[(i, kind)], new], axis=2)
+                while res.shape[2] >= self.residual_min + self.group:
+                    self._store(i, kind, res[:, :, : self.group])
+                    res = res[:, :, self.group:]
+                self.res[(i, kind)] = np.ascontiguousarray(res)
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        out = {}
+        for (i, kind), q in self.q.items():
+            base = f"past_key_values.{i}.{kind}"
+            out[f"{base}.q"] = q.view()
+            out[f"{base}.scale"] = self.scale[(i, kind)].view()
+            if not self.symmetric:
+                out[f"{base}.zero"] = self.zero[(i, kind)].view()
+            out[f"{base}.residual"] = self.res[(i, kind)]
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        total = sum(g.nbytes for g in self.q.values()) + sum(g.nbytes for g in self.scale.values())
+        total += sum(g.nbytes for g in self.zero.values()) + sum(r.nbytes for r in self.res.values())
+        return total
