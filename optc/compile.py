@@ -81,7 +81,7 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
             "target": target,
             "backend": backend_section,
             "passes": config.to_dict()["passes"],
-            "kv_cache": context.runtime.get("kv_cache", {"layout": "float"}),
+            "kv_cache": {"layout": "float", "positions": "absolute", **context.runtime.get("kv_cache", {})},
             "verify_budget": config.verify.model_dump(),
             "tokenizer": "tokenizer.json",
         }

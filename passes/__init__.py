@@ -6,6 +6,7 @@ Pass families still to come (see DESIGN.md): token dropping, layer routing, outl
 from optc.config import PassOptions
 from optc.passes.cleanup import EliminateCommonSubexpressions, EliminateIdentity, RemoveUnused
 from optc.passes.kv_cache_compression import KVCacheCompression, KVCacheCompressionOptions
+from optc.passes.sparse_attention import SparseAttention, SparseAttentionOptions
 from optc.registry import PassEntry
 
 
@@ -18,4 +19,5 @@ ALL_PASSES = [
     _entry(EliminateIdentity),
     _entry(RemoveUnused),
     _entry(KVCacheCompression, KVCacheCompressionOptions, lossy=True),
+    _entry(SparseAttention, SparseAttentionOptions, lossy=True),
 ]

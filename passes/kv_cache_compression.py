@@ -47,6 +47,10 @@ class KVCacheCompression(OptcPass):
         if D % channel_group:
             raise PassConfigError("group_size", f"{o.group_size} does not divide head_dim {D}")
         symmetric = o.bits == 8 if o.symmetric is None else o.symmetric
+        policy = self.context.runtime.get("kv_cache", {}).get("policy")
+        if policy:
+            raise PassConfigError("bits", f"compressing a cache with a {policy['kind']} eviction policy is "
+                                          f"not supported yet")
         graph = model.graph
         inputs = {v.name: v for v in graph.inputs}
         changed = 0
@@ -63,8 +67,9 @@ class KVCacheCompression(OptcPass):
         if not changed:
             return ir.passes.PassResult(model, False)
         ir.passes.common.TopologicalSortPass()(model)
-        self.context.runtime["kv_cache"] = {"layout": "kivi", "bits": o.bits, "group_size": o.group_size,
-                                            "residual": o.residual, "symmetric": symmetric}
+        kv = self.context.runtime.setdefault("kv_cache", {})
+        kv.update({"layout": "kivi", "bits": o.bits, "group_size": o.group_size, "residual": o.residual,
+                   "symmetric": symmetric})
         return ir.passes.PassResult(model, True)
 
     @staticmethod

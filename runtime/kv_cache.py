@@ -49,6 +49,14 @@ class KVCache:
         """Views of the filled part of layer `layer` (no copy here)."""
         return self.keys[layer][:, :, : self.length], self.values[layer][:, :, : self.length]
 
+    def evict(self, start: int, count: int) -> None:
+        """Drop tokens [start, start+count), moving the later ones down (bounded by the window)."""
+        end = self.length
+        for store in (self.keys, self.values):
+            for buf in store:
+                buf[:, :, start:end - count] = buf[:, :, start + count:end].copy()
+        self.length -= count
+
     def feeds(self) -> dict[str, np.ndarray]:
         """The graph's cache inputs for the next step."""
         out = {}

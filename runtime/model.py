@@ -31,7 +31,11 @@ class Model:
         cfg = manifest["model"]
         self.config = cfg
         self.executor = _make_executor(self.root, manifest)
-        self.cache = make_cache(manifest.get("kv_cache", {"layout": "float"}), cfg)
+        kv_spec = manifest.get("kv_cache", {"layout": "float"})
+        self.cache = make_cache(kv_spec, cfg)
+        # "cache_slot": tokens are positioned by their slot in the (evicting) cache, StreamingLLM-style
+        self.slot_positions = kv_spec.get("positions", "absolute") == "cache_slot"
+        self.policy = kv_spec.get("policy")
         self._tokenizer = None
         self.last_stats: dict = {}  # filled by generate(): prompt/new token counts, decode seconds
         self.reset()
@@ -62,13 +66,32 @@ class Model:
     # -- forward -----------------------------------------------------------------------------
     def _step(self, ids: np.ndarray) -> np.ndarray:
         n = len(ids)
+        if self.policy:
+            self._make_room(n)
+        cached = self.cache.length
+        first = cached if self.slot_positions else self.position
         input_ids = np.asarray(ids, dtype=np.int64).reshape(1, n)
-        position_ids = np.arange(self.position, self.position + n, dtype=np.int64).reshape(1, n)
-        attention_mask = np.ones((1, self.cache.length + n), dtype=np.int64)
-        logits, new_k, new_v = self.executor.run(input_ids, position_ids, attention_mask, self.cache.feeds())
+        position_ids = np.arange(first, first + n, dtype=np.int64).reshape(1, n)
+        attention_mask = np.ones((1, cached + n), dtype=np.int64)
+        feeds = self.cache.feeds()
+        if self.slot_positions:
+            feeds["optc.key_position_ids"] = np.arange(cached + n, dtype=np.int64).reshape(1, -1)
+        logits, new_k, new_v = self.executor.run(input_ids, position_ids, attention_mask, feeds)
         self.cache.append(new_k, new_v)
         self.position += n
         return logits[0]
+
+    def _make_room(self, n: int) -> None:
+        """sink_window: evict the oldest non-sink tokens so that the cache plus `n` new tokens
+        fits in sinks + window."""
+        sinks, window = self.policy["sinks"], self.policy["window"]
+        overflow = self.cache.length + n - (sinks + window)
+        if overflow > 0:
+            self.cache.evict(start=sinks, count=min(overflow, self.cache.length - sinks))
+
+    def _chunk(self) -> int | None:
+        """Largest prefill chunk the cache policy allows (None: no limit)."""
+        return max(1, self.policy["window"] // 2) if self.policy else None
 
     def prefill(self, ids, all_logits: bool = False) -> np.ndarray:
         """Run the prompt `ids` (appended to whatever the cache holds). Returns next-token logits
@@ -76,7 +99,9 @@ class Model:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
             raise ValueError("prefill needs at least one token")
-        logits = self._step(ids)
+        chunk = self._chunk() or ids.size  # an evicting cache is filled chunk by chunk
+        parts = [self._step(ids[s:s + chunk]) for s in range(0, ids.size, chunk)]
+        logits = np.concatenate(parts) if len(parts) > 1 else parts[0]
         return logits if all_logits else logits[-1]
 
     def decode(self, token_id: int) -> np.ndarray:
