@@ -53,4 +53,7 @@ def compile(model: ir.Model, info, out_dir: Path, target: str) -> dict:
         "session_options": {"graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_num_threads": 0,
                             "inter_op_num_threads": 1},
         "kv_outputs": kv_outputs,
+        # per-layer attention probabilities, present when a cache policy scores tokens (H2O)
+        "attention_outputs": sorted((v.name for v in model.graph.outputs if v.name.startswith("optc.attn.")),
+                                    key=lambda n: int(n.rsplit(".", 1)[1])),
     }

@@ -25,6 +25,7 @@ from optc.errors import OptcError
 STREAM = DATA_DIR / "stream.txt"
 REPEATS = 3
 DECODE_CONTEXTS = (128, 2048)
+PREFILL_CHUNK = 1024  # long decode contexts are built up in chunks, the same way for every engine
 
 
 # ---------------------------------------------------------------------------------- engines --
@@ -129,7 +130,8 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(engine_name: str, path: str, ids: list[int], lengths: list[int], decode_tokens: int) -> dict:
+def measure(engine_name: str, path: str, ids: list[int], lengths: list[int], decode_tokens: int,
+            contexts=DECODE_CONTEXTS) -> dict:
     eng = ENGINES[engine_name](path)
     result: dict = {"engine": engine_name, "ttft_ms": {}, "decode_ms_per_token": {}}
     eng.prefill(ids[:max(lengths)])  # warm-up: first-call allocations and kernel selection
@@ -144,15 +146,16 @@ def measure(engine_name: str, path: str, ids: list[int], lengths: list[int], dec
             int(np.argmax(logits))
             times.append(time.perf_counter() - t0)
         result["ttft_ms"][str(n)] = round(statistics.median(times) * 1000, 2)
-    for ctx in DECODE_CONTEXTS:
+    for ctx in contexts:
         eng.reset()
-        eng.prefill(ids[:ctx])
+        for start in range(0, ctx, PREFILL_CHUNK):
+            eng.prefill(ids[start:min(ctx, start + PREFILL_CHUNK)])
         t0 = time.perf_counter()
         for t in ids[ctx:ctx + decode_tokens]:
             eng.decode(t)
         per_token = (time.perf_counter() - t0) / decode_tokens
         result["decode_ms_per_token"][str(ctx)] = round(per_token * 1000, 3)
-        if ctx == DECODE_CONTEXTS[0]:
+        if ctx == contexts[0]:
             result["decode_tokens_per_s"] = round(1.0 / per_token, 1)
             result["kv_bytes"] = eng.kv_bytes()
             result["kv_tokens"] = ctx + decode_tokens
@@ -161,10 +164,10 @@ def measure(engine_name: str, path: str, ids: list[int], lengths: list[int], dec
 
 
 # ---------------------------------------------------------------------------------- driver --
-def _run_worker(engine: str, path: Path, ids_file: Path, lengths, decode_tokens, log) -> dict:
+def _run_worker(engine: str, path: Path, ids_file: Path, lengths, decode_tokens, contexts, log) -> dict:
     log(f"  measuring {engine} ({path})")
     cmd = [sys.executable, "-m", "optc.bench", engine, str(path), str(ids_file), ",".join(map(str, lengths)),
-           str(decode_tokens)]
+           str(decode_tokens), ",".join(map(str, contexts))]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -173,7 +176,7 @@ def _run_worker(engine: str, path: Path, ids_file: Path, lengths, decode_tokens,
 
 
 def run_bench(artifact, *, original=None, hf_dir=None, json_path=None, plot_path=None,
-              prompt_lengths=(128, 512, 1024), decode_tokens=32, log=print) -> dict:
+              prompt_lengths=(128, 512, 1024), decode_tokens=32, decode_contexts=DECODE_CONTEXTS, log=print) -> dict:
     from optc.runtime.artifact import read_manifest
 
     artifact = Path(artifact)
@@ -190,16 +193,19 @@ def run_bench(artifact, *, original=None, hf_dir=None, json_path=None, plot_path
 
     m = load(artifact)
     ids = m.encode(STREAM.read_text(encoding="utf-8"))
-    need = max(list(prompt_lengths) + list(DECODE_CONTEXTS)) + decode_tokens
+    contexts = list(decode_contexts)
+    need = max(list(prompt_lengths) + contexts) + decode_tokens
     if len(ids) < need:
         raise OptcError(f"{STREAM}: {len(ids)} tokens, the benchmark needs {need}")
     del m
     with tempfile.TemporaryDirectory() as tmp:
         ids_file = Path(tmp) / "ids.json"
         ids_file.write_text(json.dumps(ids[:need]))
-        results = [_run_worker(name, path, ids_file, list(prompt_lengths), decode_tokens, log) for name, path in runs]
+        results = [_run_worker(name, path, ids_file, list(prompt_lengths), decode_tokens, contexts, log)
+                   for name, path in runs]
     report = {"artifact": str(artifact), "passes": [p["name"] for p in manifest["passes"]],
-              "prompt_lengths": list(prompt_lengths), "decode_tokens": decode_tokens, "results": results}
+              "prompt_lengths": list(prompt_lengths), "decode_tokens": decode_tokens, "decode_contexts": contexts,
+              "results": results}
     log(format_table(report))
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
@@ -212,12 +218,13 @@ def run_bench(artifact, *, original=None, hf_dir=None, json_path=None, plot_path
 
 def format_table(report: dict) -> str:
     lengths = report["prompt_lengths"]
-    head = ["engine"] + [f"TTFT@{n} ms" for n in lengths] + [f"decode ms/tok @{c}" for c in DECODE_CONTEXTS] + [
+    contexts = report["decode_contexts"]
+    head = ["engine"] + [f"TTFT@{n} ms" for n in lengths] + [f"decode ms/tok @{c}" for c in contexts] + [
         "decode tok/s", "KV bytes", "peak RSS MB"]
     rows = []
     for r in report["results"]:
         rows.append([r["engine"]] + [f"{r['ttft_ms'][str(n)]:.1f}" for n in lengths]
-                    + [f"{r['decode_ms_per_token'][str(c)]:.2f}" for c in DECODE_CONTEXTS]
+                    + [f"{r['decode_ms_per_token'][str(c)]:.2f}" for c in contexts]
                     + [f"{r['decode_tokens_per_s']:.0f}", f"{r['kv_bytes']:,}", f"{r['peak_rss_mb']:.0f}"])
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
@@ -233,18 +240,17 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
-    lengths = report["prompt_lengths"]
+    lengths, contexts = report["prompt_lengths"], report["decode_contexts"]
     width = 0.8 / max(1, len(report["results"]))
     for k, r in enumerate(report["results"]):
         xs = np.arange(len(lengths)) + k * width
         a1.bar(xs, [r["ttft_ms"][str(n)] for n in lengths], width, label=r["engine"])
-        xs2 = np.arange(len(DECODE_CONTEXTS)) + k * width
-        a2.bar(xs2, [r["decode_ms_per_token"][str(c)] for c in DECODE_CONTEXTS], width, label=r["engine"])
+        xs2 = np.arange(len(contexts)) + k * width
+        a2.bar(xs2, [r["decode_ms_per_token"][str(c)] for c in contexts], width, label=r["engine"])
     a1.set_xticks(np.arange(len(lengths)) + width * (len(report["results"]) - 1) / 2, [str(n) for n in lengths])
     a1.set_xlabel("prompt tokens")
     a1.set_ylabel("time to first token (ms)")
-    a2.set_xticks(np.arange(len(DECODE_CONTEXTS)) + width * (len(report["results"]) - 1) / 2,
-                  [str(c) for c in DECODE_CONTEXTS])
+    a2.set_xticks(np.arange(len(contexts)) + width * (len(report["results"]) - 1) / 2, [str(c) for c in contexts])
     a2.set_xlabel("tokens in context")
     a2.set_ylabel("decode ms / token")
     for a in (a1, a2):
@@ -256,10 +262,11 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-if __name__ == "__main__":  # worker: python -m optc.bench ENGINE PATH IDS_JSON LENGTHS DECODE_TOKENS
-    name, p, ids_path, ls, d = sys.argv[1:6]
+if __name__ == "__main__":  # worker: python -m optc.bench ENGINE PATH IDS_JSON LENGTHS DECODE_TOKENS CONTEXTS
+    name, p, ids_path, ls, d, cs = sys.argv[1:7]
     try:
-        out = measure(name, p, json.loads(Path(ids_path).read_text()), [int(x) for x in ls.split(",")], int(d))
+        out = measure(name, p, json.loads(Path(ids_path).read_text()), [int(x) for x in ls.split(",")], int(d),
+                      [int(x) for x in cs.split(",")])
     except OptcError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

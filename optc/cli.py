@@ -151,13 +151,24 @@ def run(artifact, prompt, max_new_tokens, temperature, top_k, top_p, seed):
 @click.option("--plot", type=click.Path(path_type=Path), help="write a PNG plot")
 @click.option("--prompt-lengths", default="128,512,1024", show_default=True)
 @click.option("--decode-tokens", default=32, show_default=True)
-def bench(artifact, original, hf_dir, json_path, plot, prompt_lengths, decode_tokens):
+@click.option("--decode-contexts", default="128,2048", show_default=True,
+              help="tokens already in context when decode speed is measured")
+def bench(artifact, original, hf_dir, json_path, plot, prompt_lengths, decode_tokens, decode_contexts):
     """Benchmark ARTIFACT: TTFT, decode tokens/s, KV bytes, peak RSS (vs the original model)."""
     from optc.bench import run_bench
 
-    lengths = [int(x) for x in prompt_lengths.split(",") if x.strip()]
+    def ints(text, option):
+        try:
+            values = [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            values = []
+        if not values or min(values) <= 0:
+            raise OptcError(f"{option}: expected comma-separated positive integers, got {text!r}")
+        return values
+
     run_bench(artifact, original=original, hf_dir=hf_dir, json_path=json_path, plot_path=plot,
-              prompt_lengths=lengths, decode_tokens=decode_tokens, log=log)
+              prompt_lengths=ints(prompt_lengths, "--prompt-lengths"), decode_tokens=decode_tokens,
+              decode_contexts=ints(decode_contexts, "--decode-contexts"), log=log)
 
 
 def main(argv=None) -> None:

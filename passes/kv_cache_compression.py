@@ -14,18 +14,50 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
-from optc.config import PassOptions
+from optc.config import PassOptions, Strict
 from optc.passes.base import OptcPass, PassConfigError
 
 
+class EvictionOptions(Strict):
+    """H2O / Keyformer-style eviction: when the cache exceeds the budget, drop the middle tokens
+    that have received the least attention so far (per layer)."""
+
+    sinks: int = Field(4, ge=0, description="initial tokens never evicted")
+    recent: int = Field(32, ge=0, description="newest tokens never evicted")
+    budget: int | None = Field(None, gt=0, description="tokens kept (absolute budget)")
+    ratio: float | None = Field(None, gt=0, lt=1, description="tokens kept as a fraction of the tokens seen")
+    score: Literal["accumulated_attention"] = "accumulated_attention"
+
+    @field_validator("budget")
+    @classmethod
+    def _budget_fits(cls, v, info):
+        floor = info.data.get("sinks", 0) + info.data.get("recent", 0)
+        if v is not None and v <= floor:
+            raise ValueError(f"budget ({v}) must exceed sinks + recent ({floor})")
+        return v
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if (self.budget is None) == (self.ratio is None):
+            raise ValueError("give exactly one of budget (tokens) or ratio")
+        return self
+
+
 class KVCacheCompressionOptions(PassOptions):
-    bits: Literal[4, 8] = Field(description="bits per cached key/value element")
+    bits: Literal[4, 8] | None = Field(None, description="bits per cached key/value element (None: keep fp32)")
+    eviction: EvictionOptions | None = Field(None, description="evict low-attention tokens (H2O)")
     group_size: int = Field(64, gt=0, description="tokens per key-scale group; channels per value-scale group "
                                                   "(capped at head_dim)")
     residual: int = Field(32, ge=0, description="newest tokens kept in full precision")
     symmetric: bool | None = Field(None, description="symmetric quantisation (default: yes for 8 bits, no for 4)")
+
+    @model_validator(mode="after")
+    def _something_to_do(self):
+        if self.bits is None and self.eviction is None:
+            raise ValueError("set bits (quantisation), eviction, or both")
+        return self
 
 
 def _const(t: tape.Tape, array) -> ir.Value:
@@ -39,6 +71,45 @@ class KVCacheCompression(OptcPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         o: KVCacheCompressionOptions = self.options
+        if o.bits is not None and o.eviction is not None:
+            raise PassConfigError("eviction", "eviction over a quantised cache is not supported yet "
+                                              "(use bits or eviction)")
+        if o.eviction is not None:
+            return self._expose_attention(model, o.eviction)
+        return self._quantize(model, o)
+
+    def _expose_attention(self, model: ir.Model, ev: EvictionOptions) -> ir.passes.PassResult:
+        """Make each layer's attention probabilities a graph output (Attention's qk_matmul_output,
+        mode 3 = after softmax) so that the runtime can score cached tokens."""
+        graph = model.graph
+        outputs = {v.name for v in graph.outputs}
+        todo = [layer for layer in self.context.decoder.layers if f"optc.attn.{layer.index}" not in outputs]
+        if not todo:
+            return ir.passes.PassResult(model, False)  # already rewritten
+        kv = self.context.runtime.setdefault("kv_cache", {})
+        if "policy" in kv:
+            raise PassConfigError("eviction", f"the cache already has a {kv['policy']['kind']} policy")
+        nodes = {n.name: n for n in graph}
+        for layer in todo:
+            name = f"optc.attn.{layer.index}"
+            old = nodes[layer.attention]
+            attrs = [a for k, a in old.attributes.items() if k != "qk_matmul_output_mode"]
+            attrs.append(ir.AttrInt64("qk_matmul_output_mode", 3))
+            new = ir.Node("", "Attention", list(old.inputs), attributes=attrs, num_outputs=4, name=old.name)
+            ir.convenience.replace_all_uses_with(old.outputs[0], new.outputs[0])
+            out_name, out_shape, out_type = old.outputs[0].name, old.outputs[0].shape, old.outputs[0].type
+            graph.insert_after(old, new)
+            graph.remove(old, safe=True)
+            new.outputs[0].name, new.outputs[0].shape, new.outputs[0].type = out_name, out_shape, out_type
+            new.outputs[3].name = name
+            new.outputs[3].type = ir.TensorType(ir.DataType.FLOAT)
+            new.outputs[3].shape = ir.Shape(["batch", self.context.decoder.num_heads, "sequence_length",
+                                             "total_sequence_length"])
+            graph.outputs.append(new.outputs[3])
+        kv["policy"] = {"kind": "h2o", **ev.model_dump(exclude={"score"}), "score": ev.score}
+        return ir.passes.PassResult(model, True)
+
+    def _quantize(self, model: ir.Model, o: KVCacheCompressionOptions) -> ir.passes.PassResult:
         info = self.context.decoder
         D, H = info.head_dim, info.kv_heads
         if o.bits == 4 and D % 2:

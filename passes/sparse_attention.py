@@ -79,7 +79,10 @@ class SparseAttention(OptcPass):
         inputs = {v.name: v for v in graph.inputs}
         if KEY_POSITIONS in inputs:
             return ir.passes.PassResult(model, False)  # already rewritten
-        if self.context.runtime.get("kv_cache", {}).get("layout", "float") != "float":
+        kv = self.context.runtime.get("kv_cache", {})
+        if kv.get("policy"):
+            raise PassConfigError("mode", f"the cache already has a {kv['policy']['kind']} policy")
+        if kv.get("layout", "float") != "float":
             raise PassConfigError("mode", "sink_window over a compressed KV cache is not supported yet: "
                                           "put sparse_attention before kv_cache_compression or drop one")
         position_ids = inputs.get("position_ids")

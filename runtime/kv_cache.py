@@ -74,10 +74,62 @@ class KVCache:
         return 2 * self.n_layers * self.kv_heads * self.capacity * self.head_dim * self.dtype.itemsize
 
 
+class H2OCache(KVCache):
+    """H2O-style eviction (Zhang et al. 2023): every cached token accumulates the attention it
+    receives (summed over heads and queries, per layer); when the cache exceeds its budget each
+    layer drops its lowest-scoring tokens outside the first `sinks` and the last `recent`.
+    Keys keep their original RoPE positions, so no re-rotation is needed."""
+
+    def __init__(self, n_layers, kv_heads, head_dim, *, policy: dict, **kw):
+        self.policy = policy
+        super().__init__(n_layers, kv_heads, head_dim, **kw)
+
+    def reset(self) -> None:
+        super().reset()
+        self.scores = [np.zeros(self.capacity) for _ in range(self.n_layers)]
+
+    def _grow(self, needed: int) -> None:
+        super()._grow(needed)
+        for i, old in enumerate(self.scores):
+            new = np.zeros(self.capacity)
+            new[: len(old)] = old
+            self.scores[i] = new
+
+    def observe(self, attention: list[np.ndarray]) -> None:
+        """attention[i]: layer i's probabilities [1, heads, new tokens, cache length]."""
+        for i, probs in enumerate(attention):
+            self.scores[i][: probs.shape[-1]] += probs.sum(axis=(0, 1, 2))
+
+    def budget(self, tokens_seen: int) -> int:
+        p = self.policy
+        floor = p["sinks"] + p["recent"] + 1
+        return p["budget"] if p.get("budget") else max(floor, int(np.ceil(p["ratio"] * tokens_seen)))
+
+    def enforce_budget(self, tokens_seen: int) -> None:
+        excess = self.length - self.budget(tokens_seen)
+        lo, hi = self.policy["sinks"], self.length - self.policy["recent"]
+        excess = min(excess, hi - lo)
+        if excess <= 0:
+            return
+        for i in range(self.n_layers):
+            middle = np.arange(lo, hi)
+            drop = middle[np.argsort(self.scores[i][lo:hi], kind="stable")[:excess]]
+            keep = np.setdiff1d(np.arange(self.length), drop)
+            n = len(keep)
+            self.keys[i][:, :, :n] = self.keys[i][:, :, keep]
+            self.values[i][:, :, :n] = self.values[i][:, :, keep]
+            self.scores[i][:n] = self.scores[i][keep]
+            self.scores[i][n:] = 0.0
+        self.length -= excess
+
+
 def make_cache(spec: dict, model_cfg: dict):
     """The cache the manifest's `kv_cache` section asks for."""
     layout = spec.get("layout", "float")
     dims = (model_cfg["n_layers"], model_cfg["kv_heads"], model_cfg["head_dim"])
+    policy = spec.get("policy") or {}
+    if layout == "float" and policy.get("kind") == "h2o":
+        return H2OCache(*dims, policy=policy)
     if layout == "float":
         return KVCache(*dims)
     if layout == "kivi":

@@ -66,7 +66,7 @@ class Model:
     # -- forward -----------------------------------------------------------------------------
     def _step(self, ids: np.ndarray) -> np.ndarray:
         n = len(ids)
-        if self.policy:
+        if self.policy and self.policy["kind"] == "sink_window":
             self._make_room(n)
         cached = self.cache.length
         first = cached if self.slot_positions else self.position
@@ -76,9 +76,12 @@ class Model:
         feeds = self.cache.feeds()
         if self.slot_positions:
             feeds["optc.key_position_ids"] = np.arange(cached + n, dtype=np.int64).reshape(1, -1)
-        logits, new_k, new_v = self.executor.run(input_ids, position_ids, attention_mask, feeds)
+        logits, new_k, new_v, attention = self.executor.run(input_ids, position_ids, attention_mask, feeds)
         self.cache.append(new_k, new_v)
         self.position += n
+        if attention is not None:  # a scoring policy (H2O): score cached tokens, then evict
+            self.cache.observe(attention)
+            self.cache.enforce_budget(tokens_seen=self.position)
         return logits[0]
 
     def _make_room(self, n: int) -> None:
@@ -91,7 +94,9 @@ class Model:
 
     def _chunk(self) -> int | None:
         """Largest prefill chunk the cache policy allows (None: no limit)."""
-        return max(1, self.policy["window"] // 2) if self.policy else None
+        if self.policy and self.policy["kind"] == "sink_window":
+            return max(1, self.policy["window"] // 2)
+        return None
 
     def prefill(self, ids, all_logits: bool = False) -> np.ndarray:
         """Run the prompt `ids` (appended to whatever the cache holds). Returns next-token logits

@@ -35,7 +35,8 @@ class OnnxRuntimeExecutor:
         self.providers = self.session.get_providers()
         self.n_layers = manifest["model"]["n_layers"]
         self.kv_outputs = backend["kv_outputs"]  # per layer: [new key output, new value output]
-        self._outputs = ["logits"] + [name for pair in self.kv_outputs for name in pair]
+        self._attention = backend.get("attention_outputs", [])
+        self._outputs = ["logits"] + [name for pair in self.kv_outputs for name in pair] + self._attention
         self._input_names = {i.name for i in self.session.get_inputs()}
 
     @property
@@ -52,7 +53,6 @@ class OnnxRuntimeExecutor:
             # ORT needs dense inputs; cache views are dense only when kv_heads == 1 or the buffer is full.
             feeds[name] = np.ascontiguousarray(arr)
         out = self.session.run(self._outputs, feeds)
-        logits = out[0]
-        new_k = out[1::2]
-        new_v = out[2::2]
-        return logits, new_k, new_v
+        n_kv = 2 * len(self.kv_outputs)
+        logits, kv, attention = out[0], out[1:1 + n_kv], out[1 + n_kv:]
+        return logits, kv[0::2], kv[1::2], attention or None

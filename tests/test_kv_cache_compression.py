@@ -98,11 +98,87 @@ def test_quantizer_round_trip_error_is_bounded():
     ("bits: 8\n    group_size: 0", "passes[0].group_size: Input should be greater than 0"),
     ("bits: 8\n    group_size: 24", "passes[0].group_size: 24 does not divide head_dim 32"),
     ("bits: 8\n    residual: -1", "passes[0].residual:"),
-    ("group_size: 32", "passes[0].bits: Field required"),
+    ("group_size: 0", "passes[0].group_size: Input should be greater than 0"),
 ])
 def test_bad_kv_configs(tmp_path, exported_decoder, capsys, opts, needle):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"passes:\n  - name: kv_cache_compression\n    {opts}\n")
     code, _, err = run_cli(["compile", exported_decoder, "-c", cfg, "-o", tmp_path / "out"], capsys)
     assert code == 2 and err.startswith("error: ") and needle in err, err
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------- eviction --
+def test_eviction_structure(exported_decoder):
+    from optc.canonical import canonicalize
+    from optc.config import parse_config
+    from optc.ir import load_model, to_checked_proto
+    from optc.passes.base import PassContext
+    from optc.passes.kv_cache_compression import KVCacheCompression
+    from optc.registry import default_registry
+
+    model = load_model(exported_decoder)
+    ctx = PassContext(decoder=canonicalize(model))
+    opts = parse_config({"passes": [{"name": "kv_cache_compression", "eviction": {"ratio": 0.5}}]},
+                        default_registry()).passes[0].options
+    assert KVCacheCompression(opts, ctx)(model).modified
+    outs = {v.name for v in model.graph.outputs}
+    assert {f"optc.attn.{i}" for i in range(6)} <= outs
+    attn = [n for n in model.graph if n.op_type == "Attention"]
+    assert len(attn) == 6 and all(n.attributes["qk_matmul_output_mode"].value == 3 for n in attn)
+    assert ctx.runtime["kv_cache"]["policy"] == {"kind": "h2o", "sinks": 4, "recent": 32, "budget": None,
+                                                 "ratio": 0.5, "score": "accumulated_attention"}
+    to_checked_proto(model, "test")
+    assert not KVCacheCompression(opts, ctx)(model).modified
+
+
+@pytest.mark.parametrize("ratio, budget", [(0.5, 0.03), (0.25, 0.05)])
+def test_eviction_accuracy_and_bounded_cache(tmp_path, exported_decoder, ratio, budget):
+    from optc.compile import compile_model
+    from optc.config import parse_config
+    from optc.registry import default_registry
+    from optc.runtime import load
+
+    cfg = parse_config({"passes": [{"name": "kv_cache_compression", "eviction": {"ratio": ratio}}],
+                        "verify": {"max_perplexity_increase": budget}}, default_registry())
+    manifest = compile_model(exported_decoder, tmp_path / "a", config=cfg, log=lambda *_: None)
+    v = manifest["verification"]
+    print(f"eviction {ratio:.0%}: perplexity {v['perplexity_increase']:+.3%}, top-1 {v['top1_agreement']:.2%}")
+    assert 0 < v["perplexity_increase"] <= budget
+    m = load(tmp_path / "a")
+    ids = m.encode((DATA_DIR / "stream.txt").read_text())[:400]
+    m.reset()
+    m.prefill(ids[:100])
+    for t in ids[100:]:
+        m.decode(t)
+    assert m.cache.length == int(np.ceil(ratio * 400))
+    assert m.kv_bytes == 2 * 6 * 2 * 32 * 4 * m.cache.length
+
+
+def test_h2o_keeps_the_most_attended_tokens():
+    from optc.runtime.kv_cache import H2OCache
+
+    c = H2OCache(1, 1, 2, policy={"sinks": 1, "recent": 1, "budget": 4, "ratio": None})
+    keys = np.arange(6, dtype=np.float32).reshape(1, 1, 6, 1).repeat(2, axis=3)
+    c.append([keys], [keys])
+    probs = np.array([0.0, 0.1, 0.5, 0.05, 0.3, 0.05], np.float32).reshape(1, 1, 1, 6)
+    c.observe([probs])
+    c.enforce_budget(tokens_seen=6)
+    # sink 0 and recent 5 stay; of the middle 1..4 the two most attended (2 and 4) stay
+    assert c.past(0)[0][0, 0, :, 0].tolist() == [0.0, 2.0, 4.0, 5.0]
+
+
+@pytest.mark.parametrize("opts, needle", [
+    ("eviction: {budget: 30}", "passes[0].eviction.budget: Value error, budget (30) must exceed sinks + recent (36)"),
+    ("eviction: {budget: 100, ratio: 0.5}", "passes[0].eviction: Value error, give exactly one of budget"),
+    ("eviction: {ratio: 1.5}", "passes[0].eviction.ratio: Input should be less than 1"),
+    ("eviction: {ratio: 0.5, score: random}", "passes[0].eviction.score:"),
+    ("bits: 8\n    eviction: {ratio: 0.5}", "passes[0].eviction: eviction over a quantised cache is not supported yet"),
+    ("symmetric: true", "passes[0]: Value error, set bits (quantisation), eviction, or both"),
+])
+def test_bad_eviction_configs(tmp_path, exported_decoder, capsys, opts, needle):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"passes:\n  - name: kv_cache_compression\n    {opts}\n")
+    code, _, err = run_cli(["compile", exported_decoder, "-c", cfg, "-o", tmp_path / "out"], capsys)
+    assert code == 2 and needle in err, err
     assert not (tmp_path / "out").exists()

@@ -96,3 +96,27 @@ def test_unimplemented_mode_is_rejected_not_ignored(tmp_path, exported_decoder, 
     cfg.write_text("passes:\n  - name: sparse_attention\n    mode: block_sparse\n")
     code, _, err = run_cli(["compile", exported_decoder, "-c", cfg, "-o", tmp_path / "out"], capsys)
     assert code == 2 and "passes[0].mode: Input should be 'sink_window'" in err, err
+
+
+@pytest.mark.parametrize("passes, needle", [
+    ([dict(SW), {"name": "kv_cache_compression", "bits": 8}],
+     "passes[1].bits: compressing a cache with a sink_window eviction policy is not supported yet"),
+    ([{"name": "kv_cache_compression", "bits": 8}, dict(SW)],
+     "passes[1].mode: sink_window over a compressed KV cache is not supported yet"),
+    ([{"name": "kv_cache_compression", "eviction": {"ratio": 0.5}}, dict(SW)],
+     "passes[1].mode: the cache already has a h2o policy"),
+])
+def test_combinations_not_supported_yet_fail_clearly(tmp_path, exported_decoder, capsys, passes, needle):
+    import yaml
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"passes": passes}))
+    code, _, err = run_cli(["compile", exported_decoder, "-c", cfg, "-o", tmp_path / "out"], capsys)
+    assert code == 2 and needle in err, err
+
+
+def test_sink_window_composes_with_lossless_passes(tmp_path, exported_decoder):
+    manifest = _compile(exported_decoder, tmp_path / "a", [
+        {"name": "eliminate_common_subexpressions"}, dict(SW, sinks=4, window=252), {"name": "remove_unused",
+                                                                                    "allow_noop": True}])
+    assert manifest["verification"]["top1_agreement"] == 1.0
