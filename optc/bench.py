@@ -256,7 +256,7 @@ def plot(report: dict, path: Path) -> None:
     for a in (a1, a2):
         a.legend()
         a.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"optc bench: {Path(report['artifact']).name}")
+    fig.suptitle(f"optc bench: {Path(report['artifact']).name} (passes: {', '.join(report['passes']) or 'none'})")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
