@@ -26,6 +26,18 @@ def run_cli(args, capsys):
     return code, out.out, out.err
 
 
+def config_error(tmp_path, model, config_text: str, capsys) -> str:
+    """`optc compile` with a config that must be rejected: exit 2, one line on stderr, nothing
+    written. Returns that line."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(config_text)
+    out = tmp_path / "out"
+    code, _, err = run_cli(["compile", model, "-c", cfg, "-o", out], capsys)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not out.exists()
+    return err
+
+
 @pytest.fixture(scope="session")
 def exported_decoder(tmp_path_factory) -> Path:
     """The shipped decoder exported with `optc export` (dynamo, opset 23)."""

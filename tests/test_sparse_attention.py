@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import DATA_DIR, run_cli
+from conftest import DATA_DIR, config_error
 
 
 def _compile(src, out, passes, verify=True):
@@ -84,18 +84,15 @@ def test_cache_stays_bounded_and_generation_stays_sane(tmp_path, exported_decode
     ("sinks: -1", "passes[0].sinks: Input should be greater than or equal to 0"),
 ])
 def test_bad_sparse_configs(tmp_path, exported_decoder, capsys, opts, needle):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"passes:\n  - name: sparse_attention\n    mode: sink_window\n    {opts}\n")
-    code, _, err = run_cli(["compile", exported_decoder, "-c", cfg, "-o", tmp_path / "out"], capsys)
-    assert code == 2 and needle in err, err
-    assert not (tmp_path / "out").exists()
+    err = config_error(tmp_path, exported_decoder,
+                       f"passes:\n  - name: sparse_attention\n    mode: sink_window\n    {opts}\n", capsys)
+    assert needle in err, err
 
 
 def test_unimplemented_mode_is_rejected_not_ignored(tmp_path, exported_decoder, capsys):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("passes:\n  - name: sparse_attention\n    mode: block_sparse\n")
-    code, _, err = run_cli(["compile", exported_decoder, "-c", cfg, "-o", tmp_path / "out"], capsys)
-    assert code == 2 and "passes[0].mode: Input should be 'sink_window'" in err, err
+    err = config_error(tmp_path, exported_decoder, "passes:\n  - name: sparse_attention\n    mode: block_sparse\n",
+                       capsys)
+    assert "passes[0].mode: Input should be 'sink_window'" in err, err
 
 
 @pytest.mark.parametrize("passes, needle", [
@@ -109,10 +106,8 @@ def test_unimplemented_mode_is_rejected_not_ignored(tmp_path, exported_decoder, 
 def test_combinations_not_supported_yet_fail_clearly(tmp_path, exported_decoder, capsys, passes, needle):
     import yaml
 
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"passes": passes}))
-    code, _, err = run_cli(["compile", exported_decoder, "-c", cfg, "-o", tmp_path / "out"], capsys)
-    assert code == 2 and needle in err, err
+    err = config_error(tmp_path, exported_decoder, yaml.safe_dump({"passes": passes}), capsys)
+    assert needle in err, err
 
 
 def test_sink_window_composes_with_lossless_passes(tmp_path, exported_decoder):
