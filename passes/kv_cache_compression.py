@@ -52,6 +52,9 @@ class KVCacheCompressionOptions(PassOptions):
                                                   "(capped at head_dim)")
     residual: int = Field(32, ge=0, description="newest tokens kept in full precision")
     symmetric: bool | None = Field(None, description="symmetric quantisation (default: yes for 8 bits, no for 4)")
+    key_quant: Literal["per_channel", "per_token"] = Field(
+        "per_channel", description="key scales per channel over token groups (KIVI) or per token; per_token "
+                                   "keys can be evicted one by one (needed with sparse_attention sink_window)")
 
     @model_validator(mode="after")
     def _something_to_do(self):
@@ -119,9 +122,13 @@ class KVCacheCompression(OptcPass):
             raise PassConfigError("group_size", f"{o.group_size} does not divide head_dim {D}")
         symmetric = o.bits == 8 if o.symmetric is None else o.symmetric
         policy = self.context.runtime.get("kv_cache", {}).get("policy")
-        if policy:
+        if policy and policy["kind"] != "sink_window":
             raise PassConfigError("bits", f"compressing a cache with a {policy['kind']} eviction policy is "
                                           f"not supported yet")
+        if policy and o.key_quant != "per_token":
+            raise PassConfigError("key_quant", "sink_window evicts single tokens, which per-channel key groups "
+                                               "cannot give up: set key_quant: per_token")
+        per_channel_keys = o.key_quant == "per_channel"
         graph = model.graph
         inputs = {v.name: v for v in graph.inputs}
         changed = 0
@@ -130,8 +137,8 @@ class KVCacheCompression(OptcPass):
                 past = inputs.get(f"past_key_values.{layer}.{kind}")
                 if past is None:
                     continue  # already compressed (a second run) or not a float cache
-                full = self._dequant_subgraph(graph, past.name, kind, H, D, o.bits, o.group_size, channel_group,
-                                              symmetric)
+                full = self._dequant_subgraph(graph, past.name, kind == "key" and per_channel_keys, H, D, o.bits,
+                                              o.group_size, channel_group, symmetric)
                 ir.convenience.replace_all_uses_with(past, full)
                 graph.inputs.remove(past)
                 changed += 1
@@ -140,15 +147,17 @@ class KVCacheCompression(OptcPass):
         ir.passes.common.TopologicalSortPass()(model)
         kv = self.context.runtime.setdefault("kv_cache", {})
         kv.update({"layout": "kivi", "bits": o.bits, "group_size": o.group_size, "residual": o.residual,
-                   "symmetric": symmetric})
+                   "symmetric": symmetric, "key_quant": o.key_quant})
         return ir.passes.PassResult(model, True)
 
     @staticmethod
-    def _dequant_subgraph(graph, base, kind, H, D, bits, group, channel_group, symmetric) -> ir.Value:
+    def _dequant_subgraph(graph, base, per_channel, H, D, bits, group, channel_group, symmetric) -> ir.Value:
+        """Dequantisation of one cache tensor; `per_channel`: scales per channel over groups of
+        `group` tokens (KIVI keys), else per token over groups of `channel_group` channels."""
         dq = D if bits == 8 else D // 2
         q_len = f"{base}.q_len"
         q = ir.val(f"{base}.q", ir.DataType.UINT8, ["batch", H, q_len, dq])
-        scale_shape = (["batch", H, f"{base}.groups", D] if kind == "key"
+        scale_shape = (["batch", H, f"{base}.groups", D] if per_channel
                        else ["batch", H, q_len, D // channel_group])
         scale = ir.val(f"{base}.scale", ir.DataType.FLOAT16, scale_shape)
         zero = None if symmetric else ir.val(f"{base}.zero", ir.DataType.FLOAT16, scale_shape)
@@ -166,7 +175,7 @@ class KVCacheCompression(OptcPass):
         x = t.op("Cast", [x], {"to": ir.DataType.FLOAT})
         if symmetric:
             x = t.op("Sub", [x, _const(t, np.float32(1 << (bits - 1)))])
-        if kind == "key":  # [B,H,Q,D] -> [B,H,Q/G,G,D]; scale [B,H,Q/G,D] -> [B,H,Q/G,1,D]
+        if per_channel:  # [B,H,Q,D] -> [B,H,Q/G,G,D]; scale [B,H,Q/G,D] -> [B,H,Q/G,1,D]
             grouped = t.op("Reshape", [x, _const(t, np.array([0, 0, -1, group, D], np.int64))])
             expand_axis = _const(t, np.array([3], np.int64))
         else:  # [B,H,Q,D] -> [B,H,Q,D/Gc,Gc]; scale [B,H,Q,D/Gc] -> [B,H,Q,D/Gc,1]

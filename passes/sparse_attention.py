@@ -82,9 +82,10 @@ class SparseAttention(OptcPass):
         kv = self.context.runtime.get("kv_cache", {})
         if kv.get("policy"):
             raise PassConfigError("mode", f"the cache already has a {kv['policy']['kind']} policy")
-        if kv.get("layout", "float") != "float":
-            raise PassConfigError("mode", "sink_window over a compressed KV cache is not supported yet: "
-                                          "put sparse_attention before kv_cache_compression or drop one")
+        if kv.get("layout", "float") != "float" and kv.get("key_quant") != "per_token":
+            raise PassConfigError("mode", "sink_window evicts single tokens, which per-channel key groups of a "
+                                          "compressed cache cannot give up: use kv_cache_compression key_quant: "
+                                          "per_token")
         position_ids = inputs.get("position_ids")
         if position_ids is None:
             raise PassConfigError("mode", "sink_window needs a position_ids graph input")

@@ -136,7 +136,8 @@ def make_cache(spec: dict, model_cfg: dict):
         from optc.runtime.kv_quant import QuantizedKVCache
 
         return QuantizedKVCache(*dims, bits=spec["bits"], group_size=spec["group_size"],
-                                residual=spec["residual"], symmetric=spec["symmetric"])
+                                residual=spec["residual"], symmetric=spec["symmetric"],
+                                key_quant=spec.get("key_quant", "per_channel"))
     from optc.runtime.artifact import ArtifactError
 
     raise ArtifactError(f"manifest.json: unknown kv_cache layout {layout!r}")

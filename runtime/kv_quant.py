@@ -81,9 +81,10 @@ class _Growable:
 
 class QuantizedKVCache:
     def __init__(self, n_layers: int, kv_heads: int, head_dim: int, *, bits: int, group_size: int, residual: int,
-                 symmetric: bool):
+                 symmetric: bool, key_quant: str = "per_channel"):
         self.n_layers, self.kv_heads, self.head_dim = n_layers, kv_heads, head_dim
         self.bits, self.group, self.residual_min, self.symmetric = bits, group_size, residual, symmetric
+        self.per_channel_keys = key_quant == "per_channel"
         self.channel_group = min(group_size, head_dim)
         self.reset()
 
@@ -91,7 +92,8 @@ class QuantizedKVCache:
         H, D = self.kv_heads, self.head_dim
         dq = D if self.bits == 8 else D // 2
         self.q = {(i, k): _Growable((dq,), np.uint8, H) for i in range(self.n_layers) for k in KINDS}
-        scale_tail = {"key": (D,), "value": (D // self.channel_group,)}
+        scale_tail = {"key": (D,) if self.per_channel_keys else (D // self.channel_group,),
+                      "value": (D // self.channel_group,)}
         self.scale = {(i, k): _Growable(scale_tail[k], np.float16, H) for i in range(self.n_layers) for k in KINDS}
         self.zero = ({} if self.symmetric else
                      {(i, k): _Growable(scale_tail[k], np.float16, H) for i in range(self.n_layers) for k in KINDS})
@@ -103,7 +105,7 @@ class QuantizedKVCache:
 
     def _store(self, layer: int, kind: str, x: np.ndarray) -> None:
         """Quantise one group of `group` tokens [1, H, G, D] into the store."""
-        if kind == "key":  # per channel: statistics over the group's tokens
+        if kind == "key" and self.per_channel_keys:  # per channel: statistics over the group's tokens
             q, scale, zero = quantize(x, self.bits, self.symmetric, axis=2)
         else:  # per token: statistics over channel groups
             g = x.reshape(1, self.kv_heads, x.shape[2], self.head_dim // self.channel_group, self.channel_group)
@@ -123,6 +125,25 @@ class QuantizedKVCache:
                     self._store(i, kind, res[:, :, : self.group])
                     res = res[:, :, self.group:]
                 self.res[(i, kind)] = np.ascontiguousarray(res)
+
+    def evict(self, start: int, count: int) -> None:
+        """Drop tokens [start, start+count) (sink_window). Needs per-token scales for keys too:
+        a per-channel key group cannot give up single tokens."""
+        if self.per_channel_keys:
+            raise ValueError("per-channel key groups cannot evict single tokens")
+        stored = self.q[(0, "key")].length
+        for key in self.q:
+            res = self.res[key]
+            # tokens [start, start+count) split over the store [0, stored) and the residual
+            s0, e0 = min(start, stored), min(start + count, stored)
+            for grow in (self.q[key], self.scale[key], self.zero.get(key)):
+                if grow is not None and e0 > s0:
+                    d = grow.data
+                    d[:, :, s0:grow.length - (e0 - s0)] = d[:, :, e0:grow.length].copy()
+                    grow.length -= e0 - s0
+            r0, r1 = max(start - stored, 0), max(start + count - stored, 0)
+            if r1 > r0:
+                self.res[key] = np.ascontiguousarray(np.concatenate([res[:, :, :r0], res[:, :, r1:]], axis=2))
 
     def feeds(self) -> dict[str, np.ndarray]:
         out = {}

@@ -22,6 +22,11 @@ VARIANTS = [
     ("eviction, 25% budget (H2O)", [{"name": "kv_cache_compression", "eviction": {"ratio": 0.25}}]),
     ("sink_window S=4 W=252", [{"name": "sparse_attention", "mode": "sink_window", "sinks": 4, "window": 252}]),
     ("sink_window S=4 W=60", [{"name": "sparse_attention", "mode": "sink_window", "sinks": 4, "window": 60}]),
+    ("sink_window S=4 W=60 + int8 KV (per-token keys)",
+     [{"name": "sparse_attention", "mode": "sink_window", "sinks": 4, "window": 60},
+      {"name": "kv_cache_compression", "bits": 8, "key_quant": "per_token", "group_size": 32, "residual": 16}]),
+    ("int8 KV, per-token keys", [{"name": "kv_cache_compression", "bits": 8, "key_quant": "per_token"}]),
+    ("int4 KV, per-token keys", [{"name": "kv_cache_compression", "bits": 4, "key_quant": "per_token"}]),
 ]
 
 

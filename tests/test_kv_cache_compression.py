@@ -48,7 +48,7 @@ def test_graph_structure_and_idempotence(exported_decoder):
     ops = [n.op_type for n in model.graph]
     assert ops.count("BitShift") == 12 and ops.count("Attention") == 6
     assert ctx.runtime["kv_cache"] == {"layout": "kivi", "bits": 4, "group_size": 64, "residual": 32,
-                                       "symmetric": False}
+                                       "symmetric": False, "key_quant": "per_channel"}
     to_checked_proto(model, "test")
     assert not KVCacheCompression(opts, ctx)(model).modified
 
@@ -175,3 +175,19 @@ def test_h2o_keeps_the_most_attended_tokens():
 def test_bad_eviction_configs(tmp_path, exported_decoder, capsys, opts, needle):
     err = config_error(tmp_path, exported_decoder, f"passes:\n  - name: kv_cache_compression\n    {opts}\n", capsys)
     assert needle in err, err
+
+
+def test_quantised_cache_evicts_across_store_and_residual():
+    from optc.runtime.kv_quant import QuantizedKVCache, dequantize
+
+    c = QuantizedKVCache(1, 1, 4, bits=8, group_size=2, residual=1, symmetric=True, key_quant="per_token")
+    tokens = np.arange(1, 8, dtype=np.float32)[None, None, :, None].repeat(4, axis=3)  # token t holds t
+    c.append([tokens], [tokens])
+    assert c.length == 7 and c.q[(0, "key")].length == 6  # 3 groups stored, 1 token in the residual
+    c.evict(start=1, count=4)  # keep tokens 1, 6, 7
+    feeds = c.feeds()
+    stored = dequantize(feeds["past_key_values.0.key.q"], np.repeat(feeds["past_key_values.0.key.scale"], 2, -1),
+                        None, 8, True)
+    kept = np.concatenate([stored, feeds["past_key_values.0.key.residual"]], axis=2)[0, 0, :, 0]
+    np.testing.assert_allclose(kept, [1, 6, 7], rtol=0.01)
+    assert c.length == 3

@@ -97,9 +97,9 @@ def test_unimplemented_mode_is_rejected_not_ignored(tmp_path, exported_decoder, 
 
 @pytest.mark.parametrize("passes, needle", [
     ([dict(SW), {"name": "kv_cache_compression", "bits": 8}],
-     "passes[1].bits: compressing a cache with a sink_window eviction policy is not supported yet"),
+     "passes[1].key_quant: sink_window evicts single tokens, which per-channel key groups cannot give up"),
     ([{"name": "kv_cache_compression", "bits": 8}, dict(SW)],
-     "passes[1].mode: sink_window over a compressed KV cache is not supported yet"),
+     "passes[1].mode: sink_window evicts single tokens, which per-channel key groups of a compressed cache"),
     ([{"name": "kv_cache_compression", "eviction": {"ratio": 0.5}}, dict(SW)],
      "passes[1].mode: the cache already has a h2o policy"),
 ])
@@ -115,3 +115,27 @@ def test_sink_window_composes_with_lossless_passes(tmp_path, exported_decoder):
         {"name": "eliminate_common_subexpressions"}, dict(SW, sinks=4, window=252), {"name": "remove_unused",
                                                                                     "allow_noop": True}])
     assert manifest["verification"]["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("order", ["sparse_first", "kv_first"])
+def test_sink_window_composes_with_quantised_cache(tmp_path, exported_decoder, order):
+    """sink_window + int8 KV (per-token keys) in either order: bounded, compressed, as accurate
+    as sink_window alone within quantisation noise."""
+    from optc.runtime import load
+
+    sw = dict(SW, sinks=4, window=60)
+    kv = {"name": "kv_cache_compression", "bits": 8, "key_quant": "per_token", "group_size": 32, "residual": 16}
+    manifest = _compile(exported_decoder, tmp_path / "a", [sw, kv] if order == "sparse_first" else [kv, sw])
+    assert manifest["kv_cache"]["layout"] == "kivi" and manifest["kv_cache"]["policy"]["kind"] == "sink_window"
+    alone = _compile(exported_decoder, tmp_path / "b", [sw])["verification"]
+    v = manifest["verification"]
+    assert abs(v["perplexity_increase"] - alone["perplexity_increase"]) < 0.002
+    assert v["top1_agreement"] >= alone["top1_agreement"] - 0.01
+    m = load(tmp_path / "a")
+    ids = m.encode((DATA_DIR / "stream.txt").read_text())[:400]
+    m.reset()
+    m.prefill(ids[:150])
+    for t in ids[150:]:
+        m.decode(t)
+        assert m.cache.length <= 64
+    assert m.kv_bytes < 0.45 * 2 * 6 * 2 * 32 * 4 * 64  # int8 store + a small fp32 residual
