@@ -20,8 +20,10 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import onnx_ir as ir
-from pydantic import Field, field_validator
+from onnx_ir import tape
+from pydantic import Field, field_validator, model_validator
 
 from optc.config import PassOptions
 from optc.passes.base import OptcPass, PassConfigError
@@ -29,10 +31,21 @@ from optc.passes.base import OptcPass, PassConfigError
 KEY_POSITIONS = "optc.key_position_ids"
 
 
+SINK_WINDOW_KEYS = {"window", "sinks"}
+BLOCK_SPARSE_KEYS = {"block_size", "sink_blocks", "local_blocks", "budget_blocks"}
+
+
 class SparseAttentionOptions(PassOptions):
-    mode: Literal["sink_window"] = Field(description="sink_window: first `sinks` + last `window` tokens")
-    window: int = Field(252, gt=0, description="most recent tokens kept")
-    sinks: int = Field(4, ge=0, description="initial tokens kept for good (attention sinks)")
+    mode: Literal["sink_window", "block_sparse"] = Field(
+        description="sink_window: keep first `sinks` + last `window` tokens; block_sparse: prefill attends to "
+                    "selected key blocks only")
+    window: int = Field(252, gt=0, description="sink_window: most recent tokens kept")
+    sinks: int = Field(4, ge=0, description="sink_window: initial tokens kept for good (attention sinks)")
+    block_size: int = Field(64, gt=1, description="block_sparse: tokens per block")
+    sink_blocks: int = Field(1, ge=0, description="block_sparse: initial key blocks every query block sees")
+    local_blocks: int = Field(2, ge=1, description="block_sparse: key blocks up to and including the query's own")
+    budget_blocks: int = Field(8, gt=0, description="block_sparse: key blocks per query block in all "
+                                                    "(the rest chosen by pooled block scores)")
 
     @field_validator("sinks")
     @classmethod
@@ -41,6 +54,22 @@ class SparseAttentionOptions(PassOptions):
         if window is not None and v > window:
             raise ValueError(f"sinks ({v}) must not exceed window ({window})")
         return v
+
+    @field_validator("budget_blocks")
+    @classmethod
+    def _budget_fits(cls, v, info):
+        forced = info.data.get("sink_blocks", 0) + info.data.get("local_blocks", 0)
+        if v < forced:
+            raise ValueError(f"budget_blocks ({v}) must be at least sink_blocks + local_blocks ({forced})")
+        return v
+
+    @model_validator(mode="after")
+    def _keys_match_mode(self):
+        other = BLOCK_SPARSE_KEYS if self.mode == "sink_window" else SINK_WINDOW_KEYS
+        stray = sorted(self.model_fields_set & other)
+        if stray:
+            raise ValueError(f"{stray[0]} does not apply to mode {self.mode}")
+        return self
 
 
 def _clone_cone(value: ir.Value, source: ir.Value, replacement: ir.Value, graph: ir.Graph, memo: dict,
@@ -73,6 +102,56 @@ class SparseAttention(OptcPass):
     name = "sparse_attention"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.options.mode == "block_sparse":
+            return self._block_sparse(model)
+        return self._sink_window(model)
+
+    def _block_sparse(self, model: ir.Model) -> ir.passes.PassResult:
+        from optc.passes.block_sparse import block_sparse_branch, name_nodes
+
+        o: SparseAttentionOptions = self.options
+        info = self.context.decoder
+        if (self.context.runtime.get("kv_cache", {}).get("policy") or {}).get("kind") == "h2o":
+            raise PassConfigError("mode", "block_sparse prefill cannot report the attention scores that H2O eviction "
+                                          "needs")
+        graph = model.graph
+        nodes = {n.name: n for n in graph}
+        changed = False
+        for layer in info.layers:
+            attn = nodes.get(layer.attention)
+            if attn is None or attn.op_type != "Attention":
+                continue  # already wrapped in an If (a second run)
+            q, k, v = attn.inputs[0], attn.inputs[1], attn.inputs[2]
+            scale = attn.attributes.get_float("scale", 0.0) or 1.0 / np.sqrt(info.head_dim)
+            t = tape.Tape()
+            i64 = lambda *xs: t.op("Constant", [], {"value": ir.tensor(np.array(xs, np.int64))})  # noqa: E731
+            q_len = t.op("Slice", [t.op("Shape", [q]), i64(2), i64(3)])
+            kv_len = t.op("Slice", [t.op("Shape", [k]), i64(2), i64(3)])
+            cond = t.op("And", [t.op("Equal", [q_len, kv_len]),
+                                t.op("GreaterOrEqual", [q_len, i64(2 * o.block_size)])])
+            cond = t.op("Squeeze", [cond, i64(0)])
+            then = block_sparse_branch(q, k, v, q_heads=info.num_heads, kv_heads=info.kv_heads,
+                                       head_dim=info.head_dim, scale=float(scale), block=o.block_size,
+                                       sink_blocks=o.sink_blocks, local_blocks=o.local_blocks,
+                                       budget_blocks=o.budget_blocks, prefix=attn.name)
+            dense = ir.Node("", "Attention", list(attn.inputs), attributes=list(attn.attributes.values()),
+                            num_outputs=1, name=f"{attn.name}/dense")
+            dense.outputs[0].name = f"{attn.name}/dense/out"
+            els = ir.Graph([], [dense.outputs[0]], nodes=[dense], name=f"{attn.name}_dense")
+            wrapped = ir.Node("", "If", [cond], attributes=[ir.AttrGraph("then_branch", then),
+                                                             ir.AttrGraph("else_branch", els)],
+                              num_outputs=1, name=f"{attn.name}/block_sparse_if")
+            name_nodes(t.nodes, f"{attn.name}/prefill_test")
+            graph.insert_before(attn, [*t.nodes, wrapped])
+            out_name, out_shape, out_type = attn.outputs[0].name, attn.outputs[0].shape, attn.outputs[0].type
+            ir.convenience.replace_all_uses_with(attn.outputs[0], wrapped.outputs[0])
+            graph.remove(attn, safe=True)
+            wrapped.outputs[0].name, wrapped.outputs[0].shape, wrapped.outputs[0].type = out_name, out_shape, out_type
+            layer.attention = wrapped.name
+            changed = True
+        return ir.passes.PassResult(model, changed)
+
+    def _sink_window(self, model: ir.Model) -> ir.passes.PassResult:
         o: SparseAttentionOptions = self.options
         info = self.context.decoder
         graph = model.graph

@@ -1,0 +1,92 @@
+"""Block-sparse prefill attention (the `block_sparse` mode of sparse_attention).
+
+For a prefill step (empty cache, at least two blocks of tokens) each layer's Attention op is
+replaced by an `If`: the then-branch computes attention only over selected key blocks, the
+else-branch is the original dense op (decode steps, short prompts, continued prefill).
+
+Per query block of `block_size` tokens the keys come from: the first `sink_blocks` blocks, the
+`local_blocks` blocks ending at the query's own block, and the best-scoring remaining blocks up
+to `budget_blocks` in all, scored cheaply by the dot product of mean-pooled query and key blocks
+(as in XAttention / DHSA's block scoring). Selected blocks are gathered (GatherND) and only they
+enter the QK^T, softmax and PV products: dropped blocks are never computed. Token-level causality
+is applied inside the selected blocks.
+
+Assumes an unpadded batch (the runtime runs batch 1): the original attention mask is not
+consulted in the sparse branch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir import tape
+
+
+def name_nodes(nodes, prefix: str) -> None:
+    """Unique node and value names: values in If branches share one SSA namespace with the graph."""
+    for n, node in enumerate(nodes):
+        node.name = f"{prefix}/{n}"
+        for j, out in enumerate(node.outputs):
+            out.name = f"{prefix}/{n}:{j}"
+
+
+def _c(t: tape.Tape, value) -> ir.Value:
+    return t.op("Constant", [], {"value": ir.tensor(np.asarray(value))})
+
+
+def block_sparse_branch(q: ir.Value, k: ir.Value, v: ir.Value, *, q_heads: int, kv_heads: int, head_dim: int,
+                        scale: float, block: int, sink_blocks: int, local_blocks: int, budget_blocks: int,
+                        prefix: str) -> ir.Graph:
+    """A graph (no inputs; reads q, k, v from the outer scope) computing block-sparse causal
+    attention for q [B, Hq, S, D] over k, v [B, Hkv, S, D] (empty cache: keys = queries' tokens)."""
+    t = tape.Tape()
+    rep = q_heads // kv_heads
+    i64 = lambda *xs: _c(t, np.array(xs, np.int64))  # noqa: E731
+    seq = t.op("Slice", [t.op("Shape", [q]), i64(2), i64(3)])                       # [S]
+    pad = t.op("Mod", [t.op("Sub", [i64(block), t.op("Mod", [seq, i64(block)])]), i64(block)])
+    pads = t.op("Concat", [i64(0, 0, 0, 0, 0, 0), pad, i64(0)], {"axis": 0})
+    qp, kp, vp = (t.op("Pad", [x, pads]) for x in (q, k, v))                        # S' = S + pad
+    nb = t.op("Div", [t.op("Add", [seq, pad]), i64(block)])                         # [nb]
+
+    qb = t.op("Reshape", [qp, i64(0, kv_heads, rep, -1, block, head_dim)])          # [B,Hkv,r,nb,b,D]
+    kb = t.op("Reshape", [kp, i64(0, kv_heads, -1, block, head_dim)])               # [B,Hkv,nb,b,D]
+    vb = t.op("Reshape", [vp, i64(0, kv_heads, -1, block, head_dim)])
+
+    # cheap block scores from mean-pooled blocks, with forced (sink / local) and forbidden (future) blocks
+    q_pool = t.op("ReduceMean", [qb, i64(4)], {"keepdims": 0})                       # [B,Hkv,r,nb,D]
+    k_pool = t.op("Unsqueeze", [t.op("ReduceMean", [kb, i64(3)], {"keepdims": 0}), i64(2)])  # [B,Hkv,1,nb,D]
+    block_scores = t.op("MatMul", [q_pool, t.op("Transpose", [k_pool], {"perm": [0, 1, 2, 4, 3]})])
+    nb_scalar = t.op("Squeeze", [nb, i64(0)])
+    idx = t.op("Range", [_c(t, np.int64(0)), nb_scalar, _c(t, np.int64(1))])
+    qi = t.op("Unsqueeze", [idx, i64(1)])                                           # [nb,1]
+    kj = t.op("Unsqueeze", [idx, i64(0)])                                           # [1,nb]
+    future = t.op("Greater", [kj, qi])
+    local = t.op("And", [t.op("Greater", [kj, t.op("Sub", [qi, i64(local_blocks)])]), t.op("Not", [future])])
+    forced = t.op("Or", [t.op("Less", [kj, i64(sink_blocks)]), local])
+    bias = t.op("Where", [future, _c(t, np.float32(-1e30)),
+                          t.op("Where", [forced, _c(t, np.float32(1e30)), _c(t, np.float32(0))])])
+    ranked = t.op("Add", [block_scores, bias])
+    keep = t.op("Min", [nb, i64(budget_blocks)])
+    _, chosen = t.op_multi_out("TopK", [ranked, keep], {"axis": -1, "largest": 1, "sorted": 0}, num_outputs=2)
+    chosen_u = t.op("Unsqueeze", [chosen, i64(-1)])                                  # [B,Hkv,r,nb,k,1]
+
+    # gather only the chosen key / value blocks
+    k_sel = t.op("Reshape", [t.op("GatherND", [kb, chosen_u], {"batch_dims": 2}), i64(0, 0, 0, 0, -1, head_dim)])
+    v_sel = t.op("Reshape", [t.op("GatherND", [vb, chosen_u], {"batch_dims": 2}), i64(0, 0, 0, 0, -1, head_dim)])
+    scores = t.op("Mul", [t.op("MatMul", [qb, t.op("Transpose", [k_sel], {"perm": [0, 1, 2, 3, 5, 4]})]),
+                          _c(t, np.float32(scale))])                                # [B,Hkv,r,nb,b,k*b]
+    key_pos = t.op("Add", [t.op("Mul", [chosen_u, i64(block)]), t.op("Range", [_c(t, np.int64(0)),
+                                                                                _c(t, np.int64(block)),
+                                                                                _c(t, np.int64(1))])])
+    key_pos = t.op("Reshape", [key_pos, i64(0, 0, 0, 0, 1, -1)])                    # [B,Hkv,r,nb,1,k*b]
+    q_total = t.op("Squeeze", [t.op("Mul", [nb, i64(block)]), i64(0)])
+    q_pos = t.op("Reshape", [t.op("Range", [_c(t, np.int64(0)), q_total, _c(t, np.int64(1))]),
+                             i64(-1, block, 1)])                                    # [nb,b,1]
+    masked = t.op("Where", [t.op("Greater", [key_pos, q_pos]), _c(t, np.float32(-np.inf)), scores])
+    probs = t.op("Softmax", [masked], {"axis": -1})
+    out = t.op("MatMul", [probs, v_sel])                                            # [B,Hkv,r,nb,b,D]
+    out = t.op("Reshape", [out, i64(0, q_heads, -1, head_dim)])
+    out = t.op("Slice", [out, i64(0), seq, i64(2)])                                 # drop the padding
+    name_nodes(t.nodes, f"{prefix}/block_sparse")
+    out.name = f"{prefix}/block_sparse/out"
+    return ir.Graph([], [out], nodes=t.nodes, name=f"{prefix}_block_sparse")
