@@ -217,3 +217,17 @@ def test_bad_block_sparse_configs(tmp_path, exported_decoder, capsys, opts, need
     err = config_error(tmp_path, exported_decoder,
                        f"passes:\n  - name: sparse_attention\n    mode: block_sparse\n    {opts}\n", capsys)
     assert needle in err, err
+
+
+def test_block_sparse_composes_with_int8_cache(tmp_path, exported_decoder, identity_artifact):
+    manifest = _compile(exported_decoder, tmp_path / "a", [dict(BS, block_size=16, budget_blocks=4),
+                                                           {"name": "kv_cache_compression", "bits": 8}])
+    assert manifest["kv_cache"]["layout"] == "kivi"
+    assert manifest["verification"]["top1_agreement"] >= 0.99  # decode path: int8 noise only
+    from optc.runtime import load
+
+    ids = load(identity_artifact).encode((DATA_DIR / "stream.txt").read_text())[:256]
+    sparse_only = tmp_path / "b"
+    _compile(exported_decoder, sparse_only, [dict(BS, block_size=16, budget_blocks=4)], verify=False)
+    # an empty cache holds nothing to quantise: prefill equals block_sparse alone
+    assert np.abs(_prefill_logits(tmp_path / "a", ids) - _prefill_logits(sparse_only, ids)).max() <= 1e-4
