@@ -223,7 +223,11 @@ def test_block_sparse_composes_with_int8_cache(tmp_path, exported_decoder, ident
     manifest = _compile(exported_decoder, tmp_path / "a", [dict(BS, block_size=16, budget_blocks=4),
                                                            {"name": "kv_cache_compression", "bits": 8}])
     assert manifest["kv_cache"]["layout"] == "kivi"
-    assert manifest["verification"]["top1_agreement"] >= 0.99  # decode path: int8 noise only
+    v = manifest["verification"]
+    # lossy pipelines are verified both ways; the prefill mode is where block_sparse shows
+    assert [m["decode_tokens_per_prompt"] for m in v["modes"]] == [16, 224]
+    assert v["modes"][1]["top1_agreement"] >= 0.99  # decode path: int8 noise only
+    assert 0.85 <= v["top1_agreement"] == v["modes"][0]["top1_agreement"] < 0.99
     from optc.runtime import load
 
     ids = load(identity_artifact).encode((DATA_DIR / "stream.txt").read_text())[:256]
