@@ -10,7 +10,7 @@ from optc import __version__
 from optc.artifact import check_output_dir, publish, staging_dir, write_manifest
 from optc.backends import get_backend
 from optc.canonical import canonicalize
-from optc.config import PipelineConfig, load_config
+from optc.config import PipelineConfig, VerifyBudget, load_config
 from optc.data import read_texts
 from optc.errors import OptcError, VerificationError
 from optc.ir import load_model
@@ -66,6 +66,9 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
     log(f"canonical decoder: {info.n_layers} layers, {info.num_heads} heads / {info.kv_heads} KV heads, "
         f"head dim {info.head_dim}, vocab {info.vocab_size} (rewrites: {rewrites})")
 
+    budget, budget_source = effective_budget(config, registry)
+    if budget_source != "config":
+        log(f"accuracy budget: perplexity increase ≤ {budget.max_perplexity_increase:+.1%} ({budget_source})")
     context = PassContext(target=target, decoder=info)
     log(f"pipeline: {len(config.passes)} pass(es)" + ("" if config.passes else " (identity)"))
     records = run_pipeline(model, config, registry, context, dump_dir=Path(dump_ir) if dump_ir else None, log=log)
@@ -82,7 +85,7 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
             "backend": backend_section,
             "passes": config.to_dict()["passes"],
             "kv_cache": {"layout": "float", "positions": "absolute", **context.runtime.get("kv_cache", {})},
-            "verify_budget": config.verify.model_dump(),
+            "verify_budget": {**budget.model_dump(), "source": budget_source},
             "tokenizer": "tokenizer.json",
         }
         write_manifest(staging, manifest)  # the runtime needs it to load the staged artifact
@@ -93,7 +96,7 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
             # the worse of the two is what the budget sees.
             lossy = any(registry.get(p.name).lossy for p in config.passes)
             modes = (16, VERIFY_LENGTH - 32) if lossy else (16,)
-            manifest["verification"] = _verify(staging, model_path, info, texts, config, modes, log)
+            manifest["verification"] = _verify(staging, model_path, info, texts, budget, modes, log)
         full = write_manifest(staging, manifest)
         publish(staging, out, force)
     total = sum(r.seconds for r in records)
@@ -101,7 +104,20 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
     return full
 
 
-def _verify(staging: Path, model_path: Path, info, texts, config: PipelineConfig, modes: tuple[int, ...],
+def effective_budget(config: PipelineConfig, registry) -> tuple[VerifyBudget, str]:
+    """The config's `verify:` budget; where it sets no perplexity budget, the sum of what the
+    pipeline's lossy passes declare (so a lossy compile is never unbudgeted)."""
+    if config.verify.max_perplexity_increase is not None:
+        return config.verify, "config"
+    declared = [registry.get(p.name).pass_class.declared_perplexity_budget(p.options) for p in config.passes]
+    declared = [d for d in declared if d is not None]
+    if not declared:
+        return config.verify, "config"
+    total = round(sum(declared), 6)
+    return config.verify.model_copy(update={"max_perplexity_increase": total}), "declared by passes"
+
+
+def _verify(staging: Path, model_path: Path, info, texts, budget: VerifyBudget, modes: tuple[int, ...],
             log) -> dict:
     from optc.runtime import load
     from optc.verify import ReferenceModel, check_budget, compare, token_windows
@@ -118,7 +134,7 @@ def _verify(staging: Path, model_path: Path, info, texts, config: PipelineConfig
     report = worst_case(reports)
     report["provider"] = artifact.provider
     log(format_report(report))
-    failures = check_budget(report, config.verify)
+    failures = check_budget(report, budget)
     if failures:
         raise VerificationError("accuracy budget exceeded: " + "; ".join(failures) + " (artifact not written)")
     return report

@@ -36,3 +36,9 @@ class OptcPass(ir.passes.InPlacePass):
         super().__init__()
         self.options = options
         self.context = context or PassContext()
+
+    @classmethod
+    def declared_perplexity_budget(cls, options: PassOptions) -> float | None:
+        """A lossy pass declares the relative perplexity increase it may cost with these options;
+        compile enforces the sum when the config's `verify:` sets no perplexity budget itself."""
+        return None

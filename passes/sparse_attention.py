@@ -101,6 +101,10 @@ class SparseAttention(OptcPass):
 
     name = "sparse_attention"
 
+    @classmethod
+    def declared_perplexity_budget(cls, options) -> float | None:
+        return 0.05 if options.mode == "sink_window" else 0.03
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if self.options.mode == "block_sparse":
             return self._block_sparse(model)

@@ -173,3 +173,27 @@ def test_bench_table_json_and_plot(tmp_path, identity_artifact, exported_decoder
         assert r["peak_rss_mb"] > 10
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "TTFT@16 ms" in out and "| artifact" in out
+
+
+def test_lossy_passes_declare_a_budget_when_the_config_sets_none(tmp_path, exported_decoder, capsys, monkeypatch):
+    cfg = tmp_path / "lossy.yaml"
+    cfg.write_text("passes:\n  - name: kv_cache_compression\n    bits: 8\n"
+                   "  - name: sparse_attention\n    mode: sink_window\n    key_quant: per_token\n")
+    # (the stray key above must be refused: key_quant belongs to kv_cache_compression)
+    code, _, err = run_cli(["compile", exported_decoder, "-c", cfg, "-o", tmp_path / "x"], capsys)
+    assert code == 2 and "passes[1].key_quant: unknown key" in err, err
+
+    cfg.write_text("passes:\n  - name: kv_cache_compression\n    bits: 8\n")
+    code, out, err = run_cli(["compile", exported_decoder, "-c", cfg, "-o", tmp_path / "a"], capsys)
+    assert code == 0, err
+    assert "perplexity increase ≤ +1.0% (declared by passes)" in out
+    budget = json.loads((tmp_path / "a" / "manifest.json").read_text())["verify_budget"]
+    assert budget["max_perplexity_increase"] == 0.01 and budget["source"] == "declared by passes"
+
+    import optc.verify
+
+    real = optc.verify.compare
+    monkeypatch.setattr(optc.verify, "compare", lambda *a, **k: {**real(*a, **k), "perplexity_increase": 0.02})
+    code, _, err = run_cli(["compile", exported_decoder, "-c", cfg, "-o", tmp_path / "b"], capsys)
+    assert code == 1 and "perplexity increase +2.00% > budget +1.00%" in err, err
+    assert not (tmp_path / "b").exists()
