@@ -112,12 +112,14 @@ def config_show(file):
 @click.option("--eval-text", type=click.Path(path_type=Path),
               help="held-out text for verification (.jsonl with 'text' or .txt); default models/data/heldout.jsonl")
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="tokenizer.json (default: beside MODEL)")
-def compile(model, config_path, output, backend, target, force, dump_ir, eval_text, tokenizer):
+@click.option("--verify-length", default=256, show_default=True,
+              help="tokens per verification prompt (longer prompts exercise prefill-side passes such as block_sparse)")
+def compile(model, config_path, output, backend, target, force, dump_ir, eval_text, tokenizer, verify_length):
     """Compile MODEL (ONNX) through the configured passes into an artifact, verifying accuracy."""
     from optc.compile import compile_model
 
     compile_model(model, output, config_path=config_path, backend=backend, target=target, force=force,
-                  dump_ir=dump_ir, eval_text=eval_text, tokenizer=tokenizer, log=log)
+                  dump_ir=dump_ir, eval_text=eval_text, tokenizer=tokenizer, verify_length=verify_length, log=log)
 
 
 @cli.command()

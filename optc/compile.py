@@ -43,7 +43,8 @@ def side_config(model_path: Path) -> dict:
 
 def compile_model(model_path, out, *, config: PipelineConfig | None = None, config_path=None,
                   backend: str = "onnxruntime", target: str = "cpu", force: bool = False, dump_ir=None,
-                  eval_text=None, tokenizer=None, verify: bool = True, log=print) -> dict:
+                  eval_text=None, tokenizer=None, verify: bool = True, verify_length: int = VERIFY_LENGTH,
+                  log=print) -> dict:
     model_path, out = Path(model_path), Path(out)
     registry = default_registry()
     if config is None:
@@ -95,8 +96,10 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
             # the whole prompt but its last 16 tokens, and prefill 32 then decode the rest — and
             # the worse of the two is what the budget sees.
             lossy = any(registry.get(p.name).lossy for p in config.passes)
-            modes = (16, VERIFY_LENGTH - 32) if lossy else (16,)
-            manifest["verification"] = _verify(staging, model_path, info, texts, budget, modes, log)
+            if verify_length < 64:
+                raise OptcError(f"--verify-length {verify_length}: at least 64 tokens")
+            modes = (16, verify_length - 32) if lossy else (16,)
+            manifest["verification"] = _verify(staging, model_path, info, texts, budget, modes, verify_length, log)
         full = write_manifest(staging, manifest)
         publish(staging, out, force)
     total = sum(r.seconds for r in records)
@@ -118,17 +121,17 @@ def effective_budget(config: PipelineConfig, registry) -> tuple[VerifyBudget, st
 
 
 def _verify(staging: Path, model_path: Path, info, texts, budget: VerifyBudget, modes: tuple[int, ...],
-            log) -> dict:
+            length: int, log) -> dict:
     from optc.runtime import load
     from optc.verify import ReferenceModel, check_budget, compare, token_windows
 
     artifact = load(staging)
     windows = token_windows(artifact.tokenizer, texts, artifact.config.get("bos_token_id"),
-                            count=VERIFY_PROMPTS, length=VERIFY_LENGTH)
+                            count=VERIFY_PROMPTS, length=length)
     reference = ReferenceModel(model_path, info)
     reports = []
     for decode_tokens in modes:
-        log(f"verifying on {len(windows)} held-out prompts × {VERIFY_LENGTH} tokens, the last {decode_tokens} "
+        log(f"verifying on {len(windows)} held-out prompts × {length} tokens, the last {decode_tokens} "
             f"decoded one by one (provider {artifact.provider})")
         reports.append(compare(artifact, reference, windows, decode_tokens=decode_tokens))
     report = worst_case(reports)

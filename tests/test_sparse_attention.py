@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import DATA_DIR, config_error
+from conftest import DATA_DIR, config_error, run_cli
 
 
 def _compile(src, out, passes, verify=True):
@@ -235,3 +235,18 @@ def test_block_sparse_composes_with_int8_cache(tmp_path, exported_decoder, ident
     _compile(exported_decoder, sparse_only, [dict(BS, block_size=16, budget_blocks=4)], verify=False)
     # an empty cache holds nothing to quantise: prefill equals block_sparse alone
     assert np.abs(_prefill_logits(tmp_path / "a", ids) - _prefill_logits(sparse_only, ids)).max() <= 1e-4
+
+
+def test_verify_length_reaches_the_sparse_branch(tmp_path, exported_decoder, capsys):
+    """256-token verification prompts are dense-equivalent for 64-token blocks; --verify-length
+    512 makes compile-time verification see block_sparse's real cost."""
+    import json
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("passes:\n  - name: sparse_attention\n    mode: block_sparse\n    budget_blocks: 4\n")
+    code, out, err = run_cli(["compile", exported_decoder, "-c", cfg, "-o", tmp_path / "a", "--verify-length", "512"],
+                             capsys)
+    assert code == 0, err
+    assert "× 512 tokens" in out
+    prefill_mode = json.loads((tmp_path / "a" / "manifest.json").read_text())["verification"]["modes"][0]
+    assert prefill_mode["tokens"] == 8 * 512 and prefill_mode["top1_agreement"] < 1.0
