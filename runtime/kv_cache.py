@@ -9,53 +9,86 @@ from __future__ import annotations
 import numpy as np
 
 
+class GrowableArray:
+    """A preallocated [1, heads, capacity, *tail] array filled along axis 2; capacity doubles
+    when full. Every cache layout (float, quantised codes, scales) is built from these."""
+
+    def __init__(self, heads: int, tail: tuple, dtype, capacity: int = 256):
+        self.heads, self.tail, self.dtype = heads, tuple(tail), np.dtype(dtype)
+        self.data = np.zeros((1, heads, max(1, capacity)) + self.tail, self.dtype)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.data.shape[2]
+
+    def append(self, x: np.ndarray) -> None:
+        n = x.shape[2]
+        if self.length + n > self.capacity:
+            cap = self.capacity
+            while cap < self.length + n:
+                cap *= 2
+            new = np.zeros((1, self.heads, cap) + self.tail, self.dtype)
+            new[:, :, : self.length] = self.data[:, :, : self.length]
+            self.data = new
+        self.data[:, :, self.length:self.length + n] = x
+        self.length += n
+
+    def view(self) -> np.ndarray:
+        """The filled part (a view, no copy)."""
+        return self.data[:, :, : self.length]
+
+    def delete(self, start: int, stop: int) -> None:
+        """Drop entries [start, stop), moving the later ones down."""
+        if stop > start:
+            self.data[:, :, start:self.length - (stop - start)] = self.data[:, :, stop:self.length].copy()
+            self.length -= stop - start
+
+    def take(self, indices: np.ndarray) -> None:
+        """Keep only the entries at `indices` (ascending), in that order."""
+        n = len(indices)
+        self.data[:, :, :n] = self.data[:, :, indices]
+        self.length = n
+
+    @property
+    def nbytes(self) -> int:
+        return self.view().nbytes
+
+
 class KVCache:
     def __init__(self, n_layers: int, kv_heads: int, head_dim: int, *, dtype=np.float32, initial_capacity: int = 256):
         self.n_layers, self.kv_heads, self.head_dim = n_layers, kv_heads, head_dim
         self.dtype = np.dtype(dtype)
-        self._initial = max(1, initial_capacity)
+        self._initial = initial_capacity
         self.reset()
 
     def reset(self) -> None:
-        self.length = 0
-        self.capacity = self._initial
-        shape = (1, self.kv_heads, self.capacity, self.head_dim)
-        self.keys = [np.zeros(shape, self.dtype) for _ in range(self.n_layers)]
-        self.values = [np.zeros(shape, self.dtype) for _ in range(self.n_layers)]
+        make = lambda: GrowableArray(self.kv_heads, (self.head_dim,), self.dtype, self._initial)  # noqa: E731
+        self.keys = [make() for _ in range(self.n_layers)]
+        self.values = [make() for _ in range(self.n_layers)]
 
-    def _grow(self, needed: int) -> None:
-        cap = self.capacity
-        while cap < needed:
-            cap *= 2
-        for store in (self.keys, self.values):
-            for i, old in enumerate(store):
-                new = np.zeros((1, self.kv_heads, cap, self.head_dim), self.dtype)
-                new[:, :, : self.length] = old[:, :, : self.length]
-                store[i] = new
-        self.capacity = cap
+    @property
+    def length(self) -> int:
+        return self.keys[0].length
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].capacity
 
     def append(self, new_keys: list[np.ndarray], new_values: list[np.ndarray]) -> None:
         """Append [1, kv_heads, n, head_dim] per layer, for all layers at once."""
-        n = new_keys[0].shape[2]
-        if self.length + n > self.capacity:
-            self._grow(self.length + n)
-        end = self.length + n
         for i in range(self.n_layers):
-            self.keys[i][:, :, self.length:end] = new_keys[i]
-            self.values[i][:, :, self.length:end] = new_values[i]
-        self.length = end
+            self.keys[i].append(new_keys[i])
+            self.values[i].append(new_values[i])
 
     def past(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """Views of the filled part of layer `layer` (no copy here)."""
-        return self.keys[layer][:, :, : self.length], self.values[layer][:, :, : self.length]
+        return self.keys[layer].view(), self.values[layer].view()
 
     def evict(self, start: int, count: int) -> None:
         """Drop tokens [start, start+count), moving the later ones down (bounded by the window)."""
-        end = self.length
-        for store in (self.keys, self.values):
-            for buf in store:
-                buf[:, :, start:end - count] = buf[:, :, start + count:end].copy()
-        self.length -= count
+        for arr in self.keys + self.values:
+            arr.delete(start, start + count)
 
     def feeds(self) -> dict[str, np.ndarray]:
         """The graph's cache inputs for the next step."""
@@ -67,11 +100,7 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         """Bytes of keys and values held for the tokens now in the cache."""
-        return 2 * self.n_layers * self.kv_heads * self.length * self.head_dim * self.dtype.itemsize
-
-    @property
-    def allocated_bytes(self) -> int:
-        return 2 * self.n_layers * self.kv_heads * self.capacity * self.head_dim * self.dtype.itemsize
+        return sum(a.nbytes for a in self.keys + self.values)
 
 
 class H2OCache(KVCache):
@@ -86,19 +115,14 @@ class H2OCache(KVCache):
 
     def reset(self) -> None:
         super().reset()
-        self.scores = [np.zeros(self.capacity) for _ in range(self.n_layers)]
-
-    def _grow(self, needed: int) -> None:
-        super()._grow(needed)
-        for i, old in enumerate(self.scores):
-            new = np.zeros(self.capacity)
-            new[: len(old)] = old
-            self.scores[i] = new
+        self.scores = [np.zeros(0) for _ in range(self.n_layers)]  # per layer, one per cached token
 
     def observe(self, attention: list[np.ndarray]) -> None:
         """attention[i]: layer i's probabilities [1, heads, new tokens, cache length]."""
         for i, probs in enumerate(attention):
-            self.scores[i][: probs.shape[-1]] += probs.sum(axis=(0, 1, 2))
+            received = probs.sum(axis=(0, 1, 2))
+            received[: len(self.scores[i])] += self.scores[i]  # new tokens start from zero
+            self.scores[i] = received
 
     def budget(self, tokens_seen: int) -> int:
         p = self.policy
@@ -106,21 +130,18 @@ class H2OCache(KVCache):
         return p["budget"] if p.get("budget") else max(floor, int(np.ceil(p["ratio"] * tokens_seen)))
 
     def enforce_budget(self, tokens_seen: int) -> None:
-        excess = self.length - self.budget(tokens_seen)
-        lo, hi = self.policy["sinks"], self.length - self.policy["recent"]
-        excess = min(excess, hi - lo)
+        length = self.length  # fixed before layer 0's eviction changes it
+        lo, hi = self.policy["sinks"], length - self.policy["recent"]
+        excess = min(length - self.budget(tokens_seen), hi - lo)
         if excess <= 0:
             return
+        middle = np.arange(lo, hi)
         for i in range(self.n_layers):
-            middle = np.arange(lo, hi)
             drop = middle[np.argsort(self.scores[i][lo:hi], kind="stable")[:excess]]
-            keep = np.setdiff1d(np.arange(self.length), drop)
-            n = len(keep)
-            self.keys[i][:, :, :n] = self.keys[i][:, :, keep]
-            self.values[i][:, :, :n] = self.values[i][:, :, keep]
-            self.scores[i][:n] = self.scores[i][keep]
-            self.scores[i][n:] = 0.0
-        self.length -= excess
+            keep = np.setdiff1d(np.arange(length), drop)
+            self.keys[i].take(keep)
+            self.values[i].take(keep)
+            self.scores[i] = self.scores[i][keep]
 
 
 def make_cache(spec: dict, model_cfg: dict):

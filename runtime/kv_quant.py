@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from optc.runtime.kv_cache import GrowableArray
+
 KINDS = ("key", "value")
 
 
@@ -51,34 +53,6 @@ def pack4(q: np.ndarray) -> np.ndarray:
     return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
 
 
-class _Growable:
-    """A preallocated array that grows geometrically along axis 2."""
-
-    def __init__(self, tail_shape: tuple, dtype, heads: int, capacity: int = 64):
-        self.heads, self.tail, self.dtype = heads, tail_shape, dtype
-        self.data = np.zeros((1, heads, capacity) + tail_shape, dtype)
-        self.length = 0
-
-    def append(self, x: np.ndarray) -> None:
-        n = x.shape[2]
-        if self.length + n > self.data.shape[2]:
-            cap = self.data.shape[2]
-            while cap < self.length + n:
-                cap *= 2
-            new = np.zeros((1, self.heads, cap) + self.tail, self.dtype)
-            new[:, :, : self.length] = self.data[:, :, : self.length]
-            self.data = new
-        self.data[:, :, self.length:self.length + n] = x
-        self.length += n
-
-    def view(self) -> np.ndarray:
-        return self.data[:, :, : self.length]
-
-    @property
-    def nbytes(self) -> int:
-        return self.view().nbytes
-
-
 class QuantizedKVCache:
     def __init__(self, n_layers: int, kv_heads: int, head_dim: int, *, bits: int, group_size: int, residual: int,
                  symmetric: bool, key_quant: str = "per_channel"):
@@ -91,13 +65,14 @@ class QuantizedKVCache:
     def reset(self) -> None:
         H, D = self.kv_heads, self.head_dim
         dq = D if self.bits == 8 else D // 2
-        self.q = {(i, k): _Growable((dq,), np.uint8, H) for i in range(self.n_layers) for k in KINDS}
+        keys = [(i, k) for i in range(self.n_layers) for k in KINDS]
+        self.q = {key: GrowableArray(H, (dq,), np.uint8, 64) for key in keys}
         scale_tail = {"key": (D,) if self.per_channel_keys else (D // self.channel_group,),
                       "value": (D // self.channel_group,)}
-        self.scale = {(i, k): _Growable(scale_tail[k], np.float16, H) for i in range(self.n_layers) for k in KINDS}
+        self.scale = {key: GrowableArray(H, scale_tail[key[1]], np.float16, 64) for key in keys}
         self.zero = ({} if self.symmetric else
-                     {(i, k): _Growable(scale_tail[k], np.float16, H) for i in range(self.n_layers) for k in KINDS})
-        self.res = {(i, k): np.zeros((1, H, 0, D), np.float32) for i in range(self.n_layers) for k in KINDS}
+                     {key: GrowableArray(H, scale_tail[key[1]], np.float16, 64) for key in keys})
+        self.res = {key: np.zeros((1, H, 0, D), np.float32) for key in keys}
 
     @property
     def length(self) -> int:
@@ -136,11 +111,9 @@ class QuantizedKVCache:
             res = self.res[key]
             # tokens [start, start+count) split over the store [0, stored) and the residual
             s0, e0 = min(start, stored), min(start + count, stored)
-            for grow in (self.q[key], self.scale[key], self.zero.get(key)):
-                if grow is not None and e0 > s0:
-                    d = grow.data
-                    d[:, :, s0:grow.length - (e0 - s0)] = d[:, :, e0:grow.length].copy()
-                    grow.length -= e0 - s0
+            for arr in (self.q[key], self.scale[key], self.zero.get(key)):
+                if arr is not None:
+                    arr.delete(s0, e0)
             r0, r1 = max(start - stored, 0), max(start + count - stored, 0)
             if r1 > r0:
                 self.res[key] = np.ascontiguousarray(np.concatenate([res[:, :, :r0], res[:, :, r1:]], axis=2))
