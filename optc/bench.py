@@ -177,10 +177,11 @@ def _run_worker(engine: str, path: Path, ids_file: Path, lengths, decode_tokens,
 
 def run_bench(artifact, *, original=None, hf_dir=None, json_path=None, plot_path=None,
               prompt_lengths=(128, 512, 1024), decode_tokens=32, decode_contexts=DECODE_CONTEXTS, log=print) -> dict:
-    from optc.runtime.artifact import read_manifest
+    from optc.runtime import load
 
     artifact = Path(artifact)
-    manifest = read_manifest(artifact)
+    m = load(artifact)  # verifies the artifact once; its tokenizer tokenises for every engine
+    manifest = m.manifest
     runs = [("artifact", artifact)]
     if original:
         runs.append(("onnxruntime", Path(original)))
@@ -188,10 +189,6 @@ def run_bench(artifact, *, original=None, hf_dir=None, json_path=None, plot_path
         runs.append(("pytorch", Path(hf_dir)))
     log(f"benchmarking {artifact} (prompts {list(prompt_lengths)}, {decode_tokens} decode tokens, "
         f"median of {REPEATS})")
-    # one tokenisation (the artifact's tokenizer) shared by every engine
-    from optc.runtime import load
-
-    m = load(artifact)
     ids = m.encode(STREAM.read_text(encoding="utf-8"))
     contexts = list(decode_contexts)
     need = max(list(prompt_lengths) + contexts) + decode_tokens
