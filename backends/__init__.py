@@ -1,12 +1,12 @@
 """Backends lower the canonical, pass-rewritten graph for a target and write it into an artifact.
 
-Each backend module has `compile(model, info, out_dir, target) -> dict`, the manifest's
-`backend` section. TVM and NPU backends come with their issues.
+Each backend module has `compile(model, info, out_dir, target, *, kv_cache, options, log) -> dict`,
+the manifest's `backend` section. The NPU backend comes with its issue.
 """
 
 from optc.errors import OptcError
 
-BACKENDS = ("onnxruntime",)
+BACKENDS = ("onnxruntime", "tvm")
 TARGETS = ("cpu", "gpu", "npu")
 
 
@@ -15,4 +15,8 @@ def get_backend(name: str):
         from optc.backends import onnxruntime
 
         return onnxruntime
+    if name == "tvm":
+        from optc.backends import tvm_backend  # imports TVM itself only when compiling
+
+        return tvm_backend
     raise OptcError(f"--backend: unknown backend {name!r} (available: {', '.join(BACKENDS)})")

@@ -39,10 +39,13 @@ def expose_new_kv(model: ir.Model, info) -> list[list[str]]:
     return names
 
 
-def compile(model: ir.Model, info, out_dir: Path, target: str) -> dict:
+def compile(model: ir.Model, info, out_dir: Path, target: str, *, kv_cache=None, options=None, log=print) -> dict:
     if target not in PROVIDERS:
         raise OptcError(f"--target {target}: the onnxruntime backend supports {', '.join(PROVIDERS)} "
                         f"(the NPU target comes with the quantised outlier-splitting work)")
+    if options:
+        raise OptcError(f"--backend onnxruntime takes no backend options (got {', '.join(sorted(options))}; "
+                        f"those are for --backend tvm)")
     kv_outputs = expose_new_kv(model, info)
     files = save_model(model, Path(out_dir) / GRAPH_FILE)
     return {

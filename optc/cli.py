@@ -100,12 +100,52 @@ def config_show(file):
     click.echo(load_config(file, default_registry()).to_yaml(), nl=False)
 
 
+def _sizes(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        sizes = sorted({int(x) for x in value.split(",") if x.strip()})
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: comma-separated token counts, e.g. 32,128,512") from None
+    if not sizes or sizes[0] < 1:
+        raise click.BadParameter(f"{value!r}: positive token counts")
+    return sizes
+
+
+def tvm_options(f):
+    """Options of the TVM backend (compile and tune)."""
+    opts = [
+        click.option("--tune-trials", type=click.IntRange(min=0), default=None,
+                     help="TVM: MetaSchedule trials for workloads not in the tuning database "
+                          "(default 1000; 0 = use the database only)"),
+        click.option("--tune-time-limit", type=click.FloatRange(min=1), default=None,
+                     help="TVM: stop tuning after this many seconds (default 600)"),
+        click.option("--tuning-cache", type=click.Path(path_type=Path), default=None,
+                     help="TVM: tuning database root (default $OPTC_TUNING_CACHE or ~/.cache/optc/tvm-tuning)"),
+        click.option("--prefill-sizes", callback=_sizes, default=None,
+                     help="TVM: prompt lengths compiled for an empty cache (default 32,128,512)"),
+        click.option("--cache-sizes", callback=_sizes, default=None,
+                     help="TVM: cache capacities compiled for decode/continuation (default 64,...,2048)"),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _backend_options(backend, **given):
+    options = {k: v for k, v in given.items() if v is not None}
+    if options and backend != "tvm":
+        flags = ", ".join("--" + k.replace("_", "-") for k in sorted(options))
+        raise OptcError(f"{flags}: only for --backend tvm")
+    return options
+
+
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-c", "--config", "config_path", type=click.Path(path_type=Path),
               help="pass configuration (YAML); default: identity pipeline")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="artifact directory")
-@click.option("--backend", default="onnxruntime", show_default=True)
+@click.option("--backend", default="onnxruntime", show_default=True, help="onnxruntime or tvm")
 @click.option("--target", type=click.Choice(["cpu", "gpu", "npu"]), default="cpu", show_default=True)
 @click.option("--force", is_flag=True, help="replace an existing output directory")
 @click.option("--dump-ir", type=click.Path(path_type=Path), help="write the IR after each pass into DIR")
@@ -114,12 +154,32 @@ def config_show(file):
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="tokenizer.json (default: beside MODEL)")
 @click.option("--verify-length", default=256, show_default=True,
               help="tokens per verification prompt (longer prompts exercise prefill-side passes such as block_sparse)")
-def compile(model, config_path, output, backend, target, force, dump_ir, eval_text, tokenizer, verify_length):
+@tvm_options
+def compile(model, config_path, output, backend, target, force, dump_ir, eval_text, tokenizer, verify_length,
+            **tvm_opts):
     """Compile MODEL (ONNX) through the configured passes into an artifact, verifying accuracy."""
     from optc.compile import compile_model
 
     compile_model(model, output, config_path=config_path, backend=backend, target=target, force=force,
-                  dump_ir=dump_ir, eval_text=eval_text, tokenizer=tokenizer, verify_length=verify_length, log=log)
+                  dump_ir=dump_ir, eval_text=eval_text, tokenizer=tokenizer, verify_length=verify_length,
+                  backend_options=_backend_options(backend, **tvm_opts), log=log)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-c", "--config", "config_path", type=click.Path(path_type=Path),
+              help="pass configuration (YAML); default: identity pipeline")
+@click.option("--target", type=click.Choice(["cpu", "gpu", "npu"]), default="cpu", show_default=True)
+@tvm_options
+def tune(model, config_path, target, **tvm_opts):
+    """Pre-tune MODEL for the TVM backend: fill the tuning database, build nothing.
+
+    A later `optc compile --backend tvm` of the same model and config (or of another model with
+    the same workloads) then runs no new trials."""
+    from optc.compile import tune_model
+
+    tune_model(model, config_path=config_path, target=target, backend_options=_backend_options("tvm", **tvm_opts),
+               log=log)
 
 
 @cli.command()

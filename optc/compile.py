@@ -44,7 +44,7 @@ def side_config(model_path: Path) -> dict:
 def compile_model(model_path, out, *, config: PipelineConfig | None = None, config_path=None,
                   backend: str = "onnxruntime", target: str = "cpu", force: bool = False, dump_ir=None,
                   eval_text=None, tokenizer=None, verify: bool = True, verify_length: int = VERIFY_LENGTH,
-                  log=print) -> dict:
+                  backend_options: dict | None = None, log=print) -> dict:
     model_path, out = Path(model_path), Path(out)
     registry = default_registry()
     if config is None:
@@ -75,7 +75,9 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
     records = run_pipeline(model, config, registry, context, dump_dir=Path(dump_ir) if dump_ir else None, log=log)
 
     with staging_dir(out) as staging:
-        backend_section = backend_mod.compile(model, info, staging, target)
+        kv_cache = {"layout": "float", "positions": "absolute", **context.runtime.get("kv_cache", {})}
+        backend_section = backend_mod.compile(model, info, staging, target, kv_cache=kv_cache,
+                                              options=backend_options, log=log)
         shutil.copyfile(tok_path, staging / "tokenizer.json")
         manifest = {
             "optc_version": __version__,
@@ -85,7 +87,7 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
             "target": target,
             "backend": backend_section,
             "passes": config.to_dict()["passes"],
-            "kv_cache": {"layout": "float", "positions": "absolute", **context.runtime.get("kv_cache", {})},
+            "kv_cache": kv_cache,
             "verify_budget": {**budget.model_dump(), "source": budget_source},
             "tokenizer": "tokenizer.json",
         }
@@ -105,6 +107,25 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
     total = sum(r.seconds for r in records)
     log(f"wrote {out} ({len(full['files'])} files; passes took {total:.2f}s)")
     return full
+
+
+def tune_model(model_path, *, config_path=None, target: str = "cpu", backend_options: dict | None = None,
+               log=print) -> dict:
+    """`optc tune`: the compile's front half (canonicalise, passes), then TVM tuning only."""
+    from optc.backends import tvm_backend
+
+    registry = default_registry()
+    config = load_config(config_path, registry) if config_path else PipelineConfig()
+    log(f"loading {model_path}")
+    model = load_model(Path(model_path))
+    info = canonicalize(model)
+    context = PassContext(target=target, decoder=info)
+    run_pipeline(model, config, registry, context, log=log)
+    kv_cache = {"layout": "float", "positions": "absolute", **context.runtime.get("kv_cache", {})}
+    stats = tvm_backend.tune(model, info, target, kv_cache=kv_cache, options=backend_options, log=log)
+    log(f"tuning database: {stats['database_key']} ({stats['tasks']} tasks: {stats['from_database']} known, "
+        f"{stats['new_tasks']} new, {stats['trials']} trials in {stats['seconds']:.0f}s)")
+    return stats
 
 
 def effective_budget(config: PipelineConfig, registry) -> tuple[VerifyBudget, str]:

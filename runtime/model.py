@@ -19,6 +19,10 @@ def _make_executor(root: Path, manifest: dict):
         from optc.runtime.onnxruntime_executor import OnnxRuntimeExecutor
 
         return OnnxRuntimeExecutor(root, manifest)
+    if name == "tvm":
+        from optc.runtime.tvm_executor import TvmExecutor  # loads the TVM runtime only for TVM artifacts
+
+        return TvmExecutor(root, manifest)
     raise ArtifactError(f"{root / 'manifest.json'}: unknown backend {name!r}")
 
 
@@ -65,9 +69,14 @@ class Model:
 
     # -- forward -----------------------------------------------------------------------------
     def _step(self, ids: np.ndarray) -> np.ndarray:
+        """Runs `ids`, or as many of them as the executor takes in one step (a static-shape
+        backend has a largest shape); returns logits for the tokens it ran."""
         n = len(ids)
         if self.policy and self.policy["kind"] == "sink_window":
             self._make_room(n)
+        limit = self.executor.step_limit(self.cache.feeds())
+        if limit is not None and limit < n:
+            n, ids = limit, ids[:limit]
         cached = self.cache.length
         first = cached if self.slot_positions else self.position
         input_ids = np.asarray(ids, dtype=np.int64).reshape(1, n)
@@ -104,14 +113,27 @@ class Model:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
             raise ValueError("prefill needs at least one token")
+        self._check_ids(ids)
         chunk = self._chunk() or ids.size  # an evicting cache is filled chunk by chunk
-        parts = [self._step(ids[s:s + chunk]) for s in range(0, ids.size, chunk)]
+        parts, done = [], 0
+        while done < ids.size:
+            parts.append(self._step(ids[done:done + chunk]))
+            done += len(parts[-1])
         logits = np.concatenate(parts) if len(parts) > 1 else parts[0]
         return logits if all_logits else logits[-1]
 
     def decode(self, token_id: int) -> np.ndarray:
         """One decode step; returns next-token logits [vocab]."""
-        return self._step(np.array([int(token_id)]))[-1]
+        ids = np.array([int(token_id)])
+        self._check_ids(ids)
+        return self._step(ids)[-1]
+
+    def _check_ids(self, ids: np.ndarray) -> None:
+        # compiled code gathers embeddings without bounds checks (TVM's fast take)
+        vocab = self.config["vocab_size"]
+        if ids.min() < 0 or ids.max() >= vocab:
+            bad = int(ids[(ids < 0) | (ids >= vocab)][0])
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
 
     # -- text --------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:

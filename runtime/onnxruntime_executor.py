@@ -43,6 +43,10 @@ class OnnxRuntimeExecutor:
     def provider(self) -> str:
         return self.providers[0]
 
+    def step_limit(self, cache_feeds) -> None:
+        """ONNX Runtime takes any number of new tokens in one step."""
+        return None
+
     def run(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
             cache_feeds: dict[str, np.ndarray]):
         """One forward step. `cache_feeds` are the KV cache's graph inputs (KVCache.feeds())."""

@@ -1,0 +1,247 @@
+"""TVM backend: canonical graph -> legalised, static-shape ONNX per bucket -> Relax -> tuned library.
+
+Steps (each logged):
+1. expose each layer's new K/V (as for ONNX Runtime) and lower Attention / RotaryEmbedding into
+   primitive ops (tvm_lowering.legalize);
+2. per bucket (tvm_shapes.plan_buckets), specialise to static shapes, constant-fold, import with
+   TVM's ONNX frontend; the model's weights stay function parameters, shared by every bucket;
+3. legalise and fuse Relax ops into TIR, tune the fused functions with MetaSchedule against a
+   persistent database (tvm_tuning), apply the best schedules, build;
+4. write `model.so` (exported library), `params.safetensors` and the manifest section.
+
+TVM is imported here only: `import optc.backends` and the ONNX Runtime backend never need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from optc.backends.onnxruntime import expose_new_kv
+from optc.backends.tvm_lowering import legalize, specialize
+from optc.backends.tvm_shapes import DEFAULT_CACHE, DEFAULT_PREFILL, cache_segments, input_shapes, plan_buckets
+from optc.errors import OptcError
+
+LIBRARY_FILE = "model.so"
+PARAMS_FILE = "params.safetensors"
+TVM_REQUIREMENT = "apache-tvm==0.27.0.post1 with apache-tvm-ffi>=0.1.14.post0,<0.1.15"
+DEFAULT_TRIALS = 1000
+SHARED_MIN_ELEMENTS = 1024
+# Legalising an ONNX Gather prints this once per function; optc's gathers index the embedding
+# with token ids the runtime has already checked against the vocabulary.
+KNOWN_NATIVE_WARNINGS = ("Fast mode segfaults when there are out-of-bounds indices",)
+DEFAULT_TIME_LIMIT = 600.0
+
+
+def import_tvm():
+    loaded = sys.modules.get("tvm")
+    if loaded is not None and getattr(loaded, "_optc_runtime_only", False):
+        raise OptcError("--backend tvm: this process loaded a TVM artifact with the TVM runtime library only, "
+                        "and TVM's compiler cannot be loaded next to it; compile in a fresh process")
+    hide_torch = "torch" not in sys.modules  # tvm_ffi imports torch if it can; the compiler never needs it
+    if hide_torch:
+        sys.modules["torch"] = None
+    try:
+        import tvm
+        from tvm import relax  # noqa: F401
+        from tvm.relax.frontend.onnx import from_onnx  # noqa: F401
+    except ImportError as e:
+        raise OptcError(f"--backend tvm: TVM is not installed ({e}); pip install 'optc[tvm]' "
+                        f"({TVM_REQUIREMENT})") from None
+    finally:
+        if hide_torch:
+            del sys.modules["torch"]
+    import tvm_ffi
+
+    version = getattr(tvm_ffi, "__version__", "")
+    if version.startswith("0.1.15"):
+        raise OptcError(f"--backend tvm: apache-tvm-ffi {version} segfaults when MetaSchedule serialises a "
+                        f"module; install {TVM_REQUIREMENT}")
+    return tvm
+
+
+def cpu_target() -> dict:
+    from tvm.target import codegen
+
+    return {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": str(codegen.llvm_get_system_cpu()),
+            "num-cores": os.cpu_count() or 1}
+
+
+@contextlib.contextmanager
+def native_warnings_filtered(patterns=KNOWN_NATIVE_WARNINGS):
+    """TVM's C++ code writes some warnings straight to file descriptor 2. Capture it for the
+    duration and pass on only the lines that are not known noise."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            for line in tmp.read().decode(errors="replace").splitlines():
+                if not any(p in line for p in patterns):
+                    print(line, file=sys.stderr)
+
+
+def _graph_inputs(model) -> dict[str, tuple]:
+    return {v.name: tuple(d if isinstance(d, int) else str(d) for d in v.shape) for v in model.graph.inputs}
+
+
+def _import_bucket(proto, name: str, shared: set[str], log):
+    """One bucket's Relax function: inputs first, then the shared weights it uses (by name);
+    constants the specialisation folded are bound into the function."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Renaming name past_key_values.0.key to ..." per input
+        try:
+            mod = from_onnx(proto, keep_params_in_input=True)
+        except Exception as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise OptcError(f"tvm backend: TVM's ONNX importer rejects the lowered graph ({msg})") from None
+    mod, params = relax.frontend.detach_params(mod)
+    func = mod["main"]
+    n_inputs = len(proto.graph.input)
+    init_names = [str(p.name) for p in func.params[n_inputs:]]
+    arrays = dict(zip(init_names, params["main"]))
+    folded = {k: v for k, v in arrays.items() if k not in shared}
+    if folded:
+        func = relax.transform.BindParams("main", folded)(tvm.IRModule({"main": func}))["main"]
+    weight_names = [k for k in init_names if k in shared]
+    return func.with_attr("global_symbol", name), [i.name for i in proto.graph.input], weight_names, \
+        {k: arrays[k].numpy() for k in weight_names}
+
+
+def _check_target(target: str) -> None:
+    if target == "npu":
+        raise OptcError("--target npu: the tvm backend generates CPU and GPU code; the NPU target comes with "
+                        "the quantised outlier-splitting work")
+    if target == "gpu":
+        raise OptcError("--target gpu: CUDA code generation for the tvm backend is not implemented yet")
+    if target != "cpu":
+        raise OptcError(f"--target {target}: the tvm backend supports cpu")
+
+
+def _prepare(model, info, kv_cache: dict, options: dict, log):
+    """Lower and import every bucket; returns (fused Relax module, target, buckets, weights,
+    segments, kv_outputs, attention_outputs)."""
+    tvm = import_tvm()
+    from tvm import relax
+
+    if any(n.op_type == "If" for n in model.graph):
+        raise OptcError("tvm backend: the graph has If nodes (block_sparse prefill), which the TVM backend does "
+                        "not lower yet; compile block_sparse pipelines with --backend onnxruntime")
+    kv_outputs = expose_new_kv(model, info)
+    attention_outputs = sorted((v.name for v in model.graph.outputs if v.name.startswith("optc.attn.")),
+                               key=lambda n: int(n.rsplit(".", 1)[1]))
+    outputs = ["logits"] + [n for pair in kv_outputs for n in pair] + attention_outputs
+    lowered = legalize(model, info)
+    log(f"tvm: lowered {lowered['Attention']} Attention and {lowered['RotaryEmbedding']} RotaryEmbedding ops "
+        f"to primitive ops")
+
+    segments = cache_segments(kv_cache, info.n_layers)
+    prefill = options.get("prefill_sizes") or list(DEFAULT_PREFILL)
+    cache = options.get("cache_sizes") or list(DEFAULT_CACHE)
+    buckets = plan_buckets(kv_cache, segments, prefill=prefill, cache=cache)
+    declared = _graph_inputs(model)
+    # the model's weights stay parameters (stored once, shared by every bucket); small constants
+    # (masks, scalars) are bound into the functions
+    shared = {v.name for v in model.graph.initializers.values()
+              if v.const_value is not None and v.const_value.size >= SHARED_MIN_ELEMENTS}
+
+    functions = {}
+    weights: dict[str, np.ndarray] = {}
+    for i, bucket in enumerate(buckets):
+        shapes = input_shapes(bucket, segments, declared)
+        proto = specialize(model, shapes, outputs)
+        func, inputs, params, arrays = _import_bucket(proto, bucket["name"], shared, log)
+        functions[bucket["name"]] = func
+        bucket.update({"inputs": inputs, "params": params})
+        weights.update(arrays)
+        log(f"tvm: [{i + 1}/{len(buckets)}] imported {bucket['name']}: {bucket['tokens']} new tokens, cache "
+            f"{'+'.join(map(str, bucket['segments']))} slots")
+    mod = tvm.IRModule(functions)
+    target_json = cpu_target()
+    tvm_target = tvm.target.Target(target_json)
+    with tvm_target, native_warnings_filtered():
+        mod = relax.get_pipeline("zero")(mod)  # legalise ops to TIR and fuse them (no database yet)
+    return mod, target_json, buckets, weights, segments, kv_outputs, attention_outputs
+
+
+def _tune(mod, target_json: dict, options: dict, log):
+    import tvm
+
+    from optc.backends import tvm_tuning
+
+    db_root = Path(options.get("tuning_cache") or tvm_tuning.default_cache_dir())
+    database = tvm_tuning.open_database(db_root, target_json)
+    trials = options.get("tune_trials")
+    time_limit = options.get("tune_time_limit")
+    stats = tvm_tuning.tune(mod, tvm.target.Target(target_json), database,
+                            trials=DEFAULT_TRIALS if trials is None else trials,
+                            time_limit=DEFAULT_TIME_LIMIT if time_limit is None else time_limit, log=log)
+    stats["database_key"] = tvm_tuning.database_dir(db_root, target_json).name
+    return database, stats
+
+
+def tune(model, info, target: str, *, kv_cache: dict | None = None, options: dict | None = None, log=print) -> dict:
+    """`optc tune`: fill the tuning database for this model and config; builds nothing."""
+    _check_target(target)
+    mod, target_json, *_ = _prepare(model, info, kv_cache or {"layout": "float"}, dict(options or {}), log)
+    _, stats = _tune(mod, target_json, dict(options or {}), log)
+    return stats
+
+
+def compile(model, info, out_dir: Path, target: str, *, kv_cache: dict | None = None, options: dict | None = None,
+            log=print) -> dict:
+    options = dict(options or {})
+    _check_target(target)
+    t0 = time.perf_counter()
+    mod, target_json, buckets, weights, segments, kv_outputs, attention_outputs = _prepare(
+        model, info, kv_cache or {"layout": "float"}, options, log)
+    from tvm import relax
+    import tvm
+
+    database, stats = _tune(mod, target_json, options, log)
+    tvm_target = tvm.target.Target(target_json)
+    with tvm_target, database:
+        mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+    log("tvm: building the library")
+    try:
+        executable = relax.build(mod, tvm_target, relax_pipeline="default_build")
+    except Exception as e:
+        raise OptcError(f"tvm backend: build failed ({str(e).splitlines()[0]})") from None
+    out_dir = Path(out_dir)
+    executable.export_library(str(out_dir / LIBRARY_FILE))
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(weights[k]) for k in sorted(weights)}, str(out_dir / PARAMS_FILE))
+    log(f"tvm: compiled {len(buckets)} shapes in {time.perf_counter() - t0:.0f}s")
+    return {
+        "name": "tvm",
+        "library": LIBRARY_FILE,
+        "params": PARAMS_FILE,
+        "device": "cpu",
+        "target": target_json,
+        "target_kind": target_json["kind"],
+        # only what every compile of these inputs writes the same (the artifact is deterministic);
+        # trials and times are in the compile log
+        "tuning": {"tasks": stats["tasks"], "untunable": stats["untunable"], "database_key": stats["database_key"]},
+        "segments": [s.to_dict() for s in segments],
+        "buckets": buckets,
+        "kv_outputs": kv_outputs,
+        "attention_outputs": attention_outputs,
+    }

@@ -1,0 +1,125 @@
+"""Static-shape buckets for the TVM backend.
+
+MetaSchedule tunes static shapes only, so the TVM artifact holds one Relax function per bucket:
+a number of new tokens and a capacity for each *cache segment*. A segment is a run of cache
+inputs that share one token axis and sit side by side along the attention's key axis, e.g. the
+float cache (`past_key_values.*`), or a quantised cache's stored groups and its float residual.
+The runtime pads every step into the cheapest bucket that holds it (runtime/tvm_executor.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from optc.errors import OptcError
+
+# Every bucket is one more set of workloads to tune, so the defaults are few: decode pads the
+# cache to the next power of two (attention is the only cost that grows with it); continuation
+# steps (prompts past the largest prefill, multi-turn, chunked prefill) are rarer and get two.
+DEFAULT_PREFILL = (32, 128, 512)
+DEFAULT_CACHE = (128, 256, 512, 1024, 2048)
+CONTINUATION_CACHE = (512, 2048)
+CONTINUATION_TOKENS = 64  # new tokens per step once the cache is not empty
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Cache inputs sharing one token axis (axis 2). `inputs` maps an input to how many tokens
+    one index along that axis covers (1, or the group size of per-channel key scales)."""
+
+    name: str
+    inputs: dict[str, int]
+    granularity: int = 1  # capacities are multiples of this
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "inputs": dict(self.inputs), "granularity": self.granularity}
+
+
+def cache_segments(kv_cache: dict, n_layers: int) -> list[Segment]:
+    """The cache segments of a graph compiled with the given manifest `kv_cache` section,
+    in the order the graph concatenates them before the new tokens."""
+    layout = kv_cache.get("layout", "float")
+    bases = [f"past_key_values.{i}.{kind}" for i in range(n_layers) for kind in ("key", "value")]
+    if layout == "float":
+        return [Segment("cache", {b: 1 for b in bases})]
+    if layout == "kivi":
+        group = kv_cache["group_size"]
+        per_channel_keys = kv_cache.get("key_quant", "per_channel") == "per_channel"
+        stored: dict[str, int] = {}
+        for b in bases:
+            scale_div = group if (per_channel_keys and b.endswith(".key")) else 1
+            stored[f"{b}.q"] = 1
+            stored[f"{b}.scale"] = scale_div
+            if not kv_cache["symmetric"]:
+                stored[f"{b}.zero"] = scale_div
+        return [Segment("stored", stored, group if per_channel_keys else 1),
+                Segment("residual", {f"{b}.residual": 1 for b in bases})]
+    raise OptcError(f"tvm backend: KV-cache layout {layout!r} is not supported")
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def plan_buckets(kv_cache: dict, segments: list[Segment], *, prefill=DEFAULT_PREFILL, cache=DEFAULT_CACHE,
+                 continuation: int = CONTINUATION_TOKENS) -> list[dict]:
+    """The buckets to compile: prefill into an empty cache (segments exactly 0 long, so graphs
+    that test for an empty cache, like block-sparse prefill, take the same branch as with ONNX
+    Runtime), then decode (1 token) and continuation (`continuation` tokens) at each cache
+    capacity. Evicting caches get capacities up to their bound only."""
+    policy = kv_cache.get("policy") or {}
+    capacities = sorted(set(cache))
+    # continuation capacities: the largest cache size, and the middle default where it is in range
+    cont = [c for c in CONTINUATION_CACHE if c < max(cache)] + [max(cache)]
+    chunk = continuation
+    if policy.get("kind") == "sink_window":
+        bound = policy["sinks"] + policy["window"]
+        capacities = [c for c in capacities if c < bound] + [bound]
+        cont = [bound]
+        # the runtime fills an evicting cache window/2 tokens at a time
+        chunk = max(continuation, policy["window"] // 2)
+    elif policy.get("kind") == "h2o" and policy.get("budget"):
+        bound = policy["budget"]  # enforced after each step, so a step starts with at most this many
+        capacities = [c for c in capacities if c < bound] + [bound]
+        cont = [bound]
+
+    def sizes(capacity: int) -> list[int]:
+        out = []
+        for seg in segments:
+            if seg.name == "residual":  # at rest the residual holds fewer than residual + group tokens
+                out.append(kv_cache["residual"] + kv_cache["group_size"])
+            else:
+                out.append(_round_up(capacity, seg.granularity))
+        return out
+
+    buckets = [{"name": f"prefill_{n}", "tokens": n, "segments": [0] * len(segments)} for n in sorted(set(prefill))]
+    for c in sorted(set(capacities)):
+        buckets.append({"name": f"decode_{c}", "tokens": 1, "segments": sizes(c)})
+    for c in sorted(set(cont)):
+        buckets.append({"name": f"continue_{c}", "tokens": chunk, "segments": sizes(c)})
+    return buckets
+
+
+def input_shapes(bucket: dict, segments: list[Segment], graph_inputs: dict[str, tuple], ) -> dict[str, tuple]:
+    """Static shapes of every graph input for one bucket. `graph_inputs` gives each input's
+    shape as declared in the graph (symbolic dims as strings)."""
+    n = bucket["tokens"]
+    total = sum(bucket["segments"]) + n
+    shapes: dict[str, tuple] = {}
+    by_input = {name: (seg, size, div) for seg, size in zip(segments, bucket["segments"])
+                for name, div in seg.inputs.items()}
+    for name, declared in graph_inputs.items():
+        if name in ("input_ids", "position_ids"):
+            shapes[name] = (1, n)
+        elif name in ("attention_mask", "optc.key_position_ids"):
+            shapes[name] = (1, total)
+        elif name in by_input:
+            seg, size, div = by_input[name]
+            tail = declared[3:]
+            if any(not isinstance(d, int) for d in (declared[1], *tail)):
+                raise OptcError(f"tvm backend: cache input {name!r} has symbolic dims {declared} beyond batch "
+                                f"and tokens")
+            shapes[name] = (1, declared[1], size // div, *tail)
+        else:
+            raise OptcError(f"tvm backend: graph input {name!r} is not one the runtime feeds")
+    return shapes

@@ -1,0 +1,247 @@
+"""MetaSchedule tuning with a persistent database.
+
+The database is keyed by target (one directory per target, named by a hash of its JSON) and by
+workload (MetaSchedule's structural hash of each fused TIR function). Tasks that already have a
+record are never tuned again, so recompiling a model, or compiling another model that shares
+workloads (same hidden size, same bucket shapes), runs no new trials.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from optc.errors import OptcError
+
+# Tasks MetaSchedule cannot measure with random inputs: an embedding gather (`take`) reads out of
+# bounds with random indices and crashes the runner. They keep TVM's default schedule.
+UNTUNABLE = ("take", "gather")
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("OPTC_TUNING_CACHE"):
+        return Path(os.environ["OPTC_TUNING_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "optc" / "tvm-tuning"
+
+
+def database_dir(root: Path, target_json: dict) -> Path:
+    key = hashlib.sha256(json.dumps(target_json, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(root) / key
+
+
+def open_database(root: Path, target_json: dict):
+    from tvm.s_tir import meta_schedule as ms
+
+    d = database_dir(root, target_json)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "target.json").write_text(json.dumps(target_json, sort_keys=True, indent=1) + "\n")
+    except OSError as e:
+        raise OptcError(f"{d}: cannot create the tuning database ({e.strerror})") from None
+    try:
+        return ms.database.JSONDatabase(path_workload=str(d / "workloads.json"),
+                                        path_tuning_record=str(d / "records.json"),
+                                        module_equality="structural")
+    except Exception as e:
+        raise OptcError(f"{d}: the tuning database is unreadable ({str(e).splitlines()[0]}); delete it to "
+                        f"start afresh") from None
+
+
+def register_cpu_tensor_intrinsics() -> None:
+    """MetaSchedule's TuneContext imports `tvm.s_tir.tensor_intrin`, which parses the tensor
+    intrinsics of every target (CUDA, ARM, x86, ROCm, Hexagon, RISC-V) with TVMScript: 75-150 s
+    here, because the parser calls inspect.getmodule, whose cost grows with sys.modules. CPU
+    tuning needs the x86 ones only (0.3 s): install the package without its __init__ so that
+    importing it is a no-op and any other submodule still imports on demand."""
+    import importlib
+    import types
+
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        return
+    import tvm.s_tir
+
+    package = types.ModuleType(name)
+    package.__path__ = [str(Path(tvm.s_tir.__file__).parent / "tensor_intrin")]
+    package.__package__ = name
+    sys.modules[name] = package
+    tvm.s_tir.tensor_intrin = package
+    importlib.import_module(f"{name}.x86")
+
+
+def fast_build(mod, target, _params):
+    """MetaSchedule's default build without its `import tvm.s_tir.tensor_intrin` (25-34 s in every
+    fresh worker here, which ran into the builder's timeout on every trial)."""
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return tvm_build(mod, target=target)
+
+
+def task_priorities(mod, target) -> dict[int, float]:
+    """Each workload's share of its bucket's FLOPs, taking the largest over buckets (keyed by
+    structural hash). Every bucket (prefill, decode at each cache size) counts the same: a
+    decode GEMV matters as much to decode latency as a 512-token GEMM to prefill latency."""
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.analysis import estimate_tir_flops
+    from tvm_ffi import structural_hash
+
+    share: dict[int, float] = {}
+    for gv, func in mod.functions.items():
+        if not isinstance(func, relax.Function):
+            continue
+        # this bucket's function and the TIR functions it calls
+        alone = tvm.IRModule({g: f for g, f in mod.functions.items()
+                              if not isinstance(f, relax.Function) or g.same_as(gv)})
+        one = relax.transform.DeadCodeElimination([gv.name_hint])(alone)
+        tasks = ms.relax_integration.extract_tasks(one, target, module_equality="structural")
+        costs = []
+        for t in tasks:
+            try:
+                flops = float(estimate_tir_flops(t.dispatched[0]))
+            except Exception:  # estimation fails on some index-heavy functions
+                flops = 0.0
+            costs.append((structural_hash(t.dispatched[0]), max(flops, 1.0) * t.weight))
+        total = sum(c for _, c in costs) or 1.0
+        for key, c in costs:
+            share[key] = max(share.get(key, 0.0), c / total)
+    return share
+
+
+def tune(mod, target, database, *, trials: int, time_limit: float | None, trials_per_task: int = 32,
+         log=print) -> dict:
+    """Tune the tasks of `mod` (a fused Relax module) that the database has no record for, the
+    heaviest first, `trials_per_task` each, as far as `trials` reach. Returns what happened."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm_ffi import structural_hash
+
+    if trials <= 0:
+        log("tuning: --tune-trials 0: the database's schedules where it has them, TVM's default elsewhere")
+        return {"tasks": None, "from_database": None, "untunable": None, "selected": 0, "new_tasks": 0,
+                "trials": 0, "seconds": 0.0}
+    trials_per_task = max(1, min(trials_per_task, trials))
+    extracted = ms.relax_integration.extract_tasks(mod, target, module_equality="structural")
+    tunable = [t for t in extracted if not any(word in t.task_name for word in UNTUNABLE)]
+    skipped = [t for t in extracted if t not in tunable]
+    # The tasks worth tuning are chosen from all of them, tuned before or not, so that a
+    # recompile with the same budget selects the same tasks, finds them all in the database and
+    # runs no trials (and writes the same library).
+    share = task_priorities(mod, target)
+    tunable.sort(key=lambda t: -share.get(structural_hash(t.dispatched[0]), 0.0))
+    selected = tunable[: max(1, trials // trials_per_task)]
+    known = [t for t in tunable if database.query_tuning_record(t.dispatched[0], target, t.task_name) is not None]
+    known_ids = {id(t) for t in known}
+    todo = [t for t in selected if id(t) not in known_ids]
+    stats = {"tasks": len(extracted), "from_database": len(known), "untunable": len(skipped),
+             "selected": len(selected), "new_tasks": len(todo), "trials": 0, "seconds": 0.0}
+    default = len(tunable) - len(known) - len(todo)
+    log(f"tuning: {len(extracted)} tasks; {len(known)} have records in the database, {len(todo)} to tune now "
+        f"({trials_per_task} trials each), {default} keep TVM's default schedule"
+        + (" (raise --tune-trials to tune more)" if default else "")
+        + (f"; {len(skipped)} cannot be measured with random inputs ({', '.join(sorted(t.task_name for t in skipped)[:4])}"
+           f"{', ...' if len(skipped) > 4 else ''})" if skipped else ""))
+    if not todo:
+        return stats
+    import logging
+
+    # MetaSchedule logs every batch and a task table to stdout at INFO; optc reports progress itself
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    t0 = time.perf_counter()
+    register_cpu_tensor_intrinsics()
+    with tempfile.TemporaryDirectory(prefix="optc-tune-") as work_dir:
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(todo, work_dir, seed=0)
+        per_task = trials_per_task
+        budget = per_task * len(todo)
+        progress = _Progress(len(contexts), budget, time_limit, weights, log)
+        callbacks = [ms.measure_callback.AddToDatabase(), ms.measure_callback.RemoveBuildArtifact(),
+                     ms.measure_callback.UpdateCostModel(), progress.callback()]
+        try:
+            ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir,
+                               max_trials_global=budget, max_trials_per_task=per_task,
+                               num_trials_per_iter=min(64, per_task),
+                               builder=ms.builder.LocalBuilder(f_build=fast_build, timeout_sec=60),
+                               runner=ms.runner.LocalRunner(timeout_sec=30), database=database,
+                               measure_callbacks=callbacks)
+        except Exception as e:
+            name = contexts[progress.current].task_name if progress.current is not None else "?"
+            raise OptcError(f"tuning failed in workload {name!r} ({str(e).splitlines()[0]})") from None
+        finally:
+            progress.close()
+    stats["trials"] = progress.trials
+    stats["seconds"] = round(time.perf_counter() - t0, 1)
+    stats["stopped_by_time_limit"] = progress.timed_out
+    return stats
+
+
+class _Progress:
+    """Trials done, the estimated total latency of the tuned tasks, and the time limit."""
+
+    def __init__(self, n_tasks: int, trials: int, time_limit: float | None, weights, log):
+        self.best = [None] * n_tasks
+        self.weights = list(weights)
+        self.trials, self.total = 0, trials
+        self.time_limit, self.start = time_limit, time.perf_counter()
+        self.timed_out, self.current = False, None
+        self.log = log
+        self.bar = None
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("tuning"), BarColumn(), TextColumn("{task.completed}/{task.total} trials"),
+                                TextColumn("{task.fields[best]}"), TimeElapsedColumn(), transient=True)
+            self.bar_task = self.bar.add_task("tune", total=trials, best="")
+            self.bar.start()
+
+    def estimate(self) -> str:
+        done = [(b, w) for b, w in zip(self.best, self.weights) if b is not None]
+        if not done:
+            return "no valid measurement yet"
+        return (f"tuned tasks sum to {sum(b * w for b, w in done) * 1e3:.3f} ms per call of every bucket "
+                f"({len(done)}/{len(self.best)} tasks measured)")
+
+    def callback(self):
+        from tvm.ir.utils import derived_object
+        from tvm.s_tir import meta_schedule as ms
+
+        progress = self
+
+        @derived_object
+        class _Callback(ms.measure_callback.PyMeasureCallback):
+            def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+                progress.on_results(task_scheduler, task_id, runner_results)
+
+        return _Callback()
+
+    def on_results(self, scheduler, task_id: int, runner_results) -> None:
+        self.current = task_id
+        self.trials += len(runner_results)
+        for r in runner_results:
+            if r.error_msg is None and r.run_secs:
+                secs = sum(float(s) for s in r.run_secs) / len(r.run_secs)
+                if self.best[task_id] is None or secs < self.best[task_id]:
+                    self.best[task_id] = secs
+        elapsed = time.perf_counter() - self.start
+        if self.bar is not None:
+            self.bar.update(self.bar_task, completed=min(self.trials, self.total), best=self.estimate())
+        else:
+            self.log(f"tuning: {self.trials}/{self.total} trials, {elapsed:.0f}s; {self.estimate()}")
+        if self.time_limit is not None and elapsed > self.time_limit and not self.timed_out:
+            self.timed_out = True
+            self.log(f"tuning: time limit of {self.time_limit:.0f}s reached after {self.trials} trials; "
+                     f"stopping (what was measured is kept in the database)")
+            for i in range(len(self.best)):
+                scheduler.terminate_task(i)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        self.log(f"tuning: {self.trials} trials in {time.perf_counter() - self.start:.0f}s; {self.estimate()}")

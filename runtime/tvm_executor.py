@@ -1,0 +1,174 @@
+"""Runs a TVM artifact: a compiled library of static-shape Relax functions (one per bucket).
+
+Only the TVM *runtime* is loaded (`TVM_USE_RUNTIME_LIB=1`): no compiler library, no `tvm.relax`.
+Each step is padded into the cheapest compiled bucket that holds it:
+- every cache segment (e.g. the float cache, or a quantised cache's stored groups and residual)
+  is copied into its bucket capacity; the unused slots are masked out through `attention_mask`;
+- the new tokens are padded at the end; causality keeps real tokens from seeing the padding and
+  the padded outputs are dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from optc.runtime.artifact import ArtifactError, artifact_file
+
+_tvm = None
+
+
+def import_tvm_runtime():
+    """`tvm` with the runtime library only. tvm_ffi imports torch whenever it is installed
+    (~3 s, ~400 MB) although a numpy-fed runtime never needs it: the import is hidden for the
+    duration (if torch is not loaded already), and apps can still import torch afterwards."""
+    global _tvm
+    if _tvm is not None:
+        return _tvm
+    fresh = "tvm" not in sys.modules  # else the compiler (full TVM) is loaded already: use it
+    hide_torch = fresh and "torch" not in sys.modules
+    env_before = os.environ.get("TVM_USE_RUNTIME_LIB")
+    if fresh:
+        # read when tvm is imported; restored afterwards so that child processes (MetaSchedule's
+        # workers, say) still get the full library
+        os.environ["TVM_USE_RUNTIME_LIB"] = "1"
+    if hide_torch:
+        sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+    try:
+        import tvm
+        from tvm.runtime import vm  # noqa: F401
+    except ImportError as e:
+        raise ArtifactError(f"this artifact needs the TVM runtime, which is not installed ({e}); "
+                            f"pip install 'optc[tvm]'") from None
+    finally:
+        if hide_torch:
+            del sys.modules["torch"]
+        if fresh:
+            if env_before is None:
+                os.environ.pop("TVM_USE_RUNTIME_LIB", None)
+            else:
+                os.environ["TVM_USE_RUNTIME_LIB"] = env_before
+    if fresh:
+        tvm._optc_runtime_only = True  # the compiler cannot be loaded into this process any more
+    _tvm = tvm
+    return tvm
+
+
+class TvmExecutor:
+    def __init__(self, root: Path, manifest: dict):
+        tvm = import_tvm_runtime()
+        from tvm.runtime.vm import VirtualMachine
+
+        backend = manifest["backend"]
+        lib_path = artifact_file(root, manifest, backend["library"])
+        params_path = artifact_file(root, manifest, backend["params"])
+        if backend.get("device", "cpu") != "cpu":
+            raise ArtifactError(f"{root / 'manifest.json'}: this runtime runs TVM artifacts on the CPU; "
+                                f"{backend['device']!r} artifacts run through scripts/gpu_check.sh")
+        self.device = tvm.cpu()
+        try:
+            lib = tvm.runtime.load_module(str(lib_path))
+            self.vm = VirtualMachine(lib, self.device)
+        except Exception as e:  # tvm raises its own error types
+            raise ArtifactError(f"{lib_path}: the TVM runtime cannot load the library ({str(e).splitlines()[0]})") \
+                from None
+        from safetensors.numpy import load_file
+
+        try:
+            weights = load_file(str(params_path))
+        except Exception as e:
+            raise ArtifactError(f"{params_path}: cannot read parameters ({e})") from None
+        self._weights = {name: tvm.runtime.tensor(arr, self.device) for name, arr in weights.items()}
+        self.segments = backend["segments"]
+        self.buckets = backend["buckets"]
+        for b in self.buckets:
+            missing = [p for p in b["params"] if p not in self._weights]
+            if missing:
+                raise ArtifactError(f"{params_path}: parameter {missing[0]!r} of {b['name']} is missing")
+        self._functions = {}
+        self.kv_outputs = backend["kv_outputs"]
+        self.n_layers = len(self.kv_outputs)
+        self.has_attention = bool(backend.get("attention_outputs"))
+        self.provider = f"TVM ({backend.get('target_kind', 'llvm')}, {len(self.buckets)} compiled shapes)"
+
+    # -- buckets --------------------------------------------------------------------------------
+    def _segment_lengths(self, cache_feeds: dict) -> list[int]:
+        out = []
+        for seg in self.segments:
+            name, per_index = next(iter(seg["inputs"].items()))
+            out.append(cache_feeds[name].shape[2] * per_index)
+        return out
+
+    def _fits(self, bucket: dict, lengths: list[int]) -> bool:
+        if not any(bucket["segments"]) and any(lengths):
+            return False
+        return all(cap >= n for cap, n in zip(bucket["segments"], lengths))
+
+    def step_limit(self, cache_feeds: dict) -> int:
+        """The most new tokens one step can take with the cache as it is."""
+        lengths = self._segment_lengths(cache_feeds)
+        fitting = [b["tokens"] for b in self.buckets if self._fits(b, lengths)]
+        if not fitting:
+            largest = max(sum(b["segments"]) for b in self.buckets)
+            raise ArtifactError(f"the cache holds {sum(lengths)} tokens but the largest compiled TVM shape holds "
+                                f"{largest}: recompile with larger --tvm-cache-sizes")
+        return max(fitting)
+
+    def _choose(self, n: int, lengths: list[int]) -> dict:
+        fitting = [b for b in self.buckets if b["tokens"] >= n and self._fits(b, lengths)]
+        if not fitting:
+            raise ArtifactError(f"no compiled TVM shape takes {n} new tokens over a cache of {sum(lengths)} "
+                                f"(the runtime asks step_limit() first; this is a bug)")
+        return min(fitting, key=lambda b: (b["tokens"] * (1024 + sum(b["segments"])), b["name"]))
+
+    def _function(self, name: str):
+        if name not in self._functions:
+            self._functions[name] = self.vm[name]
+        return self._functions[name]
+
+    # -- one step -------------------------------------------------------------------------------
+    def run(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
+            cache_feeds: dict[str, np.ndarray]):
+        tvm = _tvm
+        n = input_ids.shape[1]
+        lengths = self._segment_lengths(cache_feeds)
+        bucket = self._choose(n, lengths)
+        caps, n_pad = bucket["segments"], bucket["tokens"]
+        total = sum(caps) + n_pad
+        # where each real key slot (cache segments, then the new tokens) lands in the padded layout
+        slots = np.concatenate([off + np.arange(length) for off, length in
+                                zip(np.cumsum([0] + caps[:-1]), lengths)] + [sum(caps) + np.arange(n)]).astype(np.int64)
+        feeds = {}
+        ids = np.zeros((1, n_pad), np.int64)
+        ids[:, :n] = input_ids
+        pos = np.zeros((1, n_pad), np.int64)
+        pos[:, :n] = position_ids
+        pos[:, n:] = position_ids[0, -1] + 1 + np.arange(n_pad - n)  # beyond the real ones: harmless
+        mask = np.zeros((1, total), np.int64)
+        mask[0, slots] = attention_mask[0]
+        feeds.update({"input_ids": ids, "position_ids": pos, "attention_mask": mask})
+        if "optc.key_position_ids" in cache_feeds:
+            kp = np.zeros((1, total), np.int64)
+            kp[0, slots] = cache_feeds["optc.key_position_ids"][0]
+            feeds["optc.key_position_ids"] = kp
+        for seg, cap in zip(self.segments, caps):
+            for name, per_index in seg["inputs"].items():
+                arr = cache_feeds[name]
+                padded = np.zeros(arr.shape[:2] + (cap // per_index,) + arr.shape[3:], arr.dtype)
+                padded[:, :, : arr.shape[2]] = arr
+                feeds[name] = padded
+        args = [tvm.runtime.tensor(feeds[name], self.device) for name in bucket["inputs"]]
+        args += [self._weights[p] for p in bucket["params"]]
+        out = self._function(bucket["name"])(*args)
+        out = [o.numpy() for o in out]
+        logits = out[0][:, :n]
+        kv = out[1:1 + 2 * self.n_layers]
+        new_k = [a[:, :, :n] for a in kv[0::2]]
+        new_v = [a[:, :, :n] for a in kv[1::2]]
+        attention = None
+        if self.has_attention:
+            attention = [a[:, :, :n][..., slots] for a in out[1 + 2 * self.n_layers:]]
+        return logits, new_k, new_v, attention
