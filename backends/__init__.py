@@ -1,7 +1,7 @@
 """Backends lower the canonical, pass-rewritten graph for a target and write it into an artifact.
 
-Each backend module has `compile(model, info, out_dir, target, *, kv_cache, options, log) -> dict`,
-the manifest's `backend` section. The NPU backend comes with its issue.
+Each backend module has `compile(model, info, out_dir, target, *, kv_cache, prefill, options, log)
+-> dict`, the manifest's `backend` section (`prefill`: what block-sparse prefill needs, or None). The NPU backend comes with its issue.
 """
 
 from optc.errors import OptcError

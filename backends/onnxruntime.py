@@ -39,7 +39,8 @@ def expose_new_kv(model: ir.Model, info) -> list[list[str]]:
     return names
 
 
-def compile(model: ir.Model, info, out_dir: Path, target: str, *, kv_cache=None, options=None, log=print) -> dict:
+def compile(model: ir.Model, info, out_dir: Path, target: str, *, kv_cache=None, prefill=None, options=None,
+            log=print) -> dict:
     if target not in PROVIDERS:
         raise OptcError(f"--target {target}: the onnxruntime backend supports {', '.join(PROVIDERS)} "
                         f"(the NPU target comes with the quantised outlier-splitting work)")

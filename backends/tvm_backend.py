@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from optc.backends.onnxruntime import expose_new_kv
-from optc.backends.tvm_lowering import legalize, specialize
+from optc.backends.tvm_lowering import fold_weight_transposes, legalize, specialize
 from optc.backends.tvm_shapes import DEFAULT_CACHE, DEFAULT_PREFILL, cache_segments, input_shapes, plan_buckets
 from optc.errors import OptcError
 
@@ -35,6 +35,7 @@ DEFAULT_TRIALS = 1000
 SHARED_MIN_ELEMENTS = 1024
 # Legalising an ONNX Gather prints this once per function; optc's gathers index the embedding
 # with token ids the runtime has already checked against the vocabulary.
+SPARSE_IF_SUFFIX = "/block_sparse_if"  # passes/sparse_attention.py names its If nodes so
 KNOWN_NATIVE_WARNINGS = ("Fast mode segfaults when there are out-of-bounds indices",)
 DEFAULT_TIME_LIMIT = 600.0
 
@@ -44,19 +45,16 @@ def import_tvm():
     if loaded is not None and getattr(loaded, "_optc_runtime_only", False):
         raise OptcError("--backend tvm: this process loaded a TVM artifact with the TVM runtime library only, "
                         "and TVM's compiler cannot be loaded next to it; compile in a fresh process")
-    hide_torch = "torch" not in sys.modules  # tvm_ffi imports torch if it can; the compiler never needs it
-    if hide_torch:
-        sys.modules["torch"] = None
+    from optc.runtime.tvm_executor import torch_hidden
+
     try:
-        import tvm
-        from tvm import relax  # noqa: F401
-        from tvm.relax.frontend.onnx import from_onnx  # noqa: F401
+        with torch_hidden():
+            import tvm
+            from tvm import relax  # noqa: F401
+            from tvm.relax.frontend.onnx import from_onnx  # noqa: F401
     except ImportError as e:
         raise OptcError(f"--backend tvm: TVM is not installed ({e}); pip install 'optc[tvm]' "
                         f"({TVM_REQUIREMENT})") from None
-    finally:
-        if hide_torch:
-            del sys.modules["torch"]
     import tvm_ffi
 
     version = getattr(tvm_ffi, "__version__", "")
@@ -113,6 +111,10 @@ def _import_bucket(proto, name: str, shared: set[str], log):
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise OptcError(f"tvm backend: TVM's ONNX importer rejects the lowered graph ({msg})") from None
     mod, params = relax.frontend.detach_params(mod)
+    extra = [gv.name_hint for gv in mod.functions if gv.name_hint != "main"]
+    if extra:  # buckets are merged into one module by their main function only
+        raise OptcError(f"tvm backend: importing the graph produced helper function {extra[0]!r}, which optc "
+                        f"cannot merge across shapes yet")
     func = mod["main"]
     n_inputs = len(proto.graph.input)
     init_names = [str(p.name) for p in func.params[n_inputs:]]
@@ -135,27 +137,30 @@ def _check_target(target: str) -> None:
         raise OptcError(f"--target {target}: the tvm backend supports cpu")
 
 
-def _prepare(model, info, kv_cache: dict, options: dict, log):
+def _prepare(model, info, kv_cache: dict, options: dict, log, prefill: dict | None = None):
     """Lower and import every bucket; returns (fused Relax module, target, buckets, weights,
     segments, kv_outputs, attention_outputs)."""
     tvm = import_tvm()
     from tvm import relax
 
-    if any(n.op_type == "If" for n in model.graph):
-        raise OptcError("tvm backend: the graph has If nodes (block_sparse prefill), which the TVM backend does "
-                        "not lower yet; compile block_sparse pipelines with --backend onnxruntime")
+    unknown_ifs = [n.name for n in model.graph if n.op_type == "If" and not n.name.endswith(SPARSE_IF_SUFFIX)]
+    if unknown_ifs:
+        raise OptcError(f"tvm backend: If node {unknown_ifs[0]!r} cannot be lowered (TVM's ONNX importer has no If; "
+                        f"optc lowers only block_sparse's prefill test)")
     kv_outputs = expose_new_kv(model, info)
     attention_outputs = sorted((v.name for v in model.graph.outputs if v.name.startswith("optc.attn.")),
                                key=lambda n: int(n.rsplit(".", 1)[1]))
     outputs = ["logits"] + [n for pair in kv_outputs for n in pair] + attention_outputs
     lowered = legalize(model, info)
+    folded = fold_weight_transposes(model)
     log(f"tvm: lowered {lowered['Attention']} Attention and {lowered['RotaryEmbedding']} RotaryEmbedding ops "
-        f"to primitive ops")
+        f"to primitive ops; pre-transposed {folded} weight(s)")
 
     segments = cache_segments(kv_cache, info.n_layers)
-    prefill = options.get("prefill_sizes") or list(DEFAULT_PREFILL)
+    sparse, prefill = prefill, options.get("prefill_sizes") or list(DEFAULT_PREFILL)
     cache = options.get("cache_sizes") or list(DEFAULT_CACHE)
-    buckets = plan_buckets(kv_cache, segments, prefill=prefill, cache=cache)
+    buckets = plan_buckets(kv_cache, segments, prefill=prefill, cache=cache,
+                           sparse_prefill_min=(sparse or {}).get("min_prefill_tokens"))
     declared = _graph_inputs(model)
     # the model's weights stay parameters (stored once, shared by every bucket); small constants
     # (masks, scalars) are bound into the functions
@@ -166,7 +171,7 @@ def _prepare(model, info, kv_cache: dict, options: dict, log):
     weights: dict[str, np.ndarray] = {}
     for i, bucket in enumerate(buckets):
         shapes = input_shapes(bucket, segments, declared)
-        proto = specialize(model, shapes, outputs)
+        proto = specialize(model, shapes, outputs, branch=bucket.get("branch"))
         func, inputs, params, arrays = _import_bucket(proto, bucket["name"], shared, log)
         functions[bucket["name"]] = func
         bucket.update({"inputs": inputs, "params": params})
@@ -197,21 +202,22 @@ def _tune(mod, target_json: dict, options: dict, log):
     return database, stats
 
 
-def tune(model, info, target: str, *, kv_cache: dict | None = None, options: dict | None = None, log=print) -> dict:
+def tune(model, info, target: str, *, kv_cache: dict | None = None, prefill: dict | None = None,
+         options: dict | None = None, log=print) -> dict:
     """`optc tune`: fill the tuning database for this model and config; builds nothing."""
     _check_target(target)
-    mod, target_json, *_ = _prepare(model, info, kv_cache or {"layout": "float"}, dict(options or {}), log)
+    mod, target_json, *_ = _prepare(model, info, kv_cache or {"layout": "float"}, dict(options or {}), log, prefill)
     _, stats = _tune(mod, target_json, dict(options or {}), log)
     return stats
 
 
-def compile(model, info, out_dir: Path, target: str, *, kv_cache: dict | None = None, options: dict | None = None,
-            log=print) -> dict:
+def compile(model, info, out_dir: Path, target: str, *, kv_cache: dict | None = None, prefill: dict | None = None,
+            options: dict | None = None, log=print) -> dict:
     options = dict(options or {})
     _check_target(target)
     t0 = time.perf_counter()
     mod, target_json, buckets, weights, segments, kv_outputs, attention_outputs = _prepare(
-        model, info, kv_cache or {"layout": "float"}, options, log)
+        model, info, kv_cache or {"layout": "float"}, options, log, prefill)
     from tvm import relax
     import tvm
 
@@ -241,6 +247,8 @@ def compile(model, info, out_dir: Path, target: str, *, kv_cache: dict | None = 
         # trials and times are in the compile log
         "tuning": {"tasks": stats["tasks"], "untunable": stats["untunable"], "database_key": stats["database_key"]},
         "segments": [s.to_dict() for s in segments],
+        # block-sparse prefill: buckets with "branch" are picked by the real prompt length
+        "sparse_prefill_min_tokens": (prefill or {}).get("min_prefill_tokens"),
         "buckets": buckets,
         "kv_outputs": kv_outputs,
         "attention_outputs": attention_outputs,

@@ -44,6 +44,9 @@ def _f32(t: tape.Tape, x: float) -> ir.Value:
 def _replace(graph: ir.Graph, node: ir.Node, t: tape.Tape, outputs: list[ir.Value | None]) -> None:
     for j, n in enumerate(t.nodes):
         n.name = f"{node.name}/lowered/{j}"
+        for k, out in enumerate(n.outputs):
+            # names unique across the graph and its If branches (inlining a branch merges them)
+            out.name = f"{n.name}:{k}"
     graph.insert_before(node, t.nodes)
     for old, new in zip(node.outputs, outputs):
         if new is None:
@@ -179,6 +182,33 @@ def _lower_rotary(graph: ir.Graph, node: ir.Node) -> None:
     _replace(graph, node, t, [out])
 
 
+def fold_weight_transposes(model: ir.Model) -> int:
+    """Replace Transpose(weight) by a transposed copy of the weight (e.g. a tied LM head reads
+    the embedding transposed). The weights reach TVM as function parameters, which constant
+    folding cannot see through, so the transpose would otherwise run on every call (4 ms per
+    decode step for this model's 4096x256 head)."""
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+            continue
+        src = node.inputs[0]
+        if src is None or not src.is_initializer() or src.const_value is None:
+            continue
+        perm = node.attributes.get_ints("perm", None)
+        array = src.const_value.numpy()
+        transposed = np.ascontiguousarray(np.transpose(array, perm))
+        name = f"{src.name}.transposed" + ("" if perm is None else "_" + "".join(map(str, perm)))
+        existing = model.graph.initializers.get(name)
+        if existing is None:
+            existing = ir.Value(name=name, shape=ir.Shape(transposed.shape), type=src.type,
+                                const_value=ir.tensor(transposed, name=name))
+            model.graph.register_initializer(existing)
+        ir.convenience.replace_all_uses_with(node.outputs[0], existing, replace_graph_outputs=True)
+        model.graph.remove(node, safe=True)
+        count += 1
+    return count
+
+
 def legalize(model: ir.Model, info) -> dict[str, int]:
     """Rewrite Attention / RotaryEmbedding (also inside If branches) into primitive ops.
     Returns how many of each were lowered."""
@@ -197,6 +227,10 @@ def legalize(model: ir.Model, info) -> dict[str, int]:
             elif node.op_type == "RotaryEmbedding":
                 _lower_rotary(graph, node)
                 counts["RotaryEmbedding"] += 1
+            elif node.op_type == "TopK" and node.attributes.get_int("sorted", 1) == 0:
+                # TVM's importer wants sorted output; "unsorted" leaves the order free, so sorted is
+                # a valid implementation of it (block-sparse selection does not depend on order)
+                node.attributes["sorted"] = ir.AttrInt64("sorted", 1)
 
     visit(model.graph)
     return counts
@@ -206,9 +240,11 @@ def copy_model(model: ir.Model) -> ir.Model:
     return ir.serde.deserialize_model(ir.serde.serialize_model(model))
 
 
-def specialize(model: ir.Model, shapes: dict[str, tuple[int, ...]], outputs: list[str]) -> onnx.ModelProto:
+def specialize(model: ir.Model, shapes: dict[str, tuple[int, ...]], outputs: list[str],
+               branch: str | None = None) -> onnx.ModelProto:
     """A copy of the (legalised) graph with static input shapes, only `outputs` (in that order),
-    and everything that depends only on shapes folded away."""
+    and everything that depends only on shapes folded away. `branch` ("sparse" / "dense") fixes
+    the condition of block-sparse prefill's If nodes, which folding then inlines."""
     import onnxscript.optimizer
 
     m = copy_model(model)
@@ -222,10 +258,30 @@ def specialize(model: ir.Model, shapes: dict[str, tuple[int, ...]], outputs: lis
         raise OptcError(f"tvm lowering: graph output {missing[0]!r} is missing")
     m.graph.outputs.clear()
     m.graph.outputs.extend(by_name[name] for name in outputs)
+    if branch is not None:
+        for node in m.graph:
+            if node.op_type == "If":
+                cond = ir.Value(name=f"{node.name}/fixed_cond", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.BOOL),
+                                const_value=ir.tensor(np.array(branch == "sparse")))
+                m.graph.register_initializer(cond)
+                node.replace_input_with(0, cond)
     # constant folding only (the optimizer's pattern rewrites cost seconds per bucket and buy
     # nothing that TVM's fusion does not); folding also inlines an If with a constant condition
     for _ in range(2):
         if not onnxscript.optimizer.fold_constants(m, onnx_shape_inference=True).modified:
             break
+    _drop_zero_pads(m)
     ir.passes.common.RemoveUnusedNodesPass()(m)
     return ir.serde.serialize_model(m)
+
+
+def _drop_zero_pads(model: ir.Model) -> None:
+    """A Pad whose pads are all zero (block-sparse prefill padding a prompt that is already a
+    whole number of blocks) is an identity; TVM's importer would emit a TE function for it."""
+    for node in list(model.graph):
+        if node.op_type != "Pad" or len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        pads = node.inputs[1].const_value
+        if pads is not None and not pads.numpy().any() and len(node.inputs) < 4:
+            ir.convenience.replace_all_uses_with(node.outputs[0], node.inputs[0], replace_graph_outputs=True)
+            model.graph.remove(node, safe=True)

@@ -62,15 +62,19 @@ def _round_up(x: int, m: int) -> int:
 
 
 def plan_buckets(kv_cache: dict, segments: list[Segment], *, prefill=DEFAULT_PREFILL, cache=DEFAULT_CACHE,
-                 continuation: int = CONTINUATION_TOKENS) -> list[dict]:
+                 continuation: int = CONTINUATION_TOKENS, sparse_prefill_min: int | None = None) -> list[dict]:
     """The buckets to compile: prefill into an empty cache (segments exactly 0 long, so graphs
     that test for an empty cache, like block-sparse prefill, take the same branch as with ONNX
     Runtime), then decode (1 token) and continuation (`continuation` tokens) at each cache
-    capacity. Evicting caches get capacities up to their bound only."""
+    capacity. Evicting caches get capacities up to their bound only.
+
+    With block-sparse prefill (`sparse_prefill_min`: the fewest prompt tokens that take the
+    sparse path), a prefill size that can hold such a prompt is compiled twice: its `If` fixed
+    to the sparse branch and to the dense one; the runtime picks by the real prompt length."""
     policy = kv_cache.get("policy") or {}
     capacities = sorted(set(cache))
-    # continuation capacities: the largest cache size, and the middle default where it is in range
-    cont = [c for c in CONTINUATION_CACHE if c < max(cache)] + [max(cache)]
+    # continuation capacities: the largest cache size, and the other defaults that were asked for
+    cont = [c for c in CONTINUATION_CACHE if c in capacities] + [max(capacities)]
     chunk = continuation
     if policy.get("kind") == "sink_window":
         bound = policy["sinks"] + policy["window"]
@@ -92,11 +96,21 @@ def plan_buckets(kv_cache: dict, segments: list[Segment], *, prefill=DEFAULT_PRE
                 out.append(_round_up(capacity, seg.granularity))
         return out
 
-    buckets = [{"name": f"prefill_{n}", "tokens": n, "segments": [0] * len(segments)} for n in sorted(set(prefill))]
+    buckets = []
+    for n in sorted(set(prefill)):
+        empty = [0] * len(segments)
+        if sparse_prefill_min is None:
+            buckets.append({"name": f"prefill_{n}", "tokens": n, "segments": empty})
+            continue
+        buckets.append({"name": f"prefill_{n}", "tokens": n, "segments": empty, "branch": "dense"})
+        if n >= sparse_prefill_min:  # whole blocks (min = 2 blocks): the branch's padding folds away
+            m = _round_up(n, sparse_prefill_min // 2)
+            buckets.append({"name": f"prefill_{m}_sparse", "tokens": m, "segments": empty, "branch": "sparse"})
+    dense = {"branch": "dense"} if sparse_prefill_min is not None else {}
     for c in sorted(set(capacities)):
-        buckets.append({"name": f"decode_{c}", "tokens": 1, "segments": sizes(c)})
+        buckets.append({"name": f"decode_{c}", "tokens": 1, "segments": sizes(c), **dense})
     for c in sorted(set(cont)):
-        buckets.append({"name": f"continue_{c}", "tokens": chunk, "segments": sizes(c)})
+        buckets.append({"name": f"continue_{c}", "tokens": chunk, "segments": sizes(c), **dense})
     return buckets
 
 

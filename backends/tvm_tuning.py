@@ -21,6 +21,7 @@ from optc.errors import OptcError
 # Tasks MetaSchedule cannot measure with random inputs: an embedding gather (`take`) reads out of
 # bounds with random indices and crashes the runner. They keep TVM's default schedule.
 UNTUNABLE = ("take", "gather")
+TASKS_PER_ROUND = 2
 
 
 def default_cache_dir() -> Path:
@@ -157,23 +158,33 @@ def tune(mod, target, database, *, trials: int, time_limit: float | None, trials
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     t0 = time.perf_counter()
     register_cpu_tensor_intrinsics()
+    budget = trials_per_task * len(todo)
+    progress = _Progress(todo, budget, time_limit, log)
+    # Tasks are tuned a few at a time: MetaSchedule reports a task's measurements only when its
+    # scheduler comes back to it, so one call over all tasks would give no progress and could not
+    # stop at the time limit. The cost model is shared, so what it learns carries over.
+    builder = ms.builder.LocalBuilder(f_build=fast_build, timeout_sec=60)
+    runner = ms.runner.LocalRunner(timeout_sec=30)
+    cost_model = ms.cost_model.XGBModel(num_warmup_samples=trials_per_task)
+    callbacks = [ms.measure_callback.AddToDatabase(), ms.measure_callback.RemoveBuildArtifact(),
+                 ms.measure_callback.UpdateCostModel(), progress.callback()]
     with tempfile.TemporaryDirectory(prefix="optc-tune-") as work_dir:
-        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(todo, work_dir, seed=0)
-        per_task = trials_per_task
-        budget = per_task * len(todo)
-        progress = _Progress(len(contexts), budget, time_limit, weights, log)
-        callbacks = [ms.measure_callback.AddToDatabase(), ms.measure_callback.RemoveBuildArtifact(),
-                     ms.measure_callback.UpdateCostModel(), progress.callback()]
         try:
-            ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir,
-                               max_trials_global=budget, max_trials_per_task=per_task,
-                               num_trials_per_iter=min(64, per_task),
-                               builder=ms.builder.LocalBuilder(f_build=fast_build, timeout_sec=60),
-                               runner=ms.runner.LocalRunner(timeout_sec=30), database=database,
-                               measure_callbacks=callbacks)
+            for start in range(0, len(todo), TASKS_PER_ROUND):
+                if progress.out_of_time():
+                    break
+                group = todo[start:start + TASKS_PER_ROUND]
+                progress.begin(start)
+                contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(group, work_dir,
+                                                                                         seed=start)
+                ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir,
+                                   max_trials_global=trials_per_task * len(group),
+                                   max_trials_per_task=trials_per_task, num_trials_per_iter=trials_per_task,
+                                   builder=builder, runner=runner, database=database, cost_model=cost_model,
+                                   measure_callbacks=callbacks)
         except Exception as e:
-            name = contexts[progress.current].task_name if progress.current is not None else "?"
-            raise OptcError(f"tuning failed in workload {name!r} ({str(e).splitlines()[0]})") from None
+            raise OptcError(f"tuning failed in workload {progress.current_name()!r} "
+                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         finally:
             progress.close()
     stats["trials"] = progress.trials
@@ -185,9 +196,11 @@ def tune(mod, target, database, *, trials: int, time_limit: float | None, trials
 class _Progress:
     """Trials done, the estimated total latency of the tuned tasks, and the time limit."""
 
-    def __init__(self, n_tasks: int, trials: int, time_limit: float | None, weights, log):
-        self.best = [None] * n_tasks
-        self.weights = list(weights)
+    def __init__(self, tasks, trials: int, time_limit: float | None, log):
+        self.tasks = tasks
+        self.best = [None] * len(tasks)
+        self.weights = [t.weight for t in tasks]
+        self.offset = 0  # index of the current round's first task
         self.trials, self.total = 0, trials
         self.time_limit, self.start = time_limit, time.perf_counter()
         self.timed_out, self.current = False, None
@@ -201,12 +214,29 @@ class _Progress:
             self.bar_task = self.bar.add_task("tune", total=trials, best="")
             self.bar.start()
 
+    def begin(self, offset: int) -> None:
+        self.offset = offset
+        self.current = offset
+
+    def current_name(self) -> str:
+        return self.tasks[self.current].task_name if self.current is not None else "?"
+
+    def out_of_time(self) -> bool:
+        elapsed = time.perf_counter() - self.start
+        if self.time_limit is not None and elapsed > self.time_limit:
+            self.timed_out = True
+            done = sum(b is not None for b in self.best)
+            self.log(f"tuning: time limit of {self.time_limit:.0f}s reached after {self.trials} trials; "
+                     f"{len(self.best) - done} tasks left untuned (what was measured is in the database)")
+            return True
+        return False
+
     def estimate(self) -> str:
         done = [(b, w) for b, w in zip(self.best, self.weights) if b is not None]
         if not done:
             return "no valid measurement yet"
-        return (f"tuned tasks sum to {sum(b * w for b, w in done) * 1e3:.3f} ms per call of every bucket "
-                f"({len(done)}/{len(self.best)} tasks measured)")
+        return (f"best latencies of the {len(done)}/{len(self.best)} tuned tasks, times their use, sum to "
+                f"{sum(b * w for b, w in done) * 1e3:.2f} ms")
 
     def callback(self):
         from tvm.ir.utils import derived_object
@@ -222,24 +252,19 @@ class _Progress:
         return _Callback()
 
     def on_results(self, scheduler, task_id: int, runner_results) -> None:
-        self.current = task_id
+        index = self.offset + task_id
+        self.current = index
         self.trials += len(runner_results)
         for r in runner_results:
             if r.error_msg is None and r.run_secs:
                 secs = sum(float(s) for s in r.run_secs) / len(r.run_secs)
-                if self.best[task_id] is None or secs < self.best[task_id]:
-                    self.best[task_id] = secs
+                if self.best[index] is None or secs < self.best[index]:
+                    self.best[index] = secs
         elapsed = time.perf_counter() - self.start
         if self.bar is not None:
             self.bar.update(self.bar_task, completed=min(self.trials, self.total), best=self.estimate())
         else:
             self.log(f"tuning: {self.trials}/{self.total} trials, {elapsed:.0f}s; {self.estimate()}")
-        if self.time_limit is not None and elapsed > self.time_limit and not self.timed_out:
-            self.timed_out = True
-            self.log(f"tuning: time limit of {self.time_limit:.0f}s reached after {self.trials} trials; "
-                     f"stopping (what was measured is kept in the database)")
-            for i in range(len(self.best)):
-                scheduler.terminate_task(i)
 
     def close(self) -> None:
         if self.bar is not None:

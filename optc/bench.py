@@ -175,7 +175,7 @@ def _run_worker(engine: str, path: Path, ids_file: Path, lengths, decode_tokens,
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_bench(artifact, *, original=None, hf_dir=None, json_path=None, plot_path=None,
+def run_bench(artifact, *, original=None, baseline=None, hf_dir=None, json_path=None, plot_path=None,
               prompt_lengths=(128, 512, 1024), decode_tokens=32, decode_contexts=DECODE_CONTEXTS, log=print) -> dict:
     from optc.runtime import load
 
@@ -183,6 +183,8 @@ def run_bench(artifact, *, original=None, hf_dir=None, json_path=None, plot_path
     m = load(artifact)  # verifies the artifact once; its tokenizer tokenises for every engine
     manifest = m.manifest
     runs = [("artifact", artifact)]
+    if baseline:  # another artifact, e.g. the same graph compiled for ONNX Runtime
+        runs.append(("artifact", Path(baseline)))
     if original:
         runs.append(("onnxruntime", Path(original)))
     if hf_dir:
@@ -200,6 +202,9 @@ def run_bench(artifact, *, original=None, hf_dir=None, json_path=None, plot_path
         ids_file.write_text(json.dumps(ids[:need]))
         results = [_run_worker(name, path, ids_file, list(prompt_lengths), decode_tokens, contexts, log)
                    for name, path in runs]
+    for (name, path), r in zip(runs, results):
+        if name == "artifact":  # label artifacts by backend: a TVM and an ONNX Runtime build may be compared
+            r["engine"] = f"artifact ({json.loads((path / 'manifest.json').read_text())['backend']['name']})"
     report = {"artifact": str(artifact), "passes": [p["name"] for p in manifest["passes"]],
               "prompt_lengths": list(prompt_lengths), "decode_tokens": decode_tokens, "decode_contexts": contexts,
               "results": results}

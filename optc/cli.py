@@ -17,6 +17,7 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 def log(msg: str) -> None:
     console.print(msg)
+    console.file.flush()  # progress of long work (tuning) shows up in piped logs as it happens
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -208,6 +209,8 @@ def run(artifact, prompt, max_new_tokens, temperature, top_k, top_p, seed):
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--original", type=click.Path(path_type=Path), help="original ONNX model to compare against")
+@click.option("--baseline", type=click.Path(path_type=Path),
+              help="another artifact to compare against (e.g. the same config compiled for the other backend)")
 @click.option("--hf", "hf_dir", type=click.Path(path_type=Path), help="HF checkpoint for the PyTorch eager column")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="write the results as JSON")
 @click.option("--plot", type=click.Path(path_type=Path), help="write a PNG plot")
@@ -215,7 +218,7 @@ def run(artifact, prompt, max_new_tokens, temperature, top_k, top_p, seed):
 @click.option("--decode-tokens", default=32, show_default=True)
 @click.option("--decode-contexts", default="128,2048", show_default=True,
               help="tokens already in context when decode speed is measured")
-def bench(artifact, original, hf_dir, json_path, plot, prompt_lengths, decode_tokens, decode_contexts):
+def bench(artifact, original, baseline, hf_dir, json_path, plot, prompt_lengths, decode_tokens, decode_contexts):
     """Benchmark ARTIFACT: TTFT, decode tokens/s, KV bytes, peak RSS (vs the original model)."""
     from optc.bench import run_bench
 
@@ -228,7 +231,7 @@ def bench(artifact, original, hf_dir, json_path, plot, prompt_lengths, decode_to
             raise OptcError(f"{option}: expected comma-separated positive integers, got {text!r}")
         return values
 
-    run_bench(artifact, original=original, hf_dir=hf_dir, json_path=json_path, plot_path=plot,
+    run_bench(artifact, original=original, baseline=baseline, hf_dir=hf_dir, json_path=json_path, plot_path=plot,
               prompt_lengths=ints(prompt_lengths, "--prompt-lengths"), decode_tokens=decode_tokens,
               decode_contexts=ints(decode_contexts, "--decode-contexts"), log=log)
 

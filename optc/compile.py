@@ -77,6 +77,7 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
     with staging_dir(out) as staging:
         kv_cache = {"layout": "float", "positions": "absolute", **context.runtime.get("kv_cache", {})}
         backend_section = backend_mod.compile(model, info, staging, target, kv_cache=kv_cache,
+                                              prefill=context.runtime.get("block_sparse"),
                                               options=backend_options, log=log)
         shutil.copyfile(tok_path, staging / "tokenizer.json")
         manifest = {
@@ -122,7 +123,8 @@ def tune_model(model_path, *, config_path=None, target: str = "cpu", backend_opt
     context = PassContext(target=target, decoder=info)
     run_pipeline(model, config, registry, context, log=log)
     kv_cache = {"layout": "float", "positions": "absolute", **context.runtime.get("kv_cache", {})}
-    stats = tvm_backend.tune(model, info, target, kv_cache=kv_cache, options=backend_options, log=log)
+    stats = tvm_backend.tune(model, info, target, kv_cache=kv_cache, prefill=context.runtime.get("block_sparse"),
+                             options=backend_options, log=log)
     log(f"tuning database: {stats['database_key']} ({stats['tasks']} tasks: {stats['from_database']} known, "
         f"{stats['new_tasks']} new, {stats['trials']} trials in {stats['seconds']:.0f}s)")
     return stats

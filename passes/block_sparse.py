@@ -11,8 +11,9 @@ to `budget_blocks` in all, scored cheaply by the dot product of mean-pooled quer
 enter the QK^T, softmax and PV products: dropped blocks are never computed. Token-level causality
 is applied inside the selected blocks.
 
-Assumes an unpadded batch (the runtime runs batch 1): the original attention mask is not
-consulted in the sparse branch.
+Batch 1. The attention mask matters in one way only: query rows it masks out (padding that a
+static-shape backend appends after the prompt) are zeroed before pooling, so they cannot change
+which blocks the real queries select. Unpadded, the mask is all ones and this changes nothing.
 """
 
 from __future__ import annotations
@@ -36,12 +37,14 @@ def _c(t: tape.Tape, value) -> ir.Value:
 
 def block_sparse_branch(q: ir.Value, k: ir.Value, v: ir.Value, *, q_heads: int, kv_heads: int, head_dim: int,
                         scale: float, block: int, sink_blocks: int, local_blocks: int, budget_blocks: int,
-                        prefix: str) -> ir.Graph:
+                        prefix: str, mask: ir.Value | None = None) -> ir.Graph:
     """A graph (no inputs; reads q, k, v from the outer scope) computing block-sparse causal
     attention for q [B, Hq, S, D] over k, v [B, Hkv, S, D] (empty cache: keys = queries' tokens)."""
     t = tape.Tape()
     rep = q_heads // kv_heads
     i64 = lambda *xs: _c(t, np.array(xs, np.int64))  # noqa: E731
+    if mask is not None:  # [B, T] with T == S (empty cache) -> [B, 1, S, 1]
+        q = t.op("Mul", [q, t.op("Unsqueeze", [t.op("Cast", [mask], {"to": ir.DataType.FLOAT}), i64(1, 3)])])
     seq = t.op("Slice", [t.op("Shape", [q]), i64(2), i64(3)])                       # [S]
     pad = t.op("Mod", [t.op("Sub", [i64(block), t.op("Mod", [seq, i64(block)])]), i64(block)])
     pads = t.op("Concat", [i64(0, 0, 0, 0, 0, 0), pad, i64(0)], {"axis": 0})

@@ -120,6 +120,7 @@ class SparseAttention(OptcPass):
                                           "needs")
         graph = model.graph
         nodes = {n.name: n for n in graph}
+        mask = next((v for v in graph.inputs if v.name == "attention_mask"), None)
         changed = False
         for layer in info.layers:
             attn = nodes.get(layer.attention)
@@ -137,7 +138,7 @@ class SparseAttention(OptcPass):
             then = block_sparse_branch(q, k, v, q_heads=info.num_heads, kv_heads=info.kv_heads,
                                        head_dim=info.head_dim, scale=float(scale), block=o.block_size,
                                        sink_blocks=o.sink_blocks, local_blocks=o.local_blocks,
-                                       budget_blocks=o.budget_blocks, prefix=attn.name)
+                                       budget_blocks=o.budget_blocks, prefix=attn.name, mask=mask)
             dense = ir.Node("", "Attention", list(attn.inputs), attributes=list(attn.attributes.values()),
                             num_outputs=1, name=f"{attn.name}/dense")
             dense.outputs[0].name = f"{attn.name}/dense/out"
@@ -153,6 +154,9 @@ class SparseAttention(OptcPass):
             wrapped.outputs[0].name, wrapped.outputs[0].shape, wrapped.outputs[0].type = out_name, out_shape, out_type
             layer.attention = wrapped.name
             changed = True
+        # static-shape backends compile the sparse and the dense prefill separately and pick by
+        # the real prompt length (the If tests the padded one)
+        self.context.runtime["block_sparse"] = {"min_prefill_tokens": 2 * o.block_size}
         return ir.passes.PassResult(model, changed)
 
     def _sink_window(self, model: ir.Model) -> ir.passes.PassResult:

@@ -10,6 +10,7 @@ Each step is padded into the cheapest compiled bucket that holds it:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -21,31 +22,40 @@ from optc.runtime.artifact import ArtifactError, artifact_file
 _tvm = None
 
 
+@contextlib.contextmanager
+def torch_hidden():
+    """tvm_ffi imports torch whenever it is installed (~3 s, ~400 MB) although neither the TVM
+    runtime fed with numpy nor TVM's compiler needs it: hide it while `tvm` is imported (unless
+    torch is loaded already). Apps can still import torch afterwards."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+    try:
+        yield
+    finally:
+        if hide:
+            del sys.modules["torch"]
+
+
 def import_tvm_runtime():
-    """`tvm` with the runtime library only. tvm_ffi imports torch whenever it is installed
-    (~3 s, ~400 MB) although a numpy-fed runtime never needs it: the import is hidden for the
-    duration (if torch is not loaded already), and apps can still import torch afterwards."""
+    """`tvm` with the runtime library only (and without torch, see torch_hidden)."""
     global _tvm
     if _tvm is not None:
         return _tvm
     fresh = "tvm" not in sys.modules  # else the compiler (full TVM) is loaded already: use it
-    hide_torch = fresh and "torch" not in sys.modules
     env_before = os.environ.get("TVM_USE_RUNTIME_LIB")
     if fresh:
         # read when tvm is imported; restored afterwards so that child processes (MetaSchedule's
         # workers, say) still get the full library
         os.environ["TVM_USE_RUNTIME_LIB"] = "1"
-    if hide_torch:
-        sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
     try:
-        import tvm
-        from tvm.runtime import vm  # noqa: F401
+        with torch_hidden():
+            import tvm
+            from tvm.runtime import vm  # noqa: F401
     except ImportError as e:
         raise ArtifactError(f"this artifact needs the TVM runtime, which is not installed ({e}); "
                             f"pip install 'optc[tvm]'") from None
     finally:
-        if hide_torch:
-            del sys.modules["torch"]
         if fresh:
             if env_before is None:
                 os.environ.pop("TVM_USE_RUNTIME_LIB", None)
@@ -83,6 +93,7 @@ class TvmExecutor:
             raise ArtifactError(f"{params_path}: cannot read parameters ({e})") from None
         self._weights = {name: tvm.runtime.tensor(arr, self.device) for name, arr in weights.items()}
         self.segments = backend["segments"]
+        self.sparse_min = backend.get("sparse_prefill_min_tokens")
         self.buckets = backend["buckets"]
         for b in self.buckets:
             missing = [p for p in b["params"] if p not in self._weights]
@@ -102,10 +113,14 @@ class TvmExecutor:
             out.append(cache_feeds[name].shape[2] * per_index)
         return out
 
-    def _fits(self, bucket: dict, lengths: list[int]) -> bool:
+    def _fits(self, bucket: dict, lengths: list[int], n: int | None = None) -> bool:
         if not any(bucket["segments"]) and any(lengths):
             return False
-        return all(cap >= n for cap, n in zip(bucket["segments"], lengths))
+        if n is not None and "branch" in bucket:  # block-sparse prefill: the branch the real prompt takes
+            sparse = not any(lengths) and n >= self.sparse_min
+            if (bucket["branch"] == "sparse") != sparse:
+                return False
+        return all(cap >= length for cap, length in zip(bucket["segments"], lengths))
 
     def step_limit(self, cache_feeds: dict) -> int:
         """The most new tokens one step can take with the cache as it is."""
@@ -118,7 +133,7 @@ class TvmExecutor:
         return max(fitting)
 
     def _choose(self, n: int, lengths: list[int]) -> dict:
-        fitting = [b for b in self.buckets if b["tokens"] >= n and self._fits(b, lengths)]
+        fitting = [b for b in self.buckets if b["tokens"] >= n and self._fits(b, lengths, n)]
         if not fitting:
             raise ArtifactError(f"no compiled TVM shape takes {n} new tokens over a cache of {sum(lengths)} "
                                 f"(the runtime asks step_limit() first; this is a bug)")

@@ -166,7 +166,7 @@ def test_bench_table_json_and_plot(tmp_path, identity_artifact, exported_decoder
                               "--prompt-lengths", "16,64", "--decode-tokens", "4"], capsys)
     assert code == 0, err
     report = json.loads(j.read_text())
-    assert [r["engine"] for r in report["results"]] == ["artifact", "onnxruntime"]
+    assert [r["engine"] for r in report["results"]] == ["artifact (onnxruntime)", "onnxruntime"]
     for r in report["results"]:
         assert set(r["ttft_ms"]) == {"16", "64"} and set(r["decode_ms_per_token"]) == {"128", "2048"}
         assert r["kv_bytes"] == 2 * 6 * 2 * 32 * 4 * (128 + 4)  # layers, K+V, kv heads, head dim, fp32

@@ -1,7 +1,7 @@
 """TVM backend: lowering, static-shape buckets, artifacts the TVM runtime alone runs, tuning database.
 
 Correctness is TVM against ONNX Runtime on the *same* rewritten graph, for the identity pipeline
-and every pass that has landed (block_sparse excepted: a clear error for now). Compiles here use
+and every pass that has landed. Compiles here use
 `--tune-trials 0` and small buckets: untuned code is slow but exact, and CI time stays short.
 """
 
@@ -27,6 +27,8 @@ PIPELINES = {
     "int4_kv": [{"name": "kv_cache_compression", "bits": 4}],
     "h2o": [{"name": "kv_cache_compression", "eviction": {"budget": 48, "sinks": 4, "recent": 8}}],
     "sink_window": [{"name": "sparse_attention", "mode": "sink_window", "sinks": 4, "window": 44}],
+    # blocks of 16 so that a 100-token prompt takes the sparse path and drops blocks
+    "block_sparse": [{"name": "sparse_attention", "mode": "block_sparse", "block_size": 16, "budget_blocks": 4}],
     "sink_window_int8": [{"name": "sparse_attention", "mode": "sink_window", "sinks": 4, "window": 44},
                          {"name": "kv_cache_compression", "bits": 8, "key_quant": "per_token"}],
 }
@@ -101,6 +103,10 @@ def test_tvm_matches_onnxruntime_on_the_same_graph(name, exported_decoder, tmp_p
         assert tvm.cache.length <= 48
     if name.startswith("sink_window"):
         assert tvm.cache.length <= 48
+    if name == "block_sparse":  # the prompts ran through the sparse variant of the prefill
+        assert any(b["name"].endswith("_sparse") for b in manifest["backend"]["buckets"])
+        assert tvm.executor._choose(100, [0])["name"] == "prefill_128_sparse"
+        assert tvm.executor._choose(20, [0])["branch"] == "dense"
 
 
 @pytest.fixture(scope="module")
@@ -160,16 +166,6 @@ def test_tuning_database_makes_recompiles_trial_free_and_identical(exported_deco
     assert a["files"] == b["files"]  # byte-identical library, parameters and manifest inputs
 
 
-def test_block_sparse_is_a_clear_error(exported_decoder, tmp_path, capsys):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("passes:\n  - name: sparse_attention\n    mode: block_sparse\n")
-    out = tmp_path / "out"
-    code, _, err = run_cli(["compile", exported_decoder, "-c", cfg, "-o", out, "--backend", "tvm",
-                            "--tune-trials", "0"], capsys)
-    assert code == 2 and err.count("\n") == 1 and "If" in err and "Traceback" not in err, err
-    assert not out.exists()
-
-
 def test_tvm_options_need_the_tvm_backend(exported_decoder, tmp_path, capsys):
     code, _, err = run_cli(["compile", exported_decoder, "-o", tmp_path / "o", "--tune-trials", "5"], capsys)
     assert code == 2 and "--tune-trials: only for --backend tvm" in err
@@ -190,3 +186,41 @@ def test_onnxruntime_backend_works_without_tvm(exported_decoder, tmp_path):
     bad = cli("compile", exported_decoder, "-o", tmp_path / "tvm", "--backend", "tvm")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "TVM is not installed" in bad.stderr, bad.stderr
     assert not (tmp_path / "tvm").exists()
+
+
+def test_bucket_plans():
+    """Which static shapes get compiled, per cache layout and policy (no TVM needed)."""
+    from optc.backends.tvm_shapes import cache_segments, input_shapes, plan_buckets
+
+    float_segments = cache_segments({"layout": "float"}, 2)
+    names = [b["name"] for b in plan_buckets({"layout": "float"}, float_segments)]
+    assert names == ["prefill_32", "prefill_128", "prefill_512", "decode_128", "decode_256", "decode_512",
+                     "decode_1024", "decode_2048", "continue_512", "continue_2048"]
+    # an evicting cache never holds more than sinks + window: capacities stop at that bound
+    sw = {"layout": "float", "policy": {"kind": "sink_window", "sinks": 4, "window": 252}}
+    plan = plan_buckets(sw, float_segments)
+    assert [b["name"] for b in plan if not b["name"].startswith("prefill")] == ["decode_128", "decode_256",
+                                                                                "continue_256"]
+    assert plan[-1]["tokens"] == 126  # the runtime fills the window half a window at a time
+    # KIVI: stored groups (per-channel key scales cover `group` tokens) + a residual segment
+    kivi = {"layout": "kivi", "bits": 4, "group_size": 64, "residual": 32, "symmetric": False,
+            "key_quant": "per_channel"}
+    segs = cache_segments(kivi, 1)
+    assert [s.name for s in segs] == ["stored", "residual"]
+    assert segs[0].inputs["past_key_values.0.key.scale"] == 64 and segs[0].inputs["past_key_values.0.value.scale"] == 1
+    decode = next(b for b in plan_buckets(kivi, segs, cache=[128]) if b["name"] == "decode_128")
+    assert decode["segments"] == [128, 96]
+    declared = {"input_ids": ("batch", "seq"), "attention_mask": ("batch", "total"),
+                "position_ids": ("batch", "seq"),
+                "past_key_values.0.key.q": ("batch", 2, "q", 16), "past_key_values.0.key.scale": ("batch", 2, "g", 32),
+                "past_key_values.0.key.zero": ("batch", 2, "g", 32),
+                "past_key_values.0.key.residual": ("batch", 2, "r", 32),
+                "past_key_values.0.value.q": ("batch", 2, "q", 16),
+                "past_key_values.0.value.scale": ("batch", 2, "q", 1),
+                "past_key_values.0.value.zero": ("batch", 2, "q", 1),
+                "past_key_values.0.value.residual": ("batch", 2, "r", 32)}
+    shapes = input_shapes(decode, segs, declared)
+    assert shapes["attention_mask"] == (1, 128 + 96 + 1)
+    assert shapes["past_key_values.0.key.scale"] == (1, 2, 2, 32)      # 128 tokens / groups of 64
+    assert shapes["past_key_values.0.value.scale"] == (1, 2, 128, 1)
+    assert shapes["past_key_values.0.key.residual"] == (1, 2, 96, 32)
