@@ -175,8 +175,7 @@ def tune(mod, target, database, *, trials: int, time_limit: float | None, trials
                     break
                 group = todo[start:start + TASKS_PER_ROUND]
                 progress.begin(start)
-                contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(group, work_dir,
-                                                                                         seed=start)
+                contexts, weights = _tune_contexts(group, seed=start)
                 ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir,
                                    max_trials_global=trials_per_task * len(group),
                                    max_trials_per_task=trials_per_task, num_trials_per_iter=trials_per_task,
@@ -191,6 +190,25 @@ def tune(mod, target, database, *, trials: int, time_limit: float | None, trials
     stats["seconds"] = round(time.perf_counter() - t0, 1)
     stats["stopped_by_time_limit"] = progress.timed_out
     return stats
+
+
+def _tune_contexts(tasks, seed: int):
+    """MetaSchedule's extracted_tasks_to_tune_contexts without its loggers: those print a task
+    table and every batch to stdout (optc reports progress itself) and a log directory line."""
+    import logging
+
+    import numpy as np
+    from tvm.s_tir import meta_schedule as ms
+
+    quiet = logging.getLogger("optc.tvm_tuning.tasks")
+    if not quiet.handlers:
+        quiet.addHandler(logging.NullHandler())
+        quiet.propagate = False
+    seeds = np.random.RandomState(seed=seed).randint(1, 2 ** 30, size=len(tasks)).tolist()
+    contexts = [ms.TuneContext(mod=t.dispatched[0], target=t.target, space_generator="post-order-apply",
+                               search_strategy="evolutionary", task_name=t.task_name, logger=quiet,
+                               rand_state=s, num_threads="physical").clone() for t, s in zip(tasks, seeds)]
+    return contexts, [float(t.weight) for t in tasks]
 
 
 class _Progress:
