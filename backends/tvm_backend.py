@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -94,14 +95,12 @@ def _graph_inputs(model) -> dict[str, tuple]:
     return {v.name: tuple(d if isinstance(d, int) else str(d) for d in v.shape) for v in model.graph.inputs}
 
 
-def _import_bucket(proto, name: str, shared: set[str], log):
+def _import_bucket(proto, name: str, shared: set[str]):
     """One bucket's Relax function: inputs first, then the shared weights it uses (by name);
     constants the specialisation folded are bound into the function."""
     import tvm
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
-
-    import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Renaming name past_key_values.0.key to ..." per input
@@ -129,8 +128,8 @@ def _import_bucket(proto, name: str, shared: set[str], log):
 
 def _check_target(target: str) -> None:
     if target == "npu":
-        raise OptcError("--target npu: the tvm backend generates CPU and GPU code; the NPU target comes with "
-                        "the quantised outlier-splitting work")
+        raise OptcError("--target npu: the NPU target comes with the quantised outlier-splitting work "
+                        "(the tvm backend generates CPU code)")
     if target == "gpu":
         raise OptcError("--target gpu: CUDA code generation for the tvm backend is not implemented yet")
     if target != "cpu":
@@ -172,7 +171,7 @@ def _prepare(model, info, kv_cache: dict, options: dict, log, prefill: dict | No
     for i, bucket in enumerate(buckets):
         shapes = input_shapes(bucket, segments, declared)
         proto = specialize(model, shapes, outputs, branch=bucket.get("branch"))
-        func, inputs, params, arrays = _import_bucket(proto, bucket["name"], shared, log)
+        func, inputs, params, arrays = _import_bucket(proto, bucket["name"], shared)
         functions[bucket["name"]] = func
         bucket.update({"inputs": inputs, "params": params})
         weights.update(arrays)
