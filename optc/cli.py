@@ -117,8 +117,8 @@ def tvm_options(f):
     """Options of the TVM backend (compile and tune)."""
     opts = [
         click.option("--tune-trials", type=click.IntRange(min=0), default=None,
-                     help="TVM: MetaSchedule trials for workloads not in the tuning database "
-                          "(default 1000; 0 = use the database only)"),
+                     help="TVM: tuning budget; it buys the heaviest tasks, 32 trials each, and those the "
+                          "database has already cost nothing (default 1000; 0 = use the database only)"),
         click.option("--tune-time-limit", type=click.FloatRange(min=1), default=None,
                      help="TVM: stop tuning after this many seconds (default 600)"),
         click.option("--tuning-cache", type=click.Path(path_type=Path), default=None,

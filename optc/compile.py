@@ -75,7 +75,7 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
     records = run_pipeline(model, config, registry, context, dump_dir=Path(dump_ir) if dump_ir else None, log=log)
 
     with staging_dir(out) as staging:
-        kv_cache = {"layout": "float", "positions": "absolute", **context.runtime.get("kv_cache", {})}
+        kv_cache = kv_cache_section(context)
         backend_section = backend_mod.compile(model, info, staging, target, kv_cache=kv_cache,
                                               prefill=context.runtime.get("block_sparse"),
                                               options=backend_options, log=log)
@@ -110,11 +110,18 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
     return full
 
 
+def kv_cache_section(context: PassContext) -> dict:
+    """The manifest's `kv_cache` section: what the passes ask of the runtime's cache."""
+    return {"layout": "float", "positions": "absolute", **context.runtime.get("kv_cache", {})}
+
+
 def tune_model(model_path, *, config_path=None, target: str = "cpu", backend_options: dict | None = None,
                log=print) -> dict:
     """`optc tune`: the compile's front half (canonicalise, passes), then TVM tuning only."""
     from optc.backends import tvm_backend
 
+    if (backend_options or {}).get("tune_trials") == 0:
+        raise OptcError("--tune-trials 0: optc tune has nothing to do without trials")
     registry = default_registry()
     config = load_config(config_path, registry) if config_path else PipelineConfig()
     log(f"loading {model_path}")
@@ -122,9 +129,8 @@ def tune_model(model_path, *, config_path=None, target: str = "cpu", backend_opt
     info = canonicalize(model)
     context = PassContext(target=target, decoder=info)
     run_pipeline(model, config, registry, context, log=log)
-    kv_cache = {"layout": "float", "positions": "absolute", **context.runtime.get("kv_cache", {})}
-    stats = tvm_backend.tune(model, info, target, kv_cache=kv_cache, prefill=context.runtime.get("block_sparse"),
-                             options=backend_options, log=log)
+    stats = tvm_backend.tune(model, info, target, kv_cache=kv_cache_section(context),
+                             prefill=context.runtime.get("block_sparse"), options=backend_options, log=log)
     log(f"tuning database: {stats['database_key']} ({stats['tasks']} tasks: {stats['from_database']} known, "
         f"{stats['new_tasks']} new, {stats['trials']} trials in {stats['seconds']:.0f}s)")
     return stats

@@ -74,7 +74,8 @@ class Model:
         n = len(ids)
         if self.policy and self.policy["kind"] == "sink_window":
             self._make_room(n)
-        limit = self.executor.step_limit(self.cache.feeds())
+        feeds = self.cache.feeds()
+        limit = self.executor.step_limit(feeds)
         if limit is not None and limit < n:
             n, ids = limit, ids[:limit]
         cached = self.cache.length
@@ -82,7 +83,6 @@ class Model:
         input_ids = np.asarray(ids, dtype=np.int64).reshape(1, n)
         position_ids = np.arange(first, first + n, dtype=np.int64).reshape(1, n)
         attention_mask = np.ones((1, cached + n), dtype=np.int64)
-        feeds = self.cache.feeds()
         if self.slot_positions:
             feeds["optc.key_position_ids"] = np.arange(cached + n, dtype=np.int64).reshape(1, -1)
         logits, new_k, new_v, attention = self.executor.run(input_ids, position_ids, attention_mask, feeds)
