@@ -152,18 +152,21 @@ def test_runtime_loads_tvm_artifact_with_the_runtime_library_only(cli_artifact):
 
 
 def test_tuning_database_makes_recompiles_trial_free_and_identical(exported_decoder, tmp_path, capsys):
+    """`optc tune` fills the database; compiles with the same budget then run no trials and
+    write byte-identical artifacts."""
     cache = tmp_path / "db"
-    args = ["--backend", "tvm", "--tune-trials", "8", "--tuning-cache", cache, "--prefill-sizes", "32",
-            "--cache-sizes", "64", "--verify-length", "64"]
-    code, first, err = run_cli(["compile", exported_decoder, "-o", tmp_path / "a", *args], capsys)
+    shapes = ["--tune-trials", "8", "--tuning-cache", cache, "--prefill-sizes", "32", "--cache-sizes", "64"]
+    code, tuned, err = run_cli(["tune", exported_decoder, *shapes], capsys)
     assert code == 0, err
-    assert "1 to tune now" in first and re.search(r"tuning: [1-9]\d* trials in", first), first
-    code, second, err = run_cli(["compile", exported_decoder, "-o", tmp_path / "b", *args], capsys)
-    assert code == 0, err
-    assert "0 to tune now" in second and "tuning: 0 trials" not in second, second
-    a = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    b = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert a["files"] == b["files"]  # byte-identical library, parameters and manifest inputs
+    assert "1 to tune now" in tuned and re.search(r"tuning: [1-9]\d* trials in", tuned), tuned
+    artifacts = []
+    for name in ("a", "b"):
+        code, out, err = run_cli(["compile", exported_decoder, "-o", tmp_path / name, "--backend", "tvm",
+                                  "--verify-length", "64", *shapes], capsys)
+        assert code == 0, err
+        assert "0 to tune now" in out and "trials in" not in out, out
+        artifacts.append(json.loads((tmp_path / name / "manifest.json").read_text()))
+    assert artifacts[0]["files"] == artifacts[1]["files"]  # byte-identical library, parameters
 
 
 def test_tvm_options_need_the_tvm_backend(exported_decoder, tmp_path, capsys):
