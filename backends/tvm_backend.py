@@ -123,7 +123,7 @@ def _import_bucket(proto, name: str, shared: set[str]):
         func = relax.transform.BindParams("main", folded)(tvm.IRModule({"main": func}))["main"]
     weight_names = [k for k in init_names if k in shared]
     return func.with_attr("global_symbol", name), [i.name for i in proto.graph.input], weight_names, \
-        {k: arrays[k].numpy() for k in weight_names}
+        {k: arrays[k] for k in weight_names}
 
 
 def _check_target(target: str) -> None:
@@ -174,7 +174,9 @@ def _prepare(model, info, kv_cache: dict, options: dict, log, prefill: dict | No
         func, inputs, params, arrays = _import_bucket(proto, bucket["name"], shared)
         functions[bucket["name"]] = func
         bucket.update({"inputs": inputs, "params": params})
-        weights.update(arrays)
+        for k, tensor in arrays.items():  # every bucket shares these: copy each out of TVM once
+            if k not in weights:
+                weights[k] = tensor.numpy()
         log(f"tvm: [{i + 1}/{len(buckets)}] imported {bucket['name']}: {bucket['tokens']} new tokens, cache "
             f"{'+'.join(map(str, bucket['segments']))} slots")
     mod = tvm.IRModule(functions)
