@@ -126,19 +126,29 @@ def _import_bucket(proto, name: str, shared: set[str]):
         {k: arrays[k] for k in weight_names}
 
 
-def _check_target(target: str) -> None:
+TUNING_OPTIONS = ("tune_trials", "tune_time_limit", "tuning_cache")
+
+
+def _check_target(target: str, options: dict) -> None:
     if target == "npu":
         raise OptcError("--target npu: the NPU target comes with the quantised outlier-splitting work "
-                        "(the tvm backend generates CPU code)")
+                        "(the tvm backend generates CPU and CUDA code)")
+    if target not in ("cpu", "gpu"):
+        raise OptcError(f"--target {target}: the tvm backend supports cpu and gpu")
     if target == "gpu":
-        raise OptcError("--target gpu: CUDA code generation for the tvm backend is not implemented yet")
-    if target != "cpu":
-        raise OptcError(f"--target {target}: the tvm backend supports cpu")
+        tuning = [k for k in TUNING_OPTIONS if options.get(k) is not None]
+        if tuning:
+            raise OptcError(f"--{tuning[0].replace('_', '-')}: --target gpu uses TVM's default GPU schedules "
+                            f"(dlight) and tunes nothing; tuning options are for --target cpu")
+    elif options.get("cuda_arch") is not None:
+        raise OptcError("--cuda-arch: only for --target gpu")
 
 
-def _prepare(model, info, kv_cache: dict, options: dict, log, prefill: dict | None = None):
-    """Lower and import every bucket; returns (fused Relax module, target, buckets, weights,
-    segments, kv_outputs, attention_outputs)."""
+def _prepare(model, info, kv_cache: dict, options: dict, log, prefill: dict | None = None, target: str = "cpu"):
+    """Lower and import every bucket; returns (Relax module, target JSON, buckets, weights,
+    segments, kv_outputs, attention_outputs). For the CPU the module is already legalised and
+    fused into TIR functions (what MetaSchedule tunes); for the GPU, CUDA's default pipeline
+    does that in the build."""
     tvm = import_tvm()
     from tvm import relax
 
@@ -180,6 +190,11 @@ def _prepare(model, info, kv_cache: dict, options: dict, log, prefill: dict | No
         log(f"tvm: [{i + 1}/{len(buckets)}] imported {bucket['name']}: {bucket['tokens']} new tokens, cache "
             f"{'+'.join(map(str, bucket['segments']))} slots")
     mod = tvm.IRModule(functions)
+    if target == "gpu":
+        from optc.backends import tvm_cuda
+
+        arch = tvm_cuda.check_arch(options.get("cuda_arch") or tvm_cuda.DEFAULT_ARCH)
+        return mod, tvm_cuda.cuda_target(arch), buckets, weights, segments, kv_outputs, attention_outputs
     target_json = cpu_target()
     tvm_target = tvm.target.Target(target_json)
     with tvm_target, native_warnings_filtered():
@@ -206,7 +221,10 @@ def _tune(mod, target_json: dict, options: dict, log):
 def tune(model, info, target: str, *, kv_cache: dict | None = None, prefill: dict | None = None,
          options: dict | None = None, log=print) -> dict:
     """`optc tune`: fill the tuning database for this model and config; builds nothing."""
-    _check_target(target)
+    _check_target(target, dict(options or {}))
+    if target == "gpu":
+        raise OptcError("optc tune --target gpu: the GPU code uses TVM's default schedules (dlight); "
+                        "there is nothing to tune")
     mod, target_json, *_ = _prepare(model, info, kv_cache or {"layout": "float"}, dict(options or {}), log, prefill)
     _, stats = _tune(mod, target_json, dict(options or {}), log)
     return stats
@@ -215,24 +233,42 @@ def tune(model, info, target: str, *, kv_cache: dict | None = None, prefill: dic
 def compile(model, info, out_dir: Path, target: str, *, kv_cache: dict | None = None, prefill: dict | None = None,
             options: dict | None = None, log=print) -> dict:
     options = dict(options or {})
-    _check_target(target)
+    _check_target(target, options)
     t0 = time.perf_counter()
     mod, target_json, buckets, weights, segments, kv_outputs, attention_outputs = _prepare(
-        model, info, kv_cache or {"layout": "float"}, options, log, prefill)
+        model, info, kv_cache or {"layout": "float"}, options, log, prefill, target)
     from tvm import relax
     import tvm
 
-    database, stats = _tune(mod, target_json, options, log)
-    tvm_target = tvm.target.Target(target_json)
-    with tvm_target, database:
-        mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-    log("tvm: building the library")
-    try:
-        executable = relax.build(mod, tvm_target, relax_pipeline="default_build")
-    except Exception as e:
-        raise OptcError(f"tvm backend: build failed ({str(e).splitlines()[0]})") from None
     out_dir = Path(out_dir)
-    executable.export_library(str(out_dir / LIBRARY_FILE))
+    tvm_target = tvm.target.Target(target_json)
+    if target == "gpu":
+        from optc.backends import tvm_cuda
+
+        log(f"tvm: building CUDA code for {target_json['arch']} with TVM's default GPU schedules (dlight)")
+        try:
+            with tvm_target, native_warnings_filtered():
+                mod = relax.get_default_pipeline(tvm_target)(mod)
+                executable = relax.build(mod, tvm_target, relax_pipeline=None)
+        except Exception as e:
+            raise OptcError(f"tvm backend: CUDA build failed ({str(e).splitlines()[0]})") from None
+        device_section = {"device": "cuda", "cuda": tvm_cuda.export_with_fatbin(executable, out_dir / LIBRARY_FILE,
+                                                                               target_json["arch"], log),
+                          "schedules": "dlight (TVM's default GPU schedules)"}
+    else:
+        database, stats = _tune(mod, target_json, options, log)
+        with tvm_target, database:
+            mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+        log("tvm: building the library")
+        try:
+            executable = relax.build(mod, tvm_target, relax_pipeline="default_build")
+        except Exception as e:
+            raise OptcError(f"tvm backend: build failed ({str(e).splitlines()[0]})") from None
+        executable.export_library(str(out_dir / LIBRARY_FILE))
+        # only what every compile of these inputs writes the same (the artifact is deterministic);
+        # trials and times are in the compile log
+        device_section = {"device": "cpu", "tuning": {"tasks": stats["tasks"], "untunable": stats["untunable"],
+                                                      "database_key": stats["database_key"]}}
     from safetensors.numpy import save_file
 
     save_file({k: np.ascontiguousarray(weights[k]) for k in sorted(weights)}, str(out_dir / PARAMS_FILE))
@@ -241,12 +277,9 @@ def compile(model, info, out_dir: Path, target: str, *, kv_cache: dict | None = 
         "name": "tvm",
         "library": LIBRARY_FILE,
         "params": PARAMS_FILE,
-        "device": "cpu",
         "target": target_json,
         "target_kind": target_json["kind"],
-        # only what every compile of these inputs writes the same (the artifact is deterministic);
-        # trials and times are in the compile log
-        "tuning": {"tasks": stats["tasks"], "untunable": stats["untunable"], "database_key": stats["database_key"]},
+        **device_section,
         "segments": [s.to_dict() for s in segments],
         # block-sparse prefill: buckets with "branch" are picked by the real prompt length
         "sparse_prefill_min_tokens": (prefill or {}).get("min_prefill_tokens"),

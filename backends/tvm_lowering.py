@@ -23,6 +23,7 @@ import onnx_ir as ir
 from onnx_ir import tape
 
 from optc.errors import OptcError
+from optc.ir import copy_model
 
 # Ops this lowering rewrites; everything else must be in TVM's ONNX convert map.
 LEGALIZED = ("Attention", "RotaryEmbedding")
@@ -234,10 +235,6 @@ def legalize(model: ir.Model, info) -> dict[str, int]:
 
     visit(model.graph)
     return counts
-
-
-def copy_model(model: ir.Model) -> ir.Model:
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
 
 
 def specialize(model: ir.Model, shapes: dict[str, tuple[int, ...]], outputs: list[str],

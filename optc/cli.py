@@ -126,7 +126,9 @@ def tvm_options(f):
         click.option("--prefill-sizes", callback=_sizes, default=None,
                      help="TVM: prompt lengths compiled for an empty cache (default 32,128,512)"),
         click.option("--cache-sizes", callback=_sizes, default=None,
-                     help="TVM: cache capacities compiled for decode/continuation (default 64,...,2048)"),
+                     help="TVM: cache capacities compiled for decode/continuation (default 128,...,2048)"),
+        click.option("--cuda-arch", default=None,
+                     help="TVM, --target gpu: the GPU architecture the fatbin is compiled for (default sm_90)"),
     ]
     for opt in reversed(opts):
         f = opt(f)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
+
+import numpy as np
 
 from optc import __version__
 from optc.artifact import check_output_dir, publish, staging_dir, write_manifest
@@ -13,7 +16,7 @@ from optc.canonical import canonicalize
 from optc.config import PipelineConfig, VerifyBudget, load_config
 from optc.data import read_texts
 from optc.errors import OptcError, VerificationError
-from optc.ir import load_model
+from optc.ir import copy_model, load_model
 from optc.passes.base import PassContext
 from optc.pipeline import run_pipeline
 from optc.registry import default_registry
@@ -51,6 +54,8 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
         config = load_config(config_path, registry) if config_path else PipelineConfig()
     check_output_dir(out, force)
     backend_mod = get_backend(backend)
+    if verify and verify_length < 64:
+        raise OptcError(f"--verify-length {verify_length}: at least 64 tokens")
 
     log(f"loading {model_path}")
     model = load_model(model_path)
@@ -74,6 +79,13 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
     log(f"pipeline: {len(config.passes)} pass(es)" + ("" if config.passes else " (identity)"))
     records = run_pipeline(model, config, registry, context, dump_dir=Path(dump_ir) if dump_ir else None, log=log)
 
+    # A CUDA artifact from the TVM backend cannot run here (compiling needs no GPU): its graph is
+    # verified on the CPU through ONNX Runtime instead, and expected logits go into the artifact
+    # for scripts/gpu_check.sh to hold the GPU to.
+    runs_here = not (backend == "tvm" and target == "gpu")
+    if not runs_here and not texts:
+        texts = read_texts(eval_text)
+    cpu_twin_graph = None if runs_here else copy_model(model)  # the backend rewrites its copy
     with staging_dir(out) as staging:
         kv_cache = kv_cache_section(context)
         backend_section = backend_mod.compile(model, info, staging, target, kv_cache=kv_cache,
@@ -93,14 +105,23 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
             "tokenizer": "tokenizer.json",
         }
         write_manifest(staging, manifest)  # the runtime needs it to load the staged artifact
-        if verify:
+        if not runs_here:
+            with tempfile.TemporaryDirectory(prefix="optc-cpu-twin-") as tmp:
+                twin = _write_cpu_twin(cpu_twin_graph, info, Path(tmp), manifest, tok_path)
+                if verify:
+                    log("verifying the rewritten graph on this machine's CPU with ONNX Runtime "
+                        "(the CUDA artifact needs a GPU: scripts/gpu_check.sh checks it there)")
+                    lossy = any(registry.get(p.name).lossy for p in config.passes)
+                    modes = (16, verify_length - 32) if lossy else (16,)
+                    manifest["verification"] = _verify(twin, model_path, info, texts, budget, modes, verify_length,
+                                                       log)
+                manifest["gpu_check"] = write_expected_logits(twin, staging, texts, log)
+        elif verify:
             # A lossy pass may act on cached tokens only (KV compression, eviction) or on prefill
             # only (block-sparse prefill): lossy pipelines are verified both ways — prefill of
             # the whole prompt but its last 16 tokens, and prefill 32 then decode the rest — and
             # the worse of the two is what the budget sees.
             lossy = any(registry.get(p.name).lossy for p in config.passes)
-            if verify_length < 64:
-                raise OptcError(f"--verify-length {verify_length}: at least 64 tokens")
             modes = (16, verify_length - 32) if lossy else (16,)
             manifest["verification"] = _verify(staging, model_path, info, texts, budget, modes, verify_length, log)
         full = write_manifest(staging, manifest)
@@ -108,6 +129,42 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
     total = sum(r.seconds for r in records)
     log(f"wrote {out} ({len(full['files'])} files; passes took {total:.2f}s)")
     return full
+
+
+GPU_CHECK_FILE = "expected_logits.safetensors"
+GPU_CHECK_PREFILL, GPU_CHECK_DECODE = 64, 32
+GPU_CHECK_TOLERANCE = 1e-3  # max |Δlogit| the GPU may differ from ONNX Runtime on the CPU
+
+
+def _write_cpu_twin(graph, info, root: Path, manifest: dict, tok_path: Path) -> Path:
+    """The same rewritten graph as an ONNX Runtime CPU artifact (the GPU artifact's stand-in here)."""
+    from optc.backends import onnxruntime as ort_backend
+
+    section = ort_backend.compile(graph, info, root, "cpu", log=lambda _msg: None)
+    shutil.copyfile(tok_path, root / "tokenizer.json")
+    write_manifest(root, {**{k: v for k, v in manifest.items() if k != "files"}, "target": "cpu",
+                          "backend": section})
+    return root
+
+
+def write_expected_logits(reference_artifact: Path, staging: Path, texts, log) -> dict:
+    """Logits the GPU artifact must reproduce: one held-out prompt, prefill then decode, run by
+    `reference_artifact` (ONNX Runtime, same graph). Written beside the artifact's library."""
+    from safetensors.numpy import save_file
+
+    from optc.runtime import load
+    from optc.verify import artifact_logits, token_windows
+
+    reference = load(reference_artifact)
+    n = GPU_CHECK_PREFILL + GPU_CHECK_DECODE
+    ids = token_windows(reference.tokenizer, texts, reference.config.get("bos_token_id"), count=1, length=n)[0]
+    logits = artifact_logits(reference, ids, GPU_CHECK_DECODE).astype(np.float32)
+    save_file({"input_ids": ids.astype(np.int64), "logits": np.ascontiguousarray(logits)},
+              str(staging / GPU_CHECK_FILE))
+    log(f"wrote {GPU_CHECK_FILE}: {n} tokens of expected logits ({GPU_CHECK_PREFILL} prefilled, "
+        f"{GPU_CHECK_DECODE} decoded) from ONNX Runtime on the CPU, for scripts/gpu_check.sh")
+    return {"file": GPU_CHECK_FILE, "prefill_tokens": GPU_CHECK_PREFILL, "decode_tokens": GPU_CHECK_DECODE,
+            "max_abs_logit_diff": GPU_CHECK_TOLERANCE, "reference": "onnxruntime (CPU), same rewritten graph"}
 
 
 def kv_cache_section(context: PassContext) -> dict:

@@ -78,3 +78,8 @@ def to_checked_proto(model: ir.Model, where: str) -> onnx.ModelProto:
     return proto
 
 
+
+
+def copy_model(model: ir.Model) -> ir.Model:
+    """A deep copy (passes and backends rewrite graphs in place)."""
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))

@@ -67,6 +67,23 @@ def import_tvm_runtime():
     return tvm
 
 
+def _cuda_device(tvm, root: Path):
+    """The first CUDA GPU, after loading TVM's CUDA runtime (a separate library that needs the
+    NVIDIA driver). The artifact's kernels are a compiled fatbin: nothing is compiled here."""
+    import ctypes
+
+    lib = Path(tvm.__file__).parent / "lib" / "libtvm_runtime_cuda.so"
+    try:
+        ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+    except OSError as e:
+        raise ArtifactError(f"{root}: this artifact runs on an NVIDIA GPU, and TVM's CUDA runtime cannot be "
+                            f"loaded here ({str(e).splitlines()[0]})") from None
+    device = tvm.cuda(0)
+    if not device.exist:
+        raise ArtifactError(f"{root}: this artifact runs on an NVIDIA GPU, and none is visible")
+    return device
+
+
 class TvmExecutor:
     def __init__(self, root: Path, manifest: dict):
         tvm = import_tvm_runtime()
@@ -75,10 +92,13 @@ class TvmExecutor:
         backend = manifest["backend"]
         lib_path = artifact_file(root, manifest, backend["library"])
         params_path = artifact_file(root, manifest, backend["params"])
-        if backend.get("device", "cpu") != "cpu":
-            raise ArtifactError(f"{root / 'manifest.json'}: this runtime runs TVM artifacts on the CPU; "
-                                f"{backend['device']!r} artifacts run through scripts/gpu_check.sh")
-        self.device = tvm.cpu()
+        device = backend.get("device", "cpu")
+        if device == "cuda":
+            self.device = _cuda_device(tvm, root)
+        elif device == "cpu":
+            self.device = tvm.cpu()
+        else:
+            raise ArtifactError(f"{root / 'manifest.json'}: unknown TVM device {device!r}")
         try:
             lib = tvm.runtime.load_module(str(lib_path))
             self.vm = VirtualMachine(lib, self.device)

@@ -227,3 +227,111 @@ def test_bucket_plans():
     assert shapes["past_key_values.0.key.scale"] == (1, 2, 2, 32)      # 128 tokens / groups of 64
     assert shapes["past_key_values.0.value.scale"] == (1, 2, 128, 1)
     assert shapes["past_key_values.0.key.residual"] == (1, 2, 96, 32)
+
+
+# -- --target gpu (CUDA): compiled here without a GPU; run by scripts/gpu_check.sh on one ----------
+
+def _gpu_check():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not __import__("shutil").which("nvcc"), reason="nvcc (CUDA toolkit) not installed")
+def test_gpu_target_ships_compiled_kernels_and_expected_logits(exported_decoder, tmp_path, capsys):
+    """`--target gpu`: dlight CUDA code compiled by nvcc into the library (no source left to JIT),
+    the graph verified on the CPU, expected logits for the GPU check; deterministic."""
+    shapes = ["--prefill-sizes", "32", "--cache-sizes", "64", "--verify-length", "64"]
+    manifests = []
+    for name in ("a", "b"):
+        code, out, err = run_cli(["compile", exported_decoder, "-o", tmp_path / name, "--backend", "tvm",
+                                  "--target", "gpu", *shapes], capsys)
+        assert code == 0, err
+        manifests.append(json.loads((tmp_path / name / "manifest.json").read_text()))
+    assert "top-1 next-token agreement        100.00%" in out and "nvcc → sm_90 fatbin" in out, out
+    assert manifests[0]["files"] == manifests[1]["files"]  # byte-identical, fatbin included
+    m = manifests[0]
+    assert m["backend"]["device"] == "cuda" and m["backend"]["cuda"]["arch"] == "sm_90"
+    assert m["gpu_check"]["file"] in m["files"] and m["verification"]["provider"] == "CPUExecutionProvider"
+    lib = (tmp_path / "a" / "model.so").read_bytes()
+    assert b"\x50\xed\x55\xba" in lib  # fatbin magic: the kernels are compiled ...
+    assert b"__global__" not in lib  # ... and their CUDA source is gone (nothing to JIT at load)
+    from safetensors.numpy import load_file
+
+    expected = load_file(str(tmp_path / "a" / m["gpu_check"]["file"]))
+    assert expected["logits"].shape == (96, 4096) and expected["input_ids"].shape == (96,)
+    # no GPU here: loading says so in one line
+    code, _, err = run_cli(["run", tmp_path / "a", "--prompt", "x", "--max-new-tokens", "2"], capsys)
+    assert code == 2 and "NVIDIA GPU" in err and err.count("\n") == 1, err
+    lines = []
+    assert _gpu_check().check(tmp_path / "a", out=lines.append) == 2 and "NVIDIA GPU" in lines[0]
+
+
+def test_gpu_target_option_errors(exported_decoder, tmp_path, capsys):
+    code, _, err = run_cli(["compile", exported_decoder, "-o", tmp_path / "o", "--backend", "tvm", "--target", "gpu",
+                            "--tune-trials", "5"], capsys)
+    assert code == 2 and "tunes nothing" in err, err
+    code, _, err = run_cli(["compile", exported_decoder, "-o", tmp_path / "o", "--backend", "tvm",
+                            "--cuda-arch", "sm_90"], capsys)
+    assert code == 2 and "--cuda-arch: only for --target gpu" in err, err
+    code, _, err = run_cli(["compile", exported_decoder, "-o", tmp_path / "o", "--backend", "tvm", "--target", "gpu",
+                            "--cuda-arch", "volta"], capsys)
+    assert code == 2 and "--cuda-arch 'volta'" in err, err
+    code, _, err = run_cli(["tune", exported_decoder, "--target", "gpu"], capsys)
+    assert code == 2 and "nothing to tune" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cuda_library_blob_rewrite():
+    """The swap of CUDA source for fatbin in TVM's serialised module tree, and its refusals."""
+    import struct
+
+    from optc.backends.tvm_cuda import swap_cuda_code
+    from optc.errors import OptcError
+
+    def s(b):
+        return struct.pack("<Q", len(b)) + b
+
+    source = "extern \"C\" __global__ void k() {}"
+    # import tree: row pointers [0, 1, 1], child indices [1] (each array: u64 count, then u64s)
+    tree = struct.pack("<Q", 3) + struct.pack("<3Q", 0, 1, 1) + struct.pack("<Q", 1) + struct.pack("<Q", 1)
+    table = b"FUNCTION-TABLE"
+    body = tree + s(b"_lib") + s(b"cuda") + s(s(b"cuda") + table + s(source.encode()))
+    blob = struct.pack("<Q", len(body)) + body
+    out = swap_cuda_code(blob, source, b"FATBIN")
+    want = tree + s(b"_lib") + s(b"cuda") + s(s(b"fatbin") + table + s(b"FATBIN"))
+    assert out == struct.pack("<Q", len(want)) + want
+    with pytest.raises(OptcError, match="not the source"):
+        swap_cuda_code(blob, source + " ", b"FATBIN")
+    with pytest.raises(OptcError, match="ends early"):
+        swap_cuda_code(struct.pack("<Q", len(body) - 9) + body[:-9], source, b"FATBIN")
+    no_cuda = tree + s(b"_lib")
+    with pytest.raises(OptcError, match="found 0"):
+        swap_cuda_code(struct.pack("<Q", len(no_cuda)) + no_cuda, source, b"FATBIN")
+
+
+def test_gpu_check_script(cli_artifact, exported_decoder, tmp_path):
+    """scripts/gpu_check.py's comparison and timing, run here on a CPU TVM artifact against
+    expected logits written from ONNX Runtime the way --target gpu writes them."""
+    from safetensors.numpy import load_file, save_file
+
+    from optc.compile import write_expected_logits
+    from optc.data import read_texts
+
+    _compile(exported_decoder, tmp_path / "ort", [], "onnxruntime", None)
+    write_expected_logits(tmp_path / "ort", tmp_path, read_texts(None), log=lambda *_: None)
+    expected = tmp_path / "expected_logits.safetensors"
+    gpu_check = _gpu_check()
+    lines = []
+    assert gpu_check.check(cli_artifact[0], expected, repeat=1, out=lines.append) == 0, lines
+    text = "\n".join(lines)
+    assert "top-1      100.00%" in text and "PASS" in text and "prefill 128 tokens (TTFT)" in text, text
+    tampered = load_file(str(expected))
+    tampered["logits"][70, 5] += 0.01
+    save_file(tampered, str(expected))
+    lines = []
+    assert gpu_check.check(cli_artifact[0], expected, repeat=1, out=lines.append) == 1
+    assert lines[-1].startswith("FAIL"), lines
