@@ -129,6 +129,19 @@ def _import_bucket(proto, name: str, shared: set[str]):
 TUNING_OPTIONS = ("tune_trials", "tune_time_limit", "tuning_cache")
 
 
+def _function_count(mod) -> int:
+    import tvm
+
+    return sum(isinstance(f, tvm.tirx.PrimFunc) for f in mod.functions.values())
+
+
+def _scheduled_count(mod) -> int:
+    import tvm
+
+    return sum(isinstance(f, tvm.tirx.PrimFunc) and bool(f.attrs and f.attrs.get("tirx.is_scheduled", False))
+               for f in mod.functions.values())
+
+
 def _check_target(target: str, options: dict) -> None:
     if target == "npu":
         raise OptcError("--target npu: the NPU target comes with the quantised outlier-splitting work "
@@ -197,8 +210,11 @@ def _prepare(model, info, kv_cache: dict, options: dict, log, prefill: dict | No
         return mod, tvm_cuda.cuda_target(arch), buckets, weights, segments, kv_outputs, attention_outputs
     target_json = cpu_target()
     tvm_target = tvm.target.Target(target_json)
+    from optc.backends.tvm_schedules import legalizations
+
     with tvm_target, native_warnings_filtered():
-        mod = relax.get_pipeline("zero")(mod)  # legalise ops to TIR and fuse them (no database yet)
+        mod = relax.transform.LegalizeOps(customize_legalize_map=legalizations())(mod)
+        mod = relax.get_pipeline("zero")(mod)  # legalise the rest to TIR and fuse (no database yet)
     return mod, target_json, buckets, weights, segments, kv_outputs, attention_outputs
 
 
@@ -213,7 +229,8 @@ def _tune(mod, target_json: dict, options: dict, log):
     time_limit = options.get("tune_time_limit")
     stats = tvm_tuning.tune(mod, tvm.target.Target(target_json), database,
                             trials=DEFAULT_TRIALS if trials is None else trials,
-                            time_limit=DEFAULT_TIME_LIMIT if time_limit is None else time_limit, log=log)
+                            time_limit=DEFAULT_TIME_LIMIT if time_limit is None else time_limit,
+                            db_dir=tvm_tuning.database_dir(db_root, target_json), log=log)
     stats["database_key"] = tvm_tuning.database_dir(db_root, target_json).name
     return database, stats
 
@@ -257,8 +274,19 @@ def compile(model, info, out_dir: Path, target: str, *, kv_cache: dict | None = 
                           "schedules": "dlight (TVM's default GPU schedules)"}
     else:
         database, stats = _tune(mod, target_json, options, log)
+        from tvm.s_tir import dlight
+
+        from optc.backends.tvm_schedules import default_rules
+
         with tvm_target, database:
             mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+            from_database = _scheduled_count(mod)
+            # what the database has no schedule for gets optc's default CPU schedules
+            # (tvm_schedules); what they do not match keeps TVM's naive loop nest
+            mod = dlight.ApplyDefaultSchedule(*default_rules())(mod)
+        total, scheduled = _function_count(mod), _scheduled_count(mod)
+        log(f"tvm: schedules: {from_database} from the tuning database, {scheduled - from_database} optc defaults "
+            f"(matmul, row-wise), {total - scheduled} of {total} functions left as plain loops (element-wise)")
         log("tvm: building the library")
         try:
             executable = relax.build(mod, tvm_target, relax_pipeline="default_build")

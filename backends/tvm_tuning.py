@@ -86,9 +86,67 @@ def fast_build(mod, target, _params):
     return tvm_build(mod, target=target)
 
 
-def task_priorities(mod, target) -> dict[int, float]:
-    """Each workload's share of its bucket's FLOPs, taking the largest over buckets (keyed by
-    structural hash). Every bucket (prefill, decode at each cache size) counts the same: a
+DEFAULTS_FILE = "default_schedules.json"
+
+
+def _default_schedule(func, target):
+    """optc's default schedule of a task (tvm_schedules), or the untouched function."""
+    from tvm import s_tir
+
+    from optc.backends.tvm_schedules import default_rules
+
+    with target:
+        for rule in default_rules():
+            sch = rule.apply(func, target, False)
+            if sch is not None:
+                return sch
+    return s_tir.Schedule(func)
+
+
+def measure_defaults(tasks, target, database, db_dir: Path, builder, runner, log) -> dict[str, float]:
+    """Seconds per call of each task's default schedule, measured once per workload and kept
+    beside the database (keyed by structural hash). Each measurement is also committed as a
+    tuning record: tuning then starts from it, and a tuned schedule replaces it only where it
+    measured faster."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm_ffi import structural_hash
+
+    path = Path(db_dir) / DEFAULTS_FILE
+    try:
+        known = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        known = {}
+    todo = [t for t in tasks if str(structural_hash(t.dispatched[0])) not in known]
+    if todo:
+        log(f"tuning: measuring the default schedules of {len(todo)} tasks (once per workload)")
+        schedules = [_default_schedule(t.dispatched[0]["main"], target) for t in todo]
+        built = builder.build([ms.builder.BuilderInput(sch.mod, target) for sch in schedules])
+        for task, sch, b in zip(todo, schedules, built):
+            key = str(structural_hash(task.dispatched[0]))
+            secs = None
+            if b.error_msg is None:
+                args = ms.arg_info.ArgInfo.from_prim_func(task.dispatched[0]["main"])
+                result = runner.run([ms.runner.RunnerInput(b.artifact_path, target.kind.name, args)])[0].result()
+                if result.error_msg is None and result.run_secs:
+                    secs = [float(x) for x in result.run_secs]
+                    workload = database.commit_workload(task.dispatched[0])
+                    database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, secs, target, args))
+            known[key] = sum(secs) / len(secs) if secs else None
+        path.write_text(json.dumps(known, sort_keys=True, indent=0) + "\n")
+    return known
+
+
+def tuned_already(database, task) -> bool:
+    """More than the default schedule's record: this workload went through tuning."""
+    if not database.has_workload(task.dispatched[0]):
+        return False
+    return len(database.get_top_k(database.commit_workload(task.dispatched[0]), 2)) >= 2
+
+
+def task_priorities(mod, target, latency: dict[str, float] | None = None) -> dict[int, float]:
+    """Each workload's share of its bucket's cost, taking the largest over buckets (keyed by
+    structural hash). The cost is the measured latency of its default schedule where there is
+    one, else its FLOPs. Every bucket (prefill, decode at each cache size) counts the same: a
     decode GEMV matters as much to decode latency as a 512-token GEMM to prefill latency."""
     import tvm
     from tvm import relax
@@ -107,11 +165,16 @@ def task_priorities(mod, target) -> dict[int, float]:
         tasks = ms.relax_integration.extract_tasks(one, target, module_equality="structural")
         costs = []
         for t in tasks:
-            try:
-                flops = float(estimate_tir_flops(t.dispatched[0]))
-            except Exception:  # estimation fails on some index-heavy functions
-                flops = 0.0
-            costs.append((structural_hash(t.dispatched[0]), max(flops, 1.0) * t.weight))
+            key = structural_hash(t.dispatched[0])
+            measured = (latency or {}).get(str(key))
+            if latency is not None:  # unmeasurable tasks (gathers): a microsecond, they are cheap
+                cost = measured if measured is not None else 1e-6
+            else:
+                try:
+                    cost = max(float(estimate_tir_flops(t.dispatched[0])), 1.0)
+                except Exception:  # estimation fails on some index-heavy functions
+                    cost = 1.0
+            costs.append((key, cost * t.weight))
         total = sum(c for _, c in costs) or 1.0
         for key, c in costs:
             share[key] = max(share.get(key, 0.0), c / total)
@@ -119,52 +182,56 @@ def task_priorities(mod, target) -> dict[int, float]:
 
 
 def tune(mod, target, database, *, trials: int, time_limit: float | None, trials_per_task: int = 32,
-         log=print) -> dict:
-    """Tune the tasks of `mod` (a fused Relax module) that the database has no record for, the
-    heaviest first, `trials_per_task` each, as far as `trials` reach. Returns what happened."""
+         db_dir: Path | None = None, log=print) -> dict:
+    """Tune the tasks of `mod` (a fused Relax module), the heaviest first, `trials_per_task`
+    each, as far as `trials` reach; tasks the database has tuned already cost nothing. "Heaviest"
+    is the measured latency of optc's default schedule (measured once per workload, kept in
+    `db_dir`). Returns what happened."""
     from tvm.s_tir import meta_schedule as ms
     from tvm_ffi import structural_hash
 
     if trials <= 0:
-        log("tuning: --tune-trials 0: the database's schedules where it has them, TVM's default elsewhere")
+        log("tuning: --tune-trials 0: the database's schedules where it has them, optc's default schedules elsewhere")
         return {"tasks": None, "from_database": None, "untunable": None, "selected": 0, "new_tasks": 0,
                 "trials": 0, "seconds": 0.0}
     trials_per_task = max(1, min(trials_per_task, trials))
     extracted = ms.relax_integration.extract_tasks(mod, target, module_equality="structural")
     tunable = [t for t in extracted if not any(word in t.task_name for word in UNTUNABLE)]
     skipped = [t for t in extracted if t not in tunable]
-    # The tasks worth tuning are chosen from all of them, tuned before or not, so that a
-    # recompile with the same budget selects the same tasks, finds them all in the database and
-    # runs no trials (and writes the same library).
-    share = task_priorities(mod, target)
-    tunable.sort(key=lambda t: -share.get(structural_hash(t.dispatched[0]), 0.0))
-    selected = tunable[: max(1, trials // trials_per_task)]
-    known = [t for t in tunable if database.query_tuning_record(t.dispatched[0], target, t.task_name) is not None]
-    known_ids = {id(t) for t in known}
-    todo = [t for t in selected if id(t) not in known_ids]
-    stats = {"tasks": len(extracted), "from_database": len(known), "untunable": len(skipped),
-             "selected": len(selected), "new_tasks": len(todo), "trials": 0, "seconds": 0.0}
-    default = len(tunable) - len(known) - len(todo)
-    log(f"tuning: {len(extracted)} tasks; {len(known)} have records in the database, {len(todo)} to tune now "
-        f"({trials_per_task} trials each), {default} keep TVM's default schedule"
-        + (" (raise --tune-trials to tune more)" if default else "")
-        + (f"; {len(skipped)} cannot be measured with random inputs ({', '.join(sorted(t.task_name for t in skipped)[:4])}"
-           f"{', ...' if len(skipped) > 4 else ''})" if skipped else ""))
-    if not todo:
-        return stats
     import logging
 
     # MetaSchedule logs every batch and a task table to stdout at INFO; optc reports progress itself
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     t0 = time.perf_counter()
     register_cpu_tensor_intrinsics()
+    builder = ms.builder.LocalBuilder(f_build=fast_build, timeout_sec=60)
+    runner = ms.runner.LocalRunner(timeout_sec=30)
+    latency = measure_defaults(tunable, target, database, db_dir, builder, runner, log) if db_dir else None
+    # The tasks worth tuning are chosen from all of them, tuned before or not, so that a
+    # recompile with the same budget selects the same tasks, finds them all in the database and
+    # runs no trials (and writes the same library).
+    share = task_priorities(mod, target, latency)
+    tunable.sort(key=lambda t: -share.get(structural_hash(t.dispatched[0]), 0.0))
+    selected = tunable[: max(1, trials // trials_per_task)]
+    known = [t for t in tunable if tuned_already(database, t)]
+    known_ids = {id(t) for t in known}
+    todo = [t for t in selected if id(t) not in known_ids]
+    stats = {"tasks": len(extracted), "from_database": len(known), "untunable": len(skipped),
+             "selected": len(selected), "new_tasks": len(todo), "trials": 0, "seconds": 0.0}
+    default = len(tunable) - len(known) - len(todo)
+    log(f"tuning: {len(extracted)} tasks; {len(known)} tuned in the database already, {len(todo)} to tune now "
+        f"({trials_per_task} trials each), {default} keep optc's default schedule"
+        + (" (raise --tune-trials to tune more)" if default else "")
+        + (f"; {len(skipped)} cannot be measured with random inputs ({', '.join(sorted(t.task_name for t in skipped)[:4])}"
+           f"{', ...' if len(skipped) > 4 else ''})" if skipped else ""))
+    if not todo:
+        stats["seconds"] = round(time.perf_counter() - t0, 1)
+        return stats
     budget = trials_per_task * len(todo)
-    progress = _Progress(todo, budget, time_limit, log)
+    progress = _Progress(todo, budget, time_limit, log, start=t0)
     # Tasks are tuned a few at a time: MetaSchedule reports a task's measurements only when its
     # scheduler comes back to it, so one call over all tasks would give no progress and could not
     # stop at the time limit. The cost model is shared, so what it learns carries over.
-    builder = ms.builder.LocalBuilder(f_build=fast_build, timeout_sec=60)
-    runner = ms.runner.LocalRunner(timeout_sec=30)
     cost_model = ms.cost_model.XGBModel(num_warmup_samples=trials_per_task)
     callbacks = [ms.measure_callback.AddToDatabase(), ms.measure_callback.RemoveBuildArtifact(),
                  ms.measure_callback.UpdateCostModel(), progress.callback()]
@@ -214,13 +281,13 @@ def _tune_contexts(tasks, seed: int):
 class _Progress:
     """Trials done, the estimated total latency of the tuned tasks, and the time limit."""
 
-    def __init__(self, tasks, trials: int, time_limit: float | None, log):
+    def __init__(self, tasks, trials: int, time_limit: float | None, log, start: float | None = None):
         self.tasks = tasks
         self.best = [None] * len(tasks)
         self.weights = [t.weight for t in tasks]
         self.offset = 0  # index of the current round's first task
         self.trials, self.total = 0, trials
-        self.time_limit, self.start = time_limit, time.perf_counter()
+        self.time_limit, self.start = time_limit, start if start is not None else time.perf_counter()
         self.timed_out, self.current = False, None
         self.log = log
         self.bar = None

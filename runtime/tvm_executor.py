@@ -67,6 +67,15 @@ def import_tvm_runtime():
     return tvm
 
 
+def _aligned_zeros(shape, dtype, align: int = 64) -> np.ndarray:
+    """A zeroed array whose data is `align`-byte aligned (TVM takes numpy memory in place via
+    DLPack only if it is 64-byte aligned)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.zeros(nbytes + align, np.uint8)
+    offset = (-raw.ctypes.data) % align
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
 def _cuda_device(tvm, root: Path):
     """The first CUDA GPU, after loading TVM's CUDA runtime (a separate library that needs the
     NVIDIA driver). The artifact's kernels are a compiled fatbin: nothing is compiled here."""
@@ -120,6 +129,7 @@ class TvmExecutor:
             if missing:
                 raise ArtifactError(f"{params_path}: parameter {missing[0]!r} of {b['name']} is missing")
         self._functions = {}
+        self._staging: dict = {}  # (input, padded shape, dtype) -> (numpy buffer, TVM tensor on it)
         self.kv_outputs = backend["kv_outputs"]
         self.n_layers = len(self.kv_outputs)
         self.has_attention = bool(backend.get("attention_outputs"))
@@ -164,6 +174,25 @@ class TvmExecutor:
             self._functions[name] = self.vm[name]
         return self._functions[name]
 
+    def _stage(self, name: str, arr: np.ndarray, capacity: int):
+        """`arr` (a cache input, tokens on axis 2) in a TVM tensor of `capacity` tokens. The
+        padded buffers persist per input and capacity, so a step copies the cache once, into
+        memory TVM reads in place (on the CPU), instead of allocating and zero-filling a padded
+        array and copying it again into a fresh tensor. Slots past the cache keep old, finite
+        values, which the attention mask hides."""
+        shape = arr.shape[:2] + (capacity,) + arr.shape[3:]
+        key = (name, shape, arr.dtype.str)
+        if key not in self._staging:
+            buffer = _aligned_zeros(shape, arr.dtype)
+            in_place = self.device.dlpack_device_type() == 1 and buffer.size  # (empty: any address)
+            tensor = _tvm.runtime.from_dlpack(buffer) if in_place else _tvm.runtime.tensor(buffer, self.device)
+            self._staging[key] = (buffer, tensor)
+        buffer, tensor = self._staging[key]
+        buffer[:, :, : arr.shape[2]] = arr
+        if self.device.dlpack_device_type() != 1 and buffer.size:  # a GPU: one host-to-device copy
+            tensor.copyfrom(buffer)
+        return tensor
+
     # -- one step -------------------------------------------------------------------------------
     def run(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
             cache_feeds: dict[str, np.ndarray]):
@@ -189,13 +218,12 @@ class TvmExecutor:
             kp = np.zeros((1, total), np.int64)
             kp[0, slots] = cache_feeds["optc.key_position_ids"][0]
             feeds["optc.key_position_ids"] = kp
+        staged = {}
         for seg, cap in zip(self.segments, caps):
             for name, per_index in seg["inputs"].items():
-                arr = cache_feeds[name]
-                padded = np.zeros(arr.shape[:2] + (cap // per_index,) + arr.shape[3:], arr.dtype)
-                padded[:, :, : arr.shape[2]] = arr
-                feeds[name] = padded
-        args = [tvm.runtime.tensor(feeds[name], self.device) for name in bucket["inputs"]]
+                staged[name] = self._stage(name, cache_feeds[name], cap // per_index)
+        args = [staged[name] if name in staged else tvm.runtime.tensor(feeds[name], self.device)
+                for name in bucket["inputs"]]
         args += [self._weights[p] for p in bucket["params"]]
         out = self._function(bucket["name"])(*args)
         out = [o.numpy() for o in out]

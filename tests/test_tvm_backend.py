@@ -229,6 +229,33 @@ def test_bucket_plans():
     assert shapes["past_key_values.0.key.residual"] == (1, 2, 96, 32)
 
 
+def test_default_cpu_schedules_take_every_matmul_and_row_reduction(exported_decoder):
+    """What tuning does not reach gets optc's default schedules (backends/tvm_schedules.py); they
+    must match every matmul / GEMV and every softmax and RMS norm of the lowered decoder, at
+    prefill and decode shapes, or those stay naive loops (seconds per prompt). Their numbers
+    are covered by the TVM-vs-ONNX Runtime comparisons above, which compile with 0 trials."""
+    from optc.backends import tvm_backend
+    from optc.backends.tvm_schedules import default_rules
+    from optc.canonical import canonicalize
+    from optc.ir import load_model
+
+    tvm = tvm_backend.import_tvm()
+    model = load_model(exported_decoder)
+    info = canonicalize(model)
+    mod, target_json, *_ = tvm_backend._prepare(model, info, {"layout": "float"},
+                                                {"prefill_sizes": [32], "cache_sizes": [64]}, lambda *_: None)
+    target = tvm.target.Target(target_json)
+    wanted, missed = [], []
+    for gv, func in mod.functions.items():
+        name = gv.name_hint
+        if isinstance(func, tvm.tirx.PrimFunc) and any(k in name for k in ("matmul", "softmax", "rms_norm")):
+            wanted.append(name)
+            with target:
+                if all(rule.apply(func, target, False) is None for rule in default_rules()):
+                    missed.append(name)
+    assert len(wanted) >= 10 and not missed, (missed, wanted)
+
+
 # -- --target gpu (CUDA): compiled here without a GPU; run by scripts/gpu_check.sh on one ----------
 
 def _gpu_check():

@@ -1,0 +1,252 @@
+"""Default CPU schedules for what MetaSchedule did not tune.
+
+TVM's schedule for an untuned fused TIR function is its naive loop nest: one thread, scalar, no
+blocking. For this project's decoder, untuned prefill of 512 tokens took 6.6 s, 2.5 s of it in
+the LM head's matmul. A tuning budget of ~10 minutes reaches only some tasks, so the rest need
+schedules that are merely decent without any search. Those are here, as dlight-style rules
+(TVM's dlight has no CPU matmul rule):
+- matmul / GEMV: any fused function with one product reduction (batch dims, any operand layout,
+  element-wise prologue and epilogue), normalised to C[b, i, j] += A[b, i, k] * B[b, j, k];
+  register tiles, vectorised columns, threads over column panels, B packed per panel;
+- row-wise (softmax, RMS norm): rows in parallel, all stages of a row together, reductions split
+  into vector lanes;
+- softmax legalised with a vectorisable exp.
+Schedules from the tuning database take precedence; the rules apply to what is left.
+"""
+
+from __future__ import annotations
+
+VECTOR_LANES = 8  # fp32 lanes of AVX2; AVX-512 machines get two registers per vector here
+GEMV_ROWS = 4  # up to this many rows (decode: 1 token, or one query per head of a GQA group)
+THREADS = 2  # a GEMV gets at least this many column tiles (this project's machines: 2 cores)
+
+
+def _pick(extent: int, candidates) -> int:
+    for c in candidates:
+        if extent % c == 0:
+            return c
+    return 1
+
+
+def legalizations() -> dict:
+    """Relax ops legalised differently from TVM's defaults on the CPU. Softmax: TOPI's
+    fast_softmax, whose exp is a range reduction plus a degree-5 polynomial in plain arithmetic
+    (vectorisable; Cephes-style, float32-accurate to a few ulp) instead of a libm call per
+    element: the libm exp made softmax the largest cost of a 512-token prefill."""
+    from tvm import topi
+
+    def softmax(bb, call):
+        return bb.call_te(topi.nn.fast_softmax, call.args[0], call.attrs.axis)
+
+    return {"relax.nn.softmax": softmax}
+
+
+def default_rules() -> list:
+    """The rules, in the order they are tried on each untuned function."""
+    return [cpu_matmul_rule(), cpu_row_rule()]
+
+
+def _spatial_only(sch, block) -> bool:
+    from tvm.tirx import IterVar
+
+    return all(v.iter_type == IterVar.DataPar for v in sch.get(block).iter_vars)
+
+
+def _vectorize_inner(sch, loop) -> None:
+    if int(sch.get(loop).extent) % VECTOR_LANES == 0:
+        _, vec = sch.split(loop, [None, VECTOR_LANES])
+        sch.vectorize(vec)
+
+
+def _rfactor_lanes(sch, block):
+    """Split a row's max or sum into VECTOR_LANES partial results (rfactor): the loop over the
+    row then runs as vector instructions instead of one scalar chain paying an add's latency
+    per element. Returns the partial-result block, or None where the row is too short."""
+    loop = sch.get_loops(block)[-1]
+    extent = int(sch.get(loop).extent)
+    if extent % VECTOR_LANES or extent < 2 * VECTOR_LANES:
+        return None
+    _, lanes = sch.split(loop, [None, VECTOR_LANES])
+    return sch.rfactor(lanes, factor_axis=len(sch.get(block).iter_vars) - 1)
+
+
+def cpu_row_rule():
+    """Row-wise functions: softmax, RMS norm — reductions over the last axis, each row
+    independent. One parallel loop over rows; every stage of a row computed inside it (the
+    row stays in cache between the max, exp, sum and normalise passes); inner loops of the
+    element-wise stages vectorised."""
+    from tvm import s_tir, tirx
+    from tvm.s_tir.dlight.analysis import get_root_block
+    from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+
+    class CpuRows(CPUScheduleRule):
+        def apply(self, func, target, _tunable):
+            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+                return None
+            sch = s_tir.Schedule(func)
+            blocks = sch.get_child_blocks(get_root_block(sch))
+            if len(blocks) < 2 or all(_spatial_only(sch, b) for b in blocks) or not _spatial_only(sch, blocks[-1]):
+                return None
+            try:
+                # Element-wise stages stay stored: inlining softmax's exp into the sum and the
+                # normalisation measured 2.6x slower. Partial-result blocks come first: rfactor
+                # wants the reduction alone in its loop nest.
+                partials = [_rfactor_lanes(sch, b) for b in blocks if not _spatial_only(sch, b)]
+                blocks = sch.get_child_blocks(get_root_block(sch))
+                loops = sch.get_loops(blocks[-1])
+                if len(loops) < 2:
+                    return None
+                row = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+                sch.parallel(row)
+                for block in reversed(blocks[:-1]):
+                    sch.compute_at(block, row, preserve_unit_loops=True)
+                for block in blocks:
+                    if _spatial_only(sch, block):
+                        _vectorize_inner(sch, sch.get_loops(block)[-1])
+                for partial in partials:
+                    if partial is not None:
+                        outer_loop, inner_loop = sch.get_loops(partial)[-2:]
+                        if int(sch.get(inner_loop).extent) != VECTOR_LANES:  # compute_at put the lanes outside
+                            sch.reorder(inner_loop, outer_loop)
+                            inner_loop = outer_loop
+                        sch.vectorize(inner_loop)
+                return sch
+            except Exception:  # not row-wise after all
+                return None
+
+    return CpuRows()
+
+
+def cpu_matmul_rule():
+    """A dlight ScheduleRule (built lazily: TVM is imported only by the TVM backend)."""
+    from tvm import s_tir, tirx
+    from tvm.s_tir.dlight.analysis import get_root_block
+    from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+    from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumer_chain, get_index_map, get_reduction_blocks
+
+    class CpuMatmul(CPUScheduleRule):
+        def apply(self, func, target, _tunable):
+            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+                return None
+            sch = s_tir.Schedule(func)
+            blocks = sch.get_child_blocks(get_root_block(sch))
+            reductions = get_reduction_blocks(sch, blocks)
+            if reductions is None:
+                return None
+            block = sch.get(reductions[0])
+            if str(block.writes[0].source.dtype) != "float32":
+                return None
+            operands = [r.source for r in block.reads if not r.source.same_as(block.writes[0].source)]
+            if len(operands) != 2:  # a product of two operands (not a norm's sum of squares)
+                return None
+            for strategy in (self._normalised, self._single_row):
+                sch = s_tir.Schedule(func)
+                main = get_reduction_blocks(sch, sch.get_child_blocks(get_root_block(sch)))[0]
+                try:
+                    scheduled = strategy(sch, main)
+                except Exception:  # a shape this strategy does not handle
+                    continue
+                if scheduled is not None:
+                    return scheduled
+            return None
+
+        def _single_row(self, sch, main):
+            """One output row (decode GEMV, e.g. the LM head), where the normalisation finds no
+            row axis: all spatial axes fused into the column axis."""
+            from tvm.tirx import IterVar
+
+            kinds = [v.iter_type for v in sch.get(main).iter_vars]
+            extents = [int(v.dom.extent) for v in sch.get(main).iter_vars]
+            if sum(e > 1 for e, kind in zip(extents, kinds) if kind == IterVar.DataPar) != 1:
+                return None  # several rows (a batched matmul this rule did not normalise): not this strategy
+            loops = sch.get_loops(main)
+            spatial = [lp for lp, kind in zip(loops, kinds) if kind == IterVar.DataPar]
+            reduce = [lp for lp, kind in zip(loops, kinds) if kind == IterVar.CommReduce]
+            sch.reorder(*spatial, *reduce)
+            j = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+            k = sch.fuse(*reduce) if len(reduce) > 1 else reduce[0]
+            return self._tile(sch, main, None, j, k, 1, int(sch.get(j).extent), None)
+
+        def _normalised(self, sch, main):
+            # Normalise to C[S, I, J] += A[S, I, K] * B[S, J, K]; the reindex copies are inlined
+            # back, so operands are read where they lie.
+            b_operand = sch.get(main).reads[1].source
+            reindex = [sch.reindex(main, ("read", 0)), sch.reindex(main, ("read", 1)),
+                       sch.reindex(main, ("write", 0))]
+            matmul_map, a_map, b_map, c_map = get_index_map(sch.get(main))
+            sch.transform_layout(reindex[0], ("write", 0), a_map)
+            sch.transform_layout(reindex[1], ("write", 0), b_map)
+            sch.transform_layout(reindex[2], ("read", 0), c_map)
+            sch.transform_block_layout(main, matmul_map)
+            n = int(sch.get(sch.get_loops(main)[2]).extent)
+            if n % VECTOR_LANES and n > VECTOR_LANES:  # e.g. attention over cache + new keys
+                sch.pad_einsum(main, [1, 1, VECTOR_LANES, 1])  # (zero-padded copies of B and C)
+            sch.compute_inline(reindex[0])
+            sch.compute_inline(reindex[1])  # (the output's copy is inlined with the epilogue, below)
+            for _ in range(3):  # element-wise prologues (casts, dequantisation, padding), chains too
+                for block in list(sch.get_producers(main)):
+                    try:
+                        sch.compute_inline(block)
+                    except Exception:
+                        pass
+
+            batch, i, j, k = sch.get_loops(main)
+            m, n = int(sch.get(i).extent), int(sch.get(j).extent)
+            return self._tile(sch, main, (batch, i), j, k, m, n, b_operand)
+
+        def _tile(self, sch, main, rows, j, k, m, n, b_operand):
+            if m <= GEMV_ROWS:
+                # GEMV-like (decode): B is streamed once; each tile of nj columns accumulates in
+                # registers (nj <= 64: 8 AVX2 registers); tiles are spread across threads
+                mi = m
+                nj = next((c for c in (64, 32) if n % c == 0 and n // c >= THREADS), 0) or \
+                    _pick(n, (4 * VECTOR_LANES, 2 * VECTOR_LANES, VECTOR_LANES, 4, 2))
+            else:
+                # GEMM: a 4 x 16 tile of C in registers (8 AVX2 accumulators; 4 x 32 spills)
+                nj = _pick(n, (2 * VECTOR_LANES, VECTOR_LANES, 4, 2))
+                mi = _pick(m, (4, 2)) if nj >= VECTOR_LANES else _pick(m, (8, 4, 2))
+            jo, ji = sch.split(j, [None, nj])
+            if rows is None:
+                ii = None
+                sch.reorder(jo, k, ji)
+                outer = tile = jo
+                sch.parallel(outer)
+            elif m <= GEMV_ROWS:
+                batch, i = rows
+                io, ii = sch.split(i, [None, mi])
+                sch.reorder(batch, io, jo, k, ii, ji)
+                outer = tile = sch.fuse(batch, io, jo)
+                sch.parallel(outer)
+            else:
+                # Threads take column panels; each packs its K x nj panel of B into a contiguous
+                # buffer once (B's rows are a power-of-two apart, so unpacked they all fall into
+                # the same cache sets and miss on every reuse), then runs every row tile over it.
+                batch, i = rows
+                io, ii = sch.split(i, [None, mi])
+                sch.reorder(batch, jo, io, k, ii, ji)
+                outer = sch.fuse(batch, jo)
+                tile = io
+                sch.parallel(outer)
+                reads = [r for r, region in enumerate(sch.get(main).reads) if region.source.same_as(b_operand)]
+                if reads and m // mi > 1:
+                    packed = sch.cache_read(main, reads[0], "local")
+                    sch.compute_at(packed, outer, preserve_unit_loops=True)
+                    _vectorize_inner(sch, sch.get_loops(packed)[-1])
+            write_back = sch.cache_write(main, 0, "local")
+            sch.reverse_compute_at(write_back, tile, preserve_unit_loops=True)
+            auto_inline_consumer_chain(sch, write_back)
+            if nj % VECTOR_LANES == 0:  # (vectorised before the init is split off, which copies it)
+                jv_o, jv = sch.split(ji, [None, VECTOR_LANES])
+                sch.vectorize(jv)
+                if nj <= 4 * VECTOR_LANES:
+                    sch.unroll(jv_o)
+            if ii is not None and mi <= 8:
+                sch.unroll(ii)
+            sch.decompose_reduction(main, k)
+            loops = sch.get_loops(write_back)
+            if nj % VECTOR_LANES == 0:
+                _, vec = sch.split(loops[-1], [None, VECTOR_LANES])
+                sch.vectorize(vec)
+            return sch
+
+    return CpuMatmul()
