@@ -21,7 +21,7 @@ from optc.errors import OptcError
 # Tasks MetaSchedule cannot measure with random inputs: an embedding gather (`take`) reads out of
 # bounds with random indices and crashes the runner. They keep TVM's default schedule.
 UNTUNABLE = ("take", "gather")
-TASKS_PER_ROUND = 2
+TASKS_PER_ROUND = 1  # the time limit is checked between rounds: one task keeps the overshoot short
 
 
 def default_cache_dir() -> Path:
@@ -121,17 +121,24 @@ def measure_defaults(tasks, target, database, db_dir: Path, builder, runner, log
         log(f"tuning: measuring the default schedules of {len(todo)} tasks (once per workload)")
         schedules = [_default_schedule(t.dispatched[0]["main"], target) for t in todo]
         built = builder.build([ms.builder.BuilderInput(sch.mod, target) for sch in schedules])
+        errors = []
         for task, sch, b in zip(todo, schedules, built):
             key = str(structural_hash(task.dispatched[0]))
-            secs = None
-            if b.error_msg is None:
+            secs, error = None, b.error_msg
+            if error is None:
                 args = ms.arg_info.ArgInfo.from_prim_func(task.dispatched[0]["main"])
-                result = runner.run([ms.runner.RunnerInput(b.artifact_path, target.kind.name, args)])[0].result()
-                if result.error_msg is None and result.run_secs:
+                result = runner.run([ms.runner.RunnerInput(b.artifact_path, "cpu", args)])[0].result()
+                error = result.error_msg
+                if error is None and result.run_secs:
                     secs = [float(x) for x in result.run_secs]
                     workload = database.commit_workload(task.dispatched[0])
                     database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, secs, target, args))
+            if secs is None:
+                errors.append((task.task_name, (error or "no time measured").strip().splitlines()[-1]))
             known[key] = sum(secs) / len(secs) if secs else None
+        if errors:  # those tasks rank by nothing and start tuning from scratch: say so
+            log(f"tuning: warning: {len(errors)} of {len(todo)} default schedules could not be measured "
+                f"(first: {errors[0][0]}: {errors[0][1][:200]})")
         path.write_text(json.dumps(known, sort_keys=True, indent=0) + "\n")
     return known
 
@@ -229,7 +236,7 @@ def tune(mod, target, database, *, trials: int, time_limit: float | None, trials
         return stats
     budget = trials_per_task * len(todo)
     progress = _Progress(todo, budget, time_limit, log, start=t0)
-    # Tasks are tuned a few at a time: MetaSchedule reports a task's measurements only when its
+    # Tasks are tuned one at a time: MetaSchedule reports a task's measurements only when its
     # scheduler comes back to it, so one call over all tasks would give no progress and could not
     # stop at the time limit. The cost model is shared, so what it learns carries over.
     cost_model = ms.cost_model.XGBModel(num_warmup_samples=trials_per_task)

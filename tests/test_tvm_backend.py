@@ -159,6 +159,10 @@ def test_tuning_database_makes_recompiles_trial_free_and_identical(exported_deco
     code, tuned, err = run_cli(["tune", exported_decoder, *shapes], capsys)
     assert code == 0, err
     assert "1 to tune now" in tuned and re.search(r"tuning: [1-9]\d* trials in", tuned), tuned
+    # the default schedules were measured (they rank the tasks and seed the tuning)
+    assert "could not be measured" not in tuned, tuned
+    measured = json.loads(next(cache.glob("*/default_schedules.json")).read_text())
+    assert measured and all(v is not None and v > 0 for v in measured.values()), measured
     artifacts = []
     for name in ("a", "b"):
         code, out, err = run_cli(["compile", exported_decoder, "-o", tmp_path / name, "--backend", "tvm",
