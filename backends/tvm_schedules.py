@@ -46,6 +46,17 @@ def default_rules() -> list:
     return [cpu_matmul_rule(), cpu_row_rule()]
 
 
+def _root_blocks(rule, func, target):
+    """(schedule, top-level blocks) of `func` if `rule` may apply to it at all, else None."""
+    from tvm import s_tir, tirx
+    from tvm.s_tir.dlight.analysis import get_root_block
+
+    if not isinstance(func, tirx.PrimFunc) or not rule.is_target_available(target):
+        return None
+    sch = s_tir.Schedule(func)
+    return sch, sch.get_child_blocks(get_root_block(sch))
+
+
 def _spatial_only(sch, block) -> bool:
     from tvm.tirx import IterVar
 
@@ -75,16 +86,15 @@ def cpu_row_rule():
     independent. One parallel loop over rows; every stage of a row computed inside it (the
     row stays in cache between the max, exp, sum and normalise passes); inner loops of the
     element-wise stages vectorised."""
-    from tvm import s_tir, tirx
     from tvm.s_tir.dlight.analysis import get_root_block
     from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
     class CpuRows(CPUScheduleRule):
         def apply(self, func, target, _tunable):
-            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            started = _root_blocks(self, func, target)
+            if started is None:
                 return None
-            sch = s_tir.Schedule(func)
-            blocks = sch.get_child_blocks(get_root_block(sch))
+            sch, blocks = started
             if len(blocks) < 2 or all(_spatial_only(sch, b) for b in blocks) or not _spatial_only(sch, blocks[-1]):
                 return None
             try:
@@ -119,17 +129,17 @@ def cpu_row_rule():
 
 def cpu_matmul_rule():
     """A dlight ScheduleRule (built lazily: TVM is imported only by the TVM backend)."""
-    from tvm import s_tir, tirx
+    from tvm import s_tir
     from tvm.s_tir.dlight.analysis import get_root_block
     from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
     from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumer_chain, get_index_map, get_reduction_blocks
 
     class CpuMatmul(CPUScheduleRule):
         def apply(self, func, target, _tunable):
-            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            started = _root_blocks(self, func, target)
+            if started is None:
                 return None
-            sch = s_tir.Schedule(func)
-            blocks = sch.get_child_blocks(get_root_block(sch))
+            sch, blocks = started
             reductions = get_reduction_blocks(sch, blocks)
             if reductions is None:
                 return None

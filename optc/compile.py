@@ -105,24 +105,22 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
             "tokenizer": "tokenizer.json",
         }
         write_manifest(staging, manifest)  # the runtime needs it to load the staged artifact
+        # A lossy pass may act on cached tokens only (KV compression, eviction) or on prefill
+        # only (block-sparse prefill): lossy pipelines are verified both ways — prefill of the
+        # whole prompt but its last 16 tokens, and prefill 32 then decode the rest — and the
+        # worse of the two is what the budget sees.
+        lossy = any(registry.get(p.name).lossy for p in config.passes)
+        modes = (16, verify_length - 32) if lossy else (16,)
         if not runs_here:
             with tempfile.TemporaryDirectory(prefix="optc-cpu-twin-") as tmp:
                 twin = _write_cpu_twin(cpu_twin_graph, info, Path(tmp), manifest, tok_path)
                 if verify:
                     log("verifying the rewritten graph on this machine's CPU with ONNX Runtime "
                         "(the CUDA artifact needs a GPU: scripts/gpu_check.sh checks it there)")
-                    lossy = any(registry.get(p.name).lossy for p in config.passes)
-                    modes = (16, verify_length - 32) if lossy else (16,)
                     manifest["verification"] = _verify(twin, model_path, info, texts, budget, modes, verify_length,
                                                        log)
                 manifest["gpu_check"] = write_expected_logits(twin, staging, texts, log)
         elif verify:
-            # A lossy pass may act on cached tokens only (KV compression, eviction) or on prefill
-            # only (block-sparse prefill): lossy pipelines are verified both ways — prefill of
-            # the whole prompt but its last 16 tokens, and prefill 32 then decode the rest — and
-            # the worse of the two is what the budget sees.
-            lossy = any(registry.get(p.name).lossy for p in config.passes)
-            modes = (16, verify_length - 32) if lossy else (16,)
             manifest["verification"] = _verify(staging, model_path, info, texts, budget, modes, verify_length, log)
         full = write_manifest(staging, manifest)
         publish(staging, out, force)

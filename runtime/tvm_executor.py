@@ -108,6 +108,7 @@ class TvmExecutor:
             self.device = tvm.cpu()
         else:
             raise ArtifactError(f"{root / 'manifest.json'}: unknown TVM device {device!r}")
+        self.on_cpu = device == "cpu"
         try:
             lib = tvm.runtime.load_module(str(lib_path))
             self.vm = VirtualMachine(lib, self.device)
@@ -184,12 +185,12 @@ class TvmExecutor:
         key = (name, shape, arr.dtype.str)
         if key not in self._staging:
             buffer = _aligned_zeros(shape, arr.dtype)
-            in_place = self.device.dlpack_device_type() == 1 and buffer.size  # (empty: any address)
+            in_place = self.on_cpu and buffer.size  # (an empty buffer may have any address)
             tensor = _tvm.runtime.from_dlpack(buffer) if in_place else _tvm.runtime.tensor(buffer, self.device)
             self._staging[key] = (buffer, tensor)
         buffer, tensor = self._staging[key]
         buffer[:, :, : arr.shape[2]] = arr
-        if self.device.dlpack_device_type() != 1 and buffer.size:  # a GPU: one host-to-device copy
+        if not self.on_cpu and buffer.size:  # a GPU: one host-to-device copy
             tensor.copyfrom(buffer)
         return tensor
 
