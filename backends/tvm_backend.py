@@ -210,8 +210,12 @@ def _prepare(model, info, kv_cache: dict, options: dict, log, prefill: dict | No
         return mod, tvm_cuda.cuda_target(arch), buckets, weights, segments, kv_outputs, attention_outputs
     target_json = cpu_target()
     tvm_target = tvm.target.Target(target_json)
+    from optc.backends.tvm_attention import fuse_decode_attention
     from optc.backends.tvm_schedules import legalizations
 
+    mod, fused = fuse_decode_attention(mod)
+    log(f"tvm: {fused} decode attention(s) fused into one kernel each (the cache read in place"
+        f"{', dequantised in registers' if kv_cache.get('layout') == 'kivi' else ''})")
     with tvm_target, native_warnings_filtered():
         mod = relax.transform.LegalizeOps(customize_legalize_map=legalizations())(mod)
         mod = relax.get_pipeline("zero")(mod)  # legalise the rest to TIR and fuse (no database yet)

@@ -150,6 +150,11 @@ def tuned_already(database, task) -> bool:
     return len(database.get_top_k(database.commit_workload(task.dispatched[0]), 2)) >= 2
 
 
+def _scheduled(task) -> bool:
+    attrs = task.dispatched[0]["main"].attrs if hasattr(task.dispatched[0], "functions") else None
+    return bool(attrs and attrs.get("tirx.is_scheduled", False))
+
+
 def task_priorities(mod, target, latency: dict[str, float] | None = None) -> dict[int, float]:
     """Each workload's share of its bucket's cost, taking the largest over buckets (keyed by
     structural hash). The cost is the measured latency of its default schedule where there is
@@ -202,7 +207,8 @@ def tune(mod, target, database, *, trials: int, time_limit: float | None, trials
         return {"tasks": None, "from_database": None, "untunable": None, "selected": 0, "new_tasks": 0,
                 "trials": 0, "seconds": 0.0}
     trials_per_task = max(1, min(trials_per_task, trials))
-    extracted = ms.relax_integration.extract_tasks(mod, target, module_equality="structural")
+    extracted = [t for t in ms.relax_integration.extract_tasks(mod, target, module_equality="structural")
+                 if not _scheduled(t)]  # optc's own kernels (tvm_attention) come scheduled
     tunable = [t for t in extracted if not any(word in t.task_name for word in UNTUNABLE)]
     skipped = [t for t in extracted if t not in tunable]
     import logging

@@ -1,0 +1,422 @@
+"""Fused decode attention for the TVM CPU backend: one TIR kernel per attention, reading the KV cache in place.
+
+The legalised graph (tvm_lowering) attends with generic ops: K = Concat(past, new), then a
+transposed copy of K, QK^T, scale, mask, softmax and PV. For a decode step that means two full
+copies of the cache per layer (the concatenation, the transpose) and, with the KIVI int8/int4
+cache of the kv_cache_compression pass, a third: the dequantised cache, materialised in float
+before it is concatenated. At 2,048 cached tokens those copies cost more than the rest of the
+step.
+
+This Relax pass finds that chain in each decode bucket (a few query rows per KV head) and replaces
+it by a call to one kernel built here:
+- K and V stay in *segments* (the float cache, KIVI's quantised groups, its float residual, the new
+  tokens). Each segment is read where it lies; there is no concatenated copy.
+- Element-wise producers of a segment (KIVI's Cast, Sub, Mul by the scales and the reshapes around
+  them, int4 unpacking) are absorbed into the kernel, so the int8 cache is read as int8 and
+  dequantised in registers: this is the pass-specific kernel.
+- Schedule, per KV head (threads over heads): keys in blocks of 16, each block dequantised and
+  transposed into a small buffer once and multiplied by every query row of the GQA group (4 x 16
+  register tile); softmax with a vectorisable exp; PV with the value rows streamed once and the
+  output rows vectorised.
+
+Matched shape (what tvm_lowering emits, as TVM's ONNX importer turns it into Relax):
+    S = matmul(Q5, permute_dims(expand_dims(concat(K...), 2), [0,1,2,4,3])) * scale
+    P = softmax(where(mask, S, MIN) | S + bias)
+    O = matmul(P, expand_dims(concat(V...), 2))
+Anything else (softcap, causal masks computed in the graph, attention probabilities that are
+also outputs, as H2O reads them) keeps the generic path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MAX_QUERY_ROWS = 16  # G x T rows per KV head: decode (and short chunks); prefill keeps the GEMM path
+KEY_BLOCK = 16  # keys per packed block: 2 AVX2 registers per query row
+ABSORBED_OPS = {"relax.astype", "relax.subtract", "relax.add", "relax.multiply", "relax.divide",
+                "relax.reshape", "relax.expand_dims", "relax.concat", "relax.bitwise_and",
+                "relax.right_shift", "relax.permute_dims"}
+_MIN = float(np.finfo(np.float32).min)
+
+
+def _Constant():
+    import tvm
+
+    return tvm.ir.expr.Constant  # (relax constants are this IR class in TVM 0.27)
+
+
+def _const_array(expr) -> np.ndarray:
+    return expr.value.numpy()
+
+
+def _op_name(expr) -> str | None:
+    from tvm import relax
+
+    if isinstance(expr, relax.Call) and isinstance(expr.op, __import__("tvm").ir.Op):
+        return expr.op.name
+    return None
+
+
+def _shape(expr) -> tuple[int, ...] | None:
+    sinfo = expr.ty
+    try:
+        return tuple(int(d) for d in sinfo.shape.values)
+    except Exception:  # not a tensor of static shape
+        return None
+
+
+class _Chain:
+    """Walks one function's dataflow bindings backwards (var -> value) and counts var uses."""
+
+    def __init__(self, func):
+        from tvm import relax
+
+        self.value = relax.analysis.get_var2val(func)
+        self.uses: dict = {}
+
+        def count(expr):
+            if isinstance(expr, relax.Var):
+                self.uses[expr] = self.uses.get(expr, 0) + 1
+            elif isinstance(expr, relax.Call):
+                for a in expr.args:
+                    count(a)
+            elif isinstance(expr, relax.Tuple):
+                for f in expr.fields:
+                    count(f)
+            elif isinstance(expr, relax.TupleGetItem):
+                count(expr.tuple_value)
+
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                count(binding.value)
+        count(func.body.body)
+
+    def producer(self, expr, op: str, single_use: bool = True):
+        """The call `op(...)` that `expr` is bound to, or None."""
+        from tvm import relax
+
+        if isinstance(expr, relax.Var):
+            if single_use and self.uses.get(expr, 0) != 1:
+                return None
+            expr = self.value.get(expr)
+        return expr if expr is not None and _op_name(expr) == op else None
+
+    def scalar(self, expr) -> float | None:
+        from tvm import relax
+
+        if isinstance(expr, relax.Var):
+            expr = self.value.get(expr, expr)
+        if isinstance(expr, _Constant()) and _const_array(expr).size == 1:
+            return float(_const_array(expr).reshape(()))
+        return None
+
+
+def _segments(chain: _Chain, concat_input, axis: int) -> list | None:
+    """The token-axis segments of concat(...) along `axis`, flattening nested concats."""
+    from tvm import relax
+
+    call = chain.producer(concat_input, "relax.concat")
+    if call is None or not isinstance(call.args[0], relax.Tuple):
+        return None
+    rank = len(_shape(call) or ())
+    if int(call.attrs.axis) % rank != axis % rank:
+        return None
+    out = []
+    for field in call.args[0].fields:
+        inner = chain.producer(field, "relax.concat")
+        nested = _segments(chain, field, axis) if inner is not None and int(inner.attrs.axis) % rank == axis % rank \
+            else None
+        out.extend(nested if nested is not None else [field])
+    return out
+
+
+def match(chain: _Chain, call) -> dict | None:
+    """The decode-attention chain ending in `call` (the PV matmul), or None."""
+    from tvm import relax
+
+    if _op_name(call) != "relax.matmul":
+        return None
+    probs, v5 = call.args
+    softmax = chain.producer(probs, "relax.nn.softmax")
+    if softmax is None or int(softmax.attrs.axis) not in (-1, 4):
+        return None
+    masked = softmax.args[0]
+    mask, additive = None, False
+    where = chain.producer(masked, "relax.where")
+    add = chain.producer(masked, "relax.add")
+    if where is not None:
+        if chain.scalar(where.args[2]) != _MIN:
+            return None
+        mask, scaled = where.args[0], where.args[1]
+    elif add is not None:
+        scaled, mask, additive = add.args[0], add.args[1], True
+    else:
+        scaled = masked
+    mul = chain.producer(scaled, "relax.multiply")
+    if mul is None or chain.scalar(mul.args[1]) is None:
+        return None
+    scale = chain.scalar(mul.args[1])
+    qk = chain.producer(mul.args[0], "relax.matmul")
+    if qk is None:
+        return None
+    q5, kt = qk.args
+    perm = chain.producer(kt, "relax.permute_dims")
+    if perm is None or [int(a) for a in perm.attrs.axes] != [0, 1, 2, 4, 3]:
+        return None
+    k5 = chain.producer(perm.args[0], "relax.expand_dims")
+    v_exp = chain.producer(v5, "relax.expand_dims")
+    if k5 is None or v_exp is None or [int(a) for a in k5.attrs.axis] != [2] or \
+            [int(a) for a in v_exp.attrs.axis] != [2]:
+        return None
+    q_shape, out_shape = _shape(q5), _shape(call)
+    if q_shape is None or out_shape is None or len(q_shape) != 5 or q_shape[0] != 1:
+        return None
+    if q_shape[2] * q_shape[3] > MAX_QUERY_ROWS:
+        return None
+    k_segs, v_segs = _segments(chain, k5.args[0], 2), _segments(chain, v_exp.args[0], 2)
+    if k_segs is None or v_segs is None:
+        return None
+    k_lens = [(_shape(s) or (0, 0, 0))[2] for s in k_segs]
+    v_lens = [(_shape(s) or (0, 0, 0))[2] for s in v_segs]
+    if k_lens != v_lens or any(n == 0 for n in k_lens):
+        return None  # keys and values must split the same way (they do: the cache layout is per tensor pair)
+    if mask is not None:
+        m_shape = _shape(mask)
+        if m_shape is None or len(m_shape) != 5 or m_shape[-1] != sum(k_lens):
+            return None
+        if any(m not in (1, full) for m, full in zip(m_shape[:4], (1, q_shape[1], q_shape[2], q_shape[3]))):
+            return None
+    return {"q": q5, "mask": mask, "additive": additive, "scale": scale, "k": k_segs, "v": v_segs,
+            "out_shape": out_shape, "out_dtype": str(call.ty.dtype)}
+
+
+class _TE:
+    """Rebuilds a segment's element-wise producers in TE over placeholders (the kernel's inputs);
+    `leaves` are the Relax values that become kernel arguments, in order."""
+
+    def __init__(self, chain: _Chain):
+        self.chain = chain
+        self.leaves: list = []
+        self.placeholders: list = []
+        self._seen: dict = {}
+
+    def leaf(self, expr):
+        from tvm import te
+
+        key = expr
+        if key in self._seen:
+            return self._seen[key]
+        shape = _shape(expr)
+        ph = te.placeholder(shape, dtype=str(expr.ty.dtype), name=f"in{len(self.placeholders)}")
+        self.leaves.append(expr)
+        self.placeholders.append(ph)
+        self._seen[key] = ph
+        return ph
+
+    def build(self, expr, depth: int = 0):
+        from tvm import relax, topi
+
+        if isinstance(expr, _Constant()) or (isinstance(expr, relax.Var) and isinstance(
+                self.chain.value.get(expr), _Constant())):
+            value = self.chain.scalar(expr)
+            if value is not None:
+                return __import__("tvm").tirx.const(value, str(expr.ty.dtype))
+        call = None
+        if isinstance(expr, relax.Var) and depth < 12 and self.chain.uses.get(expr, 0) == 1:
+            call = self.chain.value.get(expr)
+        if call is None or _op_name(call) not in ABSORBED_OPS or _shape(call) is None:
+            return self.leaf(expr)
+        op = _op_name(call)
+        shape = _shape(call)
+        args = call.args
+        if op == "relax.concat":
+            parts = [self.build(f, depth + 1) for f in args[0].fields]
+            return topi.concatenate(parts, int(call.attrs.axis))
+        x = self.build(args[0], depth + 1)
+        if op == "relax.astype":
+            return topi.cast(x, str(call.attrs.dtype))
+        if op in ("relax.reshape", "relax.expand_dims"):
+            return topi.reshape(x, shape)
+        if op == "relax.permute_dims":
+            return topi.transpose(x, [int(a) for a in call.attrs.axes])
+        y = self.build(args[1], depth + 1)
+        fn = {"relax.subtract": topi.subtract, "relax.add": topi.add, "relax.multiply": topi.multiply,
+              "relax.divide": topi.divide, "relax.bitwise_and": topi.bitwise_and,
+              "relax.right_shift": topi.right_shift}[op]
+        return fn(x, y)
+
+
+def build_kernel(m: dict, chain: _Chain):
+    """The scheduled PrimFunc for one matched attention, and the Relax values it takes."""
+    from tvm import te, tirx, topi
+
+    B, H, G, T, D = _shape(m["q"])
+    Dv = m["out_shape"][-1]
+    builder = _TE(chain)
+    q = builder.leaf(m["q"])
+    mask = builder.leaf(m["mask"]) if m["mask"] is not None else None
+    k_segs = [builder.build(s) for s in m["k"]]
+    v_segs = [builder.build(s) for s in m["v"]]
+    scale = tirx.const(m["scale"], "float32")
+    lens = [int(s.shape[2]) for s in k_segs]
+    offsets = [int(x) for x in np.cumsum([0] + lens[:-1])]
+
+    def masked(score, b, h, g, t, j):
+        if mask is None:
+            return score
+        idx = [0 if int(mask.shape[a]) == 1 else v for a, v in enumerate((b, h, g, t))] + [j]
+        if m["additive"]:
+            return score + mask(*idx).astype("float32")
+        return tirx.Select(mask(*idx), score, tirx.const(_MIN, "float32"))
+
+    def segment_scores(i, ks, n, off):
+        """Masked, scaled scores of one key segment, and their row maximum."""
+        packed = te.compute((B, H, D, n), lambda b, h, d, j: ks[b, h, j, d].astype("float32"), name=f"k_packed{i}")
+        d = te.reduce_axis((0, D), name="d")
+        s = te.compute((B, H, G, T, n), lambda b, h, g, t, j: te.sum(q[b, h, g, t, d] * packed[b, h, d, j], axis=d),
+                       name=f"scores{i}")
+        sm = te.compute((B, H, G, T, n), lambda b, h, g, t, j: masked(s[b, h, g, t, j] * scale, b, h, g, t, j + off),
+                        name=f"masked{i}")
+        j = te.reduce_axis((0, n), name="j")
+        mx = te.compute((B, H, G, T), lambda b, h, g, t: te.max(sm[b, h, g, t, j], axis=j), name=f"max{i}")
+        return sm, mx
+
+    scored = [segment_scores(i, ks, n, off) for i, (ks, n, off) in enumerate(zip(k_segs, lens, offsets))]
+
+    def overall_max(b, h, g, t):
+        out = scored[0][1][b, h, g, t]
+        for _, mx in scored[1:]:
+            out = tirx.max(out, mx[b, h, g, t])
+        return out
+
+    row_max = te.compute((B, H, G, T), overall_max, name="row_max")
+
+    def segment_values(i, sm, vs, n):
+        """exp(score - max) of one segment, its sum, and its share of P V (unnormalised)."""
+        shifted = te.compute((B, H, G, T, n), lambda b, h, g, t, j: sm[b, h, g, t, j] - row_max[b, h, g, t],
+                             name=f"shifted{i}")
+        e = topi.fast_exp(shifted)  # TOPI's vectorisable exp (range reduction + polynomial)
+        j = te.reduce_axis((0, n), name="j")
+        z = te.compute((B, H, G, T), lambda b, h, g, t: te.sum(e[b, h, g, t, j], axis=j), name=f"sum{i}")
+        j2 = te.reduce_axis((0, n), name="j")
+        o = te.compute((B, H, G, T, Dv), lambda b, h, g, t, c: te.sum(
+            e[b, h, g, t, j2] * vs[b, h, j2, c].astype("float32"), axis=j2), name=f"pv{i}")
+        return e.op.name, z, o
+
+    parts = [segment_values(i, sm, vs, n) for i, ((sm, _), vs, n) in enumerate(zip(scored, v_segs, lens))]
+    exp_names = [p[0] for p in parts]
+
+    def combine(b, h, g, t, c):
+        total, norm = parts[0][2][b, h, g, t, c], parts[0][1][b, h, g, t]
+        for _, z, o in parts[1:]:
+            total, norm = total + o[b, h, g, t, c], norm + z[b, h, g, t]
+        return (total / norm).astype(m["out_dtype"])
+
+    out = te.compute((B, H, G, T, Dv), combine, name="attention")
+    func = te.create_prim_func(builder.placeholders + [out])
+    return schedule(func, lens, exp_names), builder.leaves
+
+
+def schedule(func, lens: list[int], exp_names: list[str]):
+    from tvm import s_tir
+
+    from optc.backends.tvm_schedules import VECTOR_LANES, _pick
+
+    sch = s_tir.Schedule(func)
+    n_segments = len(lens)
+    names = {"k_packed", "scores", "masked", "max", "row_max", "sum", "pv", "attention"}
+    # TOPI names every exp block alike; create_prim_func numbered them in creation order
+    blocks = [sch.get(b).name_hint for b in sch.get_child_blocks(_root(sch))]
+    exp_names = [b for b in blocks if b == exp_names[0] or b.startswith(exp_names[0] + "_")]
+    assert len(exp_names) == n_segments, exp_names
+    keep = set(exp_names)
+    # inline the segments' element-wise producers (dequantisation, reshapes, concatenations)
+    for block in list(sch.get_child_blocks(_root(sch))):
+        name = sch.get(block).name_hint
+        if name.rstrip("0123456789") not in names and name not in keep:
+            sch.compute_inline(block)  # also the shifted scores, into the exp
+    for i in range(n_segments):
+        sch.compute_inline(sch.get_sblock(f"masked{i}"))
+    final = sch.get_sblock("attention")
+    b, h, *_ = sch.get_loops(final)
+    head = sch.fuse(b, h)
+    sch.parallel(head)
+    order = ["attention"] + [f"pv{i}" for i in reversed(range(n_segments))] + \
+        [f"sum{i}" for i in reversed(range(n_segments))] + [exp_names[i] for i in reversed(range(n_segments))] + \
+        ["row_max"] + [f"max{i}" for i in reversed(range(n_segments))] + \
+        [f"scores{i}" for i in reversed(range(n_segments))]
+    for name in order[1:]:
+        sch.compute_at(sch.get_sblock(name), head, preserve_unit_loops=True)
+    for i, n in enumerate(lens):
+        # scores: keys in blocks; each block dequantised + transposed once, then every query row
+        blk = sch.get_sblock(f"scores{i}")
+        *_, g, t, j, d = sch.get_loops(blk)
+        block_keys = _pick(n, (KEY_BLOCK, VECTOR_LANES, 4, 2))
+        jo, ji = sch.split(j, [None, block_keys])
+        sch.reorder(jo, g, t, d, ji)
+        packed = sch.get_sblock(f"k_packed{i}")
+        sch.compute_at(packed, jo, preserve_unit_loops=True)
+        pd, pj = sch.get_loops(packed)[-2:]
+        sch.reorder(pj, pd)
+        if block_keys % VECTOR_LANES == 0:
+            sch.vectorize(ji)
+        sch.decompose_reduction(blk, d)
+        # softmax pieces: vectorised exp
+        e = sch.get_sblock(exp_names[i])
+        if n % VECTOR_LANES == 0:
+            _, vec = sch.split(sch.get_loops(e)[-1], [None, VECTOR_LANES])
+            sch.vectorize(vec)
+        # PV: value rows streamed once, all query rows per value row, output columns vectorised
+        pv = sch.get_sblock(f"pv{i}")
+        *_, g, t, c, jj = sch.get_loops(pv)
+        sch.reorder(jj, g, t, c)
+        if int(sch.get(c).extent) % VECTOR_LANES == 0:  # (before the init is split off, which copies it)
+            _, vec = sch.split(c, [None, VECTOR_LANES])
+            sch.vectorize(vec)
+        sch.decompose_reduction(pv, jj)
+    # scheduled: dlight rules and tuning leave it alone; opaque: FuseOps fuses nothing into it
+    # (which would re-create it unscheduled); no global symbol: the module names it
+    func = sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
+    return func.without_attr("global_symbol")
+
+
+def _root(sch):
+    from tvm.s_tir.dlight.analysis import get_root_block
+
+    return get_root_block(sch)
+
+
+def fuse_decode_attention(mod):
+    """Relax pass: every matched decode attention becomes a call to its fused kernel. Returns
+    (module, number of attentions fused)."""
+    from tvm import relax
+
+    fused = 0
+
+    @relax.expr_functor.mutator
+    class Fuser(relax.PyExprMutator):
+        def __init__(self, mod):
+            super().__init__(mod)
+            self.chain = None
+            self.kernels = 0
+
+        def visit_call_(self, call):
+            nonlocal fused
+            m = match(self.chain, call) if self.chain is not None else None
+            if m is None:
+                return super().visit_call_(call)
+            func, leaves = build_kernel(m, self.chain)
+            gv = self.builder_.add_func(func, "fused_decode_attention")
+            fused += 1
+            args = [self.visit_expr(x) for x in leaves]
+            return relax.call_tir(gv, args, relax.TensorType(m["out_shape"], m["out_dtype"]))
+
+    fuser = Fuser(mod)
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            fuser.chain = _Chain(func)
+            new = fuser.visit_expr(func)
+            fuser.builder_.update_func(gv, new)
+    out = fuser.builder_.get()
+    out = relax.transform.DeadCodeElimination()(out)
+    return out, fused
