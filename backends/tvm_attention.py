@@ -35,7 +35,7 @@ MAX_QUERY_ROWS = 16  # G x T rows per KV head: decode (and short chunks); prefil
 KEY_BLOCK = 16  # keys per packed block: 2 AVX2 registers per query row
 ABSORBED_OPS = {"relax.astype", "relax.subtract", "relax.add", "relax.multiply", "relax.divide",
                 "relax.reshape", "relax.expand_dims", "relax.concat", "relax.bitwise_and",
-                "relax.right_shift", "relax.permute_dims"}
+                "relax.right_shift", "relax.permute_dims", "relax.strided_slice"}
 _MIN = float(np.finfo(np.float32).min)
 
 
@@ -173,13 +173,13 @@ def match(chain: _Chain, call) -> dict | None:
         return None
     if q_shape[2] * q_shape[3] > MAX_QUERY_ROWS:
         return None
-    k_segs, v_segs = _segments(chain, k5.args[0], 2), _segments(chain, v_exp.args[0], 2)
-    if k_segs is None or v_segs is None:
-        return None
+    # K and V each as the segments they are concatenated from (one segment where they are not)
+    k_segs = _segments(chain, k5.args[0], 2) or [k5.args[0]]
+    v_segs = _segments(chain, v_exp.args[0], 2) or [v_exp.args[0]]
     k_lens = [(_shape(s) or (0, 0, 0))[2] for s in k_segs]
     v_lens = [(_shape(s) or (0, 0, 0))[2] for s in v_segs]
-    if k_lens != v_lens or any(n == 0 for n in k_lens):
-        return None  # keys and values must split the same way (they do: the cache layout is per tensor pair)
+    if sum(k_lens) != sum(v_lens) or any(n == 0 for n in k_lens + v_lens):
+        return None
     if mask is not None:
         m_shape = _shape(mask)
         if m_shape is None or len(m_shape) != 5 or m_shape[-1] != sum(k_lens):
@@ -188,6 +188,31 @@ def match(chain: _Chain, call) -> dict | None:
             return None
     return {"q": q5, "mask": mask, "additive": additive, "scale": scale, "k": k_segs, "v": v_segs,
             "out_shape": out_shape, "out_dtype": str(call.ty.dtype)}
+
+
+def _ints(expr) -> list[int]:
+    return [int(f.value) for f in expr.fields]
+
+
+def _slice(x, call, shape):
+    """strided_slice with static, in-range bounds, as an index map (it inlines into the kernel)."""
+    from tvm import te
+
+    axes, begin, strides = _ints(call.args[1]), _ints(call.args[2]), \
+        (_ints(call.args[4]) if len(call.args) > 4 else None)
+    strides = strides or [1] * len(axes)
+    rank = len(shape)
+    start, step = [0] * rank, [1] * rank
+    for a, b, st in zip(axes, begin, strides):
+        a %= rank
+        if b < 0 or st <= 0:
+            raise _NotAbsorbed
+        start[a], step[a] = b, st
+    return te.compute(shape, lambda *i: x(*[start[a] + step[a] * i[a] for a in range(rank)]), name="slice")
+
+
+class _NotAbsorbed(Exception):
+    """A producer the kernel does not rebuild; it stays a separate function."""
 
 
 class _TE:
@@ -226,6 +251,14 @@ class _TE:
             call = self.chain.value.get(expr)
         if call is None or _op_name(call) not in ABSORBED_OPS or _shape(call) is None:
             return self.leaf(expr)
+        try:
+            return self._absorb(call, depth)
+        except _NotAbsorbed:
+            return self.leaf(expr)
+
+    def _absorb(self, call, depth: int):
+        from tvm import topi
+
         op = _op_name(call)
         shape = _shape(call)
         args = call.args
@@ -239,11 +272,46 @@ class _TE:
             return topi.reshape(x, shape)
         if op == "relax.permute_dims":
             return topi.transpose(x, [int(a) for a in call.attrs.axes])
+        if op == "relax.strided_slice":
+            return _slice(x, call, shape)
         y = self.build(args[1], depth + 1)
         fn = {"relax.subtract": topi.subtract, "relax.add": topi.add, "relax.multiply": topi.multiply,
               "relax.divide": topi.divide, "relax.bitwise_and": topi.bitwise_and,
               "relax.right_shift": topi.right_shift}[op]
         return fn(x, y)
+
+
+def _shifted(seg, shape, off: int):
+    from tvm import te
+
+    return te.compute(shape, lambda b, h, j, d: seg[b, h, j + off, d], name="piece")
+
+
+def _aligned(k_segs: list, v_segs: list) -> tuple[list, list]:
+    """K and V segments cut at the same token boundaries (e.g. sink_window re-rotates the whole
+    key cache, one K segment, while V stays cache + new tokens): each key block then meets the
+    value rows of the same tokens."""
+    from tvm import te
+
+    def bounds(segs):
+        return [int(x) for x in np.cumsum([0] + [int(s.shape[2]) for s in segs])]
+
+    cuts = sorted(set(bounds(k_segs)) | set(bounds(v_segs)))
+
+    def cut(segs):
+        starts, out = bounds(segs), []
+        for a, b in zip(cuts, cuts[1:]):
+            i = max(k for k, st in enumerate(starts[:-1]) if st <= a)
+            seg, off = segs[i], a - starts[i]
+            if off == 0 and b - a == int(seg.shape[2]):
+                out.append(seg)
+            else:
+                shape = [int(x) for x in seg.shape]
+                shape[2] = b - a
+                out.append(_shifted(seg, shape, off))
+        return out
+
+    return cut(k_segs), cut(v_segs)
 
 
 def build_kernel(m: dict, chain: _Chain):
@@ -255,8 +323,7 @@ def build_kernel(m: dict, chain: _Chain):
     builder = _TE(chain)
     q = builder.leaf(m["q"])
     mask = builder.leaf(m["mask"]) if m["mask"] is not None else None
-    k_segs = [builder.build(s) for s in m["k"]]
-    v_segs = [builder.build(s) for s in m["v"]]
+    k_segs, v_segs = _aligned([builder.build(s) for s in m["k"]], [builder.build(s) for s in m["v"]])
     scale = tirx.const(m["scale"], "float32")
     lens = [int(s.shape[2]) for s in k_segs]
     offsets = [int(x) for x in np.cumsum([0] + lens[:-1])]

@@ -159,7 +159,7 @@ def _check_target(target: str, options: dict) -> None:
 
 def _prepare(model, info, kv_cache: dict, options: dict, log, prefill: dict | None = None, target: str = "cpu"):
     """Lower and import every bucket; returns (Relax module, target JSON, buckets, weights,
-    segments, kv_outputs, attention_outputs). For the CPU the module is already legalised and
+    segments, kv_outputs, attention_outputs, fused decode attentions). For the CPU the module is already legalised and
     fused into TIR functions (what MetaSchedule tunes); for the GPU, CUDA's default pipeline
     does that in the build."""
     tvm = import_tvm()
@@ -207,7 +207,7 @@ def _prepare(model, info, kv_cache: dict, options: dict, log, prefill: dict | No
         from optc.backends import tvm_cuda
 
         arch = tvm_cuda.check_arch(options.get("cuda_arch") or tvm_cuda.DEFAULT_ARCH)
-        return mod, tvm_cuda.cuda_target(arch), buckets, weights, segments, kv_outputs, attention_outputs
+        return mod, tvm_cuda.cuda_target(arch), buckets, weights, segments, kv_outputs, attention_outputs, 0
     target_json = cpu_target()
     tvm_target = tvm.target.Target(target_json)
     from optc.backends.tvm_attention import fuse_decode_attention
@@ -219,7 +219,7 @@ def _prepare(model, info, kv_cache: dict, options: dict, log, prefill: dict | No
     with tvm_target, native_warnings_filtered():
         mod = relax.transform.LegalizeOps(customize_legalize_map=legalizations())(mod)
         mod = relax.get_pipeline("zero")(mod)  # legalise the rest to TIR and fuse (no database yet)
-    return mod, target_json, buckets, weights, segments, kv_outputs, attention_outputs
+    return mod, target_json, buckets, weights, segments, kv_outputs, attention_outputs, fused
 
 
 def _tune(mod, target_json: dict, options: dict, log):
@@ -256,7 +256,7 @@ def compile(model, info, out_dir: Path, target: str, *, kv_cache: dict | None = 
     options = dict(options or {})
     _check_target(target, options)
     t0 = time.perf_counter()
-    mod, target_json, buckets, weights, segments, kv_outputs, attention_outputs = _prepare(
+    mod, target_json, buckets, weights, segments, kv_outputs, attention_outputs, fused = _prepare(
         model, info, kv_cache or {"layout": "float"}, options, log, prefill, target)
     from tvm import relax
     import tvm
@@ -300,7 +300,8 @@ def compile(model, info, out_dir: Path, target: str, *, kv_cache: dict | None = 
         # only what every compile of these inputs writes the same (the artifact is deterministic);
         # trials and times are in the compile log
         device_section = {"device": "cpu", "tuning": {"tasks": stats["tasks"], "untunable": stats["untunable"],
-                                                      "database_key": stats["database_key"]}}
+                                                      "database_key": stats["database_key"]},
+                          "fused_decode_attention": fused}
     from safetensors.numpy import save_file
 
     save_file({k: np.ascontiguousarray(weights[k]) for k in sorted(weights)}, str(out_dir / PARAMS_FILE))

@@ -99,6 +99,15 @@ def test_tvm_matches_onnxruntime_on_the_same_graph(name, exported_decoder, tmp_p
     # and the sink_window bound (evictions happen), through prefill and continuation buckets
     top1, diff = _compare(ort, tvm, _prompts(2, 100))
     assert top1 == 1.0 and diff <= 1e-3, (name, top1, diff)
+    # decode steps ran optc's fused attention kernel (one per layer of the decode bucket), except
+    # for H2O, whose attention probabilities are an output the kernel does not produce
+    from optc.backends.tvm_attention import MAX_QUERY_ROWS
+
+    model = manifest["model"]
+    group = model["num_heads"] // model["kv_heads"]
+    small = sum(b["tokens"] * group <= MAX_QUERY_ROWS for b in manifest["backend"]["buckets"])
+    fused = manifest["backend"]["fused_decode_attention"]
+    assert small >= 1 and fused == (0 if name == "h2o" else small * model["n_layers"]), (name, fused)
     if name == "h2o":
         assert tvm.cache.length <= 48
     if name.startswith("sink_window"):
