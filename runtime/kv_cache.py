@@ -9,13 +9,23 @@ from __future__ import annotations
 import numpy as np
 
 
+def aligned_zeros(shape, dtype, align: int = 64) -> np.ndarray:
+    """A zeroed array whose data is `align`-byte aligned (TVM takes numpy memory in place via
+    DLPack only if it is 64-byte aligned)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.zeros(nbytes + align, np.uint8)
+    offset = (-raw.ctypes.data) % align
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
 class GrowableArray:
     """A preallocated [1, heads, capacity, *tail] array filled along axis 2; capacity doubles
     when full. Every cache layout (float, quantised codes, scales) is built from these."""
 
     def __init__(self, heads: int, tail: tuple, dtype, capacity: int = 256):
         self.heads, self.tail, self.dtype = heads, tuple(tail), np.dtype(dtype)
-        self.data = np.zeros((1, heads, max(1, capacity)) + self.tail, self.dtype)
+        # aligned: an executor may hand the whole buffer to TVM in place (tvm_executor._stage)
+        self.data = aligned_zeros((1, heads, max(1, capacity)) + self.tail, self.dtype)
         self.length = 0
 
     @property
@@ -28,7 +38,7 @@ class GrowableArray:
             cap = self.capacity
             while cap < self.length + n:
                 cap *= 2
-            new = np.zeros((1, self.heads, cap) + self.tail, self.dtype)
+            new = aligned_zeros((1, self.heads, cap) + self.tail, self.dtype)
             new[:, :, : self.length] = self.data[:, :, : self.length]
             self.data = new
         self.data[:, :, self.length:self.length + n] = x

@@ -11,6 +11,7 @@ Each step is padded into the cheapest compiled bucket that holds it:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from optc.runtime.artifact import ArtifactError, artifact_file
+from optc.runtime.kv_cache import aligned_zeros
 
 _tvm = None
 
@@ -67,13 +69,20 @@ def import_tvm_runtime():
     return tvm
 
 
-def _aligned_zeros(shape, dtype, align: int = 64) -> np.ndarray:
-    """A zeroed array whose data is `align`-byte aligned (TVM takes numpy memory in place via
-    DLPack only if it is 64-byte aligned)."""
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    raw = np.zeros(nbytes + align, np.uint8)
-    offset = (-raw.ctypes.data) % align
-    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+def _storage_of(arr: np.ndarray, shape: tuple) -> np.ndarray | None:
+    """`arr` (the filled part of a cache buffer, tokens on axis 2) widened to `shape` in place,
+    if the buffer behind it has exactly that capacity: a 64-byte aligned, C-ordered
+    [1, heads, capacity, ...] array. Then TVM can read the cache where it lies. None otherwise."""
+    itemsize = arr.dtype.itemsize
+    strides = tuple(math.prod(shape[i + 1:]) * itemsize for i in range(len(shape)))
+    nbytes = math.prod(shape) * itemsize
+    base = arr.base
+    if arr.strides != strides or not isinstance(base, np.ndarray) or arr.ctypes.data % 64 or not nbytes:
+        return None
+    start, lo = arr.ctypes.data, base.ctypes.data
+    if start < lo or start + nbytes > lo + base.nbytes:  # the padded span must lie inside the buffer
+        return None
+    return np.lib.stride_tricks.as_strided(arr, shape=shape, strides=strides)
 
 
 def _cuda_device(tvm, root: Path):
@@ -131,6 +140,7 @@ class TvmExecutor:
                 raise ArtifactError(f"{params_path}: parameter {missing[0]!r} of {b['name']} is missing")
         self._functions = {}
         self._staging: dict = {}  # (input, padded shape, dtype) -> (numpy buffer, TVM tensor on it)
+        self._borrowed: dict = {}  # input -> ((shape, address, strides), TVM tensor on the cache's own buffer)
         self.kv_outputs = backend["kv_outputs"]
         self.n_layers = len(self.kv_outputs)
         self.has_attention = bool(backend.get("attention_outputs"))
@@ -182,9 +192,20 @@ class TvmExecutor:
         array and copying it again into a fresh tensor. Slots past the cache keep old, finite
         values, which the attention mask hides."""
         shape = arr.shape[:2] + (capacity,) + arr.shape[3:]
+        if self.on_cpu:
+            # the cache's own buffer has the bucket's capacity (it grows in powers of two, like
+            # the default buckets): TVM reads it in place, no copy at all
+            key = (shape, arr.ctypes.data, arr.strides)
+            borrowed = self._borrowed.get(name)
+            if borrowed is not None and borrowed[0] == key:  # the same buffer as last step
+                return borrowed[1]
+            storage = _storage_of(arr, shape)
+            if storage is not None:
+                self._borrowed[name] = (key, _tvm.runtime.from_dlpack(storage))
+                return self._borrowed[name][1]
         key = (name, shape, arr.dtype.str)
         if key not in self._staging:
-            buffer = _aligned_zeros(shape, arr.dtype)
+            buffer = aligned_zeros(shape, arr.dtype)
             in_place = self.on_cpu and buffer.size  # (an empty buffer may have any address)
             tensor = _tvm.runtime.from_dlpack(buffer) if in_place else _tvm.runtime.tensor(buffer, self.device)
             self._staging[key] = (buffer, tensor)
