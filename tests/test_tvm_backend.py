@@ -375,3 +375,19 @@ def test_gpu_check_script(cli_artifact, exported_decoder, tmp_path):
     lines = []
     assert gpu_check.check(cli_artifact[0], expected, repeat=1, out=lines.append) == 1
     assert lines[-1].startswith("FAIL"), lines
+
+
+def test_attention_kernel_benchmark_runs_and_agrees(tmp_path):
+    """scripts/attention_kernel_bench.py (the fused kernel against ONNX Runtime, float and int8
+    KIVI caches): it runs, the fused kernel matched, and all engines agree on the output."""
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "attention_kernel_bench.py"), "--contexts", "200",
+                           "--calls", "2", "--rounds", "1", "--json", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [r["cache"] for r in rows] == ["float", "int8"]
+    for r in rows:
+        assert r["max_abs_diff_vs_onnxruntime"] <= 1e-4, r
+        assert r["tvm_fused_us"] > 0 and r["onnxruntime_us"] > 0
+    assert "| int8 | 200 |" in proc.stdout
