@@ -39,10 +39,10 @@ ABSORBED_OPS = {"relax.astype", "relax.subtract", "relax.add", "relax.multiply",
 _MIN = float(np.finfo(np.float32).min)
 
 
-def _Constant():
+def _is_constant(expr) -> bool:
     import tvm
 
-    return tvm.ir.expr.Constant  # (relax constants are this IR class in TVM 0.27)
+    return isinstance(expr, tvm.ir.expr.Constant)  # (relax constants are this IR class in TVM 0.27)
 
 
 def _const_array(expr) -> np.ndarray:
@@ -50,9 +50,10 @@ def _const_array(expr) -> np.ndarray:
 
 
 def _op_name(expr) -> str | None:
+    import tvm
     from tvm import relax
 
-    if isinstance(expr, relax.Call) and isinstance(expr.op, __import__("tvm").ir.Op):
+    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
         return expr.op.name
     return None
 
@@ -106,7 +107,7 @@ class _Chain:
 
         if isinstance(expr, relax.Var):
             expr = self.value.get(expr, expr)
-        if isinstance(expr, _Constant()) and _const_array(expr).size == 1:
+        if _is_constant(expr) and _const_array(expr).size == 1:
             return float(_const_array(expr).reshape(()))
         return None
 
@@ -239,13 +240,15 @@ class _TE:
         return ph
 
     def build(self, expr, depth: int = 0):
-        from tvm import relax, topi
+        """`expr` in TE: its element-wise producers rebuilt (up to 12 deep, each used only here),
+        scalar constants inlined, anything else a kernel input."""
+        from tvm import relax, tirx
 
-        if isinstance(expr, _Constant()) or (isinstance(expr, relax.Var) and isinstance(
-                self.chain.value.get(expr), _Constant())):
+        bound = self.chain.value.get(expr) if isinstance(expr, relax.Var) else expr
+        if _is_constant(bound):
             value = self.chain.scalar(expr)
             if value is not None:
-                return __import__("tvm").tirx.const(value, str(expr.ty.dtype))
+                return tirx.const(value, str(expr.ty.dtype))
         call = None
         if isinstance(expr, relax.Var) and depth < 12 and self.chain.uses.get(expr, 0) == 1:
             call = self.chain.value.get(expr)
@@ -387,7 +390,7 @@ def build_kernel(m: dict, chain: _Chain):
 def schedule(func, lens: list[int], exp_names: list[str]):
     from tvm import s_tir
 
-    from optc.backends.tvm_schedules import VECTOR_LANES, _pick
+    from optc.backends.tvm_schedules import VECTOR_LANES, _pick, parallel_if_worth
 
     sch = s_tir.Schedule(func)
     n_segments = len(lens)
@@ -407,7 +410,8 @@ def schedule(func, lens: list[int], exp_names: list[str]):
     final = sch.get_sblock("attention")
     b, h, *_ = sch.get_loops(final)
     head = sch.fuse(b, h)
-    sch.parallel(head)
+    B, H, G, T, D = [int(x) for x in func.params[0].shape]  # the query
+    parallel_if_worth(sch, head, 2 * B * H * G * T * sum(lens) * D)  # (QK and PV)
     order = ["attention"] + [f"pv{i}" for i in reversed(range(n_segments))] + \
         [f"sum{i}" for i in reversed(range(n_segments))] + [exp_names[i] for i in reversed(range(n_segments))] + \
         ["row_max"] + [f"max{i}" for i in reversed(range(n_segments))] + \
