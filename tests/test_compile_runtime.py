@@ -169,7 +169,8 @@ def test_bench_table_json_and_plot(tmp_path, identity_artifact, exported_decoder
     assert [r["engine"] for r in report["results"]] == ["artifact (onnxruntime)", "onnxruntime"]
     for r in report["results"]:
         assert set(r["ttft_ms"]) == {"16", "64"} and set(r["decode_ms_per_token"]) == {"128", "2048"}
-        assert r["kv_bytes"] == 2 * 6 * 2 * 32 * 4 * (128 + 4)  # layers, K+V, kv heads, head dim, fp32
+        # layers, K+V, kv heads, head dim, fp32; tokens: the context, one untimed step, the timed ones
+        assert r["kv_bytes"] == 2 * 6 * 2 * 32 * 4 * (128 + 1 + 4)
         assert r["peak_rss_mb"] > 10
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "TTFT@16 ms" in out and "| artifact" in out
