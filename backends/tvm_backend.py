@@ -282,15 +282,17 @@ def compile(model, info, out_dir: Path, target: str, *, kv_cache: dict | None = 
 
         from optc.backends.tvm_schedules import default_rules
 
+        own_kernels = _scheduled_count(mod)  # optc's fused attention kernels come scheduled
         with tvm_target, database:
             mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-            from_database = _scheduled_count(mod)
+            from_database = _scheduled_count(mod) - own_kernels
             # what the database has no schedule for gets optc's default CPU schedules
             # (tvm_schedules); what they do not match keeps TVM's naive loop nest
             mod = dlight.ApplyDefaultSchedule(*default_rules())(mod)
         total, scheduled = _function_count(mod), _scheduled_count(mod)
-        log(f"tvm: schedules: {from_database} from the tuning database, {scheduled - from_database} optc defaults "
-            f"(matmul, row-wise), {total - scheduled} of {total} functions left as plain loops (element-wise)")
+        log(f"tvm: schedules: {own_kernels} fused attention kernel(s), {from_database} from the tuning database, "
+            f"{scheduled - from_database - own_kernels} optc defaults (matmul, row-wise), "
+            f"{total - scheduled} of {total} functions left as plain loops (element-wise)")
         log("tvm: building the library")
         try:
             executable = relax.build(mod, tvm_target, relax_pipeline="default_build")
