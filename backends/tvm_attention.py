@@ -177,13 +177,20 @@ def match(chain: _Chain, call) -> dict | None:
     # K and V each as the segments they are concatenated from (one segment where they are not)
     k_segs = _segments(chain, k5.args[0], 2) or [k5.args[0]]
     v_segs = _segments(chain, v_exp.args[0], 2) or [v_exp.args[0]]
-    k_lens = [(_shape(s) or (0, 0, 0))[2] for s in k_segs]
-    v_lens = [(_shape(s) or (0, 0, 0))[2] for s in v_segs]
-    if sum(k_lens) != sum(v_lens) or any(n == 0 for n in k_lens + v_lens):
+    # every segment [1, kv heads, tokens, head dim] (V: its own head dim, the output's)
+    k_shapes, v_shapes = [_shape(x) for x in k_segs], [_shape(x) for x in v_segs]
+    for shapes, dim in ((k_shapes, q_shape[4]), (v_shapes, out_shape[4])):
+        if any(sh is None or len(sh) != 4 or sh[0] != 1 or sh[1] != q_shape[1] or sh[3] != dim or sh[2] == 0
+               for sh in shapes):
+            return None
+    k_lens, v_lens = [sh[2] for sh in k_shapes], [sh[2] for sh in v_shapes]
+    if sum(k_lens) != sum(v_lens):
         return None
     if mask is not None:
         m_shape = _shape(mask)
         if m_shape is None or len(m_shape) != 5 or m_shape[-1] != sum(k_lens):
+            return None
+        if (str(mask.ty.dtype) == "bool") == additive:  # where() takes a boolean mask, add() a float bias
             return None
         if any(m not in (1, full) for m, full in zip(m_shape[:4], (1, q_shape[1], q_shape[2], q_shape[3]))):
             return None
