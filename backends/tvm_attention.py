@@ -433,7 +433,7 @@ def schedule(func, lens: list[int], exp_names: list[str]):
             sch.compute_at(partials[name], head, preserve_unit_loops=True)
     for partial in partials.values():
         if partial is not None:
-            _lanes_innermost(sch, partial, head)
+            _lanes_innermost(sch, partial)
     for i, n in enumerate(lens):
         # scores: keys in blocks; each block dequantised + transposed once, then every query row
         blk = sch.get_sblock(f"scores{i}")

@@ -151,7 +151,7 @@ def tuned_already(database, task) -> bool:
 
 
 def _scheduled(task) -> bool:
-    attrs = task.dispatched[0]["main"].attrs if hasattr(task.dispatched[0], "functions") else None
+    attrs = task.dispatched[0]["main"].attrs
     return bool(attrs and attrs.get("tirx.is_scheduled", False))
 
 
