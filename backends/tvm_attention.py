@@ -236,14 +236,13 @@ class _TE:
     def leaf(self, expr):
         from tvm import te
 
-        key = expr
-        if key in self._seen:
-            return self._seen[key]
+        if expr in self._seen:
+            return self._seen[expr]
         shape = _shape(expr)
         ph = te.placeholder(shape, dtype=str(expr.ty.dtype), name=f"in{len(self.placeholders)}")
         self.leaves.append(expr)
         self.placeholders.append(ph)
-        self._seen[key] = ph
+        self._seen[expr] = ph
         return ph
 
     def build(self, expr, depth: int = 0):
@@ -485,7 +484,6 @@ def fuse_decode_attention(mod):
         def __init__(self, mod):
             super().__init__(mod)
             self.chain = None
-            self.kernels = 0
 
         def visit_call_(self, call):
             nonlocal fused
