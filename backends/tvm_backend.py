@@ -269,13 +269,18 @@ def compile(model, info, out_dir: Path, target: str, *, kv_cache: dict | None = 
         log(f"tvm: building CUDA code for {target_json['arch']} with TVM's default GPU schedules (dlight)")
         try:
             with tvm_target, native_warnings_filtered():
-                mod = relax.get_default_pipeline(tvm_target)(mod)
+                pipeline, cuda_stats = tvm_cuda.build_pipeline(tvm_target)
+                mod = pipeline(mod)
                 executable = relax.build(mod, tvm_target, relax_pipeline=None)
         except Exception as e:
             raise OptcError(f"tvm backend: CUDA build failed ({str(e).splitlines()[0]})") from None
+        if cuda_stats["bool_loops"]:
+            log(f"tvm: {cuda_stats['bool_loops']} vectorised bool access loop(s) kept scalar (TVM's CUDA codegen "
+                f"loads bool vectors with the wrong width)")
         device_section = {"device": "cuda", "cuda": tvm_cuda.export_with_fatbin(executable, out_dir / LIBRARY_FILE,
                                                                                target_json["arch"], log),
-                          "schedules": "dlight (TVM's default GPU schedules)"}
+                          "schedules": "dlight (TVM's default GPU schedules)",
+                          "bool_loops_kept_scalar": cuda_stats["bool_loops"]}
     else:
         database, stats = _tune(mod, target_json, options, log)
         from tvm.s_tir import dlight

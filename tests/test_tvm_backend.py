@@ -295,6 +295,7 @@ def test_gpu_target_ships_compiled_kernels_and_expected_logits(exported_decoder,
     assert manifests[0]["files"] == manifests[1]["files"]  # byte-identical, fatbin included
     m = manifests[0]
     assert m["backend"]["device"] == "cuda" and m["backend"]["cuda"]["arch"] == "sm_90"
+    assert m["backend"]["bool_loops_kept_scalar"] > 0 and "kept scalar" in out  # see test_cuda_emulation.py
     assert m["gpu_check"]["file"] in m["files"] and m["verification"]["provider"] == "CPUExecutionProvider"
     lib = (tmp_path / "a" / "model.so").read_bytes()
     assert b"\x50\xed\x55\xba" in lib  # fatbin magic: the kernels are compiled ...
