@@ -68,6 +68,7 @@ def check(artifact: Path, expected_path: Path | None = None, repeat: int = 5, ou
     runtime = import_runtime()
     from safetensors.numpy import load_file
 
+    t0 = time.perf_counter()
     try:
         model = runtime.load(artifact)
     except runtime.ArtifactError as e:
@@ -85,11 +86,15 @@ def check(artifact: Path, expected_path: Path | None = None, repeat: int = 5, ou
     decode_tokens = int(spec.get("decode_tokens", 32))
     tolerance = float(spec.get("max_abs_logit_diff", DEFAULT_TOLERANCE))
 
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
     got, _, _ = run_steps(model, ids, decode_tokens)  # the first run also loads the kernels
+    first_s = time.perf_counter() - t0
     diff = float(np.abs(got - want).max())
     top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
     ok = top1 == 1.0 and diff <= tolerance
     out(f"artifact   {artifact} ({model.provider})")
+    out(f"load       {load_s:.2f} s; first run (kernels loaded on first use) {first_s:.2f} s")
     out(f"check      {len(ids)} tokens ({len(ids) - decode_tokens} prefilled, {decode_tokens} decoded) vs "
         f"{spec.get('reference', expected_path.name)}")
     out(f"top-1      {top1:.2%}")
