@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from optc.backends.tvm_schedules import VECTOR_LANES  # a constant: importing it loads no TVM
 from optc.errors import OptcError
 
 # Every bucket is one more set of workloads to tune, so the defaults are few: decode pads the
@@ -80,8 +81,11 @@ def plan_buckets(kv_cache: dict, segments: list[Segment], *, prefill=DEFAULT_PRE
         bound = policy["sinks"] + policy["window"]
         capacities = [c for c in capacities if c < bound] + [bound]
         cont = [bound]
-        # the runtime fills an evicting cache window/2 tokens at a time
-        chunk = max(continuation, policy["window"] // 2)
+        # the runtime fills an evicting cache window/2 tokens at a time. The bucket takes a few
+        # more (padding) so that a row of attention scores (bound + tokens keys) is a whole
+        # number of vectors: 126 tokens over the default 256-token bound made 382-key rows that
+        # the vectorised CPU schedules do not take (a scalar softmax was 16% of the step)
+        chunk = _round_up(bound + max(continuation, policy["window"] // 2), VECTOR_LANES) - bound
     elif policy.get("kind") == "h2o" and policy.get("budget"):
         bound = policy["budget"]  # enforced after each step, so a step starts with at most this many
         capacities = [c for c in capacities if c < bound] + [bound]
