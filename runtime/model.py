@@ -75,7 +75,7 @@ class Model:
         if self.policy and self.policy["kind"] == "sink_window":
             self._make_room(n)
         feeds = self.cache.feeds()
-        limit = self.executor.step_limit(feeds)
+        limit = self.executor.step_limit(feeds, n)
         if limit is not None and limit < n:
             n, ids = limit, ids[:limit]
         cached = self.cache.length

@@ -43,7 +43,7 @@ class OnnxRuntimeExecutor:
     def provider(self) -> str:
         return self.providers[0]
 
-    def step_limit(self, cache_feeds) -> None:
+    def step_limit(self, cache_feeds, n=None) -> None:
         """ONNX Runtime takes any number of new tokens in one step."""
         return None
 

@@ -204,6 +204,34 @@ def test_onnxruntime_backend_works_without_tvm(exported_decoder, tmp_path):
     assert not (tmp_path / "tvm").exists()
 
 
+def test_prompt_split_into_cheapest_steps():
+    """The TVM runtime splits a prompt into the steps of least estimated time over the compiled
+    buckets (no TVM needed: the plan only reads the manifest's buckets)."""
+    from optc.backends.tvm_shapes import cache_segments, plan_buckets
+    from optc.runtime.tvm_executor import TvmExecutor
+
+    segments = cache_segments({"layout": "float"}, 2)
+    executor = TvmExecutor.__new__(TvmExecutor)  # the planning state alone, no library
+    executor.buckets = plan_buckets({"layout": "float"}, segments)
+    executor.segments = [{"inputs": {name: 1 for name in s.inputs}} for s in segments]
+    executor.sparse_min, executor._plan = None, None
+    feeds = {name: np.zeros((1, 2, 0, 32), np.float32) for s in segments for name in s.inputs}
+
+    def steps(n):
+        done, out = 0, []
+        while done < n:
+            cache = {k: np.zeros((1, 2, done, 32), np.float32) for k in feeds}
+            out.append(executor.step_limit(cache, n - done))
+            done += out[-1]
+        return out
+
+    assert steps(130) == [128, 1, 1]  # not padded into prefill_512
+    assert steps(256) == [128, 64, 64]
+    assert steps(512) == [512] and steps(100) == [100] and steps(32) == [32]  # one bucket each
+    assert steps(1000) == [512] + [64] * 7 + [40]
+    assert executor.step_limit(feeds) == 512  # without a token count: the most one step takes
+
+
 def test_bucket_plans():
     """Which static shapes get compiled, per cache layout and policy (no TVM needed)."""
     from optc.backends.tvm_shapes import cache_segments, input_shapes, plan_buckets
