@@ -186,8 +186,11 @@ class TvmExecutor:
             raise ArtifactError(f"the cache holds {sum(lengths)} tokens but the largest compiled TVM shape holds "
                                 f"{largest}: recompile with larger --tvm-cache-sizes")
         largest = max(b["tokens"] for b in fitting)
-        if n is None or n == 1:
-            return largest if n is None else 1
+        if n is None:
+            return largest
+        if n == 1:
+            self._plan = None  # (a plan's last step, or a decode step)
+            return 1
         cached = sum(lengths)
         plan = self._plan
         if not (plan and plan[0] == (cached, n) and any(b["tokens"] >= plan[1][0] for b in fitting)):

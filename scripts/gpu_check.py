@@ -74,6 +74,7 @@ def check(artifact: Path, expected_path: Path | None = None, repeat: int = 5, ou
     except runtime.ArtifactError as e:
         out(f"error: {e}")
         return 2
+    load_s = time.perf_counter() - t0
     spec = model.manifest.get("gpu_check", {})
     if expected_path is None:
         if "file" not in spec:
@@ -86,7 +87,6 @@ def check(artifact: Path, expected_path: Path | None = None, repeat: int = 5, ou
     decode_tokens = int(spec.get("decode_tokens", 32))
     tolerance = float(spec.get("max_abs_logit_diff", DEFAULT_TOLERANCE))
 
-    load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     got, _, _ = run_steps(model, ids, decode_tokens)  # the first run also loads the kernels
     first_s = time.perf_counter() - t0
