@@ -52,10 +52,13 @@ def reference_functions(mod, target) -> dict:
         relax.transform.FuseOps(), relax.transform.FuseTIR()]))
 
 
-def build(scheduled: dict, reference: dict, cuda_target, cpu_target, workdir: Path) -> dict:
+def build(scheduled: dict, reference: dict, cuda_target, cpu_target, workdir: Path,
+          skip_unsupported: bool = False) -> dict:
     """Compile `scheduled` (name -> dlight-scheduled PrimFunc) to CUDA C++ with TVM, then with the
     host compiler against the emulator; `reference` (same names) for the CPU. Returns the
-    per-kernel launch metadata also written to workdir/kernels.json."""
+    per-kernel launch metadata also written to workdir/kernels.json. Kernels the emulator cannot
+    launch (hand-threaded TIR such as TVM's sort/top-k: several launches per function, scalar
+    parameters) are an error, or left out with `skip_unsupported`."""
     import tvm
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -69,15 +72,25 @@ def build(scheduled: dict, reference: dict, cuda_target, cpu_target, workdir: Pa
     for m in KERNEL.finditer(body):
         kernel, params = m.group(2), [p.strip() for p in m.group(3).split(",")]
         name = kernel.removesuffix("_kernel")
+        if name not in scheduled:  # a second launch of a hand-threaded function (name_kernel_1)
+            continue
         func = scheduled[name]
+        script = func.script()
         extents: dict[str, set] = {}
-        for extent, tag in THREAD_LOOP.findall(func.script()):
+        for extent, tag in THREAD_LOOP.findall(script):
             extents.setdefault(tag, set()).add(int(extent))
-        if any(len(v) > 1 for v in extents.values()):
-            raise ValueError(f"{name}: loops of different extents bound to one thread axis: {extents}")
+        pointers = [re.fullmatch(r".+?\*\s*__restrict__ (\w+)_ptr", p) for p in params]
+        problem = ("hand-threaded (T.launch_thread)" if "T.launch_thread" in script else
+                   f"loops of different extents bound to one thread axis: {extents}"
+                   if any(len(v) > 1 for v in extents.values()) else
+                   f"non-pointer parameters {params}" if not all(pointers) else None)
+        if problem:
+            if skip_unsupported:
+                continue
+            raise ValueError(f"{name}: cannot emulate: {problem}")
         dims = {tag: v.pop() for tag, v in extents.items()}
         buffers = {c_name(p.name): ([int(x) for x in p.shape], str(p.dtype)) for p in func.params}
-        args = [re.fullmatch(r".+?\*\s*__restrict__ (\w+)_ptr", p).group(1) for p in params]
+        args = [m.group(1) for m in pointers]
         casts = ", ".join(f"({p.split('__restrict__')[0].strip()})a[{i}]" for i, p in enumerate(params))
         launchers.append(f'extern "C" void launch_{name}(void** a, unsigned gx, unsigned gy, unsigned gz, '
                          f'unsigned bx, unsigned by, unsigned bz) '
@@ -86,8 +99,9 @@ def build(scheduled: dict, reference: dict, cuda_target, cpu_target, workdir: Pa
                       "grid": [dims.get(f"blockIdx.{a}", 1) for a in "xyz"],
                       "block": [dims.get(f"threadIdx.{a}", 1) for a in "xyz"]}
     missing = set(names) - set(meta)
-    if missing:
+    if missing and not skip_unsupported:
         raise ValueError(f"no single CUDA kernel found for {sorted(missing)}")
+    names = sorted(meta)
     (workdir / "kernels.cpp").write_text('#include "cuda_emu.h"\n' + body + "\n" + "\n".join(launchers) + "\n")
     proc = subprocess.run([compiler(), "-std=c++17", "-O1", "-fPIC", "-shared", "-fsanitize=alignment",
                            "-w", f"-I{HERE}", "-o", str(workdir / "emulated.so"), str(HERE / "cuda_emu.cpp"),

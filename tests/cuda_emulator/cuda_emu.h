@@ -27,6 +27,7 @@ struct alignas(8) float2 { float x, y; };
 struct alignas(16) float4 { float x, y, z, w; };
 struct alignas(8) int2 { int x, y; };
 struct alignas(16) int4 { int x, y, z, w; };
+struct alignas(16) longlong2 { long long x, y; };
 struct alignas(4) ushort2 { unsigned short x, y; };
 struct alignas(8) ushort4 { unsigned short x, y, z, w; };
 struct alignas(2) uchar2 { unsigned char x, y; };
@@ -37,6 +38,7 @@ static inline float2 make_float2(float a, float b) { return {a, b}; }
 static inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 static inline int2 make_int2(int a, int b) { return {a, b}; }
 static inline int4 make_int4(int a, int b, int c, int d) { return {a, b, c, d}; }
+static inline longlong2 make_longlong2(long long a, long long b) { return {a, b}; }
 static inline ushort2 make_ushort2(unsigned short a, unsigned short b) { return {a, b}; }
 static inline uchar2 make_uchar2(unsigned char a, unsigned char b) { return {a, b}; }
 static inline uchar4 make_uchar4(unsigned char a, unsigned char b, unsigned char c, unsigned char d) { return {a, b, c, d}; }
