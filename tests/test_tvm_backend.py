@@ -8,6 +8,7 @@ and every pass that has landed. Compiles here use
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -153,11 +154,18 @@ def test_runtime_loads_tvm_artifact_with_the_runtime_library_only(cli_artifact):
         "bad = [n for n in ('torch', 'tvm.relax', 'tvm.s_tir', 'onnx', 'onnx_ir', 'onnxscript', 'transformers')"
         " if n in sys.modules]\n"
         "libs = sorted({l.split('/')[-1] for l in open('/proc/self/maps').read().split() if 'libtvm' in l})\n"
-        "print(libs, bad, m.provider)\n"
+        "import tvm\n"
+        "threads = tvm.get_global_func('runtime.NumThreads')(), len(os.sched_getaffinity(0))\n"
+        "print(libs, bad, m.provider, 'threads', threads)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    # no thread setting of the user's: TVM alone would take half of these CPUs (see use_available_cpus)
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     assert "libtvm_runtime.so" in out and "libtvm_compiler" not in out and "libtvm.so" not in out, out
     assert "[] TVM" in out, out
+    threads = out.split("threads")[-1].strip()
+    n = len(os.sched_getaffinity(0))
+    assert threads == f"({n}, {n})", out
 
 
 def test_tuning_database_makes_recompiles_trial_free_and_identical(exported_decoder, tmp_path, capsys):
