@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-MAX_QUERY_ROWS = 16  # G x T rows per KV head: decode (and short chunks); prefill keeps the GEMM path
+MAX_QUERY_ROWS = 16  # G x T rows per KV head: decode (and short chunks); more go to tvm_prefill_attention
 KEY_BLOCK = 16  # keys per packed block: 2 AVX2 registers per query row
 ABSORBED_OPS = {"relax.astype", "relax.subtract", "relax.add", "relax.multiply", "relax.divide",
                 "relax.reshape", "relax.expand_dims", "relax.concat", "relax.bitwise_and",
@@ -132,7 +132,7 @@ def _segments(chain: _Chain, concat_input, axis: int) -> list | None:
 
 
 def match(chain: _Chain, call) -> dict | None:
-    """The decode-attention chain ending in `call` (the PV matmul), or None."""
+    """The attention chain ending in `call` (the PV matmul), or None."""
     from tvm import relax
 
     if _op_name(call) != "relax.matmul":
@@ -171,8 +171,6 @@ def match(chain: _Chain, call) -> dict | None:
         return None
     q_shape, out_shape = _shape(q5), _shape(call)
     if q_shape is None or out_shape is None or len(q_shape) != 5 or q_shape[0] != 1:
-        return None
-    if q_shape[2] * q_shape[3] > MAX_QUERY_ROWS:
         return None
     # K and V each as the segments they are concatenated from (one segment where they are not)
     k_segs = _segments(chain, k5.args[0], 2) or [k5.args[0]]
@@ -472,12 +470,42 @@ def _root(sch):
     return get_root_block(sch)
 
 
-def fuse_decode_attention(mod):
-    """Relax pass: every matched decode attention becomes a call to its fused kernel. Returns
-    (module, number of attentions fused)."""
+def _prefill_call(builder, chain: _Chain, m: dict, visit):
+    """The fused prefill attention (tvm_prefill_attention) of a matched attention with many
+    query rows, emitted into `builder`; None where that kernel does not apply."""
     from tvm import relax
 
-    fused = 0
+    from optc.backends import tvm_prefill_attention as prefill
+    from optc.backends.tvm_schedules import PARALLEL_MIN_WORK
+
+    q_shape, out_shape = _shape(m["q"]), m["out_shape"]
+    keys = sum(_shape(x)[2] for x in m["k"])
+    tiles = prefill.plan(q_shape, out_shape, keys)
+    if tiles is None or m["out_dtype"] != "float32" or str(m["q"].ty.dtype) != "float32":
+        return None
+    _, heads, groups, tokens, dim = q_shape
+    packer = _TE(chain)
+    pack = prefill.build_pack(m, packer, heads, keys)
+    mask_info = None if m["mask"] is None else (_shape(m["mask"]), m["additive"])
+    work = 2 * heads * groups * tokens * keys * dim
+    kernel = prefill.build_kernel(q_shape, out_shape, mask_info, m["scale"], keys, tiles,
+                                  parallel=work >= PARALLEL_MIN_WORK)
+    packed = builder.emit(relax.call_tir(
+        builder.add_func(pack, "attention_pack"), [visit(x) for x in packer.leaves],
+        [relax.TensorType((heads, dim, keys), "float32"), relax.TensorType((heads, keys, out_shape[-1]), "float32")]))
+    args = [visit(m["q"])] + ([visit(m["mask"])] if m["mask"] is not None else []) + \
+        [builder.emit(relax.TupleGetItem(packed, 0)), builder.emit(relax.TupleGetItem(packed, 1))]
+    return relax.call_tir(builder.add_func(kernel, "fused_prefill_attention"), args,
+                          relax.TensorType(out_shape, "float32"))
+
+
+def fuse_attention(mod):
+    """Relax pass: every matched attention becomes a call to a fused kernel: the decode kernel
+    (here) for a few query rows per KV head, the prefill kernel (tvm_prefill_attention) for more.
+    Returns (module, {"decode": attentions fused, "prefill": attentions fused})."""
+    from tvm import relax
+
+    fused = {"decode": 0, "prefill": 0}
 
     @relax.expr_functor.mutator
     class Fuser(relax.PyExprMutator):
@@ -486,13 +514,19 @@ def fuse_decode_attention(mod):
             self.chain = None
 
         def visit_call_(self, call):
-            nonlocal fused
             m = match(self.chain, call) if self.chain is not None else None
             if m is None:
                 return super().visit_call_(call)
+            q_shape = _shape(m["q"])
+            if q_shape[2] * q_shape[3] > MAX_QUERY_ROWS:
+                new = _prefill_call(self.builder_, self.chain, m, self.visit_expr)
+                if new is None:
+                    return super().visit_call_(call)
+                fused["prefill"] += 1
+                return new
             func, leaves = build_kernel(m, self.chain)
             gv = self.builder_.add_func(func, "fused_decode_attention")
-            fused += 1
+            fused["decode"] += 1
             args = [self.visit_expr(x) for x in leaves]
             return relax.call_tir(gv, args, relax.TensorType(m["out_shape"], m["out_dtype"]))
 

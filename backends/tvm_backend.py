@@ -160,7 +160,7 @@ def _check_target(target: str, options: dict) -> None:
 
 def _prepare(model, info, kv_cache: dict, options: dict, log, prefill: dict | None = None, target: str = "cpu"):
     """Lower and import every bucket; returns (Relax module, target JSON, buckets, weights,
-    segments, kv_outputs, attention_outputs, fused decode attentions). For the CPU the module is already legalised and
+    segments, kv_outputs, attention_outputs, {"decode": n, "prefill": n} fused attentions). For the CPU the module is already legalised and
     fused into TIR functions (what MetaSchedule tunes); for the GPU, CUDA's default pipeline
     does that in the build."""
     tvm = import_tvm()
@@ -208,15 +208,16 @@ def _prepare(model, info, kv_cache: dict, options: dict, log, prefill: dict | No
         from optc.backends import tvm_cuda
 
         arch = tvm_cuda.check_arch(options.get("cuda_arch") or tvm_cuda.DEFAULT_ARCH)
-        return mod, tvm_cuda.cuda_target(arch), buckets, weights, segments, kv_outputs, attention_outputs, 0
+        return mod, tvm_cuda.cuda_target(arch), buckets, weights, segments, kv_outputs, attention_outputs, {}
     target_json = cpu_target()
     tvm_target = tvm.target.Target(target_json)
-    from optc.backends.tvm_attention import fuse_decode_attention
+    from optc.backends.tvm_attention import fuse_attention
     from optc.backends.tvm_schedules import legalizations
 
-    mod, fused = fuse_decode_attention(mod)
-    log(f"tvm: {fused} decode attention(s) fused into one kernel each (the cache read in place"
-        f"{', dequantised in registers' if kv_cache.get('layout') == 'kivi' else ''})")
+    mod, fused = fuse_attention(mod)
+    log(f"tvm: {fused['decode']} decode attention(s) fused into one kernel each (the cache read in place"
+        f"{', dequantised in registers' if kv_cache.get('layout') == 'kivi' else ''}); "
+        f"{fused['prefill']} prefill attention(s) into flash-style kernels (masked key blocks skipped)")
     with tvm_target, native_warnings_filtered():
         mod = relax.transform.LegalizeOps(customize_legalize_map=legalizations())(mod)
         mod = relax.get_pipeline("zero")(mod)  # legalise the rest to TIR and fuse (no database yet)
@@ -309,7 +310,8 @@ def compile(model, info, out_dir: Path, target: str, *, kv_cache: dict | None = 
         # trials and times are in the compile log
         device_section = {"device": "cpu", "tuning": {"tasks": stats["tasks"], "untunable": stats["untunable"],
                                                       "database_key": stats["database_key"]},
-                          "fused_decode_attention": fused}
+                          "fused_decode_attention": fused["decode"],
+                          "fused_prefill_attention": fused["prefill"]}
     from safetensors.numpy import save_file
 
     save_file({k: np.ascontiguousarray(weights[k]) for k in sorted(weights)}, str(out_dir / PARAMS_FILE))

@@ -89,7 +89,7 @@ def onnxruntime_runner(model, arrays):
 
 def tvm_runner(model, arrays, fused: bool):
     from optc.backends import tvm_backend
-    from optc.backends.tvm_attention import fuse_decode_attention
+    from optc.backends.tvm_attention import fuse_attention
     from optc.backends.tvm_lowering import legalize, specialize
     from optc.backends.tvm_schedules import default_rules, legalizations
     from optc.ir import copy_model
@@ -103,10 +103,9 @@ def tvm_runner(model, arrays, fused: bool):
     proto = specialize(model, {k: a.shape for k, a in arrays.items()}, ["y"])
     func, inputs, _, _ = tvm_backend._import_bucket(proto, "attention", set())
     mod = tvm.IRModule({"attention": func})
-    count = 0
     if fused:
-        mod, count = fuse_decode_attention(mod)
-        assert count == 1, "the fused kernel did not match"
+        mod, count = fuse_attention(mod)
+        assert count["decode"] == 1, "the fused kernel did not match"
     target = tvm.target.Target(tvm_backend.cpu_target())
     with target, tvm_backend.native_warnings_filtered():
         mod = relax.transform.LegalizeOps(customize_legalize_map=legalizations())(mod)
