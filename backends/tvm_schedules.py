@@ -22,10 +22,11 @@ VECTOR_LANES = 8  # fp32 lanes of AVX2; AVX-512 machines get two registers per v
 GEMV_ROWS = 4  # up to this many rows (decode: 1 token, or one query per head of a GQA group)
 THREADS = 2  # a GEMV gets at least this many column tiles (this project's machines: 2 cores)
 # Below this many multiply-adds a function runs on one thread: waking the thread pool and joining
-# it costs more than it saves (a decode step runs ~60 small kernels; a GEMV over 256 x 64
-# weights is ~1 µs of work). Measured on decode_128 (one build per threshold, alternating
-# runs): all parallel 2.12 ms, from 2^17 1.82 ms, from 2^19 1.37 ms; above 2^19 no difference.
-PARALLEL_MIN_WORK = 1 << 19
+# it costs more than it saves. Measured on 2 threads, decode_128 / decode_2048 VM calls (one
+# build per threshold, runs interleaved): from 2^10 1.00 / 1.42 ms, 2^13 1.03 / 1.41, 2^15
+# 0.93 / 1.47, 2^17 1.10, 2^19 1.51 / 1.73 ms. Decode's GEMVs stream weights from L3, and two
+# cores stream faster than one even for the 256 x 256 projections (65K multiply-adds).
+PARALLEL_MIN_WORK = 1 << 15
 
 
 def parallel_if_worth(sch, loop, work: int) -> None:
