@@ -126,11 +126,8 @@ def build_kernel(q_shape, out_shape, mask_info, scale: float, keys: int, tiles: 
             return tile_value + mask_at(mask, h, g, t, j).astype("float32")
         return tirx.Select(mask_at(mask, h, g, t, j), tile_value, tirx.const(MIN, "float32"))
 
-    @T.prim_func
-    def attention(q: T.Buffer((1, H, G, TT, D), "float32"), mask: T.Buffer(mask_shape, mask_dtype),
-                  kt: T.Buffer((H, D, keys), "float32"), vp: T.Buffer((H, keys, Dv), "float32"),
-                  out: T.Buffer((1, H, G, TT, Dv), "float32")):
-        T.func_attr({"tirx.noalias": True})
+    @T.macro
+    def body(q, mask, kt, vp, out):
         for task in tasks(H * QB):
             # row r of a task: query head g = r // TQ of the group, token t0 + r % TQ
             qs = T.alloc_local((R, D))
@@ -216,7 +213,24 @@ def build_kernel(q_shape, out_shape, mask_info, scale: float, keys: int, tiles: 
                 for c in T.vectorized(Dv):
                     out[0, task // QB, r // TQ, task % QB * TQ + r % TQ, c] = acc[r, c] / row_sum[r]
 
-    return _finished(attention)
+    # (only the variant wanted is parsed: parsing expands the macro for its own signature)
+    if masked:
+        @T.prim_func
+        def masked_attention(q: T.Buffer((1, H, G, TT, D), "float32"), mask: T.Buffer(mask_shape, mask_dtype),
+                             kt: T.Buffer((H, D, keys), "float32"), vp: T.Buffer((H, keys, Dv), "float32"),
+                             out: T.Buffer((1, H, G, TT, Dv), "float32")):
+            T.func_attr({"tirx.noalias": True})
+            body(q, mask, kt, vp, out)
+
+        return _finished(masked_attention)
+
+    @T.prim_func
+    def unmasked_attention(q: T.Buffer((1, H, G, TT, D), "float32"), kt: T.Buffer((H, D, keys), "float32"),
+                           vp: T.Buffer((H, keys, Dv), "float32"), out: T.Buffer((1, H, G, TT, Dv), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        body(q, None, kt, vp, out)
+
+    return _finished(unmasked_attention)
 
 
 def _finished(func):

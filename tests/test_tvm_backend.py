@@ -109,6 +109,12 @@ def test_tvm_matches_onnxruntime_on_the_same_graph(name, exported_decoder, tmp_p
     small = sum(b["tokens"] * group <= MAX_QUERY_ROWS for b in manifest["backend"]["buckets"])
     fused = manifest["backend"]["fused_decode_attention"]
     assert small >= 1 and fused == (0 if name == "h2o" else small * model["n_layers"]), (name, fused)
+    # prefill and continuation steps ran the flash-style prefill kernel; not H2O's (as above), nor
+    # block-sparse's sparse prefill, which attends to gathered blocks (another graph)
+    large = sum(b["tokens"] * group > MAX_QUERY_ROWS and not b["name"].endswith("_sparse")
+                for b in manifest["backend"]["buckets"])
+    fused_prefill = manifest["backend"]["fused_prefill_attention"]
+    assert large >= 2 and fused_prefill == (0 if name == "h2o" else large * model["n_layers"]), (name, fused_prefill)
     if name == "h2o":
         assert tvm.cache.length <= 48
     if name.startswith("sink_window"):
@@ -305,6 +311,62 @@ def test_default_cpu_schedules_take_every_matmul_and_row_reduction(exported_deco
                 if all(rule.apply(func, target, False) is None for rule in default_rules()):
                     missed.append(name)
     assert len(wanted) >= 10 and not missed, (missed, wanted)
+
+
+def _attention_reference(q, kt, vp, mask, additive, scale):
+    """softmax(QK^T * scale, masked as the lowering masks: MIN where a bool mask is false, or
+    plus a float mask) V, in float64; q [1,H,G,T,D], kt [H,D,N], vp [H,N,Dv]."""
+    s = np.einsum("hgtd,hdn->hgtn", q[0].astype(np.float64), kt.astype(np.float64)) * scale
+    if mask is not None:
+        m = np.broadcast_to(mask[0], s.shape)
+        s = s + m if additive else np.where(m, s, float(np.finfo(np.float32).min))
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("hgtn,hnc->hgtc", p, vp.astype(np.float64))[None]
+
+
+@pytest.mark.parametrize("case", ["causal_continuation", "per_head_random", "additive", "unmasked"])
+def test_prefill_attention_kernel_matches_softmax_attention(case):
+    """The flash-style prefill kernel (backends/tvm_prefill_attention.py) against softmax
+    attention: key blocks skipped where the mask is false for a whole task, rows masked at every
+    key (they get the mean of all values, as softmax over an all-masked row does), masks that
+    vary per query head or are added."""
+    from optc.backends import tvm_backend
+    from optc.backends import tvm_prefill_attention as prefill
+
+    tvm = tvm_backend.import_tvm()
+    rng = np.random.default_rng(0)
+    H, G, T, N, D = {"causal_continuation": (2, 4, 64, 128, 32), "per_head_random": (2, 2, 24, 48, 16),
+                     "additive": (1, 4, 32, 64, 32), "unmasked": (2, 4, 16, 32, 32)}[case]
+    q = rng.standard_normal((1, H, G, T, D)).astype(np.float32)
+    kt = rng.standard_normal((H, D, N)).astype(np.float32)
+    vp = rng.standard_normal((H, N, 32)).astype(np.float32)
+    additive = case == "additive"
+    if case == "causal_continuation":  # 64 cached keys (the last 10 unused slots), then 64 new tokens
+        keys, queries = np.arange(N), 64 + np.arange(T)
+        mask = (keys[None] <= queries[:, None]) & ~((keys >= 54) & (keys < 64))[None]
+        mask[3] = False  # a row masked at every key
+        mask = mask[None, None, None]
+    elif case == "per_head_random":
+        mask = rng.random((1, 1, G, T, N)) < 0.5
+        mask[..., :16] = False  # a key block false for every row of every task: skipped
+        mask[0, 0, 1, 5] = False
+    elif case == "additive":
+        mask = np.where(rng.random((1, 1, 1, T, N)) < 0.3, -1e4, 0.0).astype(np.float32)
+    else:
+        mask = None
+    tiles = prefill.plan(q.shape, (1, H, G, T, 32), N)
+    assert tiles is not None
+    scale = 1 / np.sqrt(D)
+    mask_info = None if mask is None else (mask.shape, additive)
+    func = prefill.build_kernel(q.shape, (1, H, G, T, 32), mask_info, scale, N, tiles, parallel=True)
+    target = tvm.target.Target(tvm_backend.cpu_target())
+    lib = tvm.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+    out = tvm.runtime.tensor(np.zeros((1, H, G, T, 32), np.float32))
+    args = [q] + ([mask] if mask is not None else []) + [kt, vp]
+    lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
+    expected = _attention_reference(q, kt, vp, mask, additive, scale)
+    assert np.abs(out.numpy() - expected).max() < 1e-5, case
 
 
 # -- --target gpu (CUDA): compiled here without a GPU; run by scripts/gpu_check.sh on one ----------
