@@ -88,12 +88,15 @@ def import_tvm_runtime():
 
 
 def _step_cost(bucket: dict) -> int:
-    """A step's estimated time, in units of one query token against one key: tokens x (512 +
-    keys), plus 8,192 a step. Fitted on pycoder-5m (prefill 128 / 512 tokens 42 / 241 ms, a
-    decode step ~4 ms): the constant is the per-step cost (weights streamed, VM calls), the 512
-    the per-token work that does not grow with the keys (projections, FFN, LM head)."""
+    """A step's estimated time, in units of one query token against one key: tokens x (1,200 +
+    cached keys + tokens / 2), plus 16,000 a step. The constant is the per-step cost (weights
+    streamed, VM calls); the 1,200 the per-token work that does not grow with the keys
+    (projections, FFN, LM head); tokens / 2 because the prefill kernel skips the masked half of
+    the new tokens' keys. Fitted on pycoder-5m's buckets, 2 threads (one unit ~0.15 µs):
+    prefill 32 / 128 / 512 tokens 8.6 / 26 / 113 ms, 64 tokens over 512 / 2,048 cached 19 / 34
+    ms, decode over 2,048 cached 3.0 ms."""
     tokens = bucket["tokens"]
-    return tokens * (512 + sum(bucket["segments"]) + tokens) + 8192
+    return tokens * (1200 + sum(bucket["segments"]) + tokens // 2) + 16000
 
 
 def _storage_of(arr: np.ndarray, shape: tuple) -> np.ndarray | None:
