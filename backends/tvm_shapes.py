@@ -21,6 +21,9 @@ DEFAULT_PREFILL = (32, 128, 512)
 DEFAULT_CACHE = (128, 256, 512, 1024, 2048)
 CONTINUATION_CACHE = (512, 2048)
 CONTINUATION_TOKENS = 64  # new tokens per step once the cache is not empty
+# sink_window: the few tokens left after the last half-window chunk of a prompt (8 of 512 with
+# the default window) ran as that many decode steps, ~2 ms each; one short step takes them
+SHORT_CONTINUATION_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,7 @@ def plan_buckets(kv_cache: dict, segments: list[Segment], *, prefill=DEFAULT_PRE
     capacities = sorted(set(cache))
     # continuation capacities: the largest cache size, and the other defaults that were asked for
     cont = [c for c in CONTINUATION_CACHE if c in capacities] + [max(capacities)]
-    chunk = continuation
+    chunk, short = continuation, None
     if policy.get("kind") == "sink_window":
         bound = policy["sinks"] + policy["window"]
         capacities = [c for c in capacities if c < bound] + [bound]
@@ -86,6 +89,7 @@ def plan_buckets(kv_cache: dict, segments: list[Segment], *, prefill=DEFAULT_PRE
         # number of vectors: 126 tokens over the default 256-token bound made 382-key rows that
         # the vectorised CPU schedules do not take (a scalar softmax was 16% of the step)
         chunk = _round_up(bound + max(continuation, policy["window"] // 2), VECTOR_LANES) - bound
+        short = _round_up(bound + SHORT_CONTINUATION_TOKENS, VECTOR_LANES) - bound
     elif policy.get("kind") == "h2o" and policy.get("budget"):
         bound = policy["budget"]  # enforced after each step, so a step starts with at most this many
         capacities = [c for c in capacities if c < bound] + [bound]
@@ -115,6 +119,8 @@ def plan_buckets(kv_cache: dict, segments: list[Segment], *, prefill=DEFAULT_PRE
         buckets.append({"name": f"decode_{c}", "tokens": 1, "segments": sizes(c), **dense})
     for c in sorted(set(cont)):
         buckets.append({"name": f"continue_{c}", "tokens": chunk, "segments": sizes(c), **dense})
+        if short is not None and short < chunk:
+            buckets.append({"name": f"continue_{c}_short", "tokens": short, "segments": sizes(c), **dense})
     return buckets
 
 

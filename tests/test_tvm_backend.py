@@ -258,10 +258,11 @@ def test_bucket_plans():
     sw = {"layout": "float", "policy": {"kind": "sink_window", "sinks": 4, "window": 252}}
     plan = plan_buckets(sw, float_segments)
     assert [b["name"] for b in plan if not b["name"].startswith("prefill")] == ["decode_128", "decode_256",
-                                                                                "continue_256"]
+                                                                                "continue_256", "continue_256_short"]
     # the runtime fills the window half a window (126) at a time; the bucket pads to 128 so that
-    # its 256 + 128 keys are whole vectors
-    assert plan[-1]["tokens"] == 128
+    # its 256 + 128 keys are whole vectors. What is left of a prompt after its last chunk (up to
+    # 16 tokens) takes one short step instead of a decode step per token
+    assert [b["tokens"] for b in plan[-2:]] == [128, 16]
     # KIVI: stored groups (per-channel key scales cover `group` tokens) + a residual segment
     kivi = {"layout": "kivi", "bits": 4, "group_size": 64, "residual": 32, "symmetric": False,
             "key_quant": "per_channel"}
