@@ -160,9 +160,9 @@ def _check_target(target: str, options: dict) -> None:
 
 def _prepare(model, info, kv_cache: dict, options: dict, log, prefill: dict | None = None, target: str = "cpu"):
     """Lower and import every bucket; returns (Relax module, target JSON, buckets, weights,
-    segments, kv_outputs, attention_outputs, {"decode": n, "prefill": n} fused attentions). For the CPU the module is already legalised and
-    fused into TIR functions (what MetaSchedule tunes); for the GPU, CUDA's default pipeline
-    does that in the build."""
+    segments, kv_outputs, attention_outputs, fused attentions {"decode": n, "prefill": n}).
+    For the CPU the module is already legalised and fused into TIR functions (what MetaSchedule
+    tunes); for the GPU, CUDA's default pipeline does that in the build."""
     tvm = import_tvm()
     from tvm import relax
 
