@@ -117,8 +117,14 @@ class Model:
         chunk = self._chunk() or ids.size  # an evicting cache is filled chunk by chunk
         parts, done = [], 0
         while done < ids.size:
-            parts.append(self._step(ids[done:done + chunk]))
-            done += len(parts[-1])
+            # A chunk's boundaries do not depend on the backend. Where the executor takes fewer
+            # tokens a step (a static-shape backend's buckets), the rest of the chunk runs next,
+            # before the next chunk makes room: evictions then happen as if the chunk ran whole,
+            # and every token attends to the same keys on every backend.
+            end = min(done + chunk, ids.size)
+            while done < end:
+                parts.append(self._step(ids[done:end]))
+                done += len(parts[-1])
         logits = np.concatenate(parts) if len(parts) > 1 else parts[0]
         return logits if all_logits else logits[-1]
 
