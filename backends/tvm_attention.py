@@ -458,10 +458,14 @@ def schedule(func, lens: list[int], exp_names: list[str]):
             _, vec = sch.split(c, [None, VECTOR_LANES])
             sch.vectorize(vec)
         sch.decompose_reduction(pv, jj)
-    # scheduled: dlight rules and tuning leave it alone; opaque: FuseOps fuses nothing into it
-    # (which would re-create it unscheduled); no global symbol: the module names it
-    func = sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
-    return func.without_attr("global_symbol")
+    return finished_kernel(sch.mod["main"])
+
+
+def finished_kernel(func):
+    """One of optc's own kernels, ready for the module: marked scheduled (dlight rules and tuning
+    leave it alone), opaque (FuseOps fuses nothing into it, which would re-create it
+    unscheduled), and without a global symbol (the module names it)."""
+    return func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8).without_attr("global_symbol")
 
 
 def _root(sch):

@@ -71,6 +71,8 @@ def build_pack(m: dict, builder, heads: int, keys: int):
     from tvm import s_tir, te, topi
     from tvm.s_tir.dlight.analysis import get_root_block
 
+    from optc.backends.tvm_attention import finished_kernel
+
     k_segs = [builder.build(s) for s in m["k"]]
     v_segs = [builder.build(s) for s in m["v"]]
     k = topi.concatenate(k_segs, 2) if len(k_segs) > 1 else k_segs[0]
@@ -86,7 +88,7 @@ def build_pack(m: dict, builder, heads: int, keys: int):
     for name in ("k_transposed", "v_packed"):
         h, *_ = sch.get_loops(sch.get_sblock(name))
         sch.parallel(h)
-    return _finished(sch.mod["main"])
+    return finished_kernel(sch.mod["main"])
 
 
 def build_kernel(q_shape, out_shape, mask_info, scale: float, keys: int, tiles: dict, parallel: bool):
@@ -94,6 +96,8 @@ def build_kernel(q_shape, out_shape, mask_info, scale: float, keys: int, tiles: 
     mask_info: None, or (shape, additive) of the 5-D mask [1, Hm, Gm, Tm, keys]."""
     from tvm import tirx
     from tvm.script import tirx as T
+
+    from optc.backends.tvm_attention import finished_kernel
 
     _, H, G, TT, D = q_shape
     Dv = out_shape[-1]
@@ -222,7 +226,7 @@ def build_kernel(q_shape, out_shape, mask_info, scale: float, keys: int, tiles: 
             T.func_attr({"tirx.noalias": True})
             body(q, mask, kt, vp, out)
 
-        return _finished(masked_attention)
+        return finished_kernel(masked_attention)
 
     @T.prim_func
     def unmasked_attention(q: T.Buffer((1, H, G, TT, D), "float32"), kt: T.Buffer((H, D, keys), "float32"),
@@ -230,10 +234,4 @@ def build_kernel(q_shape, out_shape, mask_info, scale: float, keys: int, tiles: 
         T.func_attr({"tirx.noalias": True})
         body(q, None, kt, vp, out)
 
-    return _finished(unmasked_attention)
-
-
-def _finished(func):
-    # scheduled: dlight rules and tuning leave it alone; opaque: FuseOps fuses nothing into it;
-    # no global symbol: the module names it
-    return func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8).without_attr("global_symbol")
+    return finished_kernel(unmasked_attention)
