@@ -10,6 +10,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from optc.backends.base import attention_outputs, expose_new_kv
 from optc.errors import OptcError
 from optc.ir import save_model
 
@@ -18,25 +19,6 @@ PROVIDERS = {
     "gpu": ["CUDAExecutionProvider", "CPUExecutionProvider"],
 }
 GRAPH_FILE = "model.onnx"
-
-
-def expose_new_kv(model: ir.Model, info) -> list[list[str]]:
-    values = {v.name: v for n in model.graph for v in n.outputs}
-    names = []
-    for layer in info.layers:
-        pair = []
-        for kind, vname in (("key", layer.new_key), ("value", layer.new_value)):
-            v = values.get(vname)
-            if v is None:
-                raise OptcError(f"onnxruntime backend: layer {layer.index} {kind}s ({vname!r}) vanished from the graph")
-            out_name = f"optc.new.{layer.index}.{kind}"
-            if v.name != out_name:
-                v.name = out_name
-            if v not in model.graph.outputs:
-                model.graph.outputs.append(v)
-            pair.append(out_name)
-        names.append(pair)
-    return names
 
 
 def compile(model: ir.Model, info, out_dir: Path, target: str, *, kv_cache=None, prefill=None, options=None,
@@ -58,6 +40,5 @@ def compile(model: ir.Model, info, out_dir: Path, target: str, *, kv_cache=None,
                             "inter_op_num_threads": 1},
         "kv_outputs": kv_outputs,
         # per-layer attention probabilities, present when a cache policy scores tokens (H2O)
-        "attention_outputs": sorted((v.name for v in model.graph.outputs if v.name.startswith("optc.attn.")),
-                                    key=lambda n: int(n.rsplit(".", 1)[1])),
+        "attention_outputs": attention_outputs(model),
     }

@@ -24,10 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from optc.backends.onnxruntime import expose_new_kv
+from optc.backends.base import attention_outputs as attention_output_names
+from optc.backends.base import expose_new_kv
 from optc.backends.tvm_lowering import fold_weight_transposes, legalize, specialize
 from optc.backends.tvm_shapes import DEFAULT_CACHE, DEFAULT_PREFILL, cache_segments, input_shapes, plan_buckets
 from optc.errors import OptcError
+from optc.runtime.manifest import BLOCK_SPARSE_IF_SUFFIX, LAYOUT_KIVI
 
 LIBRARY_FILE = "model.so"
 PARAMS_FILE = "params.safetensors"
@@ -36,7 +38,6 @@ DEFAULT_TRIALS = 1000
 SHARED_MIN_ELEMENTS = 1024
 # Legalising an ONNX Gather prints this once per function; optc's gathers index the embedding
 # with token ids the runtime has already checked against the vocabulary.
-SPARSE_IF_SUFFIX = "/block_sparse_if"  # passes/sparse_attention.py names its If nodes so
 KNOWN_NATIVE_WARNINGS = ("Fast mode segfaults when there are out-of-bounds indices",)
 DEFAULT_TIME_LIMIT = 600.0
 
@@ -166,13 +167,12 @@ def _prepare(model, info, kv_cache: dict, options: dict, log, prefill: dict | No
     tvm = import_tvm()
     from tvm import relax
 
-    unknown_ifs = [n.name for n in model.graph if n.op_type == "If" and not n.name.endswith(SPARSE_IF_SUFFIX)]
+    unknown_ifs = [n.name for n in model.graph if n.op_type == "If" and not n.name.endswith(BLOCK_SPARSE_IF_SUFFIX)]
     if unknown_ifs:
         raise OptcError(f"tvm backend: If node {unknown_ifs[0]!r} cannot be lowered (TVM's ONNX importer has no If; "
                         f"optc lowers only block_sparse's prefill test)")
     kv_outputs = expose_new_kv(model, info)
-    attention_outputs = sorted((v.name for v in model.graph.outputs if v.name.startswith("optc.attn.")),
-                               key=lambda n: int(n.rsplit(".", 1)[1]))
+    attention_outputs = attention_output_names(model)
     outputs = ["logits"] + [n for pair in kv_outputs for n in pair] + attention_outputs
     lowered = legalize(model, info)
     folded = fold_weight_transposes(model)
@@ -216,7 +216,7 @@ def _prepare(model, info, kv_cache: dict, options: dict, log, prefill: dict | No
 
     mod, fused = fuse_attention(mod)
     log(f"tvm: {fused['decode']} decode attention(s) fused into one kernel each (the cache read in place"
-        f"{', dequantised in registers' if kv_cache.get('layout') == 'kivi' else ''}); "
+        f"{', dequantised in registers' if kv_cache.get('layout') == LAYOUT_KIVI else ''}); "
         f"{fused['prefill']} prefill attention(s) into flash-style kernels (masked key blocks skipped)")
     with tvm_target, native_warnings_filtered():
         mod = relax.transform.LegalizeOps(customize_legalize_map=legalizations())(mod)

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 from optc.backends.tvm_schedules import VECTOR_LANES  # a constant: importing it loads no TVM
 from optc.errors import OptcError
+from optc.runtime.manifest import (ATTENTION_MASK, INPUT_IDS, KEY_POSITION_IDS, KEY_QUANT_PER_CHANNEL, KV_KINDS,
+                                   LAYOUT_FLOAT, LAYOUT_KIVI, POSITION_IDS, H2OPolicy, KVCacheSpec,
+                                   SinkWindowPolicy, kivi_input, past_name)
 
 # Every bucket is one more set of workloads to tune, so the defaults are few: decode pads the
 # cache to the next power of two (attention is the only cost that grows with it); continuation
@@ -42,23 +45,23 @@ class Segment:
 def cache_segments(kv_cache: dict, n_layers: int) -> list[Segment]:
     """The cache segments of a graph compiled with the given manifest `kv_cache` section,
     in the order the graph concatenates them before the new tokens."""
-    layout = kv_cache.get("layout", "float")
-    bases = [f"past_key_values.{i}.{kind}" for i in range(n_layers) for kind in ("key", "value")]
-    if layout == "float":
+    spec = KVCacheSpec.from_dict(kv_cache)
+    bases = [past_name(i, kind) for i in range(n_layers) for kind in KV_KINDS]
+    if spec.layout == LAYOUT_FLOAT:
         return [Segment("cache", {b: 1 for b in bases})]
-    if layout == "kivi":
-        group = kv_cache["group_size"]
-        per_channel_keys = kv_cache.get("key_quant", "per_channel") == "per_channel"
+    if spec.layout == LAYOUT_KIVI:
+        group = spec.kivi.group_size
+        per_channel_keys = spec.kivi.key_quant == KEY_QUANT_PER_CHANNEL
         stored: dict[str, int] = {}
         for b in bases:
             scale_div = group if (per_channel_keys and b.endswith(".key")) else 1
-            stored[f"{b}.q"] = 1
-            stored[f"{b}.scale"] = scale_div
-            if not kv_cache["symmetric"]:
-                stored[f"{b}.zero"] = scale_div
+            stored[kivi_input(b, "q")] = 1
+            stored[kivi_input(b, "scale")] = scale_div
+            if not spec.kivi.symmetric:
+                stored[kivi_input(b, "zero")] = scale_div
         return [Segment("stored", stored, group if per_channel_keys else 1),
-                Segment("residual", {f"{b}.residual": 1 for b in bases})]
-    raise OptcError(f"tvm backend: KV-cache layout {layout!r} is not supported")
+                Segment("residual", {kivi_input(b, "residual"): 1 for b in bases})]
+    raise OptcError(f"tvm backend: KV-cache layout {spec.layout!r} is not supported")
 
 
 def _round_up(x: int, m: int) -> int:
@@ -75,23 +78,24 @@ def plan_buckets(kv_cache: dict, segments: list[Segment], *, prefill=DEFAULT_PRE
     With block-sparse prefill (`sparse_prefill_min`: the fewest prompt tokens that take the
     sparse path), a prefill size that can hold such a prompt is compiled twice: its `If` fixed
     to the sparse branch and to the dense one; the runtime picks by the real prompt length."""
-    policy = kv_cache.get("policy") or {}
+    spec = KVCacheSpec.from_dict(kv_cache)
+    policy = spec.policy
     capacities = sorted(set(cache))
     # continuation capacities: the largest cache size, and the other defaults that were asked for
     cont = [c for c in CONTINUATION_CACHE if c in capacities] + [max(capacities)]
     chunk, short = continuation, None
-    if policy.get("kind") == "sink_window":
-        bound = policy["sinks"] + policy["window"]
+    if isinstance(policy, SinkWindowPolicy):
+        bound = policy.capacity
         capacities = [c for c in capacities if c < bound] + [bound]
         cont = [bound]
         # the runtime fills an evicting cache window/2 tokens at a time. The bucket takes a few
         # more (padding) so that a row of attention scores (bound + tokens keys) is a whole
         # number of vectors: 126 tokens over the default 256-token bound made 382-key rows that
         # the vectorised CPU schedules do not take (a scalar softmax was 16% of the step)
-        chunk = _round_up(bound + max(continuation, policy["window"] // 2), VECTOR_LANES) - bound
+        chunk = _round_up(bound + max(continuation, policy.window // 2), VECTOR_LANES) - bound
         short = _round_up(bound + SHORT_CONTINUATION_TOKENS, VECTOR_LANES) - bound
-    elif policy.get("kind") == "h2o" and policy.get("budget"):
-        bound = policy["budget"]  # enforced after each step, so a step starts with at most this many
+    elif isinstance(policy, H2OPolicy) and policy.budget:
+        bound = policy.budget  # enforced after each step, so a step starts with at most this many
         capacities = [c for c in capacities if c < bound] + [bound]
         cont = [bound]
 
@@ -99,7 +103,7 @@ def plan_buckets(kv_cache: dict, segments: list[Segment], *, prefill=DEFAULT_PRE
         out = []
         for seg in segments:
             if seg.name == "residual":  # at rest the residual holds fewer than residual + group tokens
-                out.append(kv_cache["residual"] + kv_cache["group_size"])
+                out.append(spec.kivi.residual + spec.kivi.group_size)
             else:
                 out.append(_round_up(capacity, seg.granularity))
         return out
@@ -133,9 +137,9 @@ def input_shapes(bucket: dict, segments: list[Segment], graph_inputs: dict[str, 
     by_input = {name: (seg, size, div) for seg, size in zip(segments, bucket["segments"])
                 for name, div in seg.inputs.items()}
     for name, declared in graph_inputs.items():
-        if name in ("input_ids", "position_ids"):
+        if name in (INPUT_IDS, POSITION_IDS):
             shapes[name] = (1, n)
-        elif name in ("attention_mask", "optc.key_position_ids"):
+        elif name in (ATTENTION_MASK, KEY_POSITION_IDS):
             shapes[name] = (1, total)
         elif name in by_input:
             seg, size, div = by_input[name]

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 import onnx_ir as ir
 
 from optc.errors import OptcError
+from optc.runtime.manifest import CONTEXT_METADATA_KEY
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _PRESENT = re.compile(r"^present\.(\d+)\.(key|value)$")
@@ -186,7 +187,7 @@ def analyze(model: ir.Model) -> DecoderInfo:
             else "decomposed (Pow/ReduceMean)" if {"Pow", "ReduceMean"} <= ops else "none found")
     mlp = "SwiGLU (Sigmoid gate)" if "Sigmoid" in ops else "GELU" if "Gelu" in ops else "unknown"
     context = None
-    meta = model.metadata_props.get("optc.context")
+    meta = model.metadata_props.get(CONTEXT_METADATA_KEY)
     if meta and meta.isdigit():
         context = int(meta)
     return DecoderInfo(n_layers=n_layers, num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim,

@@ -76,14 +76,30 @@ def inspect(model):
 
 @cli.command()
 def passes():
-    """List every pass with its options and defaults."""
+    """List every pass with its options, defaults and contract (what it ensures and excludes)."""
     from optc.registry import default_registry
+
+    def facts(xs) -> str:
+        return ", ".join(sorted(xs))
 
     for entry in default_registry():
         console.print(f"[bold]{entry.name}[/]{'  (lossy)' if entry.lossy else ''}  {entry.summary}")
         for name, field in entry.options_model.model_fields.items():
-            ann = getattr(field.annotation, "__name__", str(field.annotation))
-            console.print(f"    {name}: {ann} = {field.default!r}  {field.description or ''}")
+            if field.exclude:
+                continue
+            ann = field.annotation
+            ann = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
+            ann = ann.replace("optc.passes.kv_cache.evict.", "")
+            default = "required" if field.is_required() else repr(field.default)
+            console.print(f"    {name}: {ann} = {default}  {field.description or ''}", markup=False)
+        if entry.pass_class is not None:  # the contract with default options (some depend on options)
+            c = entry.pass_class.contract(entry.options_model.model_construct())
+            if c.requires:
+                console.print(f"    requires: {facts(c.requires)}", markup=False)
+            if c.ensures:
+                console.print(f"    ensures: {facts(c.ensures)}", markup=False)
+            if c.conflicts:
+                console.print(f"    not with a pass that ensures: {facts(c.conflicts)}", markup=False)
 
 
 @cli.group()

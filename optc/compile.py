@@ -89,7 +89,7 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
     with staging_dir(out) as staging:
         kv_cache = kv_cache_section(context)
         backend_section = backend_mod.compile(model, info, staging, target, kv_cache=kv_cache,
-                                              prefill=context.runtime.get("block_sparse"),
+                                              prefill=context.runtime.prefill(),
                                               options=backend_options, log=log)
         shutil.copyfile(tok_path, staging / "tokenizer.json")
         manifest = {
@@ -166,8 +166,8 @@ def write_expected_logits(reference_artifact: Path, staging: Path, texts, log) -
 
 
 def kv_cache_section(context: PassContext) -> dict:
-    """The manifest's `kv_cache` section: what the passes ask of the runtime's cache."""
-    return {"layout": "float", "positions": "absolute", **context.runtime.get("kv_cache", {})}
+    """The manifest's kv_cache section: what the passes asked of the runtime's cache."""
+    return context.runtime.kv_cache().to_dict()
 
 
 def tune_model(model_path, *, config_path=None, target: str = "cpu", backend_options: dict | None = None,
@@ -185,7 +185,7 @@ def tune_model(model_path, *, config_path=None, target: str = "cpu", backend_opt
     context = PassContext(target=target, decoder=info)
     run_pipeline(model, config, registry, context, log=log)
     stats = tvm_backend.tune(model, info, target, kv_cache=kv_cache_section(context),
-                             prefill=context.runtime.get("block_sparse"), options=backend_options, log=log)
+                             prefill=context.runtime.prefill(), options=backend_options, log=log)
     log(f"tuning database: {stats['database_key']} ({stats['tasks']} tasks: {stats['from_database']} known, "
         f"{stats['new_tasks']} new, {stats['trials']} trials in {stats['seconds']:.0f}s)")
     return stats
@@ -196,7 +196,7 @@ def effective_budget(config: PipelineConfig, registry) -> tuple[VerifyBudget, st
     pipeline's lossy passes declare (so a lossy compile is never unbudgeted)."""
     if config.verify.max_perplexity_increase is not None:
         return config.verify, "config"
-    declared = [registry.get(p.name).pass_class.declared_perplexity_budget(p.options) for p in config.passes]
+    declared = [registry.get(p.name).declared_perplexity_budget(p.options) for p in config.passes]
     declared = [d for d in declared if d is not None]
     if not declared:
         return config.verify, "config"

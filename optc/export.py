@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 
 from optc.errors import OptcError
+from optc.runtime.manifest import (ATTENTION_MASK, CONTEXT_METADATA_KEY, INPUT_IDS, KV_KINDS, LOGITS,
+                                   POSITION_IDS, past_name, present_name)
 
 SUPPORTED_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
 ENCODER_ARCHS = {"BertModel"}
@@ -93,11 +95,11 @@ def example_decoder_inputs(config, batch: int = 2, seq: int = 5, past: int = 3):
 
 
 def io_names(n_layers: int) -> tuple[list[str], list[str]]:
-    inputs = ["input_ids", "attention_mask", "position_ids"]
-    outputs = ["logits"]
+    inputs = [INPUT_IDS, ATTENTION_MASK, POSITION_IDS]
+    outputs = [LOGITS]
     for i in range(n_layers):
-        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-        outputs += [f"present.{i}.key", f"present.{i}.value"]
+        inputs += [past_name(i, kind) for kind in KV_KINDS]
+        outputs += [present_name(i, kind) for kind in KV_KINDS]
     return inputs, outputs
 
 
@@ -156,7 +158,7 @@ def _finalize(model_path: Path, produced: list[Path], data_name: str, context: i
                     entry.value = data_name
         produced[0].rename(produced[0].with_name(data_name))
     if context:
-        onnx.helper.set_model_props(proto, {"optc.context": str(context)})
+        onnx.helper.set_model_props(proto, {CONTEXT_METADATA_KEY: str(context)})
     onnx.save(proto, str(model_path))
 
 

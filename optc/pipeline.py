@@ -1,4 +1,10 @@
-"""The pass manager: runs the configured passes in order, with instruments.
+"""The pass manager: checks the configured passes' contracts, then runs them in order, with
+instruments.
+
+Before any pass runs, every pass's declared contract (`optc.passes.base.Contract`) is checked
+against the canonical model (what it requires) and against every other pass of the pipeline
+(what they ensure and what it cannot be combined with), whatever their order: an invalid
+combination is one line naming both passes, and nothing has been rewritten.
 
 Instruments: per-pass timing, `dump_ir` (the textual IR after canonicalisation and after each
 pass), and onnx.checker after each pass. A configured pass that finds nothing to rewrite fails
@@ -7,6 +13,7 @@ the pipeline unless its config says `allow_noop: true`: a silent no-op is a bug 
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +23,9 @@ import onnx_ir as ir
 from optc.config import PipelineConfig
 from optc.errors import OptcError
 from optc.ir import to_checked_proto
-from optc.passes.base import PassConfigError, PassContext
+from optc.passes.base import (EXCLUSIVE, MODEL_FACTS_TEXT, MODEL_POSITION_IDS, MODEL_ROTARY_OP, Contract,
+                              PassConfigError, PassContext)
+from optc.runtime.manifest import POSITION_IDS
 
 
 @dataclass
@@ -25,6 +34,68 @@ class PassRecord:
     name: str
     modified: bool
     seconds: float
+
+
+@dataclass(frozen=True)
+class PlannedPass:
+    """One pass to run: where it came from in the config, its class, options and contract."""
+
+    index: int          # passes[index] in the config
+    config_name: str    # the name the config used (may stand for several passes)
+    pass_class: type
+    options: object
+    contract: Contract
+
+    @property
+    def label(self) -> str:
+        name = self.pass_class.name
+        return name if name == self.config_name else f"{self.config_name} -> {name}"
+
+
+def plan(config: PipelineConfig, registry) -> list[PlannedPass]:
+    out = []
+    for i, spec in enumerate(config.passes):
+        entry = registry.get(spec.name, where=f"passes[{i}].name")
+        for cls, options in entry.passes(spec.options):
+            out.append(PlannedPass(i, spec.name, cls, options, cls.contract(options)))
+    return out
+
+
+def model_facts(model: ir.Model, info) -> set[str]:
+    """What the canonical model offers that a pass may require."""
+    facts = set()
+    if any(v.name == POSITION_IDS for v in model.graph.inputs):
+        facts.add(MODEL_POSITION_IDS)
+    if getattr(info, "rotary", None) == "RotaryEmbedding":
+        facts.add(MODEL_ROTARY_OP)
+    return facts
+
+
+def _why_not(a: PlannedPass, b: PlannedPass) -> str | None:
+    """Every reason the two cannot be combined, joined (the same text in either order), or None."""
+    reasons = {EXCLUSIVE[f] for f in a.contract.ensures & b.contract.ensures & set(EXCLUSIVE)}
+    for x, y in ((a, b), (b, a)):
+        reasons |= {why for fact, why in x.contract.conflicts.items() if fact in y.contract.ensures}
+    return "; ".join(sorted(reasons)) or None
+
+
+def check_contracts(planned: list[PlannedPass], facts: set[str] | None = None) -> None:
+    """Refuse, before anything runs, a pass whose requirements the model lacks and any two passes
+    that cannot be combined (in either order). `facts=None` skips the model check."""
+    if facts is not None:
+        for p in planned:
+            missing = sorted(p.contract.requires - facts)
+            if missing:
+                raise OptcError(f"passes[{p.index}] ({p.label}) needs {MODEL_FACTS_TEXT[missing[0]]}, "
+                                f"which the model does not have")
+    for a, b in itertools.combinations(planned, 2):
+        why = _why_not(a, b)
+        if why is None:
+            continue
+        if a.index == b.index:
+            raise OptcError(f"passes[{a.index}] ({a.config_name}): its {a.pass_class.name} and "
+                            f"{b.pass_class.name} parts cannot be combined: {why}")
+        raise OptcError(f"passes[{a.index}] ({a.label}) and passes[{b.index}] ({b.label}) cannot be combined: {why}")
 
 
 def dump_ir(model: ir.Model, directory: Path, step: int, label: str) -> Path:
@@ -36,32 +107,33 @@ def dump_ir(model: ir.Model, directory: Path, step: int, label: str) -> Path:
 
 def run_pipeline(model: ir.Model, config: PipelineConfig, registry, context: PassContext, *,
                  dump_dir: Path | None = None, check: bool = True, log=print) -> list[PassRecord]:
+    planned = plan(config, registry)
+    check_contracts(planned, model_facts(model, context.decoder))
     if dump_dir is not None:
         dump_ir(model, dump_dir, 0, "canonical")
     records = []
-    for i, spec in enumerate(config.passes):
-        entry = registry.get(spec.name, where=f"passes[{i}].name")
-        p = entry.pass_class(spec.options, context)
+    for step, p in enumerate(planned, start=1):
+        i, spec = p.index, config.passes[p.index]
         t0 = time.perf_counter()
         try:
-            result = p(model)
+            result = p.pass_class(p.options, context)(model)
         except OptcError:
             raise
         except PassConfigError as e:
-            raise OptcError(f"passes[{i}].{e.key}: {e}") from None
+            raise OptcError(f"passes[{i}].{e.key}: {e}" if e.key else f"passes[{i}] ({p.label}): {e}") from None
         except ir.passes.PassError as e:
-            raise OptcError(f"passes[{i}] ({spec.name}): {e}") from None
+            raise OptcError(f"passes[{i}] ({p.label}): {e}") from None
         seconds = time.perf_counter() - t0
-        records.append(PassRecord(i, spec.name, bool(result.modified), seconds))
+        records.append(PassRecord(i, p.label, bool(result.modified), seconds))
         if not result.modified:
-            msg = f"passes[{i}] ({spec.name}) matched nothing in the graph"
+            msg = f"passes[{i}] ({p.label}) matched nothing in the graph"
             if not spec.options.allow_noop:
                 raise OptcError(f"{msg}; remove it or set 'allow_noop: true'")
             log(f"[yellow]warning[/]: {msg} (allow_noop: true)")
         else:
-            log(f"  pass {i} {spec.name}: rewrote the graph in {seconds * 1000:.0f} ms")
+            log(f"  pass {i} {p.label}: rewrote the graph in {seconds * 1000:.0f} ms")
         if dump_dir is not None:
-            dump_ir(model, dump_dir, i + 1, spec.name)
+            dump_ir(model, dump_dir, step, p.label.replace(" -> ", "-"))
         if check:
-            to_checked_proto(model, f"after passes[{i}] ({spec.name})")
+            to_checked_proto(model, f"after passes[{i}] ({p.label})")
     return records

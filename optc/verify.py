@@ -13,6 +13,7 @@ import numpy as np
 
 from optc.config import VerifyBudget
 from optc.errors import VerificationError
+from optc.runtime.manifest import KV_KINDS, past_name
 
 
 def token_windows(tokenizer, texts: list[str], bos: int | None, *, count: int, length: int) -> list[np.ndarray]:
@@ -47,8 +48,8 @@ class ReferenceModel:
             feeds["position_ids"] = np.arange(n, dtype=np.int64).reshape(1, n)
         empty = np.zeros((1, self.info.kv_heads, 0, self.info.head_dim), np.float32)
         for i in range(self.info.n_layers):
-            feeds[f"past_key_values.{i}.key"] = empty
-            feeds[f"past_key_values.{i}.value"] = empty
+            for kind in KV_KINDS:
+                feeds[past_name(i, kind)] = empty
         return self.session.run(["logits"], feeds)[0][0]
 
 

@@ -1,12 +1,22 @@
-"""optc's passes, one module per pass family. `ALL_PASSES` feeds `optc.registry.default_registry()`.
+"""optc's passes, grouped by family, one job per pass. `ALL_PASSES` feeds
+`optc.registry.default_registry()`.
 
-Pass families still to come (see DESIGN.md): token dropping, layer routing, outlier splitting.
+    cleanup        eliminate_identity, eliminate_common_subexpressions, remove_unused
+    kv_cache/      kv_quantize (KIVI int8/int4), h2o_eviction (H2O)
+    attention/     sink_window (StreamingLLM), block_sparse (prefill)
+    rules/         shared graph builders
+
+`kv_cache_compression` and `sparse_attention` are the earlier names: each config entry expands
+into the one-job passes above (docs/passes.md). Families still to come (DESIGN.md): token
+dropping, layer routing, quantised outlier splitting.
 """
 
 from optc.config import PassOptions
+from optc.passes.attention import (BlockSparse, BlockSparseOptions, SinkWindow, SinkWindowOptions,
+                                   SparseAttentionOptions, expand_sparse_attention)
 from optc.passes.cleanup import EliminateCommonSubexpressions, EliminateIdentity, RemoveUnused
-from optc.passes.kv_cache_compression import KVCacheCompression, KVCacheCompressionOptions
-from optc.passes.sparse_attention import SparseAttention, SparseAttentionOptions
+from optc.passes.kv_cache import (H2OEviction, H2OEvictionOptions, KVCacheCompressionOptions, KVQuantize,
+                                  KVQuantizeOptions, expand_kv_cache_compression)
 from optc.registry import PassEntry
 
 
@@ -18,6 +28,14 @@ ALL_PASSES = [
     _entry(EliminateCommonSubexpressions),
     _entry(EliminateIdentity),
     _entry(RemoveUnused),
-    _entry(KVCacheCompression, KVCacheCompressionOptions, lossy=True),
-    _entry(SparseAttention, SparseAttentionOptions, lossy=True),
+    _entry(KVQuantize, KVQuantizeOptions, lossy=True),
+    _entry(H2OEviction, H2OEvictionOptions, lossy=True),
+    _entry(SinkWindow, SinkWindowOptions, lossy=True),
+    _entry(BlockSparse, BlockSparseOptions, lossy=True),
+    PassEntry("kv_cache_compression", None, KVCacheCompressionOptions,
+              "KV-cache compression in one entry: bits -> kv_quantize, eviction -> h2o_eviction", lossy=True,
+              expand=expand_kv_cache_compression),
+    PassEntry("sparse_attention", None, SparseAttentionOptions,
+              "sparse attention in one entry: mode sink_window -> sink_window, block_sparse -> block_sparse",
+              lossy=True, expand=expand_sparse_attention),
 ]

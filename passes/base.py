@@ -1,4 +1,9 @@
-"""What every optc pass builds on: an onnx-ir in-place pass constructed from its options."""
+"""What every optc pass builds on: an onnx-ir in-place pass constructed from its options, and the
+contract it declares (what it requires of the model, what it ensures, what it cannot combine with).
+
+The pipeline checks every pass's contract against the model and against every other pass of the
+configuration *before* any pass runs, whatever their order (`optc.pipeline.check_contracts`).
+"""
 
 from __future__ import annotations
 
@@ -7,16 +12,52 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 
 from optc.config import PassOptions
+from optc.runtime.manifest import RuntimeRequests
+
+# ---------------------------------------------------------------- facts
+# What a pass establishes about the compiled model and its cache. Facts in EXCLUSIVE may be
+# established by one pass of a pipeline only; the text says why two cannot.
+CACHE_POLICY = "kv.policy"                       # the runtime evicts by a policy (sink_window, H2O)
+CACHE_QUANTIZED = "kv.quantized"                 # the cache is stored compressed (KIVI)
+EVICTS_SINGLE_TOKENS = "kv.evicts_single_tokens"  # the policy drops individual tokens
+KEY_GROUPS_SPAN_TOKENS = "kv.key_groups_span_tokens"  # key scales shared by groups of tokens
+ATTENTION_PROBABILITIES = "attention.probabilities_output"  # every step outputs attention probabilities
+SPARSE_PREFILL = "attention.block_sparse_prefill"  # prefill attends to selected key blocks only
+CACHE_SLOT_POSITIONS = "positions.cache_slot"    # positions are cache slots, keys cached before RoPE
+
+EXCLUSIVE = {
+    CACHE_POLICY: "both set the cache's eviction policy (a cache has one)",
+    CACHE_QUANTIZED: "both quantise the cache",
+    SPARSE_PREFILL: "both rewrite prefill attention",
+    CACHE_SLOT_POSITIONS: "both re-position the cache",
+}
+
+# What the canonical model offers (optc.pipeline.model_facts); passes may require these.
+MODEL_POSITION_IDS = "model.position_ids_input"
+MODEL_ROTARY_OP = "model.rotary_embedding_op"
+MODEL_FACTS_TEXT = {
+    MODEL_POSITION_IDS: "a position_ids graph input",
+    MODEL_ROTARY_OP: "RoPE as ONNX RotaryEmbedding ops",
+}
+
+
+@dataclass(frozen=True)
+class Contract:
+    """A pass's declared requirements and guarantees, for one set of options."""
+
+    requires: frozenset[str] = frozenset()          # model facts that must hold
+    ensures: frozenset[str] = frozenset()           # facts this pass establishes
+    conflicts: dict[str, str] = field(default_factory=dict)  # another pass's fact -> why not together
 
 
 @dataclass
 class PassContext:
-    """What a pass may consult besides the graph: the target and the canonical decoder info."""
+    """What a pass may consult besides the graph: the target, the canonical decoder info, and
+    what earlier passes asked of the runtime (written into the manifest by the compile)."""
 
     target: str = "cpu"
     decoder: object | None = None   # optc.canonical.DecoderInfo
-    # What passes ask of the runtime, copied into the manifest (e.g. "kv_cache": {"layout": ...}).
-    runtime: dict = field(default_factory=dict)
+    runtime: RuntimeRequests = field(default_factory=RuntimeRequests)
 
 
 class PassConfigError(Exception):
@@ -36,6 +77,11 @@ class OptcPass(ir.passes.InPlacePass):
         super().__init__()
         self.options = options
         self.context = context or PassContext()
+
+    @classmethod
+    def contract(cls, options: PassOptions) -> Contract:
+        """What this pass requires and ensures with these options (default: nothing)."""
+        return Contract()
 
     @classmethod
     def declared_perplexity_budget(cls, options: PassOptions) -> float | None:

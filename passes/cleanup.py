@@ -5,7 +5,6 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir.passes import common
 
-from optc.config import PassOptions
 from optc.passes.base import OptcPass
 
 
@@ -42,5 +41,3 @@ class RemoveUnused(OptcPass):
             modified |= p()(model).modified
         return ir.passes.PassResult(model, modified)
 
-
-CleanupOptions = PassOptions

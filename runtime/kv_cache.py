@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from optc.runtime.artifact import ArtifactError
+from optc.runtime.manifest import LAYOUT_FLOAT, LAYOUT_KIVI, H2OPolicy, KVCacheSpec, past_name
+
 
 def aligned_zeros(shape, dtype, align: int = 64) -> np.ndarray:
     """A zeroed array whose data is `align`-byte aligned (TVM takes numpy memory in place via
@@ -104,7 +107,7 @@ class KVCache:
         """The graph's cache inputs for the next step."""
         out = {}
         for i in range(self.n_layers):
-            out[f"past_key_values.{i}.key"], out[f"past_key_values.{i}.value"] = self.past(i)
+            out[past_name(i, "key")], out[past_name(i, "value")] = self.past(i)
         return out
 
     @property
@@ -119,7 +122,7 @@ class H2OCache(KVCache):
     layer drops its lowest-scoring tokens outside the first `sinks` and the last `recent`.
     Keys keep their original RoPE positions, so no re-rotation is needed."""
 
-    def __init__(self, n_layers, kv_heads, head_dim, *, policy: dict, **kw):
+    def __init__(self, n_layers, kv_heads, head_dim, *, policy: H2OPolicy, **kw):
         self.policy = policy
         super().__init__(n_layers, kv_heads, head_dim, **kw)
 
@@ -136,12 +139,12 @@ class H2OCache(KVCache):
 
     def budget(self, tokens_seen: int) -> int:
         p = self.policy
-        floor = p["sinks"] + p["recent"] + 1
-        return p["budget"] if p.get("budget") else max(floor, int(np.ceil(p["ratio"] * tokens_seen)))
+        floor = p.sinks + p.recent + 1
+        return p.budget if p.budget else max(floor, int(np.ceil(p.ratio * tokens_seen)))
 
     def enforce_budget(self, tokens_seen: int) -> None:
         length = self.length  # fixed before layer 0's eviction changes it
-        lo, hi = self.policy["sinks"], length - self.policy["recent"]
+        lo, hi = self.policy.sinks, length - self.policy.recent
         excess = min(length - self.budget(tokens_seen), hi - lo)
         if excess <= 0:
             return
@@ -154,21 +157,18 @@ class H2OCache(KVCache):
             self.scores[i] = self.scores[i][keep]
 
 
-def make_cache(spec: dict, model_cfg: dict):
+def make_cache(spec: KVCacheSpec, model_cfg: dict):
     """The cache the manifest's `kv_cache` section asks for."""
-    layout = spec.get("layout", "float")
     dims = (model_cfg["n_layers"], model_cfg["kv_heads"], model_cfg["head_dim"])
-    policy = spec.get("policy") or {}
-    if layout == "float" and policy.get("kind") == "h2o":
-        return H2OCache(*dims, policy=policy)
-    if layout == "float":
+    if spec.layout == LAYOUT_FLOAT and isinstance(spec.policy, H2OPolicy):
+        return H2OCache(*dims, policy=spec.policy)
+    if spec.layout == LAYOUT_FLOAT:
         return KVCache(*dims)
-    if layout == "kivi":
+    if spec.layout == LAYOUT_KIVI and not isinstance(spec.policy, H2OPolicy):
         from optc.runtime.kv_quant import QuantizedKVCache
 
-        return QuantizedKVCache(*dims, bits=spec["bits"], group_size=spec["group_size"],
-                                residual=spec["residual"], symmetric=spec["symmetric"],
-                                key_quant=spec.get("key_quant", "per_channel"))
-    from optc.runtime.artifact import ArtifactError
-
-    raise ArtifactError(f"manifest.json: unknown kv_cache layout {layout!r}")
+        k = spec.kivi
+        return QuantizedKVCache(*dims, bits=k.bits, group_size=k.group_size, residual=k.residual,
+                                symmetric=k.symmetric, key_quant=k.key_quant)
+    raise ArtifactError(f"manifest.json: kv_cache: layout {spec.layout!r} with policy {spec.policy!r} "
+                        f"is not supported")

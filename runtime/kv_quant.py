@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from optc.runtime.kv_cache import GrowableArray
+from optc.runtime.manifest import kivi_input, past_name
 
 KINDS = ("key", "value")
 
@@ -121,12 +122,12 @@ class QuantizedKVCache:
     def feeds(self) -> dict[str, np.ndarray]:
         out = {}
         for (i, kind), q in self.q.items():
-            base = f"past_key_values.{i}.{kind}"
-            out[f"{base}.q"] = q.view()
-            out[f"{base}.scale"] = self.scale[(i, kind)].view()
+            base = past_name(i, kind)
+            out[kivi_input(base, "q")] = q.view()
+            out[kivi_input(base, "scale")] = self.scale[(i, kind)].view()
             if not self.symmetric:
-                out[f"{base}.zero"] = self.zero[(i, kind)].view()
-            out[f"{base}.residual"] = self.res[(i, kind)]
+                out[kivi_input(base, "zero")] = self.zero[(i, kind)].view()
+            out[kivi_input(base, "residual")] = self.res[(i, kind)]
         return out
 
     @property

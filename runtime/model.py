@@ -10,6 +10,7 @@ import numpy as np
 
 from optc.runtime.artifact import ArtifactError, artifact_file, read_manifest
 from optc.runtime.kv_cache import make_cache
+from optc.runtime.manifest import KEY_POSITION_IDS, KVCacheSpec, SinkWindowPolicy
 from optc.runtime.sampler import sample
 
 
@@ -35,11 +36,13 @@ class Model:
         cfg = manifest["model"]
         self.config = cfg
         self.executor = _make_executor(self.root, manifest)
-        kv_spec = manifest.get("kv_cache", {"layout": "float"})
+        kv_spec = KVCacheSpec.from_dict(manifest.get("kv_cache"))
         self.cache = make_cache(kv_spec, cfg)
         # "cache_slot": tokens are positioned by their slot in the (evicting) cache, StreamingLLM-style
-        self.slot_positions = kv_spec.get("positions", "absolute") == "cache_slot"
-        self.policy = kv_spec.get("policy")
+        self.slot_positions = kv_spec.slot_positions
+        self.policy = kv_spec.policy
+        # sink_window: the cache holds sinks + window tokens at most
+        self.sink_window = self.policy if isinstance(self.policy, SinkWindowPolicy) else None
         self._tokenizer = None
         self.last_stats: dict = {}  # filled by generate(): prompt/new token counts, decode seconds
         self.reset()
@@ -72,7 +75,7 @@ class Model:
         """Runs `ids`, or as many of them as the executor takes in one step (a static-shape
         backend has a largest shape); returns logits for the tokens it ran."""
         n = len(ids)
-        if self.policy and self.policy["kind"] == "sink_window":
+        if self.sink_window:
             self._make_room(n)
         feeds = self.cache.feeds()
         limit = self.executor.step_limit(feeds, n)
@@ -84,7 +87,7 @@ class Model:
         position_ids = np.arange(first, first + n, dtype=np.int64).reshape(1, n)
         attention_mask = np.ones((1, cached + n), dtype=np.int64)
         if self.slot_positions:
-            feeds["optc.key_position_ids"] = np.arange(cached + n, dtype=np.int64).reshape(1, -1)
+            feeds[KEY_POSITION_IDS] = np.arange(cached + n, dtype=np.int64).reshape(1, -1)
         logits, new_k, new_v, attention = self.executor.run(input_ids, position_ids, attention_mask, feeds)
         self.cache.append(new_k, new_v)
         self.position += n
@@ -96,15 +99,15 @@ class Model:
     def _make_room(self, n: int) -> None:
         """sink_window: evict the oldest non-sink tokens so that the cache plus `n` new tokens
         fits in sinks + window."""
-        sinks, window = self.policy["sinks"], self.policy["window"]
+        sinks, window = self.sink_window.sinks, self.sink_window.window
         overflow = self.cache.length + n - (sinks + window)
         if overflow > 0:
             self.cache.evict(start=sinks, count=min(overflow, self.cache.length - sinks))
 
     def _chunk(self) -> int | None:
         """Largest prefill chunk the cache policy allows (None: no limit)."""
-        if self.policy and self.policy["kind"] == "sink_window":
-            return max(1, self.policy["window"] // 2)
+        if self.sink_window:
+            return max(1, self.sink_window.window // 2)
         return None
 
     def prefill(self, ids, all_logits: bool = False) -> np.ndarray:

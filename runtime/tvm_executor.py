@@ -21,6 +21,7 @@ import numpy as np
 
 from optc.runtime.artifact import ArtifactError, artifact_file
 from optc.runtime.kv_cache import aligned_zeros
+from optc.runtime.manifest import ATTENTION_MASK, INPUT_IDS, KEY_POSITION_IDS, POSITION_IDS
 
 _tvm = None
 
@@ -320,11 +321,11 @@ class TvmExecutor:
         pos[:, n:] = position_ids[0, -1] + 1 + np.arange(n_pad - n)  # beyond the real ones: harmless
         mask = np.zeros((1, total), np.int64)
         mask[0, slots] = attention_mask[0]
-        feeds.update({"input_ids": ids, "position_ids": pos, "attention_mask": mask})
-        if "optc.key_position_ids" in cache_feeds:
+        feeds.update({INPUT_IDS: ids, POSITION_IDS: pos, ATTENTION_MASK: mask})
+        if KEY_POSITION_IDS in cache_feeds:
             kp = np.zeros((1, total), np.int64)
-            kp[0, slots] = cache_feeds["optc.key_position_ids"][0]
-            feeds["optc.key_position_ids"] = kp
+            kp[0, slots] = cache_feeds[KEY_POSITION_IDS][0]
+            feeds[KEY_POSITION_IDS] = kp
         staged = {}
         for seg, cap in zip(self.segments, caps):
             for name, per_index in seg["inputs"].items():

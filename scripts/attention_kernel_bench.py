@@ -33,7 +33,7 @@ def build_graph(context: int, cache: str):
     """(onnx_ir model, input arrays): one decode attention over `context` cached tokens."""
     import onnx_ir as ir
 
-    from optc.passes.kv_cache_compression import KVCacheCompression
+    from optc.passes.kv_cache.quantize import dequant_subgraph
 
     rng = np.random.default_rng(0)
     total = context + 1
@@ -56,7 +56,7 @@ def build_graph(context: int, cache: str):
             past[kind] = v
             continue
         stored = (context - RESIDUAL) // GROUP * GROUP  # whole groups; the rest is the float residual
-        past[kind] = KVCacheCompression._dequant_subgraph(graph, base, kind == "key", KV_HEADS, HEAD_DIM, 8, GROUP,
+        past[kind] = dequant_subgraph(graph, base, kind == "key", KV_HEADS, HEAD_DIM, 8, GROUP,
                                                           HEAD_DIM, True)
         arrays[f"{base}.q"] = rng.integers(0, 256, (1, KV_HEADS, stored, HEAD_DIM)).astype(np.uint8)
         scale_shape = (1, KV_HEADS, stored // GROUP, HEAD_DIM) if kind == "key" else (1, KV_HEADS, stored, 1)

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     config = load_config(args.config, registry) if args.config else PipelineConfig()
     run_pipeline(model, config, registry, ctx, log=lambda *a: None)
     mod, target_json, *_ = tvm_backend._prepare(model, info, kv_cache_section(ctx), {}, lambda *a: None,
-                                                ctx.runtime.get("block_sparse"), "gpu")
+                                                ctx.runtime.prefill(), "gpu")
     target = tvm.target.Target(target_json)
     pipeline = relax.get_default_pipeline(target) if args.tvm_default else tvm_cuda.build_pipeline(target)[0]
     scheduled = cuda_emulation.fused_functions(mod, target, pipeline)

@@ -169,6 +169,25 @@ def test_unsupported_format_version(artifact_copy, capsys):
     assert_clean_error(code, err, "unsupported format_version 99")
 
 
+@pytest.mark.parametrize("kv_cache, needle", [
+    ({"layout": "kivi", "bits": "8", "group_size": 64, "residual": 32, "symmetric": True}, "kv_cache.bits: expected int"),
+    ({"layout": "float", "policy": {"kind": "sink_window", "sinks": 4, "window": "abc"}},
+     "kv_cache.policy.window: expected int"),
+    ({"layout": "float", "policy": {"kind": "h2o", "sinks": 4, "recent": 32, "budget": None, "ratio": 7,
+                                    "score": "accumulated_attention"}}, "kv_cache.policy: sinks, recent, budget"),
+    ({"layout": "float", "policy": {"kind": "lru"}}, "kv_cache.policy.kind: unknown 'lru'"),
+    ({"layout": "float", "positions": "absolute", "window": 9}, "kv_cache.window: unknown key"),
+    ({"layout": "fp8"}, "kv_cache.layout: unknown 'fp8'"),
+    ({"layout": "kivi", "bits": True, "group_size": 64, "residual": 32, "symmetric": True}, "kv_cache.bits: expected int"),
+])
+def test_edited_manifest_cache_section_is_refused_by_type(artifact_copy, capsys, kv_cache, needle):
+    """The runtime reads the kv_cache section through the typed contract (runtime/manifest.py):
+    a hand-edited value of the wrong type or range is a one-line error, not a crash."""
+    _edit_manifest(artifact_copy, lambda m: m.update({"kv_cache": kv_cache}))
+    code, _, err = _load_error(artifact_copy, capsys)
+    assert_clean_error(code, err, needle)
+
+
 def test_not_an_artifact(tmp_path, capsys):
     code, _, err = _load_error(tmp_path, capsys)
     assert_clean_error(code, err, "manifest.json", "missing")

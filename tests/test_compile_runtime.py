@@ -176,6 +176,7 @@ def test_bench_table_json_and_plot(tmp_path, identity_artifact, exported_decoder
     assert "TTFT@16 ms" in out and "| artifact" in out
 
 
+@pytest.mark.slow
 def test_lossy_passes_declare_a_budget_when_the_config_sets_none(tmp_path, exported_decoder, capsys, monkeypatch):
     cfg = tmp_path / "lossy.yaml"
     cfg.write_text("passes:\n  - name: kv_cache_compression\n    bits: 8\n"

@@ -88,3 +88,88 @@ def test_cleanup_pass_structure_numerics_checker(torchscript_decoder):
     a = ort.InferenceSession(before).run(["logits"], feeds)[0]
     b = ort.InferenceSession(after).run(["logits"], feeds)[0]
     assert np.abs(a - b).max() <= 1e-5
+
+
+# ------------------------------------------------------------------ pass contracts
+SW = {"name": "sink_window", "window": 60}
+KVQ = {"name": "kv_quantize", "bits": 8}
+KVQ_TOKEN = {"name": "kv_quantize", "bits": 8, "key_quant": "per_token"}
+H2O = {"name": "h2o_eviction", "ratio": 0.5}
+BS = {"name": "block_sparse"}
+OLD_EVICTION = {"name": "kv_cache_compression", "eviction": {"ratio": 0.5}}
+OLD_BS = {"name": "sparse_attention", "mode": "block_sparse"}
+
+
+def _plan(passes):
+    from optc.pipeline import plan
+
+    reg = default_registry()
+    return plan(parse_config({"passes": passes}, reg), reg)
+
+
+@pytest.mark.parametrize("a, b, why", [
+    (SW, KVQ, "per-channel key groups cannot give up"),
+    (SW, H2O, "both set the cache's eviction policy"),
+    (H2O, KVQ_TOKEN, "eviction over a quantised cache is not supported yet"),
+    (H2O, BS, "cannot report the attention scores that H2O eviction needs"),
+    (OLD_BS, OLD_EVICTION, "cannot report the attention scores that H2O eviction needs"),
+    (SW, BS, "sink_window fills its bounded cache chunk by chunk"),
+    (KVQ, KVQ_TOKEN, "both quantise the cache"),
+    (SW, SW, "both set the cache's eviction policy"),
+    (BS, BS, "both rewrite prefill attention"),
+])
+@pytest.mark.parametrize("order", ["ab", "ba"])
+def test_invalid_pairs_are_refused_in_either_order(a, b, why, order):
+    """Every invalid pair is one line naming both passes, whatever the order."""
+    from optc.pipeline import check_contracts
+
+    first, second = (a, b) if order == "ab" else (b, a)
+    with pytest.raises(OptcError) as e:
+        check_contracts(_plan([first, {"name": "remove_unused"}, second]))
+    msg = str(e.value)
+    assert "\n" not in msg and why in msg, msg
+    assert msg.startswith("passes[0] (") and " and passes[2] (" in msg, msg
+    assert first["name"] in msg and second["name"] in msg, msg
+
+
+def test_one_entry_that_expands_into_an_invalid_pair():
+    from optc.pipeline import check_contracts
+
+    with pytest.raises(OptcError, match=r"^passes\[0\] \(kv_cache_compression\): its kv_quantize and h2o_eviction "
+                                        r"parts cannot be combined: .*eviction over a quantised cache"):
+        check_contracts(_plan([{"name": "kv_cache_compression", "bits": 8, "eviction": {"ratio": 0.5}}]))
+
+
+@pytest.mark.parametrize("passes", [
+    [SW, KVQ_TOKEN], [KVQ_TOKEN, SW], [BS, KVQ], [KVQ, BS], [H2O], [{"name": "eliminate_identity"}, SW],
+    [{"name": "sparse_attention", "mode": "sink_window"},
+     {"name": "kv_cache_compression", "bits": 4, "key_quant": "per_token"}],
+])
+def test_valid_pipelines_pass_the_contract_check(passes):
+    from optc.pipeline import check_contracts
+
+    check_contracts(_plan(passes))
+
+
+def test_a_requirement_the_model_lacks_is_refused_before_running():
+    from optc.pipeline import check_contracts
+
+    with pytest.raises(OptcError, match=r"passes\[0\] \(sparse_attention -> sink_window\) needs a position_ids "
+                                        r"graph input, which the model does not have"):
+        check_contracts(_plan([{"name": "sparse_attention", "mode": "sink_window"}]), facts=set())
+
+
+def test_earlier_config_names_expand_into_one_job_passes():
+    planned = _plan([{"name": "kv_cache_compression", "bits": 4, "eviction": {"budget": 100}, "allow_noop": True},
+                     {"name": "sparse_attention", "mode": "block_sparse", "block_size": 32}])
+    assert [(p.index, p.pass_class.name) for p in planned] == [(0, "kv_quantize"), (0, "h2o_eviction"),
+                                                                (1, "block_sparse")]
+    assert planned[0].options.bits == 4 and planned[0].options.allow_noop
+    assert planned[1].options.budget == 100 and planned[2].options.block_size == 32
+    # and the declared budgets add up as before: int4 +5%, eviction +5%, block_sparse +3%
+    from optc.compile import effective_budget
+
+    reg = default_registry()
+    cfg = parse_config({"passes": [{"name": "kv_cache_compression", "bits": 4, "eviction": {"budget": 100}},
+                                   {"name": "sparse_attention", "mode": "block_sparse"}]}, reg)
+    assert effective_budget(cfg, reg)[0].max_perplexity_increase == pytest.approx(0.13)

@@ -9,7 +9,8 @@ import pytest
 
 import cuda_emulation
 
-pytestmark = pytest.mark.skipif(cuda_emulation.compiler() is None, reason="no host C++ compiler")
+pytestmark = [pytest.mark.skipif(cuda_emulation.compiler() is None, reason="no host C++ compiler"),
+              pytest.mark.tvm, pytest.mark.gpu, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

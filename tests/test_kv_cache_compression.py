@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
+
+from optc.config import parse_config
 
 from conftest import DATA_DIR, config_error
 
@@ -14,7 +15,6 @@ from conftest import DATA_DIR, config_error
 def kv_artifacts(tmp_path_factory, exported_decoder):
     """int8 and int4 artifacts compiled under the issue's budgets (+1% / +5% perplexity)."""
     from optc.compile import compile_model
-    from optc.config import parse_config
     from optc.registry import default_registry
 
     out = {}
@@ -28,16 +28,14 @@ def kv_artifacts(tmp_path_factory, exported_decoder):
 
 def test_graph_structure_and_idempotence(exported_decoder):
     from optc.canonical import canonicalize
-    from optc.config import parse_config
     from optc.ir import load_model, to_checked_proto
     from optc.passes.base import PassContext
-    from optc.passes.kv_cache_compression import KVCacheCompression
-    from optc.registry import default_registry
+    from optc.passes.kv_cache import KVQuantize, KVQuantizeOptions
 
     model = load_model(exported_decoder)
     ctx = PassContext(decoder=canonicalize(model))
-    opts = parse_config({"passes": [{"name": "kv_cache_compression", "bits": 4}]}, default_registry()).passes[0].options
-    assert KVCacheCompression(opts, ctx)(model).modified
+    opts = KVQuantizeOptions(bits=4)
+    assert KVQuantize(opts, ctx)(model).modified
     names = {v.name: v for v in model.graph.inputs}
     assert not any(n.startswith("past_key_values.") and n.endswith((".key", ".value")) for n in names)
     for i in range(6):
@@ -47,12 +45,14 @@ def test_graph_structure_and_idempotence(exported_decoder):
             assert {f"{base}.scale", f"{base}.zero", f"{base}.residual"} <= set(names)
     ops = [n.op_type for n in model.graph]
     assert ops.count("BitShift") == 12 and ops.count("Attention") == 6
-    assert ctx.runtime["kv_cache"] == {"layout": "kivi", "bits": 4, "group_size": 64, "residual": 32,
-                                       "symmetric": False, "key_quant": "per_channel"}
+    assert ctx.runtime.kv_cache().to_dict() == {"layout": "kivi", "positions": "absolute", "bits": 4,
+                                                "group_size": 64, "residual": 32, "symmetric": False,
+                                                "key_quant": "per_channel"}
     to_checked_proto(model, "test")
-    assert not KVCacheCompression(opts, ctx)(model).modified
+    assert not KVQuantize(opts, ctx)(model).modified
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [8, 4])
 def test_accuracy_within_budget_and_cache_stored_compressed(kv_artifacts, bits):
     from optc.runtime import load
@@ -107,31 +107,28 @@ def test_bad_kv_configs(tmp_path, exported_decoder, capsys, opts, needle):
 # ------------------------------------------------------------------------------- eviction --
 def test_eviction_structure(exported_decoder):
     from optc.canonical import canonicalize
-    from optc.config import parse_config
     from optc.ir import load_model, to_checked_proto
     from optc.passes.base import PassContext
-    from optc.passes.kv_cache_compression import KVCacheCompression
-    from optc.registry import default_registry
+    from optc.passes.kv_cache import H2OEviction, H2OEvictionOptions
 
     model = load_model(exported_decoder)
     ctx = PassContext(decoder=canonicalize(model))
-    opts = parse_config({"passes": [{"name": "kv_cache_compression", "eviction": {"ratio": 0.5}}]},
-                        default_registry()).passes[0].options
-    assert KVCacheCompression(opts, ctx)(model).modified
+    opts = H2OEvictionOptions(ratio=0.5)
+    assert H2OEviction(opts, ctx)(model).modified
     outs = {v.name for v in model.graph.outputs}
     assert {f"optc.attn.{i}" for i in range(6)} <= outs
     attn = [n for n in model.graph if n.op_type == "Attention"]
     assert len(attn) == 6 and all(n.attributes["qk_matmul_output_mode"].value == 3 for n in attn)
-    assert ctx.runtime["kv_cache"]["policy"] == {"kind": "h2o", "sinks": 4, "recent": 32, "budget": None,
-                                                 "ratio": 0.5, "score": "accumulated_attention"}
+    assert ctx.runtime.kv_cache().to_dict()["policy"] == {"kind": "h2o", "sinks": 4, "recent": 32, "budget": None,
+                                                          "ratio": 0.5, "score": "accumulated_attention"}
     to_checked_proto(model, "test")
-    assert not KVCacheCompression(opts, ctx)(model).modified
+    assert not H2OEviction(opts, ctx)(model).modified
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ratio, budget", [(0.5, 0.03), (0.25, 0.05)])
 def test_eviction_accuracy_and_bounded_cache(tmp_path, exported_decoder, ratio, budget):
     from optc.compile import compile_model
-    from optc.config import parse_config
     from optc.registry import default_registry
     from optc.runtime import load
 
@@ -154,7 +151,9 @@ def test_eviction_accuracy_and_bounded_cache(tmp_path, exported_decoder, ratio, 
 def test_h2o_keeps_the_most_attended_tokens():
     from optc.runtime.kv_cache import H2OCache
 
-    c = H2OCache(1, 1, 2, policy={"sinks": 1, "recent": 1, "budget": 4, "ratio": None})
+    from optc.runtime.manifest import H2OPolicy
+
+    c = H2OCache(1, 1, 2, policy=H2OPolicy(sinks=1, recent=1, budget=4, ratio=None))
     keys = np.arange(6, dtype=np.float32).reshape(1, 1, 6, 1).repeat(2, axis=3)
     c.append([keys], [keys])
     probs = np.array([0.0, 0.1, 0.5, 0.05, 0.3, 0.05], np.float32).reshape(1, 1, 1, 6)
@@ -169,7 +168,8 @@ def test_h2o_keeps_the_most_attended_tokens():
     ("eviction: {budget: 100, ratio: 0.5}", "passes[0].eviction: Value error, give exactly one of budget"),
     ("eviction: {ratio: 1.5}", "passes[0].eviction.ratio: Input should be less than 1"),
     ("eviction: {ratio: 0.5, score: random}", "passes[0].eviction.score:"),
-    ("bits: 8\n    eviction: {ratio: 0.5}", "passes[0].eviction: eviction over a quantised cache is not supported yet"),
+    ("bits: 8\n    eviction: {ratio: 0.5}", "passes[0] (kv_cache_compression): its kv_quantize and h2o_eviction parts "
+                                            "cannot be combined: eviction over a quantised cache is not supported yet"),
     ("symmetric: true", "passes[0]: Value error, set bits (quantisation), eviction, or both"),
 ])
 def test_bad_eviction_configs(tmp_path, exported_decoder, capsys, opts, needle):

@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from optc.config import parse_config
+
 from conftest import DATA_DIR, config_error, run_cli
 
 
 def _compile(src, out, passes, verify=True):
     from optc.compile import compile_model
-    from optc.config import parse_config
     from optc.registry import default_registry
 
     cfg = parse_config({"passes": passes}, default_registry())
@@ -22,16 +23,15 @@ SW = {"name": "sparse_attention", "mode": "sink_window"}
 
 def test_structure_and_idempotence(exported_decoder):
     from optc.canonical import canonicalize
-    from optc.config import parse_config
     from optc.ir import load_model, to_checked_proto
     from optc.passes.base import PassContext
-    from optc.passes.sparse_attention import KEY_POSITIONS, SparseAttention
-    from optc.registry import default_registry
+    from optc.passes.attention import SinkWindow, SinkWindowOptions
+    from optc.runtime.manifest import KEY_POSITION_IDS as KEY_POSITIONS
 
     model = load_model(exported_decoder)
     ctx = PassContext(decoder=canonicalize(model))
-    opts = parse_config({"passes": [dict(SW, sinks=4, window=60)]}, default_registry()).passes[0].options
-    assert SparseAttention(opts, ctx)(model).modified
+    opts = SinkWindowOptions(sinks=4, window=60)
+    assert SinkWindow(opts, ctx)(model).modified
     g = model.graph
     assert KEY_POSITIONS in {v.name for v in g.inputs}
     outputs = {v.name: v for v in g.outputs}
@@ -41,12 +41,13 @@ def test_structure_and_idempotence(exported_decoder):
     attn = [n for n in g if n.op_type == "Attention"]
     assert all(n.inputs[1].producer().op_type == "RotaryEmbedding" for n in attn)  # rotated by cache slot
     assert sum(n.op_type == "RotaryEmbedding" for n in g) == 12  # 6 query + 6 whole-cache key rotations
-    assert ctx.runtime["kv_cache"] == {"layout": "float", "positions": "cache_slot",
-                                       "policy": {"kind": "sink_window", "sinks": 4, "window": 60}}
+    assert ctx.runtime.kv_cache().to_dict() == {"layout": "float", "positions": "cache_slot",
+                                                "policy": {"kind": "sink_window", "sinks": 4, "window": 60}}
     to_checked_proto(model, "test")
-    assert not SparseAttention(opts, ctx)(model).modified
+    assert not SinkWindow(opts, ctx)(model).modified
 
 
+@pytest.mark.slow
 def test_exact_while_nothing_is_evicted(tmp_path, exported_decoder):
     """Up to sinks + window tokens nothing is evicted, so slot positions = text positions and the
     rewritten graph (pre-RoPE cache, re-rotation every step) must equal the dense model."""
@@ -55,6 +56,7 @@ def test_exact_while_nothing_is_evicted(tmp_path, exported_decoder):
     assert v["top1_agreement"] == 1.0 and v["max_abs_logit_diff"] <= 1e-4
 
 
+@pytest.mark.slow
 def test_cache_stays_bounded_and_generation_stays_sane(tmp_path, exported_decoder):
     from optc.runtime import load
 
@@ -97,11 +99,19 @@ def test_unknown_mode_is_rejected_not_ignored(tmp_path, exported_decoder, capsys
 
 @pytest.mark.parametrize("passes, needle", [
     ([dict(SW), {"name": "kv_cache_compression", "bits": 8}],
-     "passes[1].key_quant: sink_window evicts single tokens, which per-channel key groups cannot give up"),
+     "passes[0] (sparse_attention -> sink_window) and passes[1] (kv_cache_compression -> kv_quantize) cannot be "
+     "combined: one evicts single tokens, which the other's per-channel key groups cannot give up"),
     ([{"name": "kv_cache_compression", "bits": 8}, dict(SW)],
-     "passes[1].mode: sink_window evicts single tokens, which per-channel key groups of a compressed cache"),
+     "passes[0] (kv_cache_compression -> kv_quantize) and passes[1] (sparse_attention -> sink_window) cannot be "
+     "combined: one evicts single tokens, which the other's per-channel key groups cannot give up"),
     ([{"name": "kv_cache_compression", "eviction": {"ratio": 0.5}}, dict(SW)],
-     "passes[1].mode: the cache already has a h2o policy"),
+     "cannot be combined: both set the cache's eviction policy"),
+    ([dict(SW, mode="block_sparse"), {"name": "kv_cache_compression", "eviction": {"ratio": 0.5}}],
+     "passes[0] (sparse_attention -> block_sparse) and passes[1] (kv_cache_compression -> h2o_eviction) cannot be "
+     "combined: block_sparse prefill cannot report the attention scores that H2O eviction needs"),
+    ([{"name": "kv_cache_compression", "eviction": {"ratio": 0.5}}, dict(SW, mode="block_sparse")],
+     "passes[0] (kv_cache_compression -> h2o_eviction) and passes[1] (sparse_attention -> block_sparse) cannot be "
+     "combined: block_sparse prefill cannot report the attention scores that H2O eviction needs"),
 ])
 def test_combinations_not_supported_yet_fail_clearly(tmp_path, exported_decoder, capsys, passes, needle):
     import yaml
@@ -110,6 +120,7 @@ def test_combinations_not_supported_yet_fail_clearly(tmp_path, exported_decoder,
     assert needle in err, err
 
 
+@pytest.mark.slow
 def test_sink_window_composes_with_lossless_passes(tmp_path, exported_decoder):
     manifest = _compile(exported_decoder, tmp_path / "a", [
         {"name": "eliminate_common_subexpressions"}, dict(SW, sinks=4, window=252), {"name": "remove_unused",
@@ -117,6 +128,7 @@ def test_sink_window_composes_with_lossless_passes(tmp_path, exported_decoder):
     assert manifest["verification"]["top1_agreement"] == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", ["sparse_first", "kv_first"])
 def test_sink_window_composes_with_quantised_cache(tmp_path, exported_decoder, order):
     """sink_window + int8 KV (per-token keys) in either order: bounded, compressed, as accurate
@@ -155,16 +167,14 @@ def _prefill_logits(artifact, ids):
 
 def test_block_sparse_structure(exported_decoder):
     from optc.canonical import canonicalize
-    from optc.config import parse_config
     from optc.ir import load_model, to_checked_proto
     from optc.passes.base import PassContext
-    from optc.passes.sparse_attention import SparseAttention
-    from optc.registry import default_registry
+    from optc.passes.attention import BlockSparse, BlockSparseOptions
 
     model = load_model(exported_decoder)
     ctx = PassContext(decoder=canonicalize(model))
-    opts = parse_config({"passes": [dict(BS, block_size=16, budget_blocks=4)]}, default_registry()).passes[0].options
-    assert SparseAttention(opts, ctx)(model).modified
+    opts = BlockSparseOptions(block_size=16, budget_blocks=4)
+    assert BlockSparse(opts, ctx)(model).modified
     ifs = [n for n in model.graph if n.op_type == "If"]
     assert len(ifs) == 6 and not any(n.op_type == "Attention" for n in model.graph)
     then = ifs[0].attributes["then_branch"].value
@@ -175,9 +185,10 @@ def test_block_sparse_structure(exported_decoder):
     assert len(score_mm) == 1
     assert [n.op_type for n in ifs[0].attributes["else_branch"].value] == ["Attention"]
     to_checked_proto(model, "test")
-    assert not SparseAttention(opts, ctx)(model).modified
+    assert not BlockSparse(opts, ctx)(model).modified
 
 
+@pytest.mark.slow
 def test_block_sparse_with_every_block_selected_equals_dense(tmp_path, exported_decoder, identity_artifact):
     """budget >= number of blocks: the sparse branch must reproduce dense attention exactly,
     which checks its gather / causal-mask / padding arithmetic (250 tokens: not a block multiple)."""
@@ -188,6 +199,7 @@ def test_block_sparse_with_every_block_selected_equals_dense(tmp_path, exported_
     assert diff <= 1e-4, diff
 
 
+@pytest.mark.slow
 def test_block_sparse_prefill_accuracy(tmp_path, exported_decoder, identity_artifact):
     _compile(exported_decoder, tmp_path / "a", [dict(BS, block_size=16, budget_blocks=4)], verify=False)
     from optc.runtime import load
@@ -219,6 +231,7 @@ def test_bad_block_sparse_configs(tmp_path, exported_decoder, capsys, opts, need
     assert needle in err, err
 
 
+@pytest.mark.slow
 def test_block_sparse_composes_with_int8_cache(tmp_path, exported_decoder, identity_artifact):
     manifest = _compile(exported_decoder, tmp_path / "a", [dict(BS, block_size=16, budget_blocks=4),
                                                            {"name": "kv_cache_compression", "bits": 8}])
@@ -237,6 +250,7 @@ def test_block_sparse_composes_with_int8_cache(tmp_path, exported_decoder, ident
     assert np.abs(_prefill_logits(tmp_path / "a", ids) - _prefill_logits(sparse_only, ids)).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_verify_length_reaches_the_sparse_branch(tmp_path, exported_decoder, capsys):
     """256-token verification prompts are dense-equivalent for 64-token blocks; --verify-length
     512 makes compile-time verification see block_sparse's real cost."""

@@ -18,6 +18,8 @@ import pytest
 
 from conftest import DATA_DIR, ROOT, run_cli
 
+pytestmark = pytest.mark.tvm
+
 # one prefill, one decode and one continuation shape (evicting caches: at their bound instead)
 SMALL = {"prefill_sizes": [128], "cache_sizes": [128], "tune_trials": 0}
 SMALL_CLI = ["--prefill-sizes", "128", "--cache-sizes", "128"]
@@ -86,6 +88,7 @@ def _compare(a, b, prompts, decode_steps: int = 8) -> tuple[float, float]:
     return agree / total, worst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(PIPELINES))
 def test_tvm_matches_onnxruntime_on_the_same_graph(name, exported_decoder, tmp_path, tuning_cache):
     from optc.runtime import load
@@ -140,6 +143,7 @@ def cli_artifact(exported_decoder, tmp_path_factory, tuning_cache):
     return out, buf.getvalue()
 
 
+@pytest.mark.slow
 def test_cli_compile_verifies_and_runs(cli_artifact, capsys):
     out, stdout = cli_artifact
     assert "top-1 next-token agreement        100.00%" in stdout, stdout
@@ -150,6 +154,7 @@ def test_cli_compile_verifies_and_runs(cli_artifact, capsys):
     assert code == 0 and stdout.strip(), err
 
 
+@pytest.mark.slow
 def test_runtime_loads_tvm_artifact_with_the_runtime_library_only(cli_artifact):
     art = cli_artifact[0]
     code = (
@@ -174,6 +179,7 @@ def test_runtime_loads_tvm_artifact_with_the_runtime_library_only(cli_artifact):
     assert threads == f"({n}, {n})", out
 
 
+@pytest.mark.slow
 def test_tuning_database_makes_recompiles_trial_free_and_identical(exported_decoder, tmp_path, capsys):
     """`optc tune` fills the database; compiles with the same budget then run no trials and
     write byte-identical artifacts."""
@@ -201,6 +207,7 @@ def test_tvm_options_need_the_tvm_backend(exported_decoder, tmp_path, capsys):
     assert code == 2 and "--tune-trials: only for --backend tvm" in err
 
 
+@pytest.mark.slow
 def test_onnxruntime_backend_works_without_tvm(exported_decoder, tmp_path):
     """With TVM unimportable: the ONNX Runtime backend compiles and runs, --backend tvm is one line."""
     prelude = "import sys; sys.modules['tvm'] = None; sys.modules['tvm_ffi'] = None\nfrom optc.cli import main\n"
@@ -287,6 +294,7 @@ def test_bucket_plans():
     assert shapes["past_key_values.0.key.residual"] == (1, 2, 96, 32)
 
 
+@pytest.mark.slow
 def test_default_cpu_schedules_take_every_matmul_and_row_reduction(exported_decoder):
     """What tuning does not reach gets optc's default schedules (backends/tvm_schedules.py); they
     must match every matmul / GEMV and every softmax and RMS norm of the lowered decoder, at
@@ -381,6 +389,8 @@ def _gpu_check():
     return module
 
 
+@pytest.mark.slow
+@pytest.mark.gpu
 @pytest.mark.skipif(not __import__("shutil").which("nvcc"), reason="nvcc (CUDA toolkit) not installed")
 def test_gpu_target_ships_compiled_kernels_and_expected_logits(exported_decoder, tmp_path, capsys):
     """`--target gpu`: dlight CUDA code compiled by nvcc into the library (no source left to JIT),
@@ -412,6 +422,8 @@ def test_gpu_target_ships_compiled_kernels_and_expected_logits(exported_decoder,
     assert _gpu_check().check(tmp_path / "a", out=lines.append) == 2 and "NVIDIA GPU" in lines[0]
 
 
+@pytest.mark.slow
+@pytest.mark.gpu
 def test_gpu_target_option_errors(exported_decoder, tmp_path, capsys):
     code, _, err = run_cli(["compile", exported_decoder, "-o", tmp_path / "o", "--backend", "tvm", "--target", "gpu",
                             "--tune-trials", "5"], capsys)
@@ -427,6 +439,7 @@ def test_gpu_target_option_errors(exported_decoder, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.gpu
 def test_cuda_library_blob_rewrite():
     """The swap of CUDA source for fatbin in TVM's serialised module tree, and its refusals."""
     import struct
@@ -455,6 +468,7 @@ def test_cuda_library_blob_rewrite():
         swap_cuda_code(struct.pack("<Q", len(no_cuda)) + no_cuda, source, b"FATBIN")
 
 
+@pytest.mark.slow
 def test_gpu_check_script(cli_artifact, exported_decoder, tmp_path):
     """scripts/gpu_check.py's comparison and timing, run here on a CPU TVM artifact against
     expected logits written from ONNX Runtime the way --target gpu writes them."""
@@ -479,6 +493,7 @@ def test_gpu_check_script(cli_artifact, exported_decoder, tmp_path):
     assert lines[-1].startswith("FAIL"), lines
 
 
+@pytest.mark.slow
 def test_attention_kernel_benchmark_runs_and_agrees(tmp_path):
     """scripts/attention_kernel_bench.py (the fused kernel against ONNX Runtime, float and int8
     KIVI caches): it runs, the fused kernel matched, and all engines agree on the output."""

@@ -1,4 +1,4 @@
-"""Block-sparse prefill attention (the `block_sparse` mode of sparse_attention).
+"""block_sparse: block-sparse prefill attention.
 
 For a prefill step (empty cache, at least two blocks of tokens) each layer's Attention op is
 replaced by an `If`: the then-branch computes attention only over selected key blocks, the
@@ -21,18 +21,88 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape
+from pydantic import Field, field_validator
+
+from optc.config import PassOptions
+from optc.passes.base import ATTENTION_PROBABILITIES, SPARSE_PREFILL, Contract, OptcPass
+from optc.passes.rules.builders import const as _c
+from optc.passes.rules.builders import name_nodes, replace_keeping_output
+from optc.runtime.manifest import ATTENTION_MASK, BLOCK_SPARSE_IF_SUFFIX
+
+PERPLEXITY_BUDGET = 0.03
 
 
-def name_nodes(nodes, prefix: str) -> None:
-    """Unique node and value names: values in If branches share one SSA namespace with the graph."""
-    for n, node in enumerate(nodes):
-        node.name = f"{prefix}/{n}"
-        for j, out in enumerate(node.outputs):
-            out.name = f"{prefix}/{n}:{j}"
+class BlockSparseOptions(PassOptions):
+    block_size: int = Field(64, gt=1, description="tokens per block")
+    sink_blocks: int = Field(1, ge=0, description="initial key blocks every query block sees")
+    local_blocks: int = Field(2, ge=1, description="key blocks up to and including the query's own")
+    budget_blocks: int = Field(8, gt=0, description="key blocks per query block in all "
+                                                    "(the rest chosen by pooled block scores)")
+
+    @field_validator("budget_blocks")
+    @classmethod
+    def _budget_fits(cls, v, info):
+        forced = info.data.get("sink_blocks", 0) + info.data.get("local_blocks", 0)
+        if v < forced:
+            raise ValueError(f"budget_blocks ({v}) must be at least sink_blocks + local_blocks ({forced})")
+        return v
 
 
-def _c(t: tape.Tape, value) -> ir.Value:
-    return t.op("Constant", [], {"value": ir.tensor(np.asarray(value))})
+class BlockSparse(OptcPass):
+    """Block-sparse prefill: each query block attends to sink, local and top-scoring key blocks."""
+
+    name = "block_sparse"
+
+    @classmethod
+    def contract(cls, options) -> Contract:
+        return Contract(ensures=frozenset({SPARSE_PREFILL}),
+                        conflicts={ATTENTION_PROBABILITIES: "block_sparse prefill cannot report the attention "
+                                                            "scores that H2O eviction needs"})
+
+    @classmethod
+    def declared_perplexity_budget(cls, options) -> float | None:
+        return PERPLEXITY_BUDGET
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        o: BlockSparseOptions = self.options
+        info = self.context.decoder
+        graph = model.graph
+        nodes = {n.name: n for n in graph}
+        mask = next((v for v in graph.inputs if v.name == ATTENTION_MASK), None)
+        changed = False
+        for layer in info.layers:
+            attn = nodes.get(layer.attention)
+            if attn is None or attn.op_type != "Attention":
+                continue  # already wrapped in an If (a second run)
+            q, k, v = attn.inputs[0], attn.inputs[1], attn.inputs[2]
+            scale = attn.attributes.get_float("scale", 0.0) or 1.0 / np.sqrt(info.head_dim)
+            t = tape.Tape()
+            i64 = lambda *xs: t.op("Constant", [], {"value": ir.tensor(np.array(xs, np.int64))})  # noqa: E731
+            q_len = t.op("Slice", [t.op("Shape", [q]), i64(2), i64(3)])
+            kv_len = t.op("Slice", [t.op("Shape", [k]), i64(2), i64(3)])
+            cond = t.op("And", [t.op("Equal", [q_len, kv_len]),
+                                t.op("GreaterOrEqual", [q_len, i64(2 * o.block_size)])])
+            cond = t.op("Squeeze", [cond, i64(0)])
+            then = block_sparse_branch(q, k, v, q_heads=info.num_heads, kv_heads=info.kv_heads,
+                                       head_dim=info.head_dim, scale=float(scale), block=o.block_size,
+                                       sink_blocks=o.sink_blocks, local_blocks=o.local_blocks,
+                                       budget_blocks=o.budget_blocks, prefix=attn.name, mask=mask)
+            dense = ir.Node("", "Attention", list(attn.inputs), attributes=list(attn.attributes.values()),
+                            num_outputs=1, name=f"{attn.name}/dense")
+            dense.outputs[0].name = f"{attn.name}/dense/out"
+            els = ir.Graph([], [dense.outputs[0]], nodes=[dense], name=f"{attn.name}_dense")
+            wrapped = ir.Node("", "If", [cond], attributes=[ir.AttrGraph("then_branch", then),
+                                                             ir.AttrGraph("else_branch", els)],
+                              num_outputs=1, name=f"{attn.name}{BLOCK_SPARSE_IF_SUFFIX}")
+            name_nodes(t.nodes, f"{attn.name}/prefill_test")
+            graph.insert_before(attn, t.nodes)
+            replace_keeping_output(graph, attn, wrapped, before=True)
+            layer.attention = wrapped.name
+            changed = True
+        # static-shape backends compile the sparse and the dense prefill separately and pick by
+        # the real prompt length (the If tests the padded one)
+        self.context.runtime.block_sparse_min_prefill = 2 * o.block_size
+        return ir.passes.PassResult(model, changed)
 
 
 def block_sparse_branch(q: ir.Value, k: ir.Value, v: ir.Value, *, q_heads: int, kv_heads: int, head_dim: int,

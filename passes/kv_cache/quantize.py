@@ -1,0 +1,132 @@
+"""kv_quantize: store the KV cache as int8 / int4 (KIVI), dequantised inside the graph.
+
+The pass replaces each float cache input `past_key_values.{i}.{key,value}` by the compressed
+tensors the runtime keeps (see optc/runtime/kv_quant.py for their layout) and a dequantisation
+subgraph whose result feeds the same Concat as before, so attention is unchanged apart from the
+quantisation error of cached tokens. It asks the runtime (manifest `kv_cache`) to store the
+cache compressed.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir import tape
+from pydantic import Field
+
+from optc.config import PassOptions
+from optc.passes.base import (CACHE_QUANTIZED, EVICTS_SINGLE_TOKENS, KEY_GROUPS_SPAN_TOKENS, Contract, OptcPass,
+                              PassConfigError)
+from optc.passes.rules.builders import const
+from optc.runtime.manifest import (KEY_QUANT_PER_CHANNEL, KV_KINDS, LAYOUT_KIVI, KiviSpec,
+                                   kivi_input, past_name)
+
+# the issue's budgets: int8 <= +1%, int4 <= +5%
+PERPLEXITY_BUDGET = {8: 0.01, 4: 0.05}
+
+
+class KVQuantizeOptions(PassOptions):
+    bits: Literal[4, 8] = Field(description="bits per cached key/value element")
+    group_size: int = Field(64, gt=0, description="tokens per key-scale group; channels per value-scale group "
+                                                  "(capped at head_dim)")
+    residual: int = Field(32, ge=0, description="newest tokens kept in full precision")
+    symmetric: bool | None = Field(None, description="symmetric quantisation (default: yes for 8 bits, no for 4)")
+    key_quant: Literal["per_channel", "per_token"] = Field(
+        KEY_QUANT_PER_CHANNEL, description="key scales per channel over token groups (KIVI) or per token; per_token "
+                                           "keys can be evicted one by one (needed with sink_window)")
+
+
+class KVQuantize(OptcPass):
+    """Quantise the KV cache to int8/int4 (keys per channel, values per token, KIVI)."""
+
+    name = "kv_quantize"
+
+    @classmethod
+    def contract(cls, options: KVQuantizeOptions) -> Contract:
+        ensures = {CACHE_QUANTIZED}
+        conflicts = {}
+        if options.key_quant == KEY_QUANT_PER_CHANNEL:
+            ensures.add(KEY_GROUPS_SPAN_TOKENS)
+            conflicts[EVICTS_SINGLE_TOKENS] = ("one evicts single tokens, which the other's per-channel key groups "
+                                               "cannot give up (set key_quant: per_token)")
+        return Contract(ensures=frozenset(ensures), conflicts=conflicts)
+
+    @classmethod
+    def declared_perplexity_budget(cls, options: KVQuantizeOptions) -> float | None:
+        return PERPLEXITY_BUDGET[options.bits]
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        o: KVQuantizeOptions = self.options
+        info = self.context.decoder
+        D, H = info.head_dim, info.kv_heads
+        if o.bits == 4 and D % 2:
+            raise PassConfigError("bits", f"int4 packing needs an even head_dim (model has {D})")
+        channel_group = min(o.group_size, D)
+        if D % channel_group:
+            raise PassConfigError("group_size", f"{o.group_size} does not divide head_dim {D}")
+        symmetric = o.bits == 8 if o.symmetric is None else o.symmetric
+        per_channel_keys = o.key_quant == KEY_QUANT_PER_CHANNEL
+        graph = model.graph
+        inputs = {v.name: v for v in graph.inputs}
+        changed = 0
+        for layer in range(info.n_layers):
+            for kind in KV_KINDS:
+                past = inputs.get(past_name(layer, kind))
+                if past is None:
+                    continue  # already compressed (a second run) or not a float cache
+                full = dequant_subgraph(graph, past.name, kind == "key" and per_channel_keys, H, D, o.bits,
+                                        o.group_size, channel_group, symmetric)
+                ir.convenience.replace_all_uses_with(past, full)
+                graph.inputs.remove(past)
+                changed += 1
+        if not changed:
+            return ir.passes.PassResult(model, False)
+        ir.passes.common.TopologicalSortPass()(model)
+        self.context.runtime.layout = LAYOUT_KIVI
+        self.context.runtime.kivi = KiviSpec(o.bits, o.group_size, o.residual, symmetric, o.key_quant)
+        return ir.passes.PassResult(model, True)
+
+
+def dequant_subgraph(graph, base, per_channel, H, D, bits, group, channel_group, symmetric) -> ir.Value:
+    """Dequantisation of one cache tensor; `per_channel`: scales per channel over groups of
+    `group` tokens (KIVI keys), else per token over groups of `channel_group` channels."""
+    dq = D if bits == 8 else D // 2
+    q_len = f"{base}.q_len"
+    q = ir.val(kivi_input(base, "q"), ir.DataType.UINT8, ["batch", H, q_len, dq])
+    scale_shape = (["batch", H, f"{base}.groups", D] if per_channel
+                   else ["batch", H, q_len, D // channel_group])
+    scale = ir.val(kivi_input(base, "scale"), ir.DataType.FLOAT16, scale_shape)
+    zero = None if symmetric else ir.val(kivi_input(base, "zero"), ir.DataType.FLOAT16, scale_shape)
+    residual = ir.val(kivi_input(base, "residual"), ir.DataType.FLOAT, ["batch", H, f"{base}.residual_len", D])
+    graph.inputs.extend([v for v in (q, scale, zero, residual) if v is not None])
+
+    t = tape.Tape()
+    x = q
+    if bits == 4:  # two values per byte: element 2j in the low nibble, 2j+1 in the high one
+        lo = t.op("BitwiseAnd", [q, const(t, np.uint8(15))])
+        hi = t.op("BitShift", [q, const(t, np.uint8(4))], {"direction": "RIGHT"})
+        axis = const(t, np.array([-1], np.int64))
+        pairs = t.op("Concat", [t.op("Unsqueeze", [lo, axis]), t.op("Unsqueeze", [hi, axis])], {"axis": -1})
+        x = t.op("Reshape", [pairs, const(t, np.array([0, 0, 0, D], np.int64))])
+    x = t.op("Cast", [x], {"to": ir.DataType.FLOAT})
+    if symmetric:
+        x = t.op("Sub", [x, const(t, np.float32(1 << (bits - 1)))])
+    if per_channel:  # [B,H,Q,D] -> [B,H,Q/G,G,D]; scale [B,H,Q/G,D] -> [B,H,Q/G,1,D]
+        grouped = t.op("Reshape", [x, const(t, np.array([0, 0, -1, group, D], np.int64))])
+        expand_axis = const(t, np.array([3], np.int64))
+    else:  # [B,H,Q,D] -> [B,H,Q,D/Gc,Gc]; scale [B,H,Q,D/Gc] -> [B,H,Q,D/Gc,1]
+        grouped = t.op("Reshape", [x, const(t, np.array([0, 0, 0, D // channel_group, channel_group], np.int64))])
+        expand_axis = const(t, np.array([4], np.int64))
+    s = t.op("Unsqueeze", [t.op("Cast", [scale], {"to": ir.DataType.FLOAT}), expand_axis])
+    y = t.op("Mul", [grouped, s])
+    if zero is not None:
+        y = t.op("Add", [y, t.op("Unsqueeze", [t.op("Cast", [zero], {"to": ir.DataType.FLOAT}), expand_axis])])
+    deq = t.op("Reshape", [y, const(t, np.array([0, 0, -1, D], np.int64))])
+    full = t.op("Concat", [deq, residual], {"axis": 2})
+    full.name = f"{base}.dequantized"
+    for i, node in enumerate(t.nodes):
+        node.name = f"{base}/kv_dequant/{i}"
+    graph.extend(t.nodes)
+    return full

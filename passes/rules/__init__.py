@@ -1,0 +1,1 @@
+"""Shared graph-building helpers of the passes (and, as families grow, onnxscript rewrite rules)."""
