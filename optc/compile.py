@@ -20,7 +20,7 @@ from optc.ir import copy_model, load_model
 from optc.passes.base import PassContext
 from optc.pipeline import run_pipeline
 from optc.registry import default_registry
-from optc.runtime.artifact import sha256_file
+from optc.runtime.artifact import artifact_id, sha256_file
 
 VERIFY_PROMPTS = 8
 VERIFY_LENGTH = 256
@@ -52,7 +52,11 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
     registry = default_registry()
     if config is None:
         config = load_config(config_path, registry) if config_path else PipelineConfig()
-    check_output_dir(out, force)
+    protected = {"the input model": model_path, "the current directory": Path.cwd()}
+    for what, path in (("the config", config_path), ("the tokenizer", tokenizer), ("the evaluation text", eval_text)):
+        if path is not None:
+            protected[what] = Path(path)
+    check_output_dir(out, force, protected)
     backend_mod = get_backend(backend)
     if verify and verify_length < 64:
         raise OptcError(f"--verify-length {verify_length}: at least 64 tokens")
@@ -104,7 +108,7 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
             "verify_budget": {**budget.model_dump(), "source": budget_source},
             "tokenizer": "tokenizer.json",
         }
-        write_manifest(staging, manifest)  # the runtime needs it to load the staged artifact
+        write_manifest(staging, manifest, staging=True)  # the runtime needs it to verify the staged artifact
         # A lossy pass may act on cached tokens only (KV compression, eviction) or on prefill
         # only (block-sparse prefill): lossy pipelines are verified both ways — prefill of the
         # whole prompt but its last 16 tokens, and prefill 32 then decode the rest — and the
@@ -126,6 +130,7 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
         publish(staging, out, force)
     total = sum(r.seconds for r in records)
     log(f"wrote {out} ({len(full['files'])} files; passes took {total:.2f}s)")
+    log(f"artifact id {artifact_id(out)} (pin it: optc.runtime.load(path, expect=ID))")
     return full
 
 
@@ -141,7 +146,7 @@ def _write_cpu_twin(graph, info, root: Path, manifest: dict, tok_path: Path) -> 
     section = ort_backend.compile(graph, info, root, "cpu", log=lambda _msg: None)
     shutil.copyfile(tok_path, root / "tokenizer.json")
     write_manifest(root, {**{k: v for k, v in manifest.items() if k != "files"}, "target": "cpu",
-                          "backend": section})
+                          "backend": section}, staging=True)
     return root
 
 
@@ -150,10 +155,10 @@ def write_expected_logits(reference_artifact: Path, staging: Path, texts, log) -
     `reference_artifact` (ONNX Runtime, same graph). Written beside the artifact's library."""
     from safetensors.numpy import save_file
 
-    from optc.runtime import load
+    from optc.runtime.model import load_unpublished
     from optc.verify import artifact_logits, token_windows
 
-    reference = load(reference_artifact)
+    reference = load_unpublished(reference_artifact)
     n = GPU_CHECK_PREFILL + GPU_CHECK_DECODE
     ids = token_windows(reference.tokenizer, texts, reference.config.get("bos_token_id"), count=1, length=n)[0]
     logits = artifact_logits(reference, ids, GPU_CHECK_DECODE).astype(np.float32)
@@ -206,10 +211,10 @@ def effective_budget(config: PipelineConfig, registry) -> tuple[VerifyBudget, st
 
 def _verify(staging: Path, model_path: Path, info, texts, budget: VerifyBudget, modes: tuple[int, ...],
             length: int, log) -> dict:
-    from optc.runtime import load
+    from optc.runtime.model import load_unpublished
     from optc.verify import ReferenceModel, check_budget, compare, token_windows
 
-    artifact = load(staging)
+    artifact = load_unpublished(staging)
     windows = token_windows(artifact.tokenizer, texts, artifact.config.get("bos_token_id"),
                             count=VERIFY_PROMPTS, length=length)
     reference = ReferenceModel(model_path, info)

@@ -11,3 +11,11 @@ class VerificationError(OptcError):
     """The compiled artifact exceeded its accuracy budget. Exit code 1, nothing written."""
 
     exit_code = 1
+
+
+class InvalidValue(OptcError, ValueError):
+    """A value of the right type that the API cannot take (a ValueError for Python callers)."""
+
+
+class InvalidType(OptcError, TypeError):
+    """A value of the wrong type given to the API (a TypeError for Python callers)."""

@@ -15,12 +15,34 @@ import onnx_ir as ir
 from optc.errors import OptcError
 
 
+EXTERNAL_DATA_KEYS = ("location", "offset", "length", "checksum")  # the ONNX spec's keys
+
+
+def _external_info(t: onnx.TensorProto, path: Path) -> dict[str, str]:
+    """The external-data entries of one initializer, refusing what the spec does not define:
+    unknown keys (e.g. `basepath`, which onnx's loader would honour), a key given twice (a
+    later `location` could point elsewhere than the one checked), non-integer offsets."""
+    info: dict[str, str] = {}
+    for e in t.external_data:
+        if e.key not in EXTERNAL_DATA_KEYS:
+            raise OptcError(f"{path}: initializer {t.name!r}: unknown external-data key {e.key!r} "
+                            f"(allowed: {', '.join(EXTERNAL_DATA_KEYS)})")
+        if e.key in info:
+            raise OptcError(f"{path}: initializer {t.name!r}: external-data key {e.key!r} given twice")
+        info[e.key] = e.value
+    for key in ("offset", "length"):
+        if key in info and not info[key].isdigit():
+            raise OptcError(f"{path}: initializer {t.name!r}: external-data {key} {info[key]!r} is not a "
+                            f"non-negative integer")
+    return info
+
+
 def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
     base = path.parent.resolve()
     for t in proto.graph.initializer:
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        info = {e.key: e.value for e in t.external_data}
+        info = _external_info(t, path)
         loc = info.get("location", "")
         pure = PurePosixPath(loc.replace("\\", "/"))
         target = (base / loc).resolve()

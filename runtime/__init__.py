@@ -8,7 +8,7 @@ torch, onnx or the compiler — so apps can ship it alone.
         print(piece, end="")
 """
 
-from optc.runtime.artifact import ArtifactError, FORMAT_VERSION
+from optc.runtime.artifact import FORMAT_VERSION, ArtifactError, artifact_id
 from optc.runtime.model import Model, load
 
-__all__ = ["ArtifactError", "FORMAT_VERSION", "Model", "load"]
+__all__ = ["ArtifactError", "FORMAT_VERSION", "Model", "artifact_id", "load"]

@@ -40,19 +40,57 @@ def resolve_inside(root: Path, rel: str) -> Path:
     return full
 
 
-def read_manifest(root: Path, *, verify_hashes: bool = True) -> dict:
-    root = Path(root)
+# Set in the manifest a compile writes into its staging directory (the runtime needs one to
+# verify the staged artifact); the published manifest never has it, and load() refuses it.
+STAGING_KEY = "optc_staging"
+ID_PREFIX = "sha256:"
+
+
+def artifact_id_of(manifest_bytes: bytes) -> str:
+    """An artifact's id: the digest of its manifest, which lists every other file's digest."""
+    return ID_PREFIX + hashlib.sha256(manifest_bytes).hexdigest()
+
+
+def artifact_id(root) -> str:
+    """The id of the artifact directory `root` (what `optc compile` prints; pin it with
+    `optc.runtime.load(root, expect=ID)`)."""
+    return artifact_id_of(_manifest_bytes(Path(root)))
+
+
+def _manifest_bytes(root: Path) -> bytes:
     mpath = root / MANIFEST_NAME
     if not root.is_dir():
         raise ArtifactError(f"{root}: not an artifact directory")
     if not mpath.is_file():
         raise ArtifactError(f"{mpath}: missing (not an optc artifact)")
+    if mpath.is_symlink():
+        raise ArtifactError(f"{mpath}: is a symbolic link (an artifact's manifest must be a file inside it)")
+    return mpath.read_bytes()
+
+
+def read_manifest(root: Path, *, verify_hashes: bool = True, expect: str | None = None,
+                  allow_staging: bool = False) -> dict:
+    """The manifest of artifact `root`, every listed file checked against its sha256. `expect`:
+    the artifact id the caller pins; checked on the very bytes that are parsed, before anything
+    of the artifact is used."""
+    root = Path(root)
+    mpath = root / MANIFEST_NAME
+    raw = _manifest_bytes(root)
+    if expect is not None:
+        if not isinstance(expect, str) or not expect.startswith(ID_PREFIX):
+            raise ValueError(f"expect: an artifact id such as {ID_PREFIX}<64 hex digits>, got {expect!r}")
+        got = artifact_id_of(raw)
+        if got != expect:
+            raise ArtifactError(f"{mpath}: artifact id {got} is not the expected {expect} "
+                                f"(a different or modified artifact)")
     try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        manifest = json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{mpath}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{mpath}: not a JSON object")
+    if manifest.get(STAGING_KEY) and not allow_staging:
+        raise ArtifactError(f"{mpath}: an unfinished compile's staging directory, not an artifact")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ArtifactError(f"{mpath}: unsupported format_version {version!r} (this runtime reads {FORMAT_VERSION})")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from optc.errors import InvalidType, InvalidValue
 from optc.runtime.artifact import ArtifactError, artifact_file, read_manifest
 from optc.runtime.kv_cache import make_cache
 from optc.runtime.manifest import KEY_POSITION_IDS, KVCacheSpec, SinkWindowPolicy
@@ -25,6 +26,38 @@ def _make_executor(root: Path, manifest: dict):
 
         return TvmExecutor(root, manifest)
     raise ArtifactError(f"{root / 'manifest.json'}: unknown backend {name!r}")
+
+
+def _token_ids(ids) -> np.ndarray:
+    """Token ids as a 1-D int64 array; floats, strings, bools and 2-D input are refused (never
+    truncated or flattened silently)."""
+    if isinstance(ids, (str, bytes)):
+        raise InvalidType("token ids: got a string; encode text with Model.encode() first")
+    arr = np.asarray(ids)
+    if arr.size == 0:
+        raise InvalidValue("prefill needs at least one token")
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+        raise InvalidType(f"token ids must be integers, got {arr.dtype} values")
+    if arr.ndim != 1:
+        raise InvalidValue(f"token ids must be one-dimensional (one sequence), got shape {arr.shape}")
+    return arr.astype(np.int64)
+
+
+def _check_sampling(prompt, max_new_tokens, temperature, top_k, top_p, seed) -> None:
+    if not isinstance(prompt, str):
+        raise InvalidType(f"prompt: expected text (str), got {type(prompt).__name__}")
+    for name, v in (("max_new_tokens", max_new_tokens), ("top_k", top_k), ("seed", seed)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise InvalidType(f"{name}: expected an integer, got {type(v).__name__} {v!r}")
+        if v < 0:
+            raise InvalidValue(f"{name}: must be >= 0, got {v}")
+    for name, v in (("temperature", temperature), ("top_p", top_p)):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
+            raise InvalidType(f"{name}: expected a number, got {type(v).__name__} {v!r}")
+    if not np.isfinite(temperature) or temperature < 0:
+        raise InvalidValue(f"temperature: a finite number >= 0 (0 = greedy), got {temperature}")
+    if not np.isfinite(top_p) or not 0 < top_p <= 1:
+        raise InvalidValue(f"top_p: in (0, 1], got {top_p}")
 
 
 class Model:
@@ -113,9 +146,7 @@ class Model:
     def prefill(self, ids, all_logits: bool = False) -> np.ndarray:
         """Run the prompt `ids` (appended to whatever the cache holds). Returns next-token logits
         [vocab], or [len(ids), vocab] with all_logits=True."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if ids.size == 0:
-            raise ValueError("prefill needs at least one token")
+        ids = _token_ids(ids)
         self._check_ids(ids)
         chunk = self._chunk() or ids.size  # an evicting cache is filled chunk by chunk
         parts, done = [], 0
@@ -133,6 +164,10 @@ class Model:
 
     def decode(self, token_id: int) -> np.ndarray:
         """One decode step; returns next-token logits [vocab]."""
+        if isinstance(token_id, (bool, np.bool_)) or not isinstance(token_id, (int, np.integer)):
+            raise InvalidType(f"decode: a token id must be an integer, got {type(token_id).__name__} {token_id!r}")
+        if self.position == 0:
+            raise InvalidValue("decode() before prefill(): prefill the prompt first (it fills the cache)")
         ids = np.array([int(token_id)])
         self._check_ids(ids)
         return self._step(ids)[-1]
@@ -142,7 +177,7 @@ class Model:
         vocab = self.config["vocab_size"]
         if ids.min() < 0 or ids.max() >= vocab:
             bad = int(ids[(ids < 0) | (ids >= vocab)][0])
-            raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
+            raise InvalidValue(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
 
     # -- text --------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -153,6 +188,7 @@ class Model:
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 40,
                  top_p: float = 0.95, seed: int = 0, stream: bool = False):
         """Generate a continuation of `prompt`. stream=True yields text pieces as they are decoded."""
+        _check_sampling(prompt, max_new_tokens, temperature, top_k, top_p, seed)
         pieces = self._generate(prompt, max_new_tokens, temperature, top_k, top_p, seed)
         return pieces if stream else "".join(pieces)
 
@@ -183,7 +219,17 @@ class Model:
             yield tail[len(emitted):]
 
 
-def load(path) -> Model:
-    """Load an artifact directory: verifies every file's sha256 and refuses paths outside it."""
+def load(path, *, expect: str | None = None) -> Model:
+    """Load an artifact directory: verifies every file's sha256 and refuses paths outside it.
+
+    `expect`: the artifact id to pin (`optc compile` prints it; `optc.runtime.artifact_id(path)`
+    computes it): the manifest's digest must match before anything is loaded. A TVM artifact is
+    native code that runs when loaded; pin what you load from anywhere you do not trust."""
     root = Path(path)
-    return Model(root, read_manifest(root))
+    return Model(root, read_manifest(root, expect=expect))
+
+
+def load_unpublished(path) -> Model:
+    """The compiler's own use: load an artifact it is still building (to verify it)."""
+    root = Path(path)
+    return Model(root, read_manifest(root, allow_staging=True))

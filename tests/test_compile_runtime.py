@@ -148,15 +148,19 @@ def test_run_command_streams_text(identity_artifact, capsys):
     assert "tokens/s" in err and "CPUExecutionProvider" in err
 
 
-def test_force_replaces_existing_artifact(tmp_path, exported_decoder, identity_artifact, capsys):
+def test_force_replaces_an_existing_artifact_only(tmp_path, exported_decoder, identity_artifact, capsys):
     out = tmp_path / "art"
     shutil.copytree(identity_artifact, out)
-    (out / "stale.txt").write_text("old")
     code, _, err = run_cli(["compile", exported_decoder, "-o", out], capsys)
     assert code == 2 and "exists" in err
+    (out / "notes.txt").write_text("mine")  # not the artifact's: --force must not delete it
     code, _, err = run_cli(["compile", exported_decoder, "-o", out, "--force"], capsys)
+    assert code == 2 and "holds 'notes.txt', which its manifest does not list" in err, err
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    code, out_text, err = run_cli(["compile", exported_decoder, "-o", out, "--force"], capsys)
     assert code == 0, err
-    assert not (out / "stale.txt").exists()
+    assert "artifact id sha256:" in out_text
 
 
 def test_bench_table_json_and_plot(tmp_path, identity_artifact, exported_decoder, capsys):
