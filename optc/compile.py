@@ -44,6 +44,19 @@ def side_config(model_path: Path) -> dict:
     return out
 
 
+def _check_tokenizer(tok_path: Path) -> None:
+    """The tokenizer the artifact will ship: a file the tokenizers library reads."""
+    if not tok_path.is_file():
+        raise OptcError(f"{tok_path}: tokenizer not found (export puts tokenizer.json beside the model; "
+                        f"or pass --tokenizer)")
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(str(tok_path))
+    except Exception as e:  # tokenizers raises its own Exception type
+        raise OptcError(f"{tok_path}: not a tokenizers JSON file ({str(e).splitlines()[0][:120]})") from None
+
+
 def compile_model(model_path, out, *, config: PipelineConfig | None = None, config_path=None,
                   backend: str = "onnxruntime", target: str = "cpu", force: bool = False, dump_ir=None,
                   eval_text=None, tokenizer=None, verify: bool = True, verify_length: int = VERIFY_LENGTH,
@@ -65,9 +78,7 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
     model = load_model(model_path)
     info = canonicalize(model)
     tok_path = Path(tokenizer) if tokenizer else model_path.parent / "tokenizer.json"
-    if not tok_path.is_file():
-        raise OptcError(f"{tok_path}: tokenizer not found (export puts tokenizer.json beside the model; "
-                        f"or pass --tokenizer)")
+    _check_tokenizer(tok_path)
     texts = read_texts(eval_text) if verify else []
     side = side_config(model_path)
     if info.context is None and "context" in side:

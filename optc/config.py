@@ -22,7 +22,15 @@ from optc.errors import OptcError
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: `budget: .inf` or `max_perplexity_increase: .nan` is no budget at all
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def no_float(v):
+    """A before-validator for integer choices: YAML's `bits: 8.0` is not silently taken as 8."""
+    if isinstance(v, float):
+        raise ValueError(f"expected an integer, got {v!r}")
+    return v
 
 
 class PassOptions(Strict):
@@ -109,14 +117,41 @@ def parse_config(data: Any, registry, source: str = "<config>") -> PipelineConfi
     return PipelineConfig(passes=specs, verify=verify)
 
 
+MAX_CONFIG_BYTES = 1 << 20   # a pass configuration is a few lines; a megabyte is not one
+MAX_PASSES = 1000
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping key given twice (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: Path, registry) -> PipelineConfig:
     path = Path(path)
     if not path.is_file():
         raise OptcError(f"{path}: no such config file")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise OptcError(f"{path}: {path.stat().st_size:,} bytes is not a pass configuration (limit 1 MiB)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise OptcError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
         raise OptcError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+    except RecursionError:
+        raise OptcError(f"{path}: invalid YAML (nested too deeply)") from None
+    if isinstance(data, dict) and isinstance(data.get("passes"), list) and len(data["passes"]) > MAX_PASSES:
+        raise OptcError(f"{path}: passes: {len(data['passes'])} passes (at most {MAX_PASSES})")
     return parse_config(data, registry, source=str(path))

@@ -17,9 +17,13 @@ def read_texts(path: Path | None) -> list[str]:
     path = Path(path) if path else DEFAULT_EVAL_TEXT
     if not path.is_file():
         raise OptcError(f"{path}: evaluation text not found (pass --eval-text FILE)")
+    try:
+        content = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise OptcError(f"{path}: not UTF-8 text (byte {e.start})") from None
     if path.suffix == ".jsonl":
         texts = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(content.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -27,4 +31,4 @@ def read_texts(path: Path | None) -> list[str]:
             except (ValueError, KeyError, TypeError):
                 raise OptcError(f"{path}:{n}: expected a JSON object with a 'text' field") from None
         return texts
-    return [path.read_text(encoding="utf-8")]
+    return [content]

@@ -9,6 +9,30 @@ import numpy as np
 from optc.runtime.artifact import ArtifactError, artifact_file
 
 
+OPTIMIZATION_LEVELS = ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_LAYOUT",
+                       "ORT_ENABLE_ALL")
+
+
+def _session_options(so, root: Path) -> dict:
+    """The manifest's session options, type-checked (a hand-edited value is an ArtifactError)."""
+    where = f"{root / 'manifest.json'}: backend.session_options"
+    if not isinstance(so, dict):
+        raise ArtifactError(f"{where}: expected an object")
+    out = {"graph_optimization_level": so.get("graph_optimization_level", "ORT_ENABLE_ALL"),
+           "intra_op_num_threads": so.get("intra_op_num_threads", 0),
+           "inter_op_num_threads": so.get("inter_op_num_threads", 1)}
+    extra = sorted(set(so) - set(out))
+    if extra:
+        raise ArtifactError(f"{where}.{extra[0]}: unknown key")
+    if out["graph_optimization_level"] not in OPTIMIZATION_LEVELS:
+        raise ArtifactError(f"{where}.graph_optimization_level: one of {', '.join(OPTIMIZATION_LEVELS)}")
+    for k in ("intra_op_num_threads", "inter_op_num_threads"):
+        v = out[k]
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 1024:
+            raise ArtifactError(f"{where}.{k}: an integer thread count 0..1024, got {v!r}")
+    return out
+
+
 class OnnxRuntimeExecutor:
     def __init__(self, root: Path, manifest: dict):
         import onnxruntime as ort
@@ -16,11 +40,10 @@ class OnnxRuntimeExecutor:
         backend = manifest["backend"]
         graph = artifact_file(root, manifest, backend["graph"])
         opts = ort.SessionOptions()
-        so = backend.get("session_options", {})
-        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, so.get("graph_optimization_level",
-                                                                                 "ORT_ENABLE_ALL"))
-        opts.intra_op_num_threads = int(so.get("intra_op_num_threads", 0))
-        opts.inter_op_num_threads = int(so.get("inter_op_num_threads", 1))
+        so = _session_options(backend.get("session_options", {}), root)
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, so["graph_optimization_level"])
+        opts.intra_op_num_threads = so["intra_op_num_threads"]
+        opts.inter_op_num_threads = so["inter_op_num_threads"]
         opts.log_severity_level = 3
         requested = backend.get("providers", ["CPUExecutionProvider"])
         available = set(ort.get_available_providers())

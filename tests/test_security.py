@@ -218,3 +218,61 @@ def test_duplicate_external_data_location_is_refused(tmp_path, exported_decoder,
     onnx.save(proto, str(tmp_path / exported_decoder.name))
     code, _, err = run_cli(["compile", tmp_path / exported_decoder.name, "-o", tmp_path / "art"], capsys)
     _refused(code, err, "external-data key 'location' given twice")
+
+
+# --------------------------------------------------------------- configs that claim nonsense --
+@pytest.mark.parametrize("text, needle", [
+    ("passes:\n  - name: sink_window\n    window: 1000000000000\n",
+     "passes[0].window: sinks + window (1000000000004) exceeds the model's trained context (512)"),
+    ("passes:\n  - name: kv_quantize\n    bits: 8\n    group_size: 1000000000000\n",
+     "passes[0].residual: residual + group_size (1000000000032) exceeds the model's trained context (512)"),
+    ("passes:\n  - name: kv_quantize\n    bits: 8\n    residual: 100000000000000000000000\n",
+     "exceeds the model's trained context (512): nothing would ever be stored quantised"),
+    ("passes:\n  - name: h2o_eviction\n    budget: 4096\n", "passes[0].budget: budget (4096) is not below"),
+    ("passes:\n  - name: kv_quantize\n    bits: 8.0\n", "passes[0].bits: Value error, expected an integer, got 8.0"),
+    ("passes:\n  - name: h2o_eviction\n    ratio: .inf\n", "passes[0].ratio: Input should be a finite number"),
+    ("passes: []\nverify:\n  max_perplexity_increase: .nan\n", "verify.max_perplexity_increase: Input should be a finite"),
+    ("passes:\n  - name: remove_unused\n    allow_noop: true\n    allow_noop: false\n", "duplicate key 'allow_noop'"),
+    ("passes: []\npasses: []\n", "duplicate key 'passes'"),
+    ("passes: " + "[" * 100000 + "]" * 100000 + "\n", "invalid YAML"),
+])
+def test_configs_that_claim_what_they_cannot_deliver_are_refused(tmp_path, exported_decoder, capsys, text, needle):
+    from conftest import config_error
+
+    err = config_error(tmp_path, exported_decoder, text, capsys)
+    assert needle in err, err
+
+
+def test_non_utf8_config_and_eval_text_are_clean_errors(tmp_path, exported_decoder, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(b"passes: []\n# \xff\xfe\n")
+    code, _, err = run_cli(["compile", exported_decoder, "-c", cfg, "-o", tmp_path / "a"], capsys)
+    _refused(code, err, "not UTF-8 text")
+    txt = tmp_path / "eval.txt"
+    txt.write_bytes(b"def f():\n    return '\xff'\n")
+    code, _, err = run_cli(["compile", exported_decoder, "--eval-text", txt, "-o", tmp_path / "b"], capsys)
+    _refused(code, err, "eval.txt: not UTF-8 text")
+
+
+def test_malformed_tokenizer_is_refused(tmp_path, exported_decoder, capsys):
+    tok = tmp_path / "tok.json"
+    tok.write_text('{"version": "1.0", "model": 42}')
+    code, _, err = run_cli(["compile", exported_decoder, "--tokenizer", tok, "-o", tmp_path / "a"], capsys)
+    _refused(code, err, "tok.json: not a tokenizers JSON file")
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("so, needle", [
+    ({"intra_op_num_threads": "two"}, "intra_op_num_threads: an integer thread count"),
+    ({"inter_op_num_threads": True}, "inter_op_num_threads: an integer thread count"),
+    ({"graph_optimization_level": "FAST"}, "graph_optimization_level: one of"),
+    ({"log_file": "/tmp/x"}, "session_options.log_file: unknown key"),
+])
+def test_edited_session_options_are_refused_by_type(tmp_path, identity_artifact, capsys, so, needle):
+    copy = tmp_path / "a"
+    shutil.copytree(identity_artifact, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["backend"]["session_options"].update(so)
+    (copy / "manifest.json").write_text(json.dumps(m))
+    code, _, err = run_cli(["run", copy, "--prompt", "x", "--max-new-tokens", "1"], capsys)
+    _refused(code, err, needle)

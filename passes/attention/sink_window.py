@@ -61,6 +61,11 @@ class SinkWindow(OptcPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         o = self.options
         info = self.context.decoder
+        if info.context and o.sinks + o.window > info.context:
+            # query-key distances up to sinks + window: past the trained context the positions
+            # were never trained, which is what sink_window exists to avoid
+            raise PassConfigError("window", f"sinks + window ({o.sinks + o.window}) exceeds the model's trained "
+                                            f"context ({info.context})")
         graph = model.graph
         inputs = {v.name: v for v in graph.inputs}
         if KEY_POSITION_IDS in inputs:

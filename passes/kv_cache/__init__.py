@@ -5,15 +5,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from optc.config import PassOptions
+from optc.config import PassOptions, no_float
 from optc.passes.kv_cache.evict import EvictionSettings, H2OEviction, H2OEvictionOptions
 from optc.passes.kv_cache.quantize import KVQuantize, KVQuantizeOptions
 
 
 class KVCacheCompressionOptions(PassOptions):
     bits: Literal[4, 8] | None = Field(None, description="bits per cached key/value element (None: keep fp32)")
+    bits_is_an_integer = field_validator("bits", mode="before")(no_float)
     eviction: EvictionSettings | None = Field(None, description="evict low-attention tokens (H2O)")
     group_size: int = Field(64, gt=0, description="tokens per key-scale group; channels per value-scale group "
                                                   "(capped at head_dim)")

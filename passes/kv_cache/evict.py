@@ -15,7 +15,7 @@ from pydantic import Field, field_validator, model_validator
 
 from optc.config import PassOptions, Strict
 from optc.passes.base import (ATTENTION_PROBABILITIES, CACHE_POLICY, CACHE_QUANTIZED, EVICTS_SINGLE_TOKENS,
-                              SPARSE_PREFILL, Contract, OptcPass)
+                              SPARSE_PREFILL, Contract, OptcPass, PassConfigError)
 from optc.passes.rules.builders import replace_keeping_output
 from optc.runtime.manifest import H2OPolicy, attention_output
 
@@ -75,6 +75,9 @@ class H2OEviction(OptcPass):
         graph = model.graph
         outputs = {v.name for v in graph.outputs}
         info = self.context.decoder
+        if info.context and o.budget is not None and o.budget >= info.context:
+            raise PassConfigError("budget", f"budget ({o.budget}) is not below the model's trained context "
+                                            f"({info.context}): within it nothing would ever be evicted")
         todo = [layer for layer in info.layers if attention_output(layer.index) not in outputs]
         if not todo:
             return ir.passes.PassResult(model, False)  # already rewritten

@@ -14,9 +14,9 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from optc.config import PassOptions
+from optc.config import PassOptions, no_float
 from optc.passes.base import (CACHE_QUANTIZED, EVICTS_SINGLE_TOKENS, KEY_GROUPS_SPAN_TOKENS, Contract, OptcPass,
                               PassConfigError)
 from optc.passes.rules.builders import const
@@ -29,6 +29,7 @@ PERPLEXITY_BUDGET = {8: 0.01, 4: 0.05}
 
 class KVQuantizeOptions(PassOptions):
     bits: Literal[4, 8] = Field(description="bits per cached key/value element")
+    bits_is_an_integer = field_validator("bits", mode="before")(no_float)
     group_size: int = Field(64, gt=0, description="tokens per key-scale group; channels per value-scale group "
                                                   "(capped at head_dim)")
     residual: int = Field(32, ge=0, description="newest tokens kept in full precision")
@@ -66,6 +67,11 @@ class KVQuantize(OptcPass):
         channel_group = min(o.group_size, D)
         if D % channel_group:
             raise PassConfigError("group_size", f"{o.group_size} does not divide head_dim {D}")
+        if info.context and o.residual + o.group_size > info.context:
+            # the cache would never hold a quantised group: it would claim KIVI and store float
+            raise PassConfigError("residual", f"residual + group_size ({o.residual + o.group_size}) exceeds the "
+                                              f"model's trained context ({info.context}): nothing would ever be "
+                                              f"stored quantised")
         symmetric = o.bits == 8 if o.symmetric is None else o.symmetric
         per_channel_keys = o.key_quant == KEY_QUANT_PER_CHANNEL
         graph = model.graph
