@@ -24,7 +24,7 @@ class Backend(Protocol):
 
 
 # name -> module; a module is imported only when its backend is asked for (TVM is heavy)
-BACKENDS = {"onnxruntime": "optc.backends.onnxruntime", "tvm": "optc.backends.tvm_backend"}
+BACKENDS = {"onnxruntime": "optc.backends.onnxruntime", "tvm": "optc.backends.tvm.pipeline"}
 
 
 def get_backend(name: str) -> Backend:

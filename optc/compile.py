@@ -189,7 +189,7 @@ def kv_cache_section(context: PassContext) -> dict:
 def tune_model(model_path, *, config_path=None, target: str = "cpu", backend_options: dict | None = None,
                log=print) -> dict:
     """`optc tune`: the compile's front half (canonicalise, passes), then TVM tuning only."""
-    from optc.backends import tvm_backend
+    from optc.backends.tvm import pipeline as tvm_backend
 
     if (backend_options or {}).get("tune_trials") == 0:
         raise OptcError("--tune-trials 0: optc tune has nothing to do without trials")

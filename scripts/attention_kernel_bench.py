@@ -10,7 +10,7 @@ token's K/V, then the standard opset-23 `Attention` op with a boolean mask. Two 
   groups of 64 tokens, values per token, symmetric int8, the newest 32-95 tokens in a float residual).
 ONNX Runtime runs the graph as optc's ONNX Runtime backend does (ORT_ENABLE_ALL). TVM gets the
 same graph through the TVM backend's lowering and import, then is built twice: with the generic
-ops (optc's default CPU schedules) and with optc's fused decode attention (backends/tvm_attention.py).
+ops (optc's default CPU schedules) and with optc's fused decode attention (backends/tvm/kernels/attention.py).
 Each engine is timed per call from Python, the median of many calls, alternating engines so
 that a noisy machine affects all of them alike.
 """
@@ -88,10 +88,10 @@ def onnxruntime_runner(model, arrays):
 
 
 def tvm_runner(model, arrays, fused: bool):
-    from optc.backends import tvm_backend
-    from optc.backends.tvm_attention import fuse_attention
-    from optc.backends.tvm_lowering import legalize, specialize
-    from optc.backends.tvm_schedules import default_rules, legalizations
+    from optc.backends.tvm import pipeline as tvm_backend
+    from optc.backends.tvm.kernels.attention import fuse_attention
+    from optc.backends.tvm.lowering import legalize, specialize
+    from optc.backends.tvm.schedules.cpu import default_rules, legalizations
     from optc.ir import copy_model
 
     tvm = tvm_backend.import_tvm()

@@ -31,7 +31,8 @@ def main(argv=None) -> int:
     import tvm
     from tvm import relax
 
-    from optc.backends import tvm_backend, tvm_cuda
+    from optc.backends.tvm import pipeline as tvm_backend
+    from optc.backends.tvm import cuda as tvm_cuda
     from optc.canonical import canonicalize
     from optc.compile import kv_cache_section
     from optc.config import PipelineConfig, load_config

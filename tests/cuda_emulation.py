@@ -5,7 +5,7 @@ generated kernels against `cuda_emulator/cuda_emu.h` (each GPU thread a fiber, s
 __syncthreads and warp shuffles emulated; alignment checked by -fsanitize=alignment) with the host
 C++ compiler, runs each on random inputs in a subprocess, and compares it with TVM's unscheduled
 CPU build of the same fused function. It found the bool-vector miscompilation that
-`optc.backends.tvm_cuda.keep_bool_access_scalar` works around.
+`optc.backends.tvm.cuda.keep_bool_access_scalar` works around.
 
 What it does not model: timing, memory coalescing, the CUDA math library's exact ulps, code that
 relies on warp-synchronous execution without a shuffle or barrier.

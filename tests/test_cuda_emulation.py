@@ -18,7 +18,7 @@ def cuda_module(exported_decoder):
     """The Relax module `--target gpu` builds for a decoder (prefill 32, cache 64) and its target."""
     import tvm
 
-    from optc.backends import tvm_backend
+    from optc.backends.tvm import pipeline as tvm_backend
     from optc.canonical import canonicalize
     from optc.ir import load_model
 
@@ -40,7 +40,7 @@ def _checked(functions: dict) -> list[str]:
 
 
 def _emulate(cuda_module, pipeline, workdir):
-    from optc.backends.tvm_backend import cpu_target
+    from optc.backends.tvm.pipeline import cpu_target
     import tvm
 
     mod, target = cuda_module
@@ -56,7 +56,7 @@ def _emulate(cuda_module, pipeline, workdir):
 def test_gpu_kernels_match_the_cpu_in_emulation(cuda_module, tmp_path):
     """The kernels of optc's CUDA pipeline (TVM's default + keep_bool_access_scalar) compute what
     TVM's CPU build computes, and make no misaligned load."""
-    from optc.backends.tvm_cuda import build_pipeline
+    from optc.backends.tvm.cuda import build_pipeline
 
     pipeline, stats = build_pipeline(cuda_module[1])
     errors, stderr = _emulate(cuda_module, pipeline, tmp_path)

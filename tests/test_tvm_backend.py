@@ -105,7 +105,7 @@ def test_tvm_matches_onnxruntime_on_the_same_graph(name, exported_decoder, tmp_p
     assert top1 == 1.0 and diff <= 1e-3, (name, top1, diff)
     # decode steps ran optc's fused attention kernel (one per layer of the decode bucket), except
     # for H2O, whose attention probabilities are an output the kernel does not produce
-    from optc.backends.tvm_attention import MAX_QUERY_ROWS
+    from optc.backends.tvm.kernels.attention import MAX_QUERY_ROWS
 
     model = manifest["model"]
     group = model["num_heads"] // model["kv_heads"]
@@ -228,7 +228,7 @@ def test_onnxruntime_backend_works_without_tvm(exported_decoder, tmp_path):
 def test_prompt_split_into_cheapest_steps():
     """The TVM runtime splits a prompt into the steps of least estimated time over the compiled
     buckets (no TVM needed: the plan only reads the manifest's buckets)."""
-    from optc.backends.tvm_shapes import cache_segments, plan_buckets
+    from optc.backends.tvm.buckets import cache_segments, plan_buckets
     from optc.runtime.tvm_executor import TvmExecutor
 
     segments = cache_segments({"layout": "float"}, 2)
@@ -255,7 +255,7 @@ def test_prompt_split_into_cheapest_steps():
 
 def test_bucket_plans():
     """Which static shapes get compiled, per cache layout and policy (no TVM needed)."""
-    from optc.backends.tvm_shapes import cache_segments, input_shapes, plan_buckets
+    from optc.backends.tvm.buckets import cache_segments, input_shapes, plan_buckets
 
     float_segments = cache_segments({"layout": "float"}, 2)
     names = [b["name"] for b in plan_buckets({"layout": "float"}, float_segments)]
@@ -296,12 +296,12 @@ def test_bucket_plans():
 
 @pytest.mark.slow
 def test_default_cpu_schedules_take_every_matmul_and_row_reduction(exported_decoder):
-    """What tuning does not reach gets optc's default schedules (backends/tvm_schedules.py); they
+    """What tuning does not reach gets optc's default schedules (backends/tvm/schedules/cpu.py); they
     must match every matmul / GEMV and every softmax and RMS norm of the lowered decoder, at
     prefill and decode shapes, or those stay naive loops (seconds per prompt). Their numbers
     are covered by the TVM-vs-ONNX Runtime comparisons above, which compile with 0 trials."""
-    from optc.backends import tvm_backend
-    from optc.backends.tvm_schedules import default_rules
+    from optc.backends.tvm import pipeline as tvm_backend
+    from optc.backends.tvm.schedules.cpu import default_rules
     from optc.canonical import canonicalize
     from optc.ir import load_model
 
@@ -336,12 +336,12 @@ def _attention_reference(q, kt, vp, mask, additive, scale):
 
 @pytest.mark.parametrize("case", ["causal_continuation", "per_head_random", "additive", "unmasked"])
 def test_prefill_attention_kernel_matches_softmax_attention(case):
-    """The flash-style prefill kernel (backends/tvm_prefill_attention.py) against softmax
+    """The flash-style prefill kernel (backends/tvm/kernels/prefill_attention.py) against softmax
     attention: key blocks skipped where the mask is false for a whole task, rows masked at every
     key (they get the mean of all values, as softmax over an all-masked row does), masks that
     vary per query head or are added."""
-    from optc.backends import tvm_backend
-    from optc.backends import tvm_prefill_attention as prefill
+    from optc.backends.tvm import pipeline as tvm_backend
+    from optc.backends.tvm.kernels import prefill_attention as prefill
 
     tvm = tvm_backend.import_tvm()
     rng = np.random.default_rng(0)
@@ -444,7 +444,7 @@ def test_cuda_library_blob_rewrite():
     """The swap of CUDA source for fatbin in TVM's serialised module tree, and its refusals."""
     import struct
 
-    from optc.backends.tvm_cuda import swap_cuda_code
+    from optc.backends.tvm.cuda import swap_cuda_code
     from optc.errors import OptcError
 
     def s(b):

@@ -4,7 +4,7 @@ The generic path of a prefill (or a multi-token continuation) materialises the w
 matrix: QK^T, the mask, a softmax and PV, each a separate function over [heads, tokens, keys].
 At 512 tokens that was 40% of the step, although causality masks half of those scores.
 
-This kernel (chosen by tvm_attention's pass for attentions with more query rows than the decode
+This kernel (chosen by kernels/attention's pass for attentions with more query rows than the decode
 kernel takes) never stores the score matrix:
 - a task is one KV head and TQ query tokens of all G query heads that share it (G x TQ rows);
   tasks run in parallel;
@@ -14,7 +14,7 @@ kernel takes) never stores the score matrix:
 - a live block: scores in 4 x 16 register tiles, masked, then online softmax (running row maximum
   and sum, earlier partial results rescaled), and P V accumulated in 4 x 16 register tiles;
 - exp is a range reduction plus a polynomial in plain arithmetic (vectorisable), as the
-  legalised softmax uses (tvm_schedules.legalizations).
+  legalised softmax uses (schedules/cpu.legalizations).
 A row masked at every key gets what softmax over an all-masked row gives: the mean of all values.
 
 K and V first go through a small packing function: the segments they are concatenated from
@@ -71,7 +71,7 @@ def build_pack(m: dict, builder, heads: int, keys: int):
     from tvm import s_tir, te, topi
     from tvm.s_tir.dlight.analysis import get_root_block
 
-    from optc.backends.tvm_attention import finished_kernel
+    from optc.backends.tvm.kernels.attention import finished_kernel
 
     k_segs = [builder.build(s) for s in m["k"]]
     v_segs = [builder.build(s) for s in m["v"]]
@@ -97,7 +97,7 @@ def build_kernel(q_shape, out_shape, mask_info, scale: float, keys: int, tiles: 
     from tvm import tirx
     from tvm.script import tirx as T
 
-    from optc.backends.tvm_attention import finished_kernel
+    from optc.backends.tvm.kernels.attention import finished_kernel
 
     _, H, G, TT, D = q_shape
     Dv = out_shape[-1]

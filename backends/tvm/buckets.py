@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from optc.backends.tvm_schedules import VECTOR_LANES  # a constant: importing it loads no TVM
+from optc.backends.tvm.schedules.cpu import VECTOR_LANES  # a constant: importing it loads no TVM
 from optc.errors import OptcError
 from optc.runtime.manifest import (ATTENTION_MASK, INPUT_IDS, KEY_POSITION_IDS, KEY_QUANT_PER_CHANNEL, KV_KINDS,
                                    LAYOUT_FLOAT, LAYOUT_KIVI, POSITION_IDS, H2OPolicy, KVCacheSpec,

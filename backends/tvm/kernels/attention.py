@@ -1,6 +1,6 @@
 """Fused decode attention for the TVM CPU backend: one TIR kernel per attention, reading the KV cache in place.
 
-The legalised graph (tvm_lowering) attends with generic ops: K = Concat(past, new), then a
+The legalised graph (lowering) attends with generic ops: K = Concat(past, new), then a
 transposed copy of K, QK^T, scale, mask, softmax and PV. For a decode step that means two full
 copies of the cache per layer (the concatenation, the transpose) and, with the KIVI int8/int4
 cache of the kv_cache_compression pass, a third: the dequantised cache, materialised in float
@@ -19,7 +19,7 @@ it by a call to one kernel built here:
   register tile); softmax with a vectorisable exp; PV with the value rows streamed once and the
   output rows vectorised.
 
-Matched shape (what tvm_lowering emits, as TVM's ONNX importer turns it into Relax):
+Matched shape (what lowering emits, as TVM's ONNX importer turns it into Relax):
     S = matmul(Q5, permute_dims(expand_dims(concat(K...), 2), [0,1,2,4,3])) * scale
     P = softmax(where(mask, S, MIN) | S + bias)
     O = matmul(P, expand_dims(concat(V...), 2))
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-MAX_QUERY_ROWS = 16  # G x T rows per KV head: decode (and short chunks); more go to tvm_prefill_attention
+MAX_QUERY_ROWS = 16  # G x T rows per KV head: decode (and short chunks); more go to kernels/prefill_attention
 KEY_BLOCK = 16  # keys per packed block: 2 AVX2 registers per query row
 ABSORBED_OPS = {"relax.astype", "relax.subtract", "relax.add", "relax.multiply", "relax.divide",
                 "relax.reshape", "relax.expand_dims", "relax.concat", "relax.bitwise_and",
@@ -394,7 +394,7 @@ def build_kernel(m: dict, chain: _Chain):
 def schedule(func, lens: list[int], exp_names: list[str]):
     from tvm import s_tir
 
-    from optc.backends.tvm_schedules import VECTOR_LANES, _lanes_innermost, _pick, _rfactor_lanes, parallel_if_worth
+    from optc.backends.tvm.schedules.cpu import VECTOR_LANES, _lanes_innermost, _pick, _rfactor_lanes, parallel_if_worth
 
     sch = s_tir.Schedule(func)
     n_segments = len(lens)
@@ -475,12 +475,12 @@ def _root(sch):
 
 
 def _prefill_call(builder, chain: _Chain, m: dict, visit):
-    """The fused prefill attention (tvm_prefill_attention) of a matched attention with many
+    """The fused prefill attention (kernels/prefill_attention) of a matched attention with many
     query rows, emitted into `builder`; None where that kernel does not apply."""
     from tvm import relax
 
-    from optc.backends import tvm_prefill_attention as prefill
-    from optc.backends.tvm_schedules import PARALLEL_MIN_WORK
+    from optc.backends.tvm.kernels import prefill_attention as prefill
+    from optc.backends.tvm.schedules.cpu import PARALLEL_MIN_WORK
 
     q_shape, out_shape = _shape(m["q"]), m["out_shape"]
     keys = sum(_shape(x)[2] for x in m["k"])
@@ -505,7 +505,7 @@ def _prefill_call(builder, chain: _Chain, m: dict, visit):
 
 def fuse_attention(mod):
     """Relax pass: every matched attention becomes a call to a fused kernel: the decode kernel
-    (here) for a few query rows per KV head, the prefill kernel (tvm_prefill_attention) for more.
+    (here) for a few query rows per KV head, the prefill kernel (kernels/prefill_attention) for more.
     Returns (module, {"decode": attentions fused, "prefill": attentions fused})."""
     from tvm import relax
 

@@ -2,11 +2,11 @@
 
 Steps (each logged):
 1. expose each layer's new K/V (as for ONNX Runtime) and lower Attention / RotaryEmbedding into
-   primitive ops (tvm_lowering.legalize);
-2. per bucket (tvm_shapes.plan_buckets), specialise to static shapes, constant-fold, import with
+   primitive ops (lowering.legalize);
+2. per bucket (buckets.plan_buckets), specialise to static shapes, constant-fold, import with
    TVM's ONNX frontend; the model's weights stay function parameters, shared by every bucket;
 3. legalise and fuse Relax ops into TIR, tune the fused functions with MetaSchedule against a
-   persistent database (tvm_tuning), apply the best schedules, build;
+   persistent database (tuning), apply the best schedules, build;
 4. write `model.so` (exported library), `params.safetensors` and the manifest section.
 
 TVM is imported here only: `import optc.backends` and the ONNX Runtime backend never need it.
@@ -26,8 +26,8 @@ import numpy as np
 
 from optc.backends.base import attention_outputs as attention_output_names
 from optc.backends.base import expose_new_kv
-from optc.backends.tvm_lowering import fold_weight_transposes, legalize, specialize
-from optc.backends.tvm_shapes import DEFAULT_CACHE, DEFAULT_PREFILL, cache_segments, input_shapes, plan_buckets
+from optc.backends.tvm.lowering import fold_weight_transposes, legalize, specialize
+from optc.backends.tvm.buckets import DEFAULT_CACHE, DEFAULT_PREFILL, cache_segments, input_shapes, plan_buckets
 from optc.errors import OptcError
 from optc.runtime.manifest import BLOCK_SPARSE_IF_SUFFIX, LAYOUT_KIVI
 
@@ -205,14 +205,14 @@ def _prepare(model, info, kv_cache: dict, options: dict, log, prefill: dict | No
             f"{'+'.join(map(str, bucket['segments']))} slots")
     mod = tvm.IRModule(functions)
     if target == "gpu":
-        from optc.backends import tvm_cuda
+        from optc.backends.tvm import cuda as tvm_cuda
 
         arch = tvm_cuda.check_arch(options.get("cuda_arch") or tvm_cuda.DEFAULT_ARCH)
         return mod, tvm_cuda.cuda_target(arch), buckets, weights, segments, kv_outputs, attention_outputs, {}
     target_json = cpu_target()
     tvm_target = tvm.target.Target(target_json)
-    from optc.backends.tvm_attention import fuse_attention
-    from optc.backends.tvm_schedules import legalizations
+    from optc.backends.tvm.kernels.attention import fuse_attention
+    from optc.backends.tvm.schedules.cpu import legalizations
 
     mod, fused = fuse_attention(mod)
     log(f"tvm: {fused['decode']} decode attention(s) fused into one kernel each (the cache read in place"
@@ -227,17 +227,17 @@ def _prepare(model, info, kv_cache: dict, options: dict, log, prefill: dict | No
 def _tune(mod, target_json: dict, options: dict, log):
     import tvm
 
-    from optc.backends import tvm_tuning
+    from optc.backends.tvm import tuning as tuning
 
-    db_root = Path(options.get("tuning_cache") or tvm_tuning.default_cache_dir())
-    database = tvm_tuning.open_database(db_root, target_json)
+    db_root = Path(options.get("tuning_cache") or tuning.default_cache_dir())
+    database = tuning.open_database(db_root, target_json)
     trials = options.get("tune_trials")
     time_limit = options.get("tune_time_limit")
-    stats = tvm_tuning.tune(mod, tvm.target.Target(target_json), database,
+    stats = tuning.tune(mod, tvm.target.Target(target_json), database,
                             trials=DEFAULT_TRIALS if trials is None else trials,
                             time_limit=DEFAULT_TIME_LIMIT if time_limit is None else time_limit,
-                            db_dir=tvm_tuning.database_dir(db_root, target_json), log=log)
-    stats["database_key"] = tvm_tuning.database_dir(db_root, target_json).name
+                            db_dir=tuning.database_dir(db_root, target_json), log=log)
+    stats["database_key"] = tuning.database_dir(db_root, target_json).name
     return database, stats
 
 
@@ -266,7 +266,7 @@ def compile(model, info, out_dir: Path, target: str, *, kv_cache: dict | None = 
     out_dir = Path(out_dir)
     tvm_target = tvm.target.Target(target_json)
     if target == "gpu":
-        from optc.backends import tvm_cuda
+        from optc.backends.tvm import cuda as tvm_cuda
 
         log(f"tvm: building CUDA code for {target_json['arch']} with TVM's default GPU schedules (dlight)")
         try:
@@ -287,14 +287,14 @@ def compile(model, info, out_dir: Path, target: str, *, kv_cache: dict | None = 
         database, stats = _tune(mod, target_json, options, log)
         from tvm.s_tir import dlight
 
-        from optc.backends.tvm_schedules import default_rules
+        from optc.backends.tvm.schedules.cpu import default_rules
 
         own_kernels = _scheduled_count(mod)  # optc's fused attention kernels come scheduled
         with tvm_target, database:
             mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
             from_database = _scheduled_count(mod) - own_kernels
             # what the database has no schedule for gets optc's default CPU schedules
-            # (tvm_schedules); what they do not match keeps TVM's naive loop nest
+            # (schedules/cpu); what they do not match keeps TVM's naive loop nest
             mod = dlight.ApplyDefaultSchedule(*default_rules())(mod)
         total, scheduled = _function_count(mod), _scheduled_count(mod)
         log(f"tvm: schedules: {own_kernels} fused attention kernel(s), {from_database} from the tuning database, "

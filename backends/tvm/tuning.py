@@ -90,10 +90,10 @@ DEFAULTS_FILE = "default_schedules.json"
 
 
 def _default_schedule(func, target):
-    """optc's default schedule of a task (tvm_schedules), or the untouched function."""
+    """optc's default schedule of a task (schedules/cpu), or the untouched function."""
     from tvm import s_tir
 
-    from optc.backends.tvm_schedules import default_rules
+    from optc.backends.tvm.schedules.cpu import default_rules
 
     with target:
         for rule in default_rules():
@@ -208,7 +208,7 @@ def tune(mod, target, database, *, trials: int, time_limit: float | None, trials
                 "trials": 0, "seconds": 0.0}
     trials_per_task = max(1, min(trials_per_task, trials))
     extracted = [t for t in ms.relax_integration.extract_tasks(mod, target, module_equality="structural")
-                 if not _scheduled(t)]  # optc's own kernels (tvm_attention) come scheduled
+                 if not _scheduled(t)]  # optc's own kernels (kernels/attention) come scheduled
     tunable = [t for t in extracted if not any(word in t.task_name for word in UNTUNABLE)]
     skipped = [t for t in extracted if t not in tunable]
     import logging
@@ -280,7 +280,7 @@ def _tune_contexts(tasks, seed: int):
     import numpy as np
     from tvm.s_tir import meta_schedule as ms
 
-    quiet = logging.getLogger("optc.tvm_tuning.tasks")
+    quiet = logging.getLogger("optc.backends.tvm.tuning.tasks")
     if not quiet.handlers:
         quiet.addHandler(logging.NullHandler())
         quiet.propagate = False

@@ -1,0 +1,1 @@
+"""Default schedules for what MetaSchedule tuning does not reach (cpu.py)."""
