@@ -10,22 +10,10 @@ import numpy as np
 
 from optc.errors import InvalidType, InvalidValue
 from optc.runtime.artifact import ArtifactError, artifact_file, read_manifest
-from optc.runtime.kv_cache import make_cache
+from optc.runtime.cache import make_cache
+from optc.runtime.executors import make_executor
 from optc.runtime.manifest import KEY_POSITION_IDS, KVCacheSpec, SinkWindowPolicy
 from optc.runtime.sampler import sample
-
-
-def _make_executor(root: Path, manifest: dict):
-    name = manifest.get("backend", {}).get("name")
-    if name == "onnxruntime":
-        from optc.runtime.onnxruntime_executor import OnnxRuntimeExecutor
-
-        return OnnxRuntimeExecutor(root, manifest)
-    if name == "tvm":
-        from optc.runtime.tvm_executor import TvmExecutor  # loads the TVM runtime only for TVM artifacts
-
-        return TvmExecutor(root, manifest)
-    raise ArtifactError(f"{root / 'manifest.json'}: unknown backend {name!r}")
 
 
 def _token_ids(ids) -> np.ndarray:
@@ -68,7 +56,7 @@ class Model:
         self.manifest = manifest
         cfg = manifest["model"]
         self.config = cfg
-        self.executor = _make_executor(self.root, manifest)
+        self.executor = make_executor(self.root, manifest)
         kv_spec = KVCacheSpec.from_dict(manifest.get("kv_cache"))
         self.cache = make_cache(kv_spec, cfg)
         # "cache_slot": tokens are positioned by their slot in the (evicting) cache, StreamingLLM-style

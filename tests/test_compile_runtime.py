@@ -54,7 +54,7 @@ def test_runtime_prefill_decode_match_full_forward(identity_artifact, exported_d
 
 
 def test_kv_cache_grows_geometrically_without_losing_tokens():
-    from optc.runtime.kv_cache import KVCache
+    from optc.runtime.cache import KVCache
 
     c = KVCache(2, 2, 4, initial_capacity=4)
     rng = np.random.default_rng(0)

@@ -82,7 +82,7 @@ def test_accuracy_within_budget_and_cache_stored_compressed(kv_artifacts, bits):
 
 
 def test_quantizer_round_trip_error_is_bounded():
-    from optc.runtime.kv_quant import dequantize, quantize
+    from optc.runtime.cache.kivi import dequantize, quantize
 
     x = np.random.default_rng(0).standard_normal((1, 2, 64, 32)).astype(np.float32)
     x[..., 5] *= 20  # an outlier channel: per-channel key scales keep it from swamping the others
@@ -149,7 +149,7 @@ def test_eviction_accuracy_and_bounded_cache(tmp_path, exported_decoder, ratio, 
 
 
 def test_h2o_keeps_the_most_attended_tokens():
-    from optc.runtime.kv_cache import H2OCache
+    from optc.runtime.cache import H2OCache
 
     from optc.runtime.manifest import H2OPolicy
 
@@ -178,7 +178,7 @@ def test_bad_eviction_configs(tmp_path, exported_decoder, capsys, opts, needle):
 
 
 def test_quantised_cache_evicts_across_store_and_residual():
-    from optc.runtime.kv_quant import QuantizedKVCache, dequantize
+    from optc.runtime.cache.kivi import QuantizedKVCache, dequantize
 
     c = QuantizedKVCache(1, 1, 4, bits=8, group_size=2, residual=1, symmetric=True, key_quant="per_token")
     tokens = np.arange(1, 8, dtype=np.float32)[None, None, :, None].repeat(4, axis=3)  # token t holds t

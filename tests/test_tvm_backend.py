@@ -229,7 +229,7 @@ def test_prompt_split_into_cheapest_steps():
     """The TVM runtime splits a prompt into the steps of least estimated time over the compiled
     buckets (no TVM needed: the plan only reads the manifest's buckets)."""
     from optc.backends.tvm.buckets import cache_segments, plan_buckets
-    from optc.runtime.tvm_executor import TvmExecutor
+    from optc.runtime.executors.tvm import TvmExecutor
 
     segments = cache_segments({"layout": "float"}, 2)
     executor = TvmExecutor.__new__(TvmExecutor)  # the planning state alone, no library

@@ -4,7 +4,7 @@ MetaSchedule tunes static shapes only, so the TVM artifact holds one Relax funct
 a number of new tokens and a capacity for each *cache segment*. A segment is a run of cache
 inputs that share one token axis and sit side by side along the attention's key axis, e.g. the
 float cache (`past_key_values.*`), or a quantised cache's stored groups and its float residual.
-The runtime pads every step into the cheapest bucket that holds it (runtime/tvm_executor.py).
+The runtime pads every step into the cheapest bucket that holds it (runtime/executors/tvm.py).
 """
 
 from __future__ import annotations

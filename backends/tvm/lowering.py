@@ -12,7 +12,7 @@ optc therefore lowers the graph itself, before import, without touching TVM:
    condition depends only on shapes (block-sparse prefill) is inlined to the branch it takes.
 
 Static shapes are what MetaSchedule can tune: the runtime pads each step into the smallest
-compiled bucket (masked cache slots, discarded extra tokens), see runtime/tvm_executor.py.
+compiled bucket (masked cache slots, discarded extra tokens), see runtime/executors/tvm.py.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def import_tvm():
     if loaded is not None and getattr(loaded, "_optc_runtime_only", False):
         raise OptcError("--backend tvm: this process loaded a TVM artifact with the TVM runtime library only, "
                         "and TVM's compiler cannot be loaded next to it; compile in a fresh process")
-    from optc.runtime.tvm_executor import torch_hidden, use_available_cpus
+    from optc.tvm_env import torch_hidden, use_available_cpus
 
     use_available_cpus()  # (tuning measures with the threads the runtime will use)
     try:

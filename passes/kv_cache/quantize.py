@@ -1,7 +1,7 @@
 """kv_quantize: store the KV cache as int8 / int4 (KIVI), dequantised inside the graph.
 
 The pass replaces each float cache input `past_key_values.{i}.{key,value}` by the compressed
-tensors the runtime keeps (see optc/runtime/kv_quant.py for their layout) and a dequantisation
+tensors the runtime keeps (see optc/runtime/cache/kivi.py for their layout) and a dequantisation
 subgraph whose result feeds the same Concat as before, so attention is unchanged apart from the
 quantisation error of cached tokens. It asks the runtime (manifest `kv_cache`) to store the
 cache compressed.

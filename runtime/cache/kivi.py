@@ -4,7 +4,7 @@ Keys are quantised per channel over groups of `group_size` tokens; values per to
 of `min(group_size, head_dim)` channels (KIVI, Liu et al. 2024). The newest tokens stay in full
 precision in a residual of between `residual` and `residual + group_size` tokens; whenever it
 reaches `residual + group_size`, its oldest `group_size` tokens are quantised into the store.
-The graph (rewritten by the kv_cache_compression pass) dequantises on its side; this class only
+The graph (rewritten by the kv_quantize pass) dequantises on its side; this class only
 quantises, packs and hands out the compressed tensors.
 
 Per layer and kind (key / value) the graph inputs are
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from optc.runtime.kv_cache import GrowableArray
+from optc.runtime.cache.buffers import GrowableArray
 from optc.runtime.manifest import kivi_input, past_name
 
 KINDS = ("key", "value")
