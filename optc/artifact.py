@@ -25,6 +25,7 @@ from pathlib import Path
 
 from optc.errors import OptcError
 from optc.runtime.artifact import FORMAT_VERSION, MANIFEST_NAME, STAGING_KEY, ArtifactError, read_manifest, sha256_file
+from optc.runtime.signing import SIGNATURE_NAME
 
 STAGING_MARK = ".optc-staging-"
 
@@ -37,7 +38,7 @@ def _not_artifact_reason(out: Path) -> str | None:
         manifest = read_manifest(out, verify_hashes=False, allow_staging=False)
     except ArtifactError as e:
         return f"is not an optc artifact ({str(e).split(': ', 1)[-1]})"
-    listed = set(manifest["files"]) | {MANIFEST_NAME}
+    listed = set(manifest["files"]) | {MANIFEST_NAME, SIGNATURE_NAME}
     for p in sorted(out.rglob("*")):
         rel = p.relative_to(out).as_posix()
         if p.is_symlink() or (p.is_file() and rel not in listed):
@@ -124,7 +125,7 @@ def staging_dir(out: Path):
 def write_manifest(root: Path, manifest: dict, *, staging: bool = False) -> dict:
     """Hash every file of `root` into its manifest.json. `staging=True` marks the manifest
     unfinished: the runtime loads it only for the compiler's own verification."""
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name not in (MANIFEST_NAME, SIGNATURE_NAME))
     full = {"format_version": FORMAT_VERSION, **manifest,
             "files": {p.relative_to(root).as_posix(): sha256_file(p) for p in files}}
     if staging:

@@ -202,6 +202,29 @@ def tune(model, config_path, target, **tvm_opts):
 
 
 @cli.command()
+@click.argument("key", type=click.Path(path_type=Path))
+def keygen(key):
+    """Write a new Ed25519 signing key to KEY (mode 0600) and its public key to KEY.pub."""
+    from optc.runtime.signing import generate_key
+
+    pub = generate_key(key)
+    console.print(f"wrote {key} (private: keep it secret) and {pub} (give this to whoever loads your artifacts)")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--key", required=True, type=click.Path(path_type=Path), help="the Ed25519 private key (optc keygen)")
+def sign(artifact, key):
+    """Sign ARTIFACT's manifest (and so every file it lists) with KEY: writes manifest.sig."""
+    from optc.runtime.artifact import artifact_id
+    from optc.runtime.signing import sign as sign_artifact
+
+    signer = sign_artifact(artifact, key)
+    console.print(f"signed {artifact} ({artifact_id(artifact)}) with key {signer}; load it with "
+                  f"trusted_keys=[<{key}.pub>] or optc run --trusted-key {key}.pub")
+
+
+@cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--prompt", required=True)
 @click.option("--max-new-tokens", default=64, show_default=True)
@@ -209,11 +232,16 @@ def tune(model, config_path, target, **tvm_opts):
 @click.option("--top-k", default=40, show_default=True)
 @click.option("--top-p", default=0.95, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-def run(artifact, prompt, max_new_tokens, temperature, top_k, top_p, seed):
+@click.option("--expect", default=None, help="the artifact id to pin (sha256:...; optc compile prints it)")
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path),
+              help="an Ed25519 public key file one of which must have signed the artifact (repeatable)")
+def run(artifact, prompt, max_new_tokens, temperature, top_k, top_p, seed, expect, trusted_keys):
     """Stream a generation from ARTIFACT."""
     from optc.runtime import load
 
-    m = load(artifact)
+    if expect is not None and not expect.startswith("sha256:"):
+        raise OptcError(f"--expect {expect!r}: an artifact id such as sha256:<64 hex digits>")
+    m = load(artifact, expect=expect, trusted_keys=list(trusted_keys) or None)
     sys.stdout.write(prompt)
     for piece in m.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed, stream=True):

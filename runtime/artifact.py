@@ -69,10 +69,11 @@ def _manifest_bytes(root: Path) -> bytes:
 
 
 def read_manifest(root: Path, *, verify_hashes: bool = True, expect: str | None = None,
-                  allow_staging: bool = False) -> dict:
+                  trusted_keys=None, allow_staging: bool = False) -> dict:
     """The manifest of artifact `root`, every listed file checked against its sha256. `expect`:
-    the artifact id the caller pins; checked on the very bytes that are parsed, before anything
-    of the artifact is used."""
+    the artifact id the caller pins; `trusted_keys`: public keys one of which must have signed the
+    manifest (runtime/signing.py). Both are checked on the very bytes that are parsed, before
+    anything of the artifact is used."""
     root = Path(root)
     mpath = root / MANIFEST_NAME
     raw = _manifest_bytes(root)
@@ -83,6 +84,10 @@ def read_manifest(root: Path, *, verify_hashes: bool = True, expect: str | None 
         if got != expect:
             raise ArtifactError(f"{mpath}: artifact id {got} is not the expected {expect} "
                                 f"(a different or modified artifact)")
+    if trusted_keys is not None:
+        from optc.runtime.signing import verify
+
+        verify(root, raw, trusted_keys)
     try:
         manifest = json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:

@@ -207,14 +207,16 @@ class Model:
             yield tail[len(emitted):]
 
 
-def load(path, *, expect: str | None = None) -> Model:
+def load(path, *, expect: str | None = None, trusted_keys=None) -> Model:
     """Load an artifact directory: verifies every file's sha256 and refuses paths outside it.
 
     `expect`: the artifact id to pin (`optc compile` prints it; `optc.runtime.artifact_id(path)`
-    computes it): the manifest's digest must match before anything is loaded. A TVM artifact is
-    native code that runs when loaded; pin what you load from anywhere you do not trust."""
+    computes it): the manifest's digest must match before anything is loaded. `trusted_keys`:
+    Ed25519 public keys (PEM text or bytes, key files, or hex), one of which must have signed the
+    manifest (`optc sign`). A TVM artifact is native code that runs when loaded: pin or verify
+    what you load from anywhere you do not trust (docs/security.md)."""
     root = Path(path)
-    return Model(root, read_manifest(root, expect=expect))
+    return Model(root, read_manifest(root, expect=expect, trusted_keys=trusted_keys))
 
 
 def load_unpublished(path) -> Model:

@@ -276,3 +276,40 @@ def test_edited_session_options_are_refused_by_type(tmp_path, identity_artifact,
     (copy / "manifest.json").write_text(json.dumps(m))
     code, _, err = run_cli(["run", copy, "--prompt", "x", "--max-new-tokens", "1"], capsys)
     _refused(code, err, needle)
+
+
+# ----------------------------------------------------------------------------------- signing --
+def test_signed_artifact_loads_only_with_a_trusted_key(tmp_path, identity_artifact, capsys):
+    from optc.runtime import ArtifactError, load
+
+    art = tmp_path / "a"
+    shutil.copytree(identity_artifact, art)
+    for key in ("release.key", "other.key"):
+        code, _, err = run_cli(["keygen", tmp_path / key], capsys)
+        assert code == 0, err
+    assert stat.S_IMODE((tmp_path / "release.key").stat().st_mode) == 0o600
+    with pytest.raises(ArtifactError, match="manifest.sig: missing"):
+        load(art, trusted_keys=[tmp_path / "release.key.pub"])
+    code, out, err = run_cli(["sign", art, "--key", tmp_path / "release.key"], capsys)
+    assert code == 0, err
+    load(art, trusted_keys=[tmp_path / "release.key.pub"])                    # a key file
+    load(art, trusted_keys=[(tmp_path / "release.key.pub").read_text()])      # PEM text
+    with pytest.raises(ArtifactError, match="not a trusted key"):
+        load(art, trusted_keys=[tmp_path / "other.key.pub"])
+    # a re-hashed manifest (an attacker who swapped a file and wrote its new digest) fails
+    m = json.loads((art / "manifest.json").read_text())
+    m["files"]["tokenizer.json"] = "0" * 64
+    (art / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
+    code, _, err = run_cli(["run", art, "--prompt", "x", "--max-new-tokens", "1",
+                            "--trusted-key", tmp_path / "release.key.pub"], capsys)
+    _refused(code, err, "the signature does not match manifest.json")
+
+
+def test_force_may_replace_a_signed_artifact(tmp_path, exported_decoder, identity_artifact, capsys):
+    art = tmp_path / "a"
+    shutil.copytree(identity_artifact, art)
+    run_cli(["keygen", tmp_path / "k"], capsys)
+    run_cli(["sign", art, "--key", tmp_path / "k"], capsys)
+    code, _, err = run_cli(["compile", exported_decoder, "-o", art, "--force"], capsys)
+    assert code == 0, err
+    assert not (art / "manifest.sig").exists()  # a new artifact is unsigned until signed again
