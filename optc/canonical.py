@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import onnx_ir as ir
 
 from optc.errors import OptcError
-from optc.runtime.manifest import CONTEXT_METADATA_KEY
+from optc.runtime.manifest import ATTENTION_MASK, CONTEXT_METADATA_KEY, INPUT_IDS
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _PRESENT = re.compile(r"^present\.(\d+)\.(key|value)$")
@@ -104,7 +104,7 @@ def analyze(model: ir.Model) -> DecoderInfo:
     g = model.graph
     inputs = {v.name: v for v in g.inputs}
     outputs = {v.name: v for v in g.outputs}
-    for required in ("input_ids", "attention_mask"):
+    for required in (INPUT_IDS, ATTENTION_MASK):
         if required not in inputs:
             raise CanonicalizationError(f"graph input {required!r} not found (inputs: {', '.join(list(inputs)[:6])})")
     if "logits" not in outputs:
@@ -164,7 +164,7 @@ def analyze(model: ir.Model) -> DecoderInfo:
     logits_dims = _dims(outputs["logits"])
     vocab = logits_dims[-1] if logits_dims else None
     hidden = None
-    embed = _embedding_table(g, inputs["input_ids"])
+    embed = _embedding_table(g, inputs[INPUT_IDS])
     if embed is not None:
         vocab, hidden = embed
     if not vocab:

@@ -13,7 +13,7 @@ import numpy as np
 
 from optc.config import VerifyBudget
 from optc.errors import VerificationError
-from optc.runtime.manifest import KV_KINDS, past_name
+from optc.runtime.manifest import ATTENTION_MASK, INPUT_IDS, KV_KINDS, POSITION_IDS, past_name
 
 
 def token_windows(tokenizer, texts: list[str], bos: int | None, *, count: int, length: int) -> list[np.ndarray]:
@@ -43,9 +43,9 @@ class ReferenceModel:
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
         n = len(ids)
-        feeds = {"input_ids": ids.reshape(1, n), "attention_mask": np.ones((1, n), np.int64)}
-        if "position_ids" in self.inputs:
-            feeds["position_ids"] = np.arange(n, dtype=np.int64).reshape(1, n)
+        feeds = {INPUT_IDS: ids.reshape(1, n), ATTENTION_MASK: np.ones((1, n), np.int64)}
+        if POSITION_IDS in self.inputs:
+            feeds[POSITION_IDS] = np.arange(n, dtype=np.int64).reshape(1, n)
         empty = np.zeros((1, self.info.kv_heads, 0, self.info.head_dim), np.float32)
         for i in range(self.info.n_layers):
             for kind in KV_KINDS:
