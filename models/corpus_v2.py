@@ -1,9 +1,10 @@
 """The v2 training corpus: the standard library plus the Python sources of every package that
-requirements.lock installs, deduplicated by content and split by file.
+requirements.lock installed when pycoder-v2 was trained (frozen in corpus_v2_sources.txt),
+deduplicated by content and split by file.
 
 Everything comes from the machine's own Python installation (the stdlib) and the project's
-pinned virtual environment, so the corpus is rebuilt offline and, for the same lock file and
-Python version, identically.
+pinned virtual environment, so the corpus is rebuilt offline and, for the same Python version and
+the same installed versions, identically (a differing version is an error, not other data).
 
 - **Split.** By file, with the hash rule of v1 (`corpus.SourceFile.split`, 5% held out): the
   stdlib keeps v1's relative paths, so every file pycoder-5m held out is held out here too, and the
@@ -39,12 +40,23 @@ class Source:
     licence: str
 
 
-def locked_distributions(lock: Path = ROOT / "requirements.lock") -> list[str]:
+SOURCES_FILE = Path(__file__).resolve().parent / "corpus_v2_sources.txt"
+
+
+def locked_distributions(lock: Path = SOURCES_FILE) -> list[str]:
+    """The corpus's distributions; each must be installed at its listed version."""
     names = []
     for line in lock.read_text().splitlines():
         line = line.strip()
         if line and not line.startswith("#") and "==" in line:
-            names.append(line.split("==")[0])
+            name, version = line.split("==")
+            try:
+                installed = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                raise SystemExit(f"corpus: {name} is not installed (make venv installs requirements.lock)") from None
+            if installed.split("+")[0] != version.split("+")[0]:
+                raise SystemExit(f"corpus: {name} {installed} is installed, the corpus was built from {version}")
+            names.append(name)
     return sorted(names, key=str.lower)
 
 

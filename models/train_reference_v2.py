@@ -81,10 +81,10 @@ CORPUS_VERSION = "v2.1"
 
 
 def data_key() -> str:
-    """What the tokenized corpus depends on: the lock file, the Python version, the tokenizer and
-    the corpus rules' version."""
+    """What the tokenized corpus depends on: its frozen list of distributions, the Python
+    version, the tokenizer and the corpus rules' version."""
     h = hashlib.sha256()
-    h.update((ROOT / "requirements.lock").read_bytes())
+    h.update((HERE / "corpus_v2_sources.txt").read_bytes())
     h.update(platform.python_version().encode())
     h.update(TOKENIZER.read_bytes())
     h.update(CORPUS_VERSION.encode())
