@@ -1,6 +1,6 @@
 """Canonicalisation: find the decoder in an exported ONNX graph and put it in optc's canonical form.
 
-Canonical form (what every pass may assume; docs/canonical-form.md):
+Canonical form (what every pass may assume; docs/architecture.md, "Canonical form"):
   * interface: input_ids, attention_mask, position_ids, past_key_values.{i}.key/.value ->
     logits, present.{i}.key/.value  ([batch, kv_heads, seq, head_dim] KV tensors);
   * per layer i: present.{i}.key = Concat(past_key_values.{i}.key, new_key_i, axis=2), same for
@@ -56,10 +56,6 @@ class DecoderInfo:
         d = asdict(self)
         d.pop("layers")
         return d
-
-
-def _static(dim) -> int | None:
-    return dim if isinstance(dim, int) else None
 
 
 def _dims(value: ir.Value) -> list:

@@ -7,7 +7,7 @@
     rules/         shared graph builders
 
 `kv_cache_compression` and `sparse_attention` are the earlier names: each config entry expands
-into the one-job passes above (docs/passes.md). Families still to come (DESIGN.md): token
+into the one-job passes above (docs/architecture.md, "Passes"). Families still to come (DESIGN.md): token
 dropping, layer routing, quantised outlier splitting.
 """
 

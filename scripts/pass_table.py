@@ -1,4 +1,4 @@
-"""Accuracy and KV-memory table of the KV / attention passes on pycoder-5m (docs/passes.md).
+"""Accuracy and KV-memory table of the KV / attention passes on pycoder-5m (docs/benchmarks.md).
 
     .venv/bin/python scripts/pass_table.py      # ~2 minutes on 2 cores
 

@@ -174,7 +174,7 @@ class TvmExecutor:
         if not fitting:
             largest = max(sum(b["segments"]) for b in self.buckets)
             raise ArtifactError(f"the cache holds {sum(lengths)} tokens but the largest compiled TVM shape holds "
-                                f"{largest}: recompile with larger --tvm-cache-sizes")
+                                f"{largest}: recompile with larger --cache-sizes")
         largest = max(b["tokens"] for b in fitting)
         if n is None:
             return largest
