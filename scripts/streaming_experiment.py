@@ -1,13 +1,15 @@
-"""Reproduce StreamingLLM's finding on pycoder-5m (trained context 512) over a long stream.
+"""Reproduce StreamingLLM's finding on a reference decoder over a long stream.
 
-    .venv/bin/python scripts/streaming_experiment.py [--tokens 8192] [--out docs/streaming]
+    .venv/bin/python scripts/streaming_experiment.py                       # pycoder-5m, docs/streaming
+    .venv/bin/python scripts/streaming_experiment.py --hf models/pycoder-v2 --out docs/streaming/pycoder-v2
 
-Perplexity over the continuous held-out stream (models/data/stream.txt), token by token:
-  (a) dense            the identity artifact, whole history cached (positions run past 512)
-  (b) window, no sinks sparse_attention sink_window with sinks=0, window=256
-  (c) sinks + window   sparse_attention sink_window with sinks=4, window=252
-  (d) dense, in context the original model re-run on sliding 512-token windows (stride 256),
-                       each scored token seeing 256-511 tokens: the trained-context reference
+Perplexity over the continuous held-out stream (models/data/stream.txt), token by token, with C the
+model's trained context and a cache of K tokens (--cache, default C/2):
+  (a) dense            the identity artifact, whole history cached (positions run past C)
+  (b) window, no sinks sink_window with sinks=0, window=K
+  (c) sinks + window   sink_window with sinks=4, window=K-4
+  (d) dense, in context the original model re-run on sliding C-token windows (stride C/2),
+                       each scored token seeing C/2..C-1 tokens: the trained-context reference
 Writes a table (markdown), JSON and a PNG of perplexity vs position.
 """
 
@@ -23,7 +25,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 HF = ROOT / "models" / "pycoder-5m"
-BIN = 512
 
 
 def nll_of(logits: np.ndarray, target: int) -> float:
@@ -75,21 +76,27 @@ def compile_variant(onnx_path: Path, out: Path, passes: list[dict]):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hf", type=Path, default=HF, help="the Hugging Face model directory")
+    ap.add_argument("--cache", type=int, default=None, help="tokens the windowed caches keep (default: context/2)")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "streaming")
     ap.add_argument("--build", type=Path, default=ROOT / "build" / "streaming")
     args = ap.parse_args()
     from optc.export import export_decoder
 
-    onnx_path = args.build / "model.onnx"
+    context = json.loads((args.hf / "config.json").read_text())["max_position_embeddings"]
+    cache = args.cache or context // 2
+    onnx_path = args.build / args.hf.name / "model.onnx"
     if not onnx_path.exists():
-        export_decoder(HF, onnx_path)
+        export_decoder(args.hf, onnx_path)
     variants = {
         "(a) dense": [],
-        "(b) window 256, no sinks": [{"name": "sparse_attention", "mode": "sink_window", "sinks": 0, "window": 256}],
-        "(c) 4 sinks + window 252": [{"name": "sparse_attention", "mode": "sink_window", "sinks": 4, "window": 252}],
+        f"(b) window {cache}, no sinks": [{"name": "sink_window", "sinks": 0, "window": cache}],
+        f"(c) 4 sinks + window {cache - 4}": [{"name": "sink_window", "sinks": 4, "window": cache - 4}],
     }
-    models = {k: compile_variant(onnx_path, args.build / f"v{i}", p) for i, (k, p) in enumerate(variants.items())}
+    bin_size = context
+    models = {k: compile_variant(onnx_path, args.build / args.hf.name / f"v{i}", p)
+              for i, (k, p) in enumerate(variants.items())}
     dense = models["(a) dense"]
     ids = dense.encode((ROOT / "models" / "data" / "stream.txt").read_text())[: args.tokens + 1]
     print(f"stream: {len(ids)} tokens")
@@ -98,21 +105,23 @@ def main() -> None:
         t0 = time.perf_counter()
         curves[label] = stream_nll(m, ids, label)
         print(f"{label}: ppl {math.exp(curves[label].mean()):.2f} ({time.perf_counter() - t0:.0f}s)")
-    curves["(d) dense, in trained context"] = sliding_reference(dense, ids)
+    curves["(d) dense, in trained context"] = sliding_reference(dense, ids, window=context, stride=context // 2)
 
-    bins = np.arange(0, len(ids) - 1, BIN)
-    table = {"tokens": len(ids) - 1, "bin": BIN, "overall": {}, "after_512": {}, "per_bin": {}}
+    bins = np.arange(0, len(ids) - 1, bin_size)
+    table = {"model": args.hf.name, "context": context, "cache": cache, "tokens": len(ids) - 1, "bin": bin_size,
+             "overall": {}, "after_context": {}, "per_bin": {}}
     for label, nll in curves.items():
         table["overall"][label] = round(math.exp(np.nanmean(nll)), 3)
-        table["after_512"][label] = round(math.exp(np.nanmean(nll[512:])), 3)
-        table["per_bin"][label] = [round(math.exp(np.nanmean(nll[b:b + BIN])), 3) for b in bins]
+        table["after_context"][label] = round(math.exp(np.nanmean(nll[context:])), 3)
+        table["per_bin"][label] = [round(math.exp(np.nanmean(nll[b:b + bin_size])), 3) for b in bins]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "streaming.json").write_text(json.dumps(table, indent=1) + "\n")
-    ref = table["after_512"]["(d) dense, in trained context"]
-    lines = ["| variant | perplexity, all tokens | perplexity, tokens 512+ | vs (d), tokens 512+ |", "|---|---|---|---|"]
+    ref = table["after_context"]["(d) dense, in trained context"]
+    lines = [f"| variant | perplexity, all tokens | perplexity, tokens {context}+ | vs (d), tokens {context}+ |",
+             "|---|---|---|---|"]
     for label in curves:
-        lines.append(f"| {label} | {table['overall'][label]:.2f} | {table['after_512'][label]:.2f} | "
-                     f"{table['after_512'][label] / ref - 1:+.1%} |")
+        lines.append(f"| {label} | {table['overall'][label]:.2f} | {table['after_context'][label]:.2f} | "
+                     f"{table['after_context'][label] / ref - 1:+.1%} |")
     (args.out / "streaming.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -123,12 +132,12 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     for label, ys in table["per_bin"].items():
-        ax.plot(bins + BIN / 2, ys, "o-", ms=3, label=label)
-    ax.axvline(512, color="gray", ls=":", label="trained context (512)")
+        ax.plot(bins + bin_size / 2, ys, "o-", ms=3, label=label)
+    ax.axvline(context, color="gray", ls=":", label=f"trained context ({context})")
     ax.set_yscale("log")
     ax.set_xlabel("position in stream (tokens)")
-    ax.set_ylabel(f"perplexity per {BIN}-token bin")
-    ax.set_title("pycoder-5m on a long stream: StreamingLLM reproduction")
+    ax.set_ylabel(f"perplexity per {bin_size}-token bin")
+    ax.set_title(f"{args.hf.name} on a long stream: StreamingLLM reproduction")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
