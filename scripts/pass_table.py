@@ -1,6 +1,7 @@
-"""Accuracy and KV-memory table of the KV / attention passes on pycoder-5m (docs/benchmarks.md).
+"""Accuracy and KV-memory table of the KV / attention passes on a reference decoder (docs/benchmarks.md).
 
-    .venv/bin/python scripts/pass_table.py      # ~2 minutes on 2 cores
+    .venv/bin/python scripts/pass_table.py                          # pycoder-5m, ~2 minutes on 2 cores
+    .venv/bin/python scripts/pass_table.py --hf models/pycoder-v2   # the 2k-context decoder
 
 Each variant is compiled from the same export with `optc compile`'s verification (8 held-out
 prompts x 256 tokens, prefill 32 then 224 decode steps, against ONNX Runtime on the original
@@ -11,6 +12,8 @@ so fixed overheads (the fp32 residual of the quantised cache) are excluded; the 
 
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,15 +40,23 @@ def main() -> None:
     from optc.registry import default_registry
     from optc.runtime import load
 
-    build = ROOT / "build" / "pass_table"
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hf", type=Path, default=ROOT / "models" / "pycoder-5m", help="the Hugging Face model directory")
+    ap.add_argument("--verify-length", type=int, default=256,
+                    help="tokens per verification prompt (a 2k-context model needs long ones to show what "
+                         "context-reducing passes cost)")
+    args = ap.parse_args()
+    cfg_hf = json.loads((args.hf / "config.json").read_text())
+    build = ROOT / "build" / "pass_table" / args.hf.name
     onnx_path = build / "model.onnx"
     if not onnx_path.exists():
-        export_decoder(ROOT / "models" / "pycoder-5m", onnx_path, log=lambda *_: None)
+        export_decoder(args.hf, onnx_path, log=lambda *_: None)
     stream = (ROOT / "models" / "data" / "stream.txt").read_text()
     rows = []
     for i, (label, passes) in enumerate(VARIANTS):
         cfg = parse_config({"passes": passes}, default_registry())
-        manifest = compile_model(onnx_path, build / f"v{i}", config=cfg, force=True, log=lambda *_: None)
+        manifest = compile_model(onnx_path, build / f"v{i}", config=cfg, force=True,
+                                 verify_length=args.verify_length, log=lambda *_: None)
         v = manifest["verification"]
         m = load(build / f"v{i}")
         ids = m.encode(stream)[:2048]
@@ -57,8 +68,10 @@ def main() -> None:
         per_token = (m.kv_bytes - at_1k) / 1024
         rows.append((label, v, per_token, m.kv_bytes))
         print(f"{label}: {v['perplexity_increase']:+.3%} ppl, top-1 {v['top1_agreement']:.2%}", flush=True)
-    fp32 = 2 * 6 * 2 * 32 * 4
-    lines = ["| variant | perplexity (vs 90.13 dense) | top-1 agreement | max abs Δlogit | KV bytes / token (x fp32) "
+    head_dim = cfg_hf["hidden_size"] // cfg_hf["num_attention_heads"]
+    fp32 = 2 * cfg_hf["num_hidden_layers"] * cfg_hf["num_key_value_heads"] * head_dim * 4  # K+V bytes a token
+    dense_ppl = rows[0][1]["perplexity_artifact"]
+    lines = [f"| variant | perplexity (vs {dense_ppl:.2f} dense) | top-1 agreement | max abs Δlogit | KV bytes / token (x fp32) "
              "| KV bytes at 2,048 tokens |", "|---|---|---|---|---|---|"]
     for label, v, per_token, total in rows:
         lines.append(f"| {label} | {v['perplexity_artifact']:.2f} ({v['perplexity_increase']:+.2%}) | "
@@ -71,7 +84,7 @@ def main() -> None:
 
 def block_sparse_table(onnx_path: Path, build: Path, stream: str, prompt: int = 2048, prompts: int = 4) -> str:
     """Perplexity over whole 2,048-token prompts (one prefill each, all logits) and prefill time,
-    block_sparse vs dense. Beyond the 512-token trained context the dense model degrades too."""
+    block_sparse vs dense. Beyond a model's trained context the dense model degrades too."""
     import time
 
     import numpy as np
