@@ -8,40 +8,32 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from optc.config import PassOptions
-from optc.passes.attention.block_sparse import BlockSparse, BlockSparseOptions
-from optc.passes.attention.sink_window import SinkWindow, SinkWindowOptions
+from optc.passes.attention.block_sparse import BlockSparse, BlockSparseOptions, budget_fits
+from optc.passes.attention.sink_window import SinkWindow, SinkWindowOptions, sinks_fit
 
 SINK_WINDOW_KEYS = set(SinkWindowOptions.model_fields) - set(PassOptions.model_fields)
 BLOCK_SPARSE_KEYS = set(BlockSparseOptions.model_fields) - set(PassOptions.model_fields)
 
 
+_SW, _BS = SinkWindowOptions.model_fields, BlockSparseOptions.model_fields
+
+
 class SparseAttentionOptions(PassOptions):
+    """The earlier one-entry form: `mode` picks the pass, the other keys are that pass's options
+    (the same fields and checks; declared here in the order the manifest has recorded them)."""
+
     mode: Literal["sink_window", "block_sparse"] = Field(
         description="sink_window: keep first `sinks` + last `window` tokens; block_sparse: prefill attends to "
                     "selected key blocks only")
-    window: int = Field(252, gt=0, description="sink_window: most recent tokens kept")
-    sinks: int = Field(4, ge=0, description="sink_window: initial tokens kept for good (attention sinks)")
-    block_size: int = Field(64, gt=1, description="block_sparse: tokens per block")
-    sink_blocks: int = Field(1, ge=0, description="block_sparse: initial key blocks every query block sees")
-    local_blocks: int = Field(2, ge=1, description="block_sparse: key blocks up to and including the query's own")
-    budget_blocks: int = Field(8, gt=0, description="block_sparse: key blocks per query block in all "
-                                                    "(the rest chosen by pooled block scores)")
+    window: int = _SW["window"]
+    sinks: int = _SW["sinks"]
+    block_size: int = _BS["block_size"]
+    sink_blocks: int = _BS["sink_blocks"]
+    local_blocks: int = _BS["local_blocks"]
+    budget_blocks: int = _BS["budget_blocks"]
 
-    @field_validator("sinks")
-    @classmethod
-    def _sinks_fit(cls, v, info):
-        window = info.data.get("window")
-        if window is not None and v > window:
-            raise ValueError(f"sinks ({v}) must not exceed window ({window})")
-        return v
-
-    @field_validator("budget_blocks")
-    @classmethod
-    def _budget_fits(cls, v, info):
-        forced = info.data.get("sink_blocks", 0) + info.data.get("local_blocks", 0)
-        if v < forced:
-            raise ValueError(f"budget_blocks ({v}) must be at least sink_blocks + local_blocks ({forced})")
-        return v
+    sinks_fit = field_validator("sinks")(sinks_fit)
+    budget_fits = field_validator("budget_blocks")(budget_fits)
 
     @model_validator(mode="after")
     def _keys_match_mode(self):

@@ -32,6 +32,14 @@ from optc.runtime.manifest import ATTENTION_MASK, BLOCK_SPARSE_IF_SUFFIX
 PERPLEXITY_BUDGET = 0.03
 
 
+def budget_fits(v, info):
+    """budget_blocks >= sink_blocks + local_blocks (a validator; sparse_attention's options use it too)."""
+    forced = info.data.get("sink_blocks", 0) + info.data.get("local_blocks", 0)
+    if v < forced:
+        raise ValueError(f"budget_blocks ({v}) must be at least sink_blocks + local_blocks ({forced})")
+    return v
+
+
 class BlockSparseOptions(PassOptions):
     block_size: int = Field(64, gt=1, description="tokens per block")
     sink_blocks: int = Field(1, ge=0, description="initial key blocks every query block sees")
@@ -39,13 +47,7 @@ class BlockSparseOptions(PassOptions):
     budget_blocks: int = Field(8, gt=0, description="key blocks per query block in all "
                                                     "(the rest chosen by pooled block scores)")
 
-    @field_validator("budget_blocks")
-    @classmethod
-    def _budget_fits(cls, v, info):
-        forced = info.data.get("sink_blocks", 0) + info.data.get("local_blocks", 0)
-        if v < forced:
-            raise ValueError(f"budget_blocks ({v}) must be at least sink_blocks + local_blocks ({forced})")
-        return v
+    budget_fits = field_validator("budget_blocks")(budget_fits)
 
 
 class BlockSparse(OptcPass):

@@ -28,17 +28,19 @@ from optc.runtime.manifest import (KEY_POSITION_IDS, POSITION_IDS, POSITIONS_CAC
 PERPLEXITY_BUDGET = 0.05
 
 
+def sinks_fit(v, info):
+    """sinks <= window (a validator; sparse_attention's options use it too)."""
+    window = info.data.get("window")
+    if window is not None and v > window:
+        raise ValueError(f"sinks ({v}) must not exceed window ({window})")
+    return v
+
+
 class SinkWindowOptions(PassOptions):
     window: int = Field(252, gt=0, description="most recent tokens kept")
     sinks: int = Field(4, ge=0, description="initial tokens kept for good (attention sinks)")
 
-    @field_validator("sinks")
-    @classmethod
-    def _sinks_fit(cls, v, info):
-        window = info.data.get("window")
-        if window is not None and v > window:
-            raise ValueError(f"sinks ({v}) must not exceed window ({window})")
-        return v
+    sinks_fit = field_validator("sinks")(sinks_fit)
 
 
 class SinkWindow(OptcPass):
