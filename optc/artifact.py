@@ -65,8 +65,10 @@ def check_output_dir(out: Path, force: bool, protected: dict[str, Path] | None =
         if p == target or target in p.parents:
             raise OptcError(f"{out}: {'is' if p == target else 'contains'} {what} ({p}); "
                             f"write the artifact somewhere else")
-    if out.is_symlink() or out.exists():
-        if not out.is_dir() or out.is_symlink():
+    if out.is_symlink():
+        raise OptcError(f"{out}: is a symbolic link; give the directory itself")
+    if out.exists():
+        if not out.is_dir():
             raise OptcError(f"{out}: exists and is not a directory")
         if not force:
             raise OptcError(f"{out}: output directory exists (use --force to replace an optc artifact)")
@@ -143,9 +145,9 @@ def publish(staging: Path, out: Path, force: bool) -> None:
         if why:  # it changed while we compiled
             raise OptcError(f"{out}: --force replaces only an optc artifact, and this directory {why} "
                             f"(nothing was deleted)")
-        old = out.with_name(f".{out.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
+        # a fresh name: an existing `.<out>.old` may be anybody's
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old.rmdir()
         out.rename(old)
         staging.rename(out)
         shutil.rmtree(old, ignore_errors=True)
