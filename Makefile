@@ -15,7 +15,7 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
-# everything (CI): ~15 minutes on 2 cores
+# everything (CI): 6-10 minutes on 2 cores
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
