@@ -183,7 +183,7 @@ def write_expected_logits(reference_artifact: Path, staging: Path, texts, log) -
 
 def kv_cache_section(context: PassContext) -> dict:
     """The manifest's kv_cache section: what the passes asked of the runtime's cache."""
-    return context.runtime.kv_cache().to_dict()
+    return context.runtime.kv_cache.to_dict()
 
 
 def tune_model(model_path, *, config_path=None, target: str = "cpu", backend_options: dict | None = None,

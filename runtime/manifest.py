@@ -12,8 +12,8 @@ whatever order the passes ran in.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from optc.runtime.artifact import ArtifactError
 
@@ -72,8 +72,6 @@ POLICY_H2O = "h2o"
 KEY_QUANT_PER_CHANNEL = "per_channel"
 KEY_QUANT_PER_TOKEN = "per_token"
 
-Layout = Literal["float", "kivi"]
-Positions = Literal["absolute", "cache_slot"]
 
 
 class ManifestError(ArtifactError):
@@ -242,16 +240,14 @@ class KVCacheSpec:
 @dataclass
 class RuntimeRequests:
     """What passes ask of the runtime while a pipeline runs (the compile turns it into manifest
-    sections): the cache spec, and block-sparse prefill's minimum prompt length."""
+    sections): the cache spec (a pass replaces the fields it decides), and block-sparse
+    prefill's minimum prompt length."""
 
-    layout: str = LAYOUT_FLOAT
-    positions: str = POSITIONS_ABSOLUTE
-    policy: Policy | None = None
-    kivi: KiviSpec | None = None
+    kv_cache: KVCacheSpec = field(default_factory=KVCacheSpec)
     block_sparse_min_prefill: int | None = None
 
-    def kv_cache(self) -> KVCacheSpec:
-        return KVCacheSpec(self.layout, self.positions, self.policy, self.kivi)
+    def update_cache(self, **fields) -> None:
+        self.kv_cache = replace(self.kv_cache, **fields)
 
     def prefill(self) -> dict | None:
         """The backends' `prefill` argument (block-sparse prefill) or None."""

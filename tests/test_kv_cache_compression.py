@@ -45,7 +45,7 @@ def test_graph_structure_and_idempotence(exported_decoder):
             assert {f"{base}.scale", f"{base}.zero", f"{base}.residual"} <= set(names)
     ops = [n.op_type for n in model.graph]
     assert ops.count("BitShift") == 12 and ops.count("Attention") == 6
-    assert ctx.runtime.kv_cache().to_dict() == {"layout": "kivi", "positions": "absolute", "bits": 4,
+    assert ctx.runtime.kv_cache.to_dict() == {"layout": "kivi", "positions": "absolute", "bits": 4,
                                                 "group_size": 64, "residual": 32, "symmetric": False,
                                                 "key_quant": "per_channel"}
     to_checked_proto(model, "test")
@@ -119,7 +119,7 @@ def test_eviction_structure(exported_decoder):
     assert {f"optc.attn.{i}" for i in range(6)} <= outs
     attn = [n for n in model.graph if n.op_type == "Attention"]
     assert len(attn) == 6 and all(n.attributes["qk_matmul_output_mode"].value == 3 for n in attn)
-    assert ctx.runtime.kv_cache().to_dict()["policy"] == {"kind": "h2o", "sinks": 4, "recent": 32, "budget": None,
+    assert ctx.runtime.kv_cache.to_dict()["policy"] == {"kind": "h2o", "sinks": 4, "recent": 32, "budget": None,
                                                           "ratio": 0.5, "score": "accumulated_attention"}
     to_checked_proto(model, "test")
     assert not H2OEviction(opts, ctx)(model).modified

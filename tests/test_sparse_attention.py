@@ -41,7 +41,7 @@ def test_structure_and_idempotence(exported_decoder):
     attn = [n for n in g if n.op_type == "Attention"]
     assert all(n.inputs[1].producer().op_type == "RotaryEmbedding" for n in attn)  # rotated by cache slot
     assert sum(n.op_type == "RotaryEmbedding" for n in g) == 12  # 6 query + 6 whole-cache key rotations
-    assert ctx.runtime.kv_cache().to_dict() == {"layout": "float", "positions": "cache_slot",
+    assert ctx.runtime.kv_cache.to_dict() == {"layout": "float", "positions": "cache_slot",
                                                 "policy": {"kind": "sink_window", "sinks": 4, "window": 60}}
     to_checked_proto(model, "test")
     assert not SinkWindow(opts, ctx)(model).modified

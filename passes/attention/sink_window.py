@@ -101,6 +101,5 @@ class SinkWindow(OptcPass):
         graph.inputs.append(key_pos)
         ir.passes.common.RemoveUnusedNodesPass()(model)
         ir.passes.common.TopologicalSortPass()(model)
-        self.context.runtime.positions = POSITIONS_CACHE_SLOT
-        self.context.runtime.policy = SinkWindowPolicy(o.sinks, o.window)
+        self.context.runtime.update_cache(positions=POSITIONS_CACHE_SLOT, policy=SinkWindowPolicy(o.sinks, o.window))
         return ir.passes.PassResult(model, True)

@@ -92,5 +92,5 @@ class H2OEviction(OptcPass):
             new.outputs[3].type = ir.TensorType(ir.DataType.FLOAT)
             new.outputs[3].shape = ir.Shape(["batch", info.num_heads, "sequence_length", "total_sequence_length"])
             graph.outputs.append(new.outputs[3])
-        self.context.runtime.policy = H2OPolicy(o.sinks, o.recent, o.budget, o.ratio, o.score)
+        self.context.runtime.update_cache(policy=H2OPolicy(o.sinks, o.recent, o.budget, o.ratio, o.score))
         return ir.passes.PassResult(model, True)

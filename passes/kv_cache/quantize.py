@@ -90,8 +90,8 @@ class KVQuantize(OptcPass):
         if not changed:
             return ir.passes.PassResult(model, False)
         ir.passes.common.TopologicalSortPass()(model)
-        self.context.runtime.layout = LAYOUT_KIVI
-        self.context.runtime.kivi = KiviSpec(o.bits, o.group_size, o.residual, symmetric, o.key_quant)
+        self.context.runtime.update_cache(layout=LAYOUT_KIVI,
+                                          kivi=KiviSpec(o.bits, o.group_size, o.residual, symmetric, o.key_quant))
         return ir.passes.PassResult(model, True)
 
 
