@@ -12,6 +12,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
+# pycoder-v2's first run, on this project's 2 CPU cores (bf16 autocast, 2048-token sequences).
+CPU_TOKENS_PER_S = 2000
+
 GOALS = {  # the reference-model issue's "done when"
     "gain": 1.15,
     "repeat_ppl": 2.0,
@@ -70,16 +73,40 @@ def write_card(out: Path, report: dict, ev: dict, base: dict | None) -> None:
     pos = ev["ppl_by_position"]
     bpos = b.get("ppl_by_position", {})
     pos_rows = "\n".join(f"| {k} | {v:.1f} | {bpos.get(k, float('nan')):.1f} |" for k, v in pos.items())
-    ppl_goal = b.get("ppl_512")
-    met = {"long-context gain ≥ 1.15": lc["gain"] >= GOALS["gain"],
-           "induction repeat perplexity ≤ 2": ind["ppl_repeat"] <= GOALS["repeat_ppl"]}
+    # Goals are judged on the clean held-out files (see Evaluation: near-copies of some held-out
+    # files are in the training corpus).
+    ppl_goal = b.get("ppl_512_clean") or b.get("ppl_512")
+    ppl_new = ev.get("ppl_512_clean") or ev["ppl_512"]
+    gain = lc.get("clean", {}).get("gain", lc["gain"])
+    met = {"long-context gain ≥ 1.15": gain >= GOALS["gain"] and lc["gain"] >= GOALS["gain"],
+           "induction repeat perplexity ≤ 2 at a 1,000-token gap": ind["ppl_repeat"] <= GOALS["repeat_ppl"]}
     if ppl_goal:
-        met["perplexity at 512 ≤ half of pycoder-5m's"] = ev["ppl_512"] <= GOALS["ppl_512_vs_v1"] * ppl_goal
+        met["perplexity at 512 ≤ half of pycoder-5m's"] = ppl_new <= GOALS["ppl_512_vs_v1"] * ppl_goal
     missed = [k for k, ok in met.items() if not ok]
     status = ("Every goal of the reference-model issue is met." if not missed else
-              f"**Not yet the model the issue asks for**: {'; '.join(missed)} — not met after "
-              f"{report['tokens_seen'] / 1e6:.1f}M training tokens. Training continues from the checkpoint taken "
-              f"when the learning-rate decay began (`stable.pt`, see Training).")
+              f"**Not yet every goal of the reference-model issue**: {'; '.join(missed)} — not met after "
+              f"{report['tokens_seen'] / 1e6:.1f}M training tokens. Met: "
+              f"{'; '.join(k for k, ok in met.items() if ok) or 'none'}.")
+    device = report.get("device_name", report["device"])
+    speed = report["tokens_seen"] / report["train_seconds"]
+    where = (f"{device}, bf16 autocast, batch {report['batch']}; **{report['train_seconds'] / 60:.1f} min** of training "
+             f"({speed:,.0f} tokens/s, about {speed / CPU_TOKENS_PER_S:,.0f}x the {CPU_TOKENS_PER_S:,} tokens/s "
+             f"measured on this project's 2 CPU cores with bf16 autocast)" if report["device"] == "cuda" else
+             f"{report['device']}, {report['threads']} threads; **{hours:.2f} h** of training ({speed:,.0f} tokens/s)")
+    reproduce = (f"`.venv/bin/python models/train_reference_v2.py --export-data .devdata` here, then on the GPU "
+                 f"machine `python3 models/train_reference_v2.py --data .devdata --device cuda --batch {report['batch']} "
+                 f"--warmup-tokens {report['warmup_tokens']:.0f} --tokens {report['tokens_seen']:.0f}`"
+                 if report["device"] == "cuda" else
+                 f"`.venv/bin/python models/train_reference_v2.py --tokens {report['tokens_seen']:.0f}`")
+    p512 = ev.get("ppl_512_per_file", {})
+    clean_rows = ""
+    if "ppl_512_clean" in ev and ev["ppl_512_clean"]:
+        overlap = json.loads((HERE / "data" / "train_overlap_v2.json").read_text())["files"]
+        clean_rows = "\n".join(
+            f"| `{src}` | {share:.1%} | {p512.get(src, float('nan')):.1f} | "
+            f"{b.get('ppl_512_per_file', {}).get(src, float('nan')):.1f} |"
+            for src, share in sorted(overlap["heldout.jsonl"].items(), key=lambda kv: -kv[1]))
+    by_gap = ev.get("induction_by_gap", {})
     text = f"""# pycoder-v2 — optc's reference decoder that uses its context
 
 {status}
@@ -103,8 +130,14 @@ that uses its context. It is a test subject, not a useful code model. pycoder-5m
   {report['corpus']['heldout_files']:,} held-out files. Stdlib files are sampled {report['corpus']['stdlib_weight']:g}x as often.
 - Tokenizer: pycoder-5m's byte-level BPE (vocab 4096, trained on the stdlib train split), kept so
   that the two models' perplexities are comparable; `<|endoftext|>` (id 0) is BOS/EOS.
-- Every training sequence starts with the BOS token at a document start, with the following
-  documents packed after it (StreamingLLM: a token every sequence starts with can become a sink).
+- Every training sequence starts with the BOS token, at position 0, followed by a piece of
+  {report['context'] - 1} tokens of a file and whatever follows it in the stream (the next files,
+  each after its own BOS): StreamingLLM's sinks form on a token every sequence starts with. A
+  file's first piece starts at its start; a longer file's later pieces start mid-file, so that
+  every token of the corpus is trained on (sampling `{report.get('sampling', 'document starts')}`).
+  Sampling only from document starts, as a first GPU run did, trains on 20.3M of the 80.8M tokens
+  (7,287 files are longer than the context): that run overfitted (train loss 0.8, held-out 2.0
+  nats) and scored 44.9 at 512 tokens on the held-out files.
 
 | source | licence family | train files | train tokens | held-out files | held-out tokens |
 |---|---|---|---|---|---|
@@ -115,12 +148,11 @@ that uses its context. It is a test subject, not a useful code model. pycoder-5m
   **{report['tokens_seen']:,} tokens**, AdamW (β=0.9/0.95, weight decay 0.1), peak LR {report['peak_lr']},
   warm-up {report['warmup_tokens']:,.0f} tokens, constant, then linear decay to 0 over the last
   {report['decay_fraction']:.0%} (WSD), gradient clip 1.0, seed {report['seed']}, {report['precision']}, torch {report['torch']}.
-- Where: {report['device']}, {report['threads']} threads; **{hours:.2f} h** of training
-  ({report['tokens_seen'] / report['train_seconds']:,.0f} tokens/s; the machine was shared with other work).
-- Reproduce: `.venv/bin/python models/train_reference_v2.py --tokens {report['tokens_seen']:.0f}` (resumable:
-  checkpoints every 10 min and on SIGTERM into `~/.cache/optc/train/pycoder-v2/`; `--device cuda` on a GPU).
-  To train longer, copy `stable.pt` (the checkpoint at the start of the decay) to `last.pt` and run
-  again with a larger `--tokens`: the learning rate stays constant until the new decay. Then `models/eval_reference.py models/pycoder-v2 models/pycoder-5m`
+- Where: {where}.
+- Reproduce: {reproduce} (resumable: checkpoints every 10 min and on SIGTERM into `--ckpt-dir`,
+  default `~/.cache/optc/train/pycoder-v2/`). To train longer, copy `stable.pt` (the checkpoint at
+  the start of the decay) to `last.pt` and run again with a larger `--tokens`: the learning rate
+  stays constant until the new decay. Then `models/eval_reference.py models/pycoder-v2 models/pycoder-5m`
   and `models/model_card_v2.py models/pycoder-v2`.
 
 ![loss curve](loss_curve.png)
@@ -129,14 +161,30 @@ that uses its context. It is a test subject, not a useful code model. pycoder-5m
 
 | measure | pycoder-v2 | pycoder-5m | goal |
 |---|---|---|---|
-{_row("perplexity, 512-token windows (`models/data/heldout.jsonl`, pycoder-5m's held-out files)", ev['ppl_512'], b.get('ppl_512'), '.2f', f"≤ {ppl_goal * GOALS['ppl_512_vs_v1']:.1f}" if ppl_goal else "")}
+{_row("perplexity, 512-token windows, the clean files of `models/data/heldout.jsonl` (pycoder-5m's held-out files)", ppl_new, ppl_goal, '.2f', f"≤ {ppl_goal * GOALS['ppl_512_vs_v1']:.1f}" if ppl_goal else "")}
+{_row("— the same on all its 18 files", ev['ppl_512'], b.get('ppl_512'), '.2f')}
 {_row("perplexity, 2048-token windows (`models/data/heldout_2k.jsonl`, 24 files)", ev['ppl_2048'], b.get('ppl_2048'), '.2f')}
 {_row("long-context gain: last 64 tokens, 64-127 tokens of context ÷ the whole window", lc['gain'], blc.get('gain'), '.3f', f"≥ {GOALS['gain']}")}
+{_row("— the same on the clean 2k windows", gain, blc.get('clean', {}).get('gain'), '.3f', f"≥ {GOALS['gain']}")}
 {_row("— perplexity of those 64 tokens with the whole window", lc['ppl_full'], blc.get('ppl_full'), '.2f')}
 {_row("— the same with 64-127 tokens of context", lc['ppl_short'], blc.get('ppl_short'), '.2f')}
 {_row("induction: random 64-token span, first occurrence", ind['ppl_first'], bind.get('ppl_first'), ',.0f')}
 {_row("induction: the same span repeated 1,000 tokens later", ind['ppl_repeat'], bind.get('ppl_repeat'), ',.2f', f"≤ {GOALS['repeat_ppl']}")}
+{_row("— repeated right after the span", by_gap.get('0', float('nan')), b.get('induction_by_gap', {}).get('0'), ',.2f')}
+{_row("— repeated 100 tokens later", by_gap.get('100', float('nan')), b.get('induction_by_gap', {}).get('100'), ',.2f')}
 {_row("sampled completions of 20 held-out function headers that `ast.parse` accepts", ev['headers']['parse_share'], b.get('headers', {}).get('parse_share'), '.0%')}
+
+**Contamination.** No held-out file was trained on, but near-copies of some are in the training
+corpus: packages vendor or adapt stdlib modules (joblib's loky carries a modified
+`concurrent/futures/process.py`), transformers repeats code across model folders, httpcore
+generates its sync code from its async code. `models/eval_reference.py --make-overlap` measures
+the share of each held-out file's 24-token windows found verbatim in the training stream
+(`models/data/train_overlap_v2.json`); files under 5% are *clean*, and the goals are judged on them.
+pycoder-5m, trained on the stdlib alone, gains nothing from such copies.
+
+| `heldout.jsonl` file | 24-grams in v2's training stream | pycoder-v2 | pycoder-5m |
+|---|---|---|---|
+{clean_rows}
 
 pycoder-5m's 2048-token numbers are past its trained context (512). The held-out 2k windows start
 at a file start, whose first lines (licence headers, imports) are the most predictable of a file:

@@ -6,6 +6,16 @@ context on the stdlib plus the Python sources of the locked packages, until it u
     .venv/bin/python models/train_reference_v2.py --max-minutes 60      # stop (and checkpoint) after an hour
     .venv/bin/python models/train_reference_v2.py --tokens 2e5 --ckpt-dir /tmp/smoke --out /tmp/smoke/model
 
+On a borrowed GPU machine that cannot rebuild the corpus (no site-packages to read, no network):
+
+    .venv/bin/python models/train_reference_v2.py --export-data .devdata     # here: ~30 MB, xz
+    python3 models/train_reference_v2.py --data .devdata --device cuda --batch 32 \
+        --tokens-for-minutes 7 --max-minutes 8 --write-model-on-stop --out $OUT/model   # there
+
+--tokens-for-minutes times the first steps (inside the warm-up, whose learning rate does not depend
+on the total) and then fixes --tokens to what fits; the run is then the same as one started with
+that --tokens, which it prints so that it can be repeated.
+
 A run checkpoints every --ckpt-minutes, on SIGTERM/SIGINT and at --max-minutes into --ckpt-dir
 (outside the work tree by default, so a long CPU run survives a fresh checkout) and resumes from
 there when started again with the same settings. The batch of step s depends only on (seed, s),
@@ -150,12 +160,79 @@ def prepare_data(ckpt_dir: Path, log=print) -> dict:
             "monitor": np.asarray(monitor, dtype=np.int64), "meta": meta}
 
 
+def export_data(data: dict, out: Path, log=print) -> None:
+    """Write the tokenized corpus as a portable bundle: the training stream xz-compressed (the
+    uint16 stream is 162 MB raw, ~29 MB compressed), the index arrays and the corpus description."""
+    import lzma
+
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    tmp = out / ".stream.u16.xz.tmp"
+    with lzma.open(tmp, "wb", preset=9 | lzma.PRESET_EXTREME) as f:
+        f.write(np.ascontiguousarray(data["stream"], dtype="<u2").tobytes())
+    os.replace(tmp, out / "stream.u16.xz")
+    np.savez(out / "index.npz", starts=data["starts"], weights=data["weights"], monitor=data["monitor"])
+    (out / "meta.json").write_text(json.dumps(data["meta"], indent=1) + "\n")
+    size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+    log(f"exported the corpus to {out} ({size:.1f} MiB, {time.time() - t0:.0f} s); "
+        f"train elsewhere with --data {out}")
+
+
+def load_data_bundle(src: Path) -> dict:
+    """Read a bundle written by --export-data (its key is the machine that built it: the corpus
+    depends on that machine's Python and packages, not on the one training)."""
+    import lzma
+
+    missing = [n for n in ("stream.u16.xz", "index.npz", "meta.json") if not (src / n).is_file()]
+    if missing:
+        sys.exit(f"error: --data {src}: not a corpus bundle (missing {', '.join(missing)}); "
+                 f"write one with --export-data")
+    with lzma.open(src / "stream.u16.xz", "rb") as f:
+        stream = np.frombuffer(f.read(), dtype="<u2")
+    idx = np.load(src / "index.npz")
+    meta = json.loads((src / "meta.json").read_text())
+    if len(stream) != meta["train_tokens"]:
+        sys.exit(f"error: --data {src}: the stream holds {len(stream):,} tokens, meta.json says "
+                 f"{meta['train_tokens']:,}")
+    return {"stream": stream, "starts": idx["starts"], "weights": idx["weights"],
+            "monitor": idx["monitor"], "meta": meta}
+
+
+# How training sequences are cut from the stream (stored in checkpoints: a resumed run must
+# sample as the run that wrote them did).
+SAMPLING = "pieces-v1"
+
+
+def add_pieces(data: dict) -> dict:
+    """Cut every document into pieces of CONTEXT-1 tokens; a training sequence is BOS + one piece
+    + whatever follows it in the stream (the next documents, each after its own BOS).
+
+    Sampling only from document starts (the first version) trained on 20.3M of the 80.8M tokens:
+    7,287 files are longer than the context, and only their first 2,048 tokens were ever seen.
+    A piece other than a file's first starts mid-file, after BOS, so every sequence still begins
+    with the BOS token at position 0, where StreamingLLM's sink forms. A piece is drawn with its
+    file's weight (the stdlib's 4x), so the sampling is proportional to tokens, not files."""
+    stream, starts, weights = data["stream"], data["starts"], data["weights"]
+    ends = np.append(starts[1:], len(stream))
+    pieces, piece_w = [], []
+    for bos, end, w in zip(starts, ends, weights):
+        at = np.arange(bos + 1, end, CONTEXT - 1)
+        at = at[at + CONTEXT - 1 <= len(stream)]
+        pieces.append(at)
+        piece_w.append(np.full(len(at), w))
+    data["pieces"] = np.concatenate(pieces)
+    pw = np.concatenate(piece_w)
+    data["piece_weights"] = pw / pw.sum()
+    return data
+
+
 def batch_at(step: int, data: dict, batch: int) -> torch.Tensor:
-    """The batch of one step: BOS-led sequences from seeded document starts (depends on step only)."""
+    """The batch of one step: BOS + a seeded draw of pieces (depends on step only)."""
     rng = np.random.default_rng([SEED, step])
-    picks = rng.choice(len(data["starts"]), size=batch, p=data["weights"])
-    s = data["starts"][picks]
-    rows = np.stack([data["stream"][i:i + CONTEXT] for i in s]).astype(np.int64)
+    picks = rng.choice(len(data["pieces"]), size=batch, p=data["piece_weights"])
+    rows = np.zeros((batch, CONTEXT), dtype=np.int64)  # column 0: BOS (id 0)
+    for r, i in enumerate(data["pieces"][picks]):
+        rows[r, 1:] = data["stream"][i:i + CONTEXT - 1]
     return torch.from_numpy(rows)
 
 
@@ -220,6 +297,13 @@ def main() -> None:
     ap.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this long")
     ap.add_argument("--eval-every", type=int, default=100, help="steps between held-out monitor losses")
     ap.add_argument("--prepare-only", action="store_true", help="build and cache the tokenized corpus, then stop")
+    ap.add_argument("--export-data", type=Path, metavar="DIR",
+                    help="write the tokenized corpus as a portable bundle (for a machine that cannot build it), then stop")
+    ap.add_argument("--data", type=Path, metavar="DIR", help="train on a bundle written by --export-data")
+    ap.add_argument("--tokens-for-minutes", type=float, metavar="M",
+                    help="time the first steps, then set --tokens to what M minutes of training fit")
+    ap.add_argument("--write-model-on-stop", action="store_true",
+                    help="at --max-minutes or a signal, also write the model directory (marked as stopped early)")
     args = ap.parse_args()
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -232,9 +316,13 @@ def main() -> None:
     if args.device == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     args.ckpt_dir.mkdir(parents=True, exist_ok=True)
-    data = prepare_data(args.ckpt_dir)
+    data = load_data_bundle(args.data) if args.data else prepare_data(args.ckpt_dir)
+    if args.export_data:
+        export_data(data, args.export_data)
+        return
     if args.prepare_only:
         return
+    add_pieces(data)
     amp = use_bf16(args.device, args.precision)
     tokens_per_step = args.batch * CONTEXT
     total_steps = math.ceil(args.tokens / tokens_per_step)
@@ -247,32 +335,50 @@ def main() -> None:
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                              {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95))
+                            lr=args.lr, betas=(0.9, 0.95), fused=args.device == "cuda")
 
     last = args.ckpt_dir / "last.pt"
     step, log, train_seconds = 0, [], 0.0
     if last.is_file():
         state = torch.load(last, map_location=args.device, weights_only=False)
-        if state["data_key"] != data["meta"]["key"] or state["batch"] != args.batch:
-            sys.exit(f"error: {last} was written for other data or another --batch; move it away to start afresh")
+        if (state["data_key"] != data["meta"]["key"] or state["batch"] != args.batch
+                or state.get("sampling") != SAMPLING):
+            sys.exit(f"error: {last} was written for other data, another --batch or another sampling; "
+                     f"move it away to start afresh")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, log, train_seconds = state["step"], state["log"], state["train_seconds"]
+        if state.get("tokens_fixed"):
+            args.tokens, args.tokens_for_minutes = state["tokens_fixed"], None
+            total_steps = math.ceil(args.tokens / tokens_per_step)
         print(f"resumed from {last} at step {step} ({step * tokens_per_step:,} tokens)")
     print(f"model: {n_params / 1e6:.2f}M parameters, context {CONTEXT}; {data['meta']['train_tokens']:,} "
-          f"training tokens available; {total_steps} steps of {tokens_per_step:,} tokens; "
+          f"training tokens in {len(data['pieces']):,} pieces; {total_steps} steps of {tokens_per_step:,} tokens; "
           f"{'bf16 autocast' if amp else 'fp32'} on {args.device} ({args.threads} threads)")
 
     def state_dict() -> dict:
         return {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": log,
                 "train_seconds": train_seconds, "data_key": data["meta"]["key"], "batch": args.batch,
-                "args": {k: str(v) for k, v in vars(args).items()}, "device": args.device, "amp": amp}
+                "sampling": SAMPLING,
+                "args": {k: str(v) for k, v in vars(args).items()}, "device": args.device, "amp": amp,
+                "tokens_fixed": args.tokens if fixed["done"] else None}
+
+    # --tokens-for-minutes: the schedule's total is fixed from the speed of steps TIMING_STEPS,
+    # all inside the warm-up (whose learning rate does not depend on the total), so the run is
+    # the one `--tokens <fixed>` would give.
+    fixed = {"done": args.tokens_for_minutes is None, "t0": None}
+    timing_first, timing_last = 5, 25
+    if not fixed["done"] and args.warmup_tokens < (timing_last + 1) * tokens_per_step:
+        sys.exit(f"error: --tokens-for-minutes times steps {timing_first}-{timing_last}, which must lie "
+                 f"inside the warm-up: raise --warmup-tokens above {(timing_last + 1) * tokens_per_step:,}")
 
     stop = {"signal": None}
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, _f: stop.__setitem__("signal", s))
 
     decay_start_step = math.ceil(args.tokens * (1 - args.decay_fraction) / tokens_per_step)
+    if not fixed["done"]:
+        total_steps = decay_start_step = 10**9  # placeholders until the timing steps have run
     columns = [TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
                TimeElapsedColumn(), TimeRemainingColumn()]
@@ -281,7 +387,7 @@ def main() -> None:
     session_tokens = 0
     model.train()
     with Progress(*columns) as progress:
-        task = progress.add_task("train", total=total_steps, completed=step, loss=float("nan"), tps=0.0)
+        task = progress.add_task("train", total=total_steps if fixed["done"] else None, completed=step, loss=float("nan"), tps=0.0)
         while step < total_steps:
             if step == decay_start_step and not (args.ckpt_dir / "stable.pt").exists():
                 save_ckpt(args.ckpt_dir / "stable.pt", state_dict())
@@ -297,6 +403,22 @@ def main() -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            if not fixed["done"] and step == timing_first:
+                fixed["t0"] = time.time()
+            elif not fixed["done"] and step == timing_last:
+                per_step = (time.time() - fixed["t0"]) / (timing_last - timing_first)
+                # 5% kept back for the held-out monitor, checkpoints and slower steps later on.
+                steps = int(0.95 * 60 * args.tokens_for_minutes / per_step)
+                args.tokens = float(max(steps, timing_last + 1) * tokens_per_step)
+                if args.tokens * (1 - args.decay_fraction) <= args.warmup_tokens:
+                    sys.exit(f"error: --tokens-for-minutes {args.tokens_for_minutes} fits only "
+                             f"{args.tokens:,.0f} tokens, less than the warm-up and the decay need")
+                total_steps = math.ceil(args.tokens / tokens_per_step)
+                decay_start_step = math.ceil(args.tokens * (1 - args.decay_fraction) / tokens_per_step)
+                fixed["done"] = True
+                progress.update(task, total=total_steps)
+                print(f"{per_step * 1000:.1f} ms/step: schedule fixed at --tokens {args.tokens:.0f} "
+                      f"({total_steps} steps; repeat the run with that --tokens)", flush=True)
             dt = time.time() - t0
             train_seconds += dt
             session_tokens += tokens_per_step
@@ -318,12 +440,20 @@ def main() -> None:
                 if stop["signal"] or out_of_time:
                     why = f"signal {stop['signal']}" if stop["signal"] else f"--max-minutes {args.max_minutes}"
                     print(f"stopped ({why}) at step {step}; checkpoint {last}; run again to resume", flush=True)
+                    if args.write_model_on_stop:
+                        write_model(model, args, data, log, n_params, train_seconds, amp,
+                                    stopped_early=f"{why} at step {step} of {total_steps}")
                     return
     save_ckpt(last, state_dict())
     write_model(model, args, data, log, n_params, train_seconds, amp)
 
 
-def write_model(model, args, data, log, n_params, train_seconds, amp) -> None:
+def thin_log(log: list[dict]) -> list[dict]:
+    """The report keeps every 10th step and every held-out measurement (a GPU run logs thousands)."""
+    return [e for e in log if e["step"] % 10 == 0 or "heldout_loss" in e or e is log[-1]]
+
+
+def write_model(model, args, data, log, n_params, train_seconds, amp, stopped_early=None) -> None:
     """The Hugging Face directory: config, safetensors, tokenizer, generation config, report."""
     from transformers import GenerationConfig
 
@@ -342,11 +472,13 @@ def write_model(model, args, data, log, n_params, train_seconds, amp) -> None:
     report = {
         "python": platform.python_version(), "torch": torch.__version__, "seed": SEED,
         "device": args.device, "threads": args.threads, "precision": "bf16 autocast" if amp else "fp32",
+        "device_name": (torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"),
+        "stopped_early": stopped_early, "tokens_total": args.tokens,
         "context": CONTEXT, "batch": args.batch, "tokens_per_step": args.batch * CONTEXT,
-        "steps": log[-1]["step"], "tokens_seen": log[-1]["tokens"], "peak_lr": args.lr,
+        "sampling": SAMPLING, "steps": log[-1]["step"], "tokens_seen": log[-1]["tokens"], "peak_lr": args.lr,
         "warmup_tokens": args.warmup_tokens, "decay_fraction": args.decay_fraction,
         "parameters": n_params, "train_seconds": round(train_seconds, 1),
-        "corpus": data["meta"], "log": log,
+        "corpus": data["meta"], "log": thin_log(log),
     }
     (out / "training_report.json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}: {report['tokens_seen']:,} tokens in {train_seconds / 3600:.2f} h of training; "

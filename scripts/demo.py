@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HF = ROOT / "models" / "pycoder-5m"
+HF = ROOT / "models" / "pycoder-v2"  # the 2k-context reference decoder (issue 13)
 BUILD = ROOT / "build" / "demo"
 
 

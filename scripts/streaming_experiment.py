@@ -1,7 +1,7 @@
 """Reproduce StreamingLLM's finding on a reference decoder over a long stream.
 
     .venv/bin/python scripts/streaming_experiment.py                       # pycoder-5m, docs/streaming
-    .venv/bin/python scripts/streaming_experiment.py --hf models/pycoder-v2 --out docs/streaming/pycoder-v2
+    .venv/bin/python scripts/streaming_experiment.py --hf models/pycoder-v2 --bos-windows --out docs/streaming/pycoder-v2
 
 Perplexity over the continuous held-out stream (models/data/stream.txt), token by token, with C the
 model's trained context and a cache of K tokens (--cache, default C/2):
@@ -10,6 +10,7 @@ model's trained context and a cache of K tokens (--cache, default C/2):
   (c) sinks + window   sink_window with sinks=4, window=K-4
   (d) dense, in context the original model re-run on sliding C-token windows (stride C/2),
                        each scored token seeing C/2..C-1 tokens: the trained-context reference
+                       (--bos-windows: each window starts with BOS, as pycoder-v2 was trained)
 Writes a table (markdown), JSON and a PNG of perplexity vs position.
 """
 
@@ -46,12 +47,17 @@ def stream_nll(model, ids: list[int], label: str) -> np.ndarray:
     return out
 
 
-def sliding_reference(model, ids: list[int], window: int = 512, stride: int = 256) -> np.ndarray:
+def sliding_reference(model, ids: list[int], window: int = 512, stride: int = 256,
+                      bos: int | None = None) -> np.ndarray:
     """Each token scored once, with between window - stride and window - 1 tokens of context
-    (the first `window` tokens are scored in the first window)."""
+    (the first `window` tokens are scored in the first window). With `bos`, every window starts
+    with it, as every training sequence of a BOS-trained model did (its first token, never scored
+    after the first window, is replaced)."""
     out = np.full(len(ids) - 1, np.nan)
     for start in range(0, len(ids) - 1, stride):
         chunk = ids[start:start + window]
+        if bos is not None and start > 0:
+            chunk = [bos] + chunk[1:]
         model.reset()
         logits = model.prefill(chunk, all_logits=True)
         first = 0 if start == 0 else window - stride
@@ -80,6 +86,8 @@ def main() -> None:
     ap.add_argument("--cache", type=int, default=None, help="tokens the windowed caches keep (default: context/2)")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "streaming")
+    ap.add_argument("--bos-windows", action="store_true",
+                    help="start every (d) window with BOS (for a model trained with BOS at every sequence start)")
     ap.add_argument("--build", type=Path, default=ROOT / "build" / "streaming")
     args = ap.parse_args()
     from optc.export import export_decoder
@@ -105,7 +113,10 @@ def main() -> None:
         t0 = time.perf_counter()
         curves[label] = stream_nll(m, ids, label)
         print(f"{label}: ppl {math.exp(curves[label].mean()):.2f} ({time.perf_counter() - t0:.0f}s)")
-    curves["(d) dense, in trained context"] = sliding_reference(dense, ids, window=context, stride=context // 2)
+    # A model trained with BOS at every sequence start (pycoder-v2) sees it in every reference window.
+    bos = json.loads((args.hf / "config.json").read_text()).get("bos_token_id") if args.bos_windows else None
+    curves["(d) dense, in trained context"] = sliding_reference(dense, ids, window=context, stride=context // 2,
+                                                                bos=bos)
 
     bins = np.arange(0, len(ids) - 1, bin_size)
     table = {"model": args.hf.name, "context": context, "cache": cache, "tokens": len(ids) - 1, "bin": bin_size,
