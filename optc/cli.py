@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
 from rich.console import Console
 
-from optc.errors import OptcError
+from optc.errors import OptcError, PastContextWarning
 
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -282,7 +283,19 @@ def bench(artifact, original, baseline, hf_dir, json_path, plot, prompt_lengths,
               decode_contexts=ints(decode_contexts, "--decode-contexts"), log=log)
 
 
+_default_showwarning = warnings.showwarning
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """optc's own warnings print as one `warning: ...` line, not Python's file:line form."""
+    if issubclass(category, PastContextWarning):
+        err_console.print(f"warning: {message}", markup=False, soft_wrap=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
 def main(argv=None) -> None:
+    shown_before, warnings.showwarning = warnings.showwarning, _one_line_warning
     try:
         cli.main(args=argv, prog_name="optc", standalone_mode=False)
     except OptcError as e:
@@ -302,6 +315,8 @@ def main(argv=None) -> None:
         err_console.print(f"internal error: {type(e).__name__}: {e} (set OPTC_DEBUG=1 for a traceback)",
                           markup=False, soft_wrap=True)
         sys.exit(3)
+    finally:
+        warnings.showwarning = shown_before  # in-process callers (tests, scripts) get theirs back
 
 
 if __name__ == "__main__":

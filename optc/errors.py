@@ -19,3 +19,9 @@ class InvalidValue(OptcError, ValueError):
 
 class InvalidType(OptcError, TypeError):
     """A value of the wrong type given to the API (a TypeError for Python callers)."""
+
+
+class PastContextWarning(UserWarning):
+    """A sequence ran past the positions the model was trained on. Not an error (benchmarks and
+    streaming experiments go there on purpose), but quality drops: pycoder-v2's perplexity rises
+    30x past its 2,048 tokens (docs/streaming/pycoder-v2). The CLI prints it as `warning: ...`."""

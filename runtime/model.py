@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from optc.errors import InvalidType, InvalidValue
+from optc.errors import InvalidType, InvalidValue, PastContextWarning
 from optc.runtime.artifact import ArtifactError, artifact_file, read_manifest
 from optc.runtime.cache import make_cache
 from optc.runtime.executors import make_executor
@@ -72,6 +73,7 @@ class Model:
     def reset(self) -> None:
         self.cache.reset()
         self.position = 0  # absolute position of the next token
+        self._warned_past_context = False
 
     @property
     def kv_bytes(self) -> int:
@@ -106,6 +108,12 @@ class Model:
         first = cached if self.slot_positions else self.position
         input_ids = np.asarray(ids, dtype=np.int64).reshape(1, n)
         position_ids = np.arange(first, first + n, dtype=np.int64).reshape(1, n)
+        context = self.config.get("context")
+        if context and first + n > context and not self._warned_past_context:
+            self._warned_past_context = True  # once per sequence
+            warnings.warn(PastContextWarning(
+                f"position {first + n - 1} is past the model's trained context ({context} tokens): "
+                f"expect much worse predictions; compile with sink_window to stream long sequences"), stacklevel=4)
         attention_mask = np.ones((1, cached + n), dtype=np.int64)
         if self.slot_positions:
             feeds[KEY_POSITION_IDS] = np.arange(cached + n, dtype=np.int64).reshape(1, -1)

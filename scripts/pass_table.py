@@ -33,6 +33,12 @@ VARIANTS = [
 ]
 
 
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def main() -> None:
     from optc.compile import compile_model
     from optc.config import parse_config
@@ -45,6 +51,8 @@ def main() -> None:
     ap.add_argument("--verify-length", type=int, default=256,
                     help="tokens per verification prompt (a 2k-context model needs long ones to show what "
                          "context-reducing passes cost)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep variants already compiled and verified from the same export at this length")
     args = ap.parse_args()
     cfg_hf = json.loads((args.hf / "config.json").read_text())
     build = ROOT / "build" / "pass_table" / args.hf.name
@@ -54,9 +62,18 @@ def main() -> None:
     stream = (ROOT / "models" / "data" / "stream.txt").read_text()
     rows = []
     for i, (label, passes) in enumerate(VARIANTS):
-        cfg = parse_config({"passes": passes}, default_registry())
-        manifest = compile_model(onnx_path, build / f"v{i}", config=cfg, force=True,
-                                 verify_length=args.verify_length, log=lambda *_: None)
+        # A measurement, not a gate: the cost is recorded whatever it is (the default +5% budget
+        # would refuse exactly the variants the table must show).
+        cfg = parse_config({"passes": passes, "verify": {"max_perplexity_increase": 100.0}}, default_registry())
+        manifest_path = build / f"v{i}" / "manifest.json"
+        old = json.loads(manifest_path.read_text()) if args.reuse and manifest_path.is_file() else None
+        if old and old.get("source", {}).get("sha256") == sha256_of(onnx_path) \
+                and old["verification"]["tokens"] == 8 * args.verify_length \
+                and [q["name"] for q in old["passes"]] == [q.name for q in cfg.passes]:
+            manifest = old  # --reuse: this variant was compiled and verified at this length already
+        else:
+            manifest = compile_model(onnx_path, build / f"v{i}", config=cfg, force=True,
+                                     verify_length=args.verify_length, log=lambda *_: None)
         v = manifest["verification"]
         m = load(build / f"v{i}")
         ids = m.encode(stream)[:2048]

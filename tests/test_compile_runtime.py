@@ -205,3 +205,34 @@ def test_lossy_passes_declare_a_budget_when_the_config_sets_none(tmp_path, expor
     code, _, err = run_cli(["compile", exported_decoder, "-c", cfg, "-o", tmp_path / "b"], capsys)
     assert code == 1 and "perplexity increase +2.00% > budget +1.00%" in err, err
     assert not (tmp_path / "b").exists()
+
+
+def test_running_past_the_trained_context_warns_once_per_sequence(identity_artifact, capsys):
+    """pycoder-5m was trained on 512 positions: a longer sequence runs (benchmarks go there on
+    purpose) but says so, once per sequence, as one line in the CLI."""
+    import warnings
+
+    from conftest import run_cli
+    from optc.errors import PastContextWarning
+    from optc.runtime import load
+
+    m = load(identity_artifact)
+    ids = m.encode("x = 1\n" * 200)
+    assert len(ids) > 512
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m.prefill(ids[:512])
+        assert not caught
+        m.prefill(ids[512:514])
+        m.decode(5)
+        m.reset()
+        m.prefill(ids)
+    past = [w for w in caught if issubclass(w.category, PastContextWarning)]
+    assert [str(w.message).split(":")[0] for w in past] == [
+        "position 513 is past the model's trained context (512 tokens)",
+        f"position {len(ids) - 1} is past the model's trained context (512 tokens)"]
+    code, out, err = run_cli(["run", identity_artifact, "--prompt", "x = 1\n" * 200, "--max-new-tokens", "1"], capsys)
+    assert code == 0, err
+    warned = [ln for ln in err.splitlines() if ln.startswith("warning: ")]
+    assert len(warned) == 1 and warned[0].startswith("warning: position ") and "sink_window" in warned[0], err
+    assert "Traceback" not in err and "PastContextWarning" not in err

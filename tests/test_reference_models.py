@@ -211,3 +211,35 @@ def test_v2_card_goals_follow_from_its_eval(v2):
     assert ev["ppl_512_clean"] <= 0.5 * v1["ppl_512_clean"]
     assert ev["long_context"]["gain"] >= 1.15 and ev["long_context"]["clean"]["gain"] >= 1.15
     assert "Not yet every goal" in (V2_DIR / "README.md").read_text() or ev["induction"]["ppl_repeat"] <= 2
+
+
+def test_v2_training_data_bundle_round_trips_and_pieces_cover_every_token(tmp_path):
+    """--export-data / --data carry the corpus to a machine that cannot build it; the pieces a
+    training sequence starts from cover every token (sampling only document starts did not)."""
+    import train_reference_v2 as T
+
+    rng = np.random.default_rng(0)
+    lengths = [5000, 300, 2047, 2048, 4100, 900]
+    docs = [np.concatenate([[0], rng.integers(1, 4096, n)]).astype(np.uint16) for n in lengths]
+    stream = np.concatenate(docs)
+    starts = np.cumsum([0] + [len(d) for d in docs[:-1]])
+    data = {"stream": stream, "starts": starts, "weights": np.full(len(docs), 1 / len(docs)),
+            "monitor": np.zeros((1, 8), np.int64), "meta": {"train_tokens": len(stream), "key": "t"}}
+    T.export_data(data, tmp_path / "bundle", log=lambda *_: None)
+    back = T.load_data_bundle(tmp_path / "bundle")
+    assert np.array_equal(back["stream"], stream) and np.array_equal(back["starts"], starts)
+    T.add_pieces(back)
+    covered = np.zeros(len(stream), bool)
+    for p in back["pieces"]:
+        covered[p:p + T.CONTEXT - 1] = True
+    bos = np.zeros(len(stream), bool)
+    bos[starts] = True
+    # every token but the documents' own BOS is in a piece, up to the end of the stream's last full piece
+    last = back["pieces"].max() + T.CONTEXT - 1
+    assert covered[~bos & (np.arange(len(stream)) < last)].all()
+    assert last >= len(stream) - T.CONTEXT
+    batch = T.batch_at(0, back, 3)
+    assert batch.shape == (3, T.CONTEXT) and (batch[:, 0] == 0).all()
+    (tmp_path / "bundle" / "index.npz").unlink()
+    with pytest.raises(SystemExit, match="not a corpus bundle"):
+        T.load_data_bundle(tmp_path / "bundle")
