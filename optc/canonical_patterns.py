@@ -5,7 +5,8 @@ The TorchScript exporter (what optimum uses) and older opsets leave attention de
     MatMul(Q, Transpose(K, perm=[0,1,3,2])) -> Mul(scale) -> Add(mask) -> Softmax(-1) [-> Cast]* -> MatMul(., V)
 
 which is exactly ONNX `Attention(Q, K, V, attn_mask=mask, scale=scale)` (opset 23) with an additive
-float mask. Such graphs also carry the cache through `Concat(<empty constant>, past)`, which is
+float mask. transformers' SDPA attention (optimum-cli's default export) splits the scale over Q and
+Kᵀ and guards the softmax against NaN; `_SdpaAttention` matches that form. Such graphs also carry the cache through `Concat(<empty constant>, past)`, which is
 `past` itself.
 """
 
@@ -57,8 +58,46 @@ class _DecomposedAttention(pattern.RewriteRuleClassBase):
         return op.Attention(q, k, v, mask, scale=1.0 / s if self.divide else s)
 
 
+class _SdpaAttention(pattern.RewriteRuleClassBase):
+    """transformers' SDPA attention as the TorchScript exporter writes it (optimum-cli's default):
+
+        softmax((Q·c)·(Kᵀ·c) + mask) [-> Where(IsNaN(.), 0, .)] · V   with c = sqrt(1/sqrt(head_dim))
+
+    -> Attention(Q, K, V, mask, scale=c·c). The NaN guard zeroes rows whose every key is masked;
+    a causal decoder's row always sees its own token, so no row is fully masked and the guard
+    never fires (the Attention op would give NaN there instead of 0)."""
+
+    def __init__(self, nan_guard: bool):
+        super().__init__(name=f"sdpa_attention{'_nan_guard' if nan_guard else ''}")
+        self.nan_guard = nan_guard
+
+    def pattern(self, op, q, k, v, q_scale, k_scale, mask, zero):
+        scores = op.MatMul(op.Mul(q, q_scale), op.Mul(op.Transpose(k, perm=[0, 1, 3, 2]), k_scale))
+        probs = op.Softmax(op.Add(scores, mask), axis=-1)
+        if self.nan_guard:
+            probs = op.Where(op.IsNaN(probs), zero, probs)
+        return op.MatMul(probs, v)
+
+    def check(self, context, q, k, v, q_scale, k_scale, mask, zero=None, **_) -> MatchResult:
+        result = MatchResult()
+        for name, value in (("Q", q_scale), ("Kᵀ", k_scale)):
+            s = _scalar(value)
+            if s is None or s == 0:
+                return result.fail(f"the scale applied to {name} is not a constant non-zero scalar "
+                                   f"(a scale computed from the runtime shape is not matched yet)", value)
+        if self.nan_guard and _scalar(zero) != 0:
+            return result.fail("the NaN guard does not replace NaN by 0", zero)
+        if q.shape is not None and len(q.shape) != 4:
+            return result.fail("Q is not a 4-D [batch, heads, seq, head_dim] tensor", q)
+        return result
+
+    def rewrite(self, op, q, k, v, q_scale, k_scale, mask, **_):
+        return op.Attention(q, k, v, mask, scale=_scalar(q_scale) * _scalar(k_scale))
+
+
 ATTENTION_RULES = pattern.RewriteRuleSet(
-    [_DecomposedAttention.rule(c, d) for c in (2, 1, 0) for d in (False, True)])
+    [_DecomposedAttention.rule(c, d) for c in (2, 1, 0) for d in (False, True)]
+    + [_SdpaAttention.rule(g) for g in (True, False)])
 
 
 def simplify_trivial_concats(model: ir.Model) -> int:

@@ -1,0 +1,71 @@
+"""Regenerate the peer-export fixtures: tiny random-initialised decoders exported by optimum-onnx's
+real exporter, as a new user would (`optimum-cli export onnx --task text-generation-with-past`,
+default settings: transformers' SDPA attention, opset 18).
+
+optimum-onnx pins transformers < 4.58, so it lives in its own virtual environment, never in
+optc's (the README says how to make it):
+
+    python3 -m venv .venv-optimum
+    .venv-optimum/bin/pip install torch==2.13.0 optimum-onnx==0.1.0 "transformers<4.58" onnxruntime
+    .venv-optimum/bin/python tests/peer_exports/make_fixtures.py
+
+Each fixture is <family>/model.onnx + config.json and export.json (what made it); the models use
+pycoder-5m's vocabulary (4096), so tests verify them with its tokenizer (`--tokenizer`). Random weights: these
+fixtures test that optc reads the graph and reproduces ONNX Runtime on it, never accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TOKENIZER = HERE.parents[1] / "models" / "pycoder-5m"
+
+COMMON = dict(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              max_position_embeddings=512, bos_token_id=0, eos_token_id=0, tie_word_embeddings=True,
+              # 10x the default init, so that logits differ by whole units and a wrong graph shows
+              initializer_range=0.2)
+FAMILIES = {
+    "llama-gqa": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2)),
+    "llama-mha": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)),
+    "mistral": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=None)),
+    "qwen2": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2)),
+}
+
+
+def main() -> None:
+    import onnx
+    import optimum.version
+    import torch
+    import transformers
+    from optimum.exporters.onnx import main_export
+
+    for name, (config_class, extra) in FAMILIES.items():
+        torch.manual_seed(0)
+        cfg = getattr(transformers, config_class)(**{**COMMON, **extra})
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+        with tempfile.TemporaryDirectory() as tmp:
+            src, out = Path(tmp) / "src", Path(tmp) / "out"
+            model.save_pretrained(src)
+            for f in ("tokenizer.json", "tokenizer_config.json"):
+                shutil.copy(TOKENIZER / f, src / f)
+            main_export(str(src), output=str(out), task="text-generation-with-past", do_validation=False)
+            dest = HERE / name
+            shutil.rmtree(dest, ignore_errors=True)
+            dest.mkdir()
+            proto = onnx.load(out / "model.onnx")  # one self-contained file (the tiny weights inline)
+            onnx.save(proto, dest / "model.onnx")
+            shutil.copy(src / "config.json", dest / "config.json")
+        (dest / "export.json").write_text(json.dumps({
+            "exporter": "optimum-onnx main_export(task='text-generation-with-past'), defaults",
+            "optimum": optimum.version.__version__, "transformers": transformers.__version__,
+            "torch": torch.__version__, "opset": proto.opset_import[0].version,
+            "config": config_class, "seed": 0}, indent=1) + "\n")
+        print(f"{name}: {(dest / 'model.onnx').stat().st_size / 1e6:.2f} MB, opset {proto.opset_import[0].version}")
+
+
+if __name__ == "__main__":
+    main()
