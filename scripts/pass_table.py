@@ -33,18 +33,13 @@ VARIANTS = [
 ]
 
 
-def sha256_of(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def main() -> None:
     from optc.compile import compile_model
     from optc.config import parse_config
     from optc.export import export_decoder
     from optc.registry import default_registry
     from optc.runtime import load
+    from optc.runtime.artifact import sha256_file
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hf", type=Path, default=ROOT / "models" / "pycoder-5m", help="the Hugging Face model directory")
@@ -67,7 +62,7 @@ def main() -> None:
         cfg = parse_config({"passes": passes, "verify": {"max_perplexity_increase": 100.0}}, default_registry())
         manifest_path = build / f"v{i}" / "manifest.json"
         old = json.loads(manifest_path.read_text()) if args.reuse and manifest_path.is_file() else None
-        if old and old.get("source", {}).get("sha256") == sha256_of(onnx_path) \
+        if old and old.get("source", {}).get("sha256") == sha256_file(onnx_path) \
                 and old["verification"]["tokens"] == 8 * args.verify_length \
                 and [q["name"] for q in old["passes"]] == [q.name for q in cfg.passes]:
             manifest = old  # --reuse: this variant was compiled and verified at this length already

@@ -92,7 +92,8 @@ def main() -> None:
     args = ap.parse_args()
     from optc.export import export_decoder
 
-    context = json.loads((args.hf / "config.json").read_text())["max_position_embeddings"]
+    hf_config = json.loads((args.hf / "config.json").read_text())
+    context = hf_config["max_position_embeddings"]
     cache = args.cache or context // 2
     onnx_path = args.build / args.hf.name / "model.onnx"
     if not onnx_path.exists():
@@ -114,7 +115,7 @@ def main() -> None:
         curves[label] = stream_nll(m, ids, label)
         print(f"{label}: ppl {math.exp(curves[label].mean()):.2f} ({time.perf_counter() - t0:.0f}s)")
     # A model trained with BOS at every sequence start (pycoder-v2) sees it in every reference window.
-    bos = json.loads((args.hf / "config.json").read_text()).get("bos_token_id") if args.bos_windows else None
+    bos = hf_config.get("bos_token_id") if args.bos_windows else None
     curves["(d) dense, in trained context"] = sliding_reference(dense, ids, window=context, stride=context // 2,
                                                                 bos=bos)
 
