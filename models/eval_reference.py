@@ -137,8 +137,8 @@ def long_rows() -> list[dict]:
     return [json.loads(x) for x in (DATA / "heldout_2k.jsonl").read_text().splitlines()]
 
 
-def long_windows(tok) -> list[np.ndarray]:
-    return [np.asarray([0] + tok.encode(r["text"]).ids[:LONG - 1], dtype=np.int64) for r in long_rows()]
+def long_windows(tok, rows: list[dict] | None = None) -> list[np.ndarray]:
+    return [np.asarray([0] + tok.encode(r["text"]).ids[:LONG - 1], dtype=np.int64) for r in rows or long_rows()]
 
 
 # ---------------------------------------------------------------- scoring
@@ -241,11 +241,11 @@ def evaluate(model_dir: Path, quick: bool = False, log=print) -> dict:
     log(f"held-out perplexity, 512-token windows (heldout.jsonl): {res['ppl_512']:.2f}"
         + (f"; on its {p512['clean_files']} clean files: {p512['clean']:.2f}" if "clean" in p512 else ""))
 
-    windows = long_windows(tok)[: 6 if quick else None]
-    sources = [r["source"] for r in long_rows()][: len(windows)]
+    rows = long_rows()[: 6 if quick else None]
+    windows = long_windows(tok, rows)
     per = [long_context(model, w) for w in windows]
-    for p, src in zip(per, sources):
-        p["source"] = src
+    for p, row in zip(per, rows):
+        p["source"] = row["source"]
     res["ppl_2048"] = float(math.exp(np.mean([p["window_nll"] for p in per])))
     full = float(np.mean([p["full_nll"] for p in per]))
     short = float(np.mean([p["short_nll"] for p in per]))

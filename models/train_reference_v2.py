@@ -363,7 +363,7 @@ def main() -> None:
                 "args": {k: str(v) for k, v in vars(args).items()}, "device": args.device, "amp": amp,
                 "tokens_fixed": args.tokens if fixed["done"] else None}
 
-    # --tokens-for-minutes: the schedule's total is fixed from the speed of steps TIMING_STEPS,
+    # --tokens-for-minutes: the schedule's total is fixed from the speed of steps timing_first..timing_last,
     # all inside the warm-up (whose learning rate does not depend on the total), so the run is
     # the one `--tokens <fixed>` would give.
     fixed = {"done": args.tokens_for_minutes is None, "t0": None}
