@@ -16,11 +16,12 @@ from optc.canonical import canonicalize
 from optc.config import PipelineConfig, VerifyBudget, load_config
 from optc.data import read_texts
 from optc.errors import OptcError, VerificationError
-from optc.ir import copy_model, load_model
+from optc.ir import copy_model, embedding_table, load_model
 from optc.passes.base import PassContext
 from optc.pipeline import run_pipeline
 from optc.registry import default_registry
 from optc.runtime.artifact import artifact_id, sha256_file
+from optc.runtime.manifest import ATTENTION_MASK, INPUT_IDS, POSITION_IDS
 
 VERIFY_PROMPTS = 8
 VERIFY_LENGTH = 256
@@ -57,6 +58,24 @@ def _check_tokenizer(tok_path: Path) -> None:
         raise OptcError(f"{tok_path}: not a tokenizers JSON file ({str(e).splitlines()[0][:120]})") from None
 
 
+def check_token_inputs(model, model_path: Path) -> None:
+    """The runtime feeds one sequence of any length: the token inputs need a batch axis of 1 (or
+    a symbolic one) and a symbolic sequence axis. Refused here, not as a backend's shape error."""
+    for value in model.graph.inputs:
+        if value.name not in (INPUT_IDS, ATTENTION_MASK, POSITION_IDS) or value.shape is None:
+            continue
+        dims = list(value.shape)
+        if len(dims) != 2:
+            raise OptcError(f"{model_path}: input {value.name!r} has {len(dims)} axes; a decoder's token "
+                            f"inputs are [batch, sequence]")
+        if isinstance(dims[0], int) and dims[0] != 1:
+            raise OptcError(f"{model_path}: input {value.name!r} has a fixed batch of {dims[0]:,}; optc runs "
+                            f"one sequence (batch 1 or a symbolic batch axis)")
+        if isinstance(dims[1], int):
+            raise OptcError(f"{model_path}: input {value.name!r} has a fixed sequence length of {dims[1]:,}; "
+                            f"export with a dynamic sequence axis (the runtime feeds any number of tokens)")
+
+
 def compile_model(model_path, out, *, config: PipelineConfig | None = None, config_path=None,
                   backend: str = "onnxruntime", target: str = "cpu", force: bool = False, dump_ir=None,
                   eval_text=None, tokenizer=None, verify: bool = True, verify_length: int = VERIFY_LENGTH,
@@ -76,6 +95,7 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
 
     log(f"loading {model_path}")
     model = load_model(model_path)
+    check_token_inputs(model, model_path)
     info = canonicalize(model)
     tok_path = Path(tokenizer) if tokenizer else model_path.parent / "tokenizer.json"
     _check_tokenizer(tok_path)
@@ -101,6 +121,7 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
     if not runs_here and not texts:
         texts = read_texts(eval_text)
     cpu_twin_graph = None if runs_here else copy_model(model)  # the backend rewrites its copy
+    embedding = embedding_table(model, INPUT_IDS)  # named before the backend rewrites the graph
     with staging_dir(out) as staging:
         kv_cache = kv_cache_section(context)
         backend_section = backend_mod.compile(model, info, staging, target, kv_cache=kv_cache,
@@ -111,7 +132,7 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
             "optc_version": __version__,
             "source": {"file": model_path.name, "sha256": sha256_file(model_path)},
             "model": {**info.summary(), "bos_token_id": side.get("bos_token_id"),
-                      "eos_token_id": side.get("eos_token_id")},
+                      "eos_token_id": side.get("eos_token_id"), "embedding": embedding},
             "target": target,
             "backend": backend_section,
             "passes": config.to_dict()["passes"],
@@ -197,6 +218,7 @@ def tune_model(model_path, *, config_path=None, target: str = "cpu", backend_opt
     config = load_config(config_path, registry) if config_path else PipelineConfig()
     log(f"loading {model_path}")
     model = load_model(Path(model_path))
+    check_token_inputs(model, Path(model_path))
     info = canonicalize(model)
     context = PassContext(target=target, decoder=info)
     run_pipeline(model, config, registry, context, log=log)

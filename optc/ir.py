@@ -57,6 +57,24 @@ def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
                             f"needs {end} bytes, file has {target.stat().st_size})")
 
 
+# No tensor a backend indexes has more elements along one axis than a signed 32-bit index
+# reaches; a larger static dimension is a broken or hostile graph, not a model to allocate for.
+MAX_DIM = 2**31 - 1
+
+
+def _check_input_dims(proto: onnx.ModelProto, path: Path) -> None:
+    """Static dimensions of the graph inputs: none negative, none absurd (a 10^12-token
+    `input_ids` would otherwise reach shape inference, allocation or a backend's bucket plan)."""
+    initializers = {t.name for t in proto.graph.initializer}
+    for value in proto.graph.input:
+        if value.name in initializers or not value.type.HasField("tensor_type"):
+            continue
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value") and not 0 <= dim.dim_value <= MAX_DIM:
+                raise OptcError(f"{path}: input {value.name!r} axis {axis} has dimension {dim.dim_value:,} "
+                                f"(a static dimension must be 0..{MAX_DIM:,})")
+
+
 def load_model(path) -> ir.Model:
     path = Path(path)
     if not path.is_file():
@@ -70,6 +88,7 @@ def load_model(path) -> ir.Model:
     if not proto.graph.node:
         raise OptcError(f"{path}: not a valid ONNX model (no graph nodes; truncated or not ONNX)")
     _check_external_data(proto, path)
+    _check_input_dims(proto, path)
     try:
         model = ir.load(str(path))
         # Weights move into memory: passes, the checker and the backend then never depend on the
@@ -100,6 +119,26 @@ def to_checked_proto(model: ir.Model, where: str) -> onnx.ModelProto:
     return proto
 
 
+
+
+def embedding_table(model: ir.Model, input_name: str) -> str | None:
+    """The initializer that the Gather on `input_name` reads (through a cast or dequantisation,
+    which keep its rows): the runtime bounds token ids by its rows."""
+    value = next((v for v in model.graph.inputs if v.name == input_name), None)
+    if value is None:
+        return None
+    for use in value.uses():
+        node = use.node if hasattr(use, "node") else use[0]
+        if node.op_type != "Gather" or len(node.inputs) < 2 or node.inputs[1] is not value:
+            continue
+        table = node.inputs[0]
+        while table is not None and not table.is_initializer():
+            producer = table.producer()
+            if producer is None or producer.op_type not in ("Cast", "Identity", "DequantizeLinear"):
+                return None
+            table = producer.inputs[0]
+        return None if table is None else table.name
+    return None
 
 
 def copy_model(model: ir.Model) -> ir.Model:

@@ -254,3 +254,204 @@ class RuntimeRequests:
         if self.block_sparse_min_prefill is None:
             return None
         return {"min_prefill_tokens": self.block_sparse_min_prefill}
+
+
+# ---------------------------------------------------------------- model and backend sections
+# Every count and size in these sections is a static dimension of some compiled tensor: one past
+# a signed 32-bit index is a hand edit (optc.ir refuses such a dimension in an input graph too).
+MAX_DIM = 2**31 - 1
+
+
+def _count(d: dict, key: str, where: str, *, lo: int = 1, optional: bool = False) -> int | None:
+    v = _need(d, key, int, where, optional=optional)
+    if v is not None and not lo <= v <= MAX_DIM:
+        raise ManifestError(f"{where}.{key}: {lo}..{MAX_DIM}, got {v}")
+    return v
+
+
+def _str_list(d: dict, key: str, where: str, *, optional: bool = False) -> list[str]:
+    v = _need(d, key, list, where, optional=optional)
+    if v is None:
+        return []
+    for i, item in enumerate(v):
+        if not isinstance(item, str):
+            raise ManifestError(f"{where}.{key}[{i}]: expected str, got {type(item).__name__}")
+    return v
+
+
+def _object(d: Any, where: str) -> dict:
+    if not isinstance(d, dict):
+        raise ManifestError(f"{where}: expected an object, got {type(d).__name__}")
+    return d
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The manifest's `model` section: the decoder as the canonicaliser found it, plus the
+    tokenizer's special ids and the embedding table's initializer name (the runtime bounds token
+    ids by that table's rows, not by `vocab_size` alone)."""
+
+    n_layers: int
+    num_heads: int
+    kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    context: int | None
+    rotary: str
+    norm: str
+    mlp: str
+    rewrites: dict
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    embedding: str | None = None
+
+    KEYS = ("n_layers", "num_heads", "kv_heads", "head_dim", "hidden_size", "vocab_size", "context", "rotary",
+            "norm", "mlp", "rewrites", "bos_token_id", "eos_token_id", "embedding")
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "manifest.json: model") -> ModelSpec:
+        d = _object(d, where)
+        _no_extra(d, set(cls.KEYS), where)
+        sizes = {k: _count(d, k, where) for k in cls.KEYS[:6]}
+        if sizes["num_heads"] % sizes["kv_heads"]:
+            raise ManifestError(f"{where}: num_heads ({sizes['num_heads']}) is not a multiple of kv_heads "
+                                f"({sizes['kv_heads']})")
+        rewrites = _object(_need(d, "rewrites", dict, where), f"{where}.rewrites")
+        for k, v in rewrites.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ManifestError(f"{where}.rewrites.{k}: expected a count, got {v!r}")
+        special = {}
+        for k in ("bos_token_id", "eos_token_id"):
+            special[k] = _count(d, k, where, lo=0, optional=True)
+            if special[k] is not None and special[k] >= sizes["vocab_size"]:
+                raise ManifestError(f"{where}.{k}: {special[k]} is outside the vocabulary "
+                                    f"(0..{sizes['vocab_size'] - 1})")
+        return cls(**sizes, context=_count(d, "context", where, optional=True),
+                   rotary=_need(d, "rotary", str, where), norm=_need(d, "norm", str, where),
+                   mlp=_need(d, "mlp", str, where), rewrites=rewrites, **special,
+                   embedding=_need(d, "embedding", str, where, optional=True))
+
+
+def _kv_outputs(d: dict, where: str, n_layers: int) -> list:
+    pairs = _need(d, "kv_outputs", list, where)
+    if len(pairs) != n_layers:
+        raise ManifestError(f"{where}.kv_outputs: {len(pairs)} layers, the model has {n_layers}")
+    for i, pair in enumerate(pairs):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
+            raise ManifestError(f"{where}.kv_outputs[{i}]: expected [key output, value output]")
+    return pairs
+
+
+@dataclass(frozen=True)
+class OnnxRuntimeBackend:
+    """The `backend` section of an ONNX Runtime artifact (session_options: the executor's)."""
+
+    graph: str
+    weights: list
+    providers: list
+    session_options: dict
+    kv_outputs: list
+    attention_outputs: list
+
+    KEYS = ("name", "graph", "weights", "providers", "session_options", "kv_outputs", "attention_outputs")
+
+    @classmethod
+    def from_dict(cls, d: Any, n_layers: int, where: str = "manifest.json: backend") -> OnnxRuntimeBackend:
+        d = _object(d, where)
+        _no_extra(d, set(cls.KEYS), where)
+        providers = _str_list(d, "providers", where, optional=True) or ["CPUExecutionProvider"]
+        return cls(_need(d, "graph", str, where), _str_list(d, "weights", where, optional=True), providers,
+                   _need(d, "session_options", dict, where, optional=True) or {}, _kv_outputs(d, where, n_layers),
+                   _str_list(d, "attention_outputs", where, optional=True))
+
+
+@dataclass(frozen=True)
+class TvmBucket:
+    """One compiled static shape: `tokens` new tokens over cache segments of these capacities."""
+
+    name: str
+    tokens: int
+    segments: list
+    inputs: list
+    params: list
+    branch: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: Any, n_segments: int, where: str) -> TvmBucket:
+        d = _object(d, where)
+        _no_extra(d, {"name", "tokens", "segments", "inputs", "params", "branch"}, where)
+        segments = _need(d, "segments", list, where)
+        if len(segments) != n_segments or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_DIM
+                                              for s in segments):
+            raise ManifestError(f"{where}.segments: {n_segments} capacities 0..{MAX_DIM} expected, got {segments!r}"[:300])
+        branch = _need(d, "branch", str, where, optional=True)
+        if branch not in (None, "dense", "sparse"):
+            raise ManifestError(f"{where}.branch: 'dense' or 'sparse', got {branch!r}")
+        return cls(_need(d, "name", str, where), _count(d, "tokens", where), segments,
+                   _str_list(d, "inputs", where), _str_list(d, "params", where), branch)
+
+
+@dataclass(frozen=True)
+class TvmSegment:
+    """Cache inputs stored together (one capacity per bucket); `inputs` maps each to how many
+    tokens one of its slots holds."""
+
+    name: str
+    inputs: dict
+    granularity: int
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> TvmSegment:
+        d = _object(d, where)
+        _no_extra(d, {"name", "inputs", "granularity"}, where)
+        inputs = _need(d, "inputs", dict, where)
+        if not inputs:
+            raise ManifestError(f"{where}.inputs: empty")
+        for k, v in inputs.items():
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_DIM:
+                raise ManifestError(f"{where}.inputs.{k}: expected a positive integer, got {v!r}")
+        return cls(_need(d, "name", str, where), inputs, _count(d, "granularity", where))
+
+
+@dataclass(frozen=True)
+class TvmBackend:
+    """The `backend` section of a TVM artifact: the library, its parameters and its buckets."""
+
+    library: str
+    params: str
+    device: str
+    segments: list
+    buckets: list
+    sparse_prefill_min_tokens: int | None
+    kv_outputs: list
+    attention_outputs: list
+
+    KEYS = ("name", "library", "params", "target", "target_kind", "device", "tuning", "cuda",
+            "fused_decode_attention", "fused_prefill_attention", "segments", "sparse_prefill_min_tokens", "buckets",
+            "kv_outputs", "attention_outputs")
+
+    @classmethod
+    def from_dict(cls, d: Any, n_layers: int, where: str = "manifest.json: backend") -> TvmBackend:
+        d = _object(d, where)
+        _no_extra(d, set(cls.KEYS), where)
+        device = _need(d, "device", str, where, optional=True) or "cpu"
+        if device not in ("cpu", "cuda"):
+            raise ManifestError(f"{where}.device: 'cpu' or 'cuda', got {device!r}")
+        for k in ("target", "tuning", "cuda"):
+            if d.get(k) is not None:
+                _object(d[k], f"{where}.{k}")
+        _need(d, "target_kind", str, where, optional=True)
+        for k in ("fused_decode_attention", "fused_prefill_attention"):
+            _count(d, k, where, lo=0, optional=True)
+        segments = [TvmSegment.from_dict(s, f"{where}.segments[{i}]")
+                    for i, s in enumerate(_need(d, "segments", list, where))]
+        raw = _need(d, "buckets", list, where)
+        if not raw:
+            raise ManifestError(f"{where}.buckets: no compiled shape")
+        buckets = [TvmBucket.from_dict(b, len(segments), f"{where}.buckets[{i}]") for i, b in enumerate(raw)]
+        sparse = _count(d, "sparse_prefill_min_tokens", where, optional=True)
+        if sparse is None and any(b.branch == "sparse" for b in buckets):
+            raise ManifestError(f"{where}.sparse_prefill_min_tokens: needed by the 'sparse' buckets")
+        return cls(_need(d, "library", str, where), _need(d, "params", str, where), device, segments, buckets,
+                   sparse, _kv_outputs(d, where, n_layers), _str_list(d, "attention_outputs", where, optional=True))

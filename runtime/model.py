@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from optc.errors import InvalidType, InvalidValue, PastContextWarning
-from optc.runtime.artifact import ArtifactError, artifact_file, read_manifest
+from optc.runtime.artifact import MANIFEST_NAME, ArtifactError, artifact_file, read_manifest
 from optc.runtime.cache import make_cache
 from optc.runtime.executors import make_executor
-from optc.runtime.manifest import KEY_POSITION_IDS, KVCacheSpec, SinkWindowPolicy
+from optc.runtime.manifest import KEY_POSITION_IDS, KVCacheSpec, ModelSpec, SinkWindowPolicy
 from optc.runtime.sampler import sample
 
 
@@ -55,11 +55,23 @@ class Model:
     def __init__(self, root: Path, manifest: dict):
         self.root = Path(root)
         self.manifest = manifest
+        where = self.root / MANIFEST_NAME
+        spec = ModelSpec.from_dict(manifest.get("model"), f"{where}: model")
+        kv_spec = KVCacheSpec.from_dict(manifest.get("kv_cache"), f"{where}: kv_cache")
+        if not isinstance(manifest.get("tokenizer"), str):
+            raise ArtifactError(f"{where}: tokenizer: expected the tokenizer file's name")
         cfg = manifest["model"]
         self.config = cfg
-        self.executor = make_executor(self.root, manifest)
-        kv_spec = KVCacheSpec.from_dict(manifest.get("kv_cache"))
+        self.executor = make_executor(self.root, manifest, spec)
+        # Token ids are bounded by the table the compiled code gathers from (the graph's
+        # initializer, the TVM parameter); a manifest that disagrees was edited.
+        rows = self.executor.embedding_rows
+        if rows is not None and rows != spec.vocab_size:
+            raise ArtifactError(f"{where}: model.vocab_size {spec.vocab_size} does not match the compiled "
+                                f"embedding table's {rows} rows")
+        self.vocab_size = rows or spec.vocab_size
         self.cache = make_cache(kv_spec, cfg)
+        self._check_cache_inputs(where)
         # "cache_slot": tokens are positioned by their slot in the (evicting) cache, StreamingLLM-style
         self.slot_positions = kv_spec.slot_positions
         self.policy = kv_spec.policy
@@ -68,6 +80,21 @@ class Model:
         self._tokenizer = None
         self.last_stats: dict = {}  # filled by generate(): prompt/new token counts, decode seconds
         self.reset()
+
+    def _check_cache_inputs(self, where: Path) -> None:
+        """Every input the cache feeds is one the compiled graph takes, with its static sizes
+        (a hand-edited n_layers, kv_heads or head_dim would otherwise fail inside the backend)."""
+        for name, arr in self.cache.feeds().items():
+            if name not in self.executor.input_names:
+                raise ArtifactError(f"{where}: the cache feeds {name!r}, which the compiled graph does not take "
+                                    f"(model or kv_cache section edited?)")
+            graph = self.executor.input_shapes.get(name)
+            if graph is None:
+                continue
+            for axis, (g, a) in enumerate(zip(graph, arr.shape)):
+                if axis != 2 and g is not None and g != a:  # (axis 2: cached tokens)
+                    raise ArtifactError(f"{where}: the cache's {name!r} has {a} on axis {axis}, the compiled graph "
+                                        f"{g} (model or kv_cache section edited?)")
 
     # -- state -------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -170,7 +197,7 @@ class Model:
 
     def _check_ids(self, ids: np.ndarray) -> None:
         # compiled code gathers embeddings without bounds checks (TVM's fast take)
-        vocab = self.config["vocab_size"]
+        vocab = self.vocab_size
         if ids.min() < 0 or ids.max() >= vocab:
             bad = int(ids[(ids < 0) | (ids >= vocab)][0])
             raise InvalidValue(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 
@@ -313,3 +314,143 @@ def test_force_may_replace_a_signed_artifact(tmp_path, exported_decoder, identit
     code, _, err = run_cli(["compile", exported_decoder, "-o", art, "--force"], capsys)
     assert code == 0, err
     assert not (art / "manifest.sig").exists()  # a new artifact is unsigned until signed again
+
+
+# ------------------------------------------------ token-id bounds from the compiled tables --
+def _edited_copy(tmp_path, artifact, edit):
+    copy = tmp_path / "a"
+    shutil.copytree(artifact, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    edit(m)
+    (copy / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
+    return copy
+
+
+def test_an_edited_vocab_size_cannot_widen_the_token_bound(tmp_path, identity_artifact, capsys):
+    """An unpinned manifest is not digest-protected: a raised vocab_size must not let an id past
+    the real embedding table (on a TVM library that read is out of bounds). The bound is the
+    compiled graph's own table; a manifest that disagrees is refused before anything runs."""
+    from optc.runtime import ArtifactError, load
+
+    assert load(identity_artifact).vocab_size == 4096
+    copy = _edited_copy(tmp_path, identity_artifact, lambda m: m["model"].update(vocab_size=100_000_001))
+    with pytest.raises(ArtifactError, match="model.vocab_size 100000001 does not match the compiled embedding "
+                                            "table's 4096 rows"):
+        load(copy)
+    code, _, err = run_cli(["run", copy, "--prompt", "x", "--max-new-tokens", "1"], capsys)
+    _refused(code, err, "does not match the compiled embedding table's 4096 rows")
+
+
+def test_the_manifest_names_the_embedding_table_and_the_graph_decides_the_bound(identity_artifact, model):
+    from optc.runtime.onnx_graph import embedding_rows
+
+    manifest = json.loads((identity_artifact / "manifest.json").read_text())
+    assert manifest["model"]["embedding"]  # what a TVM artifact's parameters are looked up by
+    assert embedding_rows((identity_artifact / "model.onnx").read_bytes()) == 4096
+    model.reset()
+    model.prefill([4095])
+    model.reset()
+    with pytest.raises(ValueError, match=r"token id 4096 is outside the vocabulary \(0..4095\)"):
+        model.prefill([4096])
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda m: m["model"].update(n_layers="6"), "model.n_layers: expected int, got str"),
+    (lambda m: m["model"].update(vocab_size=-1), "model.vocab_size: 1..2147483647, got -1"),
+    (lambda m: m["model"].update(head_dim=10**12), "model.head_dim: 1..2147483647"),
+    (lambda m: m["model"].update(num_heads=7), "num_heads (7) is not a multiple of kv_heads"),
+    (lambda m: m["model"].update(bos_token_id=10**6), "model.bos_token_id: 1000000 is outside the vocabulary"),
+    (lambda m: m["model"].update(context=True), "model.context: expected int, got bool"),
+    (lambda m: m["model"].update(rewrites=[]), "model.rewrites: expected dict"),
+    (lambda m: m["model"].update(shell="rm -rf"), "model.shell: unknown key"),
+    (lambda m: m.update(model=[1, 2]), "model: expected an object, got list"),
+    # consistent with itself, not with the compiled graph: refused before a step runs
+    (lambda m: m["model"].update(kv_heads=1), "has 1 on axis 1, the compiled graph 2"),
+    (lambda m: m["model"].update(head_dim=64), "has 64 on axis 3, the compiled graph 32"),
+    (lambda m: m["model"].update(n_layers=7), "backend.kv_outputs: 6 layers, the model has 7"),
+    (lambda m: m["backend"].update(providers="CPUExecutionProvider"), "backend.providers: expected list"),
+    (lambda m: m["backend"].update(kv_outputs=[["a"]] * 6), "backend.kv_outputs[0]: expected [key output"),
+    (lambda m: m["backend"]["kv_outputs"].__setitem__(0, ["logits", "nope"]), "output 'nope' is not an output"),
+    (lambda m: m["backend"].update(graph=7), "backend.graph: expected str, got int"),
+    (lambda m: m["backend"].update(plugin="evil.so"), "backend.plugin: unknown key"),
+    (lambda m: m.update(backend="onnxruntime"), "unknown backend None"),
+    (lambda m: m.update(tokenizer=["tokenizer.json"]), "tokenizer: expected the tokenizer file's name"),
+])
+def test_edited_model_and_backend_sections_are_refused(tmp_path, identity_artifact, capsys, edit, needle):
+    copy = _edited_copy(tmp_path, identity_artifact, edit)
+    code, _, err = run_cli(["run", copy, "--prompt", "x", "--max-new-tokens", "1"], capsys)
+    _refused(code, err, needle)
+
+
+TVM_SECTION = {
+    "name": "tvm", "library": "model.so", "params": "params.safetensors", "device": "cpu",
+    "target": {"kind": "llvm"}, "target_kind": "llvm", "sparse_prefill_min_tokens": None,
+    "segments": [{"name": "cache", "inputs": {"past_key_values.0.key": 1, "past_key_values.0.value": 1},
+                  "granularity": 1}],
+    "buckets": [{"name": "prefill_32", "tokens": 32, "segments": [0], "inputs": ["input_ids"], "params": ["w"]},
+                {"name": "decode_64", "tokens": 1, "segments": [64], "inputs": ["input_ids"], "params": ["w"]}],
+    "kv_outputs": [["optc.new.0.key", "optc.new.0.value"]], "attention_outputs": [],
+}
+
+
+@pytest.mark.parametrize("path, value, needle", [
+    (("buckets", 0, "tokens"), 0, "buckets[0].tokens: 1..2147483647, got 0"),
+    (("buckets", 0, "tokens"), "32", "buckets[0].tokens: expected int, got str"),
+    (("buckets", 1, "segments"), [64, 64], "buckets[1].segments: 1 capacities"),
+    (("buckets", 1, "segments"), [-1], "buckets[1].segments: 1 capacities"),
+    (("buckets", 0, "branch"), "both", "buckets[0].branch: 'dense' or 'sparse'"),
+    (("buckets", 0, "branch"), "sparse", "sparse_prefill_min_tokens: needed by the 'sparse' buckets"),
+    (("buckets", 0, "params"), "w", "buckets[0].params: expected list"),
+    (("buckets", 0, "extra"), 1, "buckets[0].extra: unknown key"),
+    (("buckets",), [], "buckets: no compiled shape"),
+    (("segments", 0, "inputs", "past_key_values.0.key"), 0, "segments[0].inputs.past_key_values.0.key: expected a"),
+    (("device",), "tpu", "backend.device: 'cpu' or 'cuda', got 'tpu'"),
+    (("library",), None, "backend.library: expected str, got NoneType"),
+    (("loader",), "ctypes", "backend.loader: unknown key"),
+])
+def test_tvm_backend_section_is_type_checked_before_the_library_loads(path, value, needle):
+    """The TVM section (buckets included) is checked by the contract alone: no TVM needed, and
+    nothing of the artifact, the native library least of all, is touched before it passes."""
+    import copy as _copy
+
+    from optc.runtime.manifest import ManifestError, TvmBackend
+
+    TvmBackend.from_dict(TVM_SECTION, n_layers=1)
+    section = _copy.deepcopy(TVM_SECTION)
+    target = section
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    with pytest.raises(ManifestError, match=re.escape(needle)):
+        TvmBackend.from_dict(section, n_layers=1)
+
+
+# ------------------------------------------------------------- absurd input-graph shapes --
+def _with_input_dim(tmp_path, exported_decoder, name, axis, value):
+    import onnx
+
+    proto = onnx.load(str(exported_decoder), load_external_data=False)
+    dim = next(i for i in proto.graph.input if i.name == name).type.tensor_type.shape.dim[axis]
+    dim.Clear()
+    dim.dim_value = value
+    for f in exported_decoder.parent.iterdir():
+        if f.name != exported_decoder.name:
+            shutil.copy(f, tmp_path / f.name)
+    onnx.save(proto, str(tmp_path / exported_decoder.name))
+    return tmp_path / exported_decoder.name
+
+
+@pytest.mark.parametrize("name, axis, value, needle", [
+    ("input_ids", 1, 10**12, "input 'input_ids' axis 1 has dimension 1,000,000,000,000 (a static dimension "
+                             "must be 0..2,147,483,647)"),
+    ("input_ids", 0, -5, "input 'input_ids' axis 0 has dimension -5"),
+    ("past_key_values.0.key", 3, -1, "input 'past_key_values.0.key' axis 3 has dimension -1"),
+    ("past_key_values.0.value", 1, 2**63 - 1, "axis 1 has dimension 9,223,372,036,854,775,807"),
+    ("input_ids", 1, 10**9, "input 'input_ids' has a fixed sequence length of 1,000,000,000"),
+    ("attention_mask", 0, 3, "input 'attention_mask' has a fixed batch of 3"),
+])
+def test_absurd_input_graph_dimensions_are_refused(tmp_path, exported_decoder, capsys, name, axis, value, needle):
+    model = _with_input_dim(tmp_path, exported_decoder, name, axis, value)
+    code, _, err = run_cli(["compile", model, "-o", tmp_path / "art"], capsys)
+    _refused(code, err, needle)
+    assert not (tmp_path / "art").exists()

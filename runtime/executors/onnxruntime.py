@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from optc.runtime.artifact import ArtifactError, artifact_file
+from optc.runtime.manifest import LOGITS, OnnxRuntimeBackend
+from optc.runtime.onnx_graph import WireError, embedding_rows
 
 
 OPTIMIZATION_LEVELS = ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_LAYOUT",
@@ -34,18 +36,17 @@ def _session_options(so, root: Path) -> dict:
 
 
 class OnnxRuntimeExecutor:
-    def __init__(self, root: Path, manifest: dict):
+    def __init__(self, root: Path, manifest: dict, backend: OnnxRuntimeBackend):
         import onnxruntime as ort
 
-        backend = manifest["backend"]
-        graph = artifact_file(root, manifest, backend["graph"])
+        graph = artifact_file(root, manifest, backend.graph)
         opts = ort.SessionOptions()
-        so = _session_options(backend.get("session_options", {}), root)
+        so = _session_options(backend.session_options, root)
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, so["graph_optimization_level"])
         opts.intra_op_num_threads = so["intra_op_num_threads"]
         opts.inter_op_num_threads = so["inter_op_num_threads"]
         opts.log_severity_level = 3
-        requested = backend.get("providers", ["CPUExecutionProvider"])
+        requested = backend.providers
         available = set(ort.get_available_providers())
         providers = [p for p in requested if p in available]
         if not providers:
@@ -56,11 +57,22 @@ class OnnxRuntimeExecutor:
         except Exception as e:  # onnxruntime raises its own exception types
             raise ArtifactError(f"{graph}: ONNX Runtime cannot load the graph ({str(e).splitlines()[0]})") from None
         self.providers = self.session.get_providers()
-        self.n_layers = manifest["model"]["n_layers"]
-        self.kv_outputs = backend["kv_outputs"]  # per layer: [new key output, new value output]
-        self._attention = backend.get("attention_outputs", [])
-        self._outputs = ["logits"] + [name for pair in self.kv_outputs for name in pair] + self._attention
-        self._input_names = {i.name for i in self.session.get_inputs()}
+        self.kv_outputs = backend.kv_outputs  # per layer: [new key output, new value output]
+        self._attention = backend.attention_outputs
+        self._outputs = [LOGITS] + [name for pair in self.kv_outputs for name in pair] + self._attention
+        graph_outputs = {o.name for o in self.session.get_outputs()}
+        missing = [name for name in self._outputs if name not in graph_outputs]
+        if missing:
+            raise ArtifactError(f"{root / 'manifest.json'}: backend: output {missing[0]!r} is not an output of "
+                                f"{graph.name}")
+        # the graph's static input shapes (None where symbolic): the model checks its cache against them
+        self.input_shapes = {i.name: [d if isinstance(d, int) else None for d in i.shape]
+                             for i in self.session.get_inputs()}
+        self.input_names = set(self.input_shapes)
+        try:  # the real bound on token ids: the rows of the table the graph gathers them from
+            self.embedding_rows = embedding_rows(graph.read_bytes())
+        except WireError as e:
+            raise ArtifactError(f"{graph}: cannot read the embedding table's shape ({e})") from None
 
     @property
     def provider(self) -> str:
@@ -74,7 +86,7 @@ class OnnxRuntimeExecutor:
             cache_feeds: dict[str, np.ndarray]):
         """One forward step. `cache_feeds` are the KV cache's graph inputs (KVCache.feeds())."""
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if "position_ids" in self._input_names:
+        if "position_ids" in self.input_names:
             feeds["position_ids"] = position_ids
         for name, arr in cache_feeds.items():
             # ORT needs dense inputs; cache views are dense only when kv_heads == 1 or the buffer is full.

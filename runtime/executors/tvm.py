@@ -21,7 +21,7 @@ import numpy as np
 from optc.runtime.artifact import ArtifactError, artifact_file
 from optc.runtime.cache.buffers import aligned_zeros
 from optc.tvm_env import torch_hidden, use_available_cpus
-from optc.runtime.manifest import ATTENTION_MASK, INPUT_IDS, KEY_POSITION_IDS, POSITION_IDS
+from optc.runtime.manifest import ATTENTION_MASK, INPUT_IDS, KEY_POSITION_IDS, POSITION_IDS, ModelSpec, TvmBackend
 
 _tvm = None
 
@@ -103,14 +103,14 @@ def _cuda_device(tvm, root: Path):
 
 
 class TvmExecutor:
-    def __init__(self, root: Path, manifest: dict):
+    def __init__(self, root: Path, manifest: dict, spec: TvmBackend, model: ModelSpec):
         tvm = import_tvm_runtime()
         from tvm.runtime.vm import VirtualMachine
 
-        backend = manifest["backend"]
-        lib_path = artifact_file(root, manifest, backend["library"])
-        params_path = artifact_file(root, manifest, backend["params"])
-        device = backend.get("device", "cpu")
+        backend = manifest["backend"]  # (type-checked: `spec`)
+        lib_path = artifact_file(root, manifest, spec.library)
+        params_path = artifact_file(root, manifest, spec.params)
+        device = spec.device
         if device == "cuda":
             self.device = _cuda_device(tvm, root)
         elif device == "cpu":
@@ -132,12 +132,15 @@ class TvmExecutor:
             raise ArtifactError(f"{params_path}: cannot read parameters ({e})") from None
         self._weights = {name: tvm.runtime.tensor(arr, self.device) for name, arr in weights.items()}
         self.segments = backend["segments"]
-        self.sparse_min = backend.get("sparse_prefill_min_tokens")
+        self.sparse_min = spec.sparse_prefill_min_tokens
         self.buckets = backend["buckets"]
         for b in self.buckets:
             missing = [p for p in b["params"] if p not in self._weights]
             if missing:
                 raise ArtifactError(f"{params_path}: parameter {missing[0]!r} of {b['name']} is missing")
+        self.embedding_rows = self._embedding_rows(model, params_path)
+        self.input_names = {name for b in self.buckets for name in b["inputs"]}
+        self.input_shapes: dict = {}  # (the VM checks every argument's shape on each call)
         self._functions = {}
         self._staging: dict = {}  # (input, padded shape, dtype) -> (numpy buffer, TVM tensor on it)
         self._inputs: dict = {}  # (input, shape, dtype) -> (aligned numpy buffer, TVM tensor on it)
@@ -147,6 +150,25 @@ class TvmExecutor:
         self.n_layers = len(self.kv_outputs)
         self.has_attention = bool(backend.get("attention_outputs"))
         self.provider = f"TVM ({backend.get('target_kind', 'llvm')}, {len(self.buckets)} compiled shapes)"
+
+    def _embedding_rows(self, model: ModelSpec, params_path: Path) -> int:
+        """Rows of the embedding table: a parameter every compiled shape takes, and the VM checks
+        each parameter's shape against the compiled function on every call, so these are the
+        rows the compiled code gathers token ids from (it does so without bounds checks)."""
+        everywhere = set.intersection(*(set(b["params"]) for b in self.buckets))
+        if model.embedding is not None:
+            table = self._weights.get(model.embedding)
+            if model.embedding not in everywhere or table is None or len(table.shape) != 2:
+                raise ArtifactError(f"{params_path}: the embedding table {model.embedding!r} is not a 2-D parameter "
+                                    f"of every compiled shape")
+            return int(table.shape[0])
+        # an artifact compiled before the manifest named its table: a table of the manifest's
+        # shape must be there
+        shape = (model.vocab_size, model.hidden_size)
+        if any(tuple(self._weights[name].shape) == shape for name in everywhere):
+            return model.vocab_size
+        raise ArtifactError(f"{params_path}: no parameter has the embedding table's shape [vocab_size {shape[0]}, "
+                            f"hidden_size {shape[1]}] that the manifest's model section gives")
 
     # -- buckets --------------------------------------------------------------------------------
     def _segment_lengths(self, cache_feeds: dict) -> list[int]:
@@ -302,7 +324,11 @@ class TvmExecutor:
         args = [staged[name] if name in staged else self._small_input(name, feeds[name])
                 for name in bucket["inputs"]]
         args += [self._weights[p] for p in bucket["params"]]
-        out = self._function(bucket["name"])(*args)
+        try:
+            out = self._function(bucket["name"])(*args)
+        except Exception as e:  # the VM checks each argument against the compiled function (TVM's own errors)
+            raise ArtifactError(f"{bucket['name']}: the compiled function refuses its arguments "
+                                f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
         # on the CPU the outputs are numpy views of TVM's fresh output tensors (each view keeps its
         # tensor alive); Tensor.numpy() copies, ~13 µs per output, 13+ outputs per step
         out = [np.from_dlpack(o) for o in out] if self.on_cpu else [o.numpy() for o in out]
