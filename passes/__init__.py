@@ -4,6 +4,7 @@
     cleanup        eliminate_identity, eliminate_common_subexpressions, remove_unused
     kv_cache/      kv_quantize (KIVI int8/int4), h2o_eviction (H2O)
     attention/     sink_window (StreamingLLM), block_sparse (prefill)
+    quant/         weight_quant (weight-only int8/int4 MatMuls, ONNX Runtime MatMulNBits)
     rules/         shared graph builders
 
 `kv_cache_compression` and `sparse_attention` are the earlier names: each config entry expands
@@ -17,6 +18,7 @@ from optc.passes.attention import (BlockSparse, BlockSparseOptions, SinkWindow, 
 from optc.passes.cleanup import EliminateCommonSubexpressions, EliminateIdentity, RemoveUnused
 from optc.passes.kv_cache import (H2OEviction, H2OEvictionOptions, KVCacheCompressionOptions, KVQuantize,
                                   KVQuantizeOptions, expand_kv_cache_compression)
+from optc.passes.quant import WeightQuant, WeightQuantOptions
 from optc.registry import PassEntry
 
 
@@ -32,6 +34,7 @@ ALL_PASSES = [
     _entry(H2OEviction, H2OEvictionOptions, lossy=True),
     _entry(SinkWindow, SinkWindowOptions, lossy=True),
     _entry(BlockSparse, BlockSparseOptions, lossy=True),
+    _entry(WeightQuant, WeightQuantOptions, lossy=True),
     PassEntry("kv_cache_compression", None, KVCacheCompressionOptions,
               "KV-cache compression in one entry: bits -> kv_quantize, eviction -> h2o_eviction", lossy=True,
               expand=expand_kv_cache_compression),

@@ -159,11 +159,20 @@ def _check_target(target: str, options: dict) -> None:
         raise OptcError("--cuda-arch: only for --target gpu")
 
 
+def _refuse_contrib_ops(model) -> None:
+    """weight_quant's MatMulNBits is an ONNX Runtime contrib op with no TVM lowering: refuse it in
+    one line naming the pass, before TVM loads."""
+    if any(n.domain == "com.microsoft" and n.op_type == "MatMulNBits" for n in model.graph):
+        raise OptcError("tvm backend: the weight_quant pass lowers to ONNX Runtime's com.microsoft::MatMulNBits, "
+                        "which TVM cannot compile; use --backend onnxruntime or drop weight_quant")
+
+
 def _prepare(model, info, kv_cache: dict, options: dict, log, prefill: dict | None = None, target: str = "cpu"):
     """Lower and import every bucket; returns (Relax module, target JSON, buckets, weights,
     segments, kv_outputs, attention_outputs, fused attentions {"decode": n, "prefill": n}).
     For the CPU the module is already legalised and fused into TIR functions (what MetaSchedule
     tunes); for the GPU, CUDA's default pipeline does that in the build."""
+    _refuse_contrib_ops(model)
     tvm = import_tvm()
     from tvm import relax
 

@@ -1,0 +1,300 @@
+"""weight_quant: weight-only int8/int4 MatMuls as ONNX Runtime's com.microsoft::MatMulNBits."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from optc.config import parse_config
+from optc.passes.quant.blockwise import dequantize_blockwise, pack, quantize_blockwise, unpack
+
+from conftest import config_error, run_cli
+
+
+def _reference_rounding(w: np.ndarray, bits: int, block: int, symmetric: bool) -> np.ndarray:
+    """The rounded weights, block by block in plain loops (independent of the vectorised packer)."""
+    K, N = w.shape
+    out = np.zeros_like(w)
+    qmax, mid = (1 << bits) - 1, 1 << (bits - 1)
+    for n in range(N):
+        for k0 in range(0, K, block):
+            x = w[k0:k0 + block, n]
+            if symmetric:
+                scale = np.float32(x[np.argmax(np.abs(x))] / np.float32(-mid))
+                zero = mid
+            else:
+                lo, hi = np.float32(min(x.min(), 0)), np.float32(max(x.max(), 0))
+                scale = np.float32((hi - lo) / np.float32(qmax))
+                zero = int(np.clip(np.floor(-lo / scale + 0.5), 0, qmax)) if scale else 0
+            inv = np.float32(1) / scale if scale else np.float32(0)
+            v = x * inv + np.float32(zero)
+            q = np.clip(np.sign(v) * np.floor(np.abs(v) + np.float32(0.5)), 0, qmax)
+            out[k0:k0 + block, n] = (q - zero) * scale
+    return out
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_dequantised_blocks_are_the_rounded_weights(bits, symmetric):
+    rng = np.random.default_rng(bits + 10 * symmetric)
+    K, N, block = 200, 12, 32                      # K not a multiple of the block: a padded last block
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    w[:32, 0] = 0                                  # an all-zero block (scale 0)
+    w[32:64, 1] = np.abs(w[32:64, 1])              # a one-sided block (zero point at the edge)
+    B, scales, zp = quantize_blockwise(w, bits, block, symmetric)
+    k_blocks = -(-K // block)
+    assert B.shape == (N, k_blocks, block * bits // 8) and B.dtype == np.uint8
+    assert scales.shape == (N, k_blocks) and scales.dtype == np.float32
+    assert (zp is None) == symmetric
+    if zp is not None:
+        assert zp.shape == (N, -(-k_blocks * bits // 8))
+    got = dequantize_blockwise(B, scales, zp, bits, block, K)
+    np.testing.assert_array_equal(got, _reference_rounding(w, bits, block, symmetric))
+    # round to nearest: no element moves by more than half a step (+ float slack); symmetric
+    # codes put the largest magnitude on -2^(bits-1), so the other sign's top code clamps a step
+    step = np.repeat(np.abs(scales).T, block, axis=0)[:K]
+    assert np.all(np.abs(got - w) <= step * (1.0 if symmetric else 0.5) + 1e-6)
+    assert np.all(got[:32, 0] == 0)
+
+
+def test_packing_is_low_bits_first_along_k():
+    # MatMulNBits: for 4 bits the first element of a pair sits in the low nibble
+    assert pack(np.array([[1, 2, 3]], np.uint8), 4, pad=8).tolist() == [[0x21, 0x83]]
+    assert pack(np.array([[1, 2]], np.uint8), 8).tolist() == [[1, 2]]
+    assert unpack(np.array([[0x21, 0x83]], np.uint8), 4, 3).tolist() == [[1, 2, 3]]
+    w = np.zeros((32, 1), np.float32)
+    w[0, 0], w[1, 0] = -1.0, 1.0                   # symmetric: scale 1/8, codes 0 and 16->clamped 15
+    B, scales, _ = quantize_blockwise(w, 4, 32, True)
+    assert scales[0, 0] == np.float32(0.125) and B[0, 0, 0] == 0xF0  # w0 -> 0 (low), w1 -> 15 (high; +8 clamped)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_bytes_equal_onnxruntimes_own_quantiser(bits, symmetric):
+    """The numpy quantiser restates MLAS's (what onnxruntime.quantization's MatMulNBitsQuantizer
+    calls): the same inputs give the same bytes."""
+    pybind = pytest.importorskip("onnxruntime.capi._pybind_state")
+    fn = getattr(pybind, f"quantize_matmul_{bits}bits")
+    rng = np.random.default_rng(7)
+    K, N, block = 200, 24, 32
+    w = (rng.standard_normal((K, N)) * rng.uniform(0.01, 2, N)).astype(np.float32)
+    k_blocks = -(-K // block)
+    B = np.zeros((N, k_blocks, block * bits // 8), np.uint8)
+    zp = np.zeros((N, -(-k_blocks * bits // 8)), np.uint8)
+    scales = np.zeros((N, k_blocks), np.float32)
+    fn(B, w, scales, zp, block, N, K, symmetric)
+    ours = quantize_blockwise(w, bits, block, symmetric)
+    np.testing.assert_array_equal(ours[0], B)
+    np.testing.assert_array_equal(ours[1], scales)
+    if not symmetric:
+        np.testing.assert_array_equal(ours[2], zp)
+
+
+def _tiny_model(K=80, N=24, V=40, tied=True) -> ir.Model:
+    """input_ids -> Gather(E) -> MatMul(W) -> MatMul(Transpose(E)) = logits: a linear layer and a
+    LM head tied to the embedding, the shapes of the canonical decoder's."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    E = rng.standard_normal((V, K)).astype(np.float32)
+    W = (rng.standard_normal((K, K)) / np.sqrt(K)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["h0"], name="embed"),
+             helper.make_node("MatMul", ["h0", "W"], ["h1"], name="linear")]
+    inits = [numpy_helper.from_array(E, "E"), numpy_helper.from_array(W, "W")]
+    if tied:
+        nodes += [helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0], name="tie"),
+                  helper.make_node("MatMul", ["h1", "Et"], ["logits"], name="lm_head")]
+    else:
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(E.T), "head"))
+        nodes.append(helper.make_node("MatMul", ["h1", "head"], ["logits"], name="lm_head"))
+    g = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", V])], inits)
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)], ir_version=10)
+    onnx.checker.check_model(proto, full_check=True)
+    return ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(proto))  # ranks, as canonical graphs have
+
+
+def _run(model: ir.Model, ids: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(["logits"], {"input_ids": ids})[0]
+
+
+def _weight_quant(model, **options):
+    from optc.passes.quant import WeightQuant, WeightQuantOptions
+
+    return WeightQuant(WeightQuantOptions(**options))(model)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("tied", [True, False])
+def test_onnxruntime_multiplies_by_exactly_the_dequantised_weights(bits, tied):
+    """The layout as ONNX Runtime reads it: MatMulNBits' output is A @ dequantised W (to fp32
+    rounding), for a plain weight and for a LM head tied to the embedding (Transpose(E))."""
+    from optc.ir import to_checked_proto
+
+    model = _tiny_model(tied=tied)
+    ids = np.array([[1, 5, 7, 39], [0, 2, 3, 4]], np.int64)
+    before = _run(model, ids)
+    E = model.graph.initializers["E"].const_value.numpy()
+    # accuracy_level 0: ONNX Runtime multiplies float A by the dequantised weights, which this
+    # test reproduces exactly (4, the default, also rounds A to int8 blocks)
+    assert _weight_quant(model, bits=bits, block_size=16, accuracy_level=0).modified
+    ops = [(n.domain, n.op_type) for n in model.graph]
+    assert ops == [("", "Gather"), ("com.microsoft", "MatMulNBits"), ("com.microsoft", "MatMulNBits")]
+    assert model.opset_imports["com.microsoft"] == 1
+    assert "W" not in model.graph.initializers and "head" not in model.graph.initializers
+    np.testing.assert_array_equal(model.graph.initializers["E"].const_value.numpy(), E)  # the Gather's table stays
+    to_checked_proto(model, "test")
+    after = _run(model, ids)
+
+    nodes = list(model.graph)
+    weights = []
+    for node in nodes[1:]:
+        a = {k: v.value for k, v in node.attributes.items()}
+        zp = node.inputs[3].const_value.numpy() if len(node.inputs) > 3 else None
+        weights.append(dequantize_blockwise(node.inputs[1].const_value.numpy(), node.inputs[2].const_value.numpy(),
+                                            zp, a["bits"], a["block_size"], a["K"]))
+    expected = E[ids] @ weights[0] @ weights[1]
+    np.testing.assert_allclose(after, expected, rtol=1e-4, atol=1e-4)
+    rel = np.linalg.norm(after - before) / np.linalg.norm(before)
+    assert rel < (0.01 if bits == 8 else 0.15), rel
+    assert not _weight_quant(model, bits=bits, block_size=16).modified  # nothing left to quantise
+
+
+def test_skip_keeps_named_matmuls_and_a_skip_that_matches_nothing_is_an_error():
+    from optc.passes.base import PassConfigError
+
+    model = _tiny_model()
+    assert _weight_quant(model, bits=8, block_size=16, skip=["lm_head"]).modified
+    assert [n.op_type for n in model.graph] == ["Gather", "MatMulNBits", "Transpose", "MatMul"]
+    model = _tiny_model()
+    assert _weight_quant(model, bits=8, block_size=16, skip=["lin*"]).modified
+    assert [n.op_type for n in model.graph] == ["Gather", "MatMul", "MatMulNBits"]
+    with pytest.raises(PassConfigError, match="'embeddings' matches no constant-weight MatMul"):
+        _weight_quant(_tiny_model(), bits=8, skip=["embeddings"])
+    model = _tiny_model()
+    assert not _weight_quant(model, bits=8, skip=["lm_head", "linear"]).modified  # everything skipped
+    assert [n.op_type for n in model.graph] == ["Gather", "MatMul", "Transpose", "MatMul"]
+
+
+@pytest.mark.parametrize("options,message", [
+    ("bits: 3", "passes[0].bits: Input should be 4 or 8"),
+    ("bits: 8.0", "passes[0].bits: Value error, expected an integer, got 8.0"),
+    ("bits: 4\n    block_size: 48", "passes[0].block_size: Value error, must be a power of two >= 16"),
+    ("bits: 4\n    block_size: 8", "passes[0].block_size: Value error, must be a power of two >= 16"),
+    ("bits: 4\n    accuracy_level: 5", "passes[0].accuracy_level: Input should be 0, 1, 2, 3 or 4"),
+    ("bits: 4\n    skip: ['']", "passes[0].skip: Value error, an empty entry matches nothing"),
+    ("bits: 4\n    skip: lm_head", "passes[0].skip: Input should be a valid list"),
+    ("bits: 4\n    group_size: 32", "passes[0].group_size: unknown key"),
+    ("block_size: 32", "passes[0].bits: Field required"),
+])
+def test_bad_options_are_one_line(tmp_path, capsys, options, message):
+    # the config is read before the model: the model path need not exist
+    err = config_error(tmp_path, tmp_path / "model.onnx", f"passes:\n  - name: weight_quant\n    {options}\n", capsys)
+    assert message in err, err
+
+
+def test_options_in_normal_form_and_declared_budget():
+    from optc.registry import default_registry
+
+    reg = default_registry()
+    cfg = parse_config({"passes": [{"name": "weight_quant", "bits": 4}]}, reg)
+    assert cfg.to_dict()["passes"] == [{"name": "weight_quant", "allow_noop": False, "bits": 4, "block_size": 32,
+                                        "symmetric": False, "accuracy_level": 4, "skip": []}]
+    entry = reg.get("weight_quant")
+    assert entry.lossy
+    assert entry.declared_perplexity_budget(cfg.passes[0].options) == 0.05
+    assert entry.declared_perplexity_budget(entry.options_model(bits=8)) == 0.01
+    assert entry.declared_perplexity_budget(entry.options_model(bits=4, block_size=128)) == 0.10
+
+
+def _compile(model, out, passes, **kw):
+    from optc.compile import compile_model
+    from optc.registry import default_registry
+
+    cfg = parse_config({"passes": passes}, default_registry())
+    return compile_model(model, out, config=cfg, log=lambda *_: None, **kw)
+
+
+def test_decoder_structure_and_deterministic_artifact(tmp_path, exported_decoder):
+    """Every linear layer and the tied LM head of the shipped decoder become MatMulNBits; two
+    compiles of the same inputs and config are byte-identical."""
+    import onnx
+
+    passes = [{"name": "weight_quant", "bits": 4}]
+    _compile(exported_decoder, tmp_path / "a", passes, verify=False)
+    _compile(exported_decoder, tmp_path / "b", passes, verify=False)
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir()) and "model.onnx.data" in files
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    proto = onnx.load(str(tmp_path / "a" / "model.onnx"), load_external_data=False)
+    ops = [(n.domain, n.op_type) for n in proto.graph.node]
+    assert ops.count(("com.microsoft", "MatMulNBits")) == 6 * 7 + 1  # q k v o gate up down per layer + LM head
+    consts = {t.name for t in proto.graph.initializer}
+    assert not any(n.op_type == "MatMul" and n.input[1] in consts for n in proto.graph.node)
+    # the float weights are gone: int4 + fp32 scales + zero points, plus the fp32 embedding table
+    float_size = (tmp_path / "a" / "model.onnx.data").stat().st_size
+    assert float_size < 0.45 * exported_decoder.with_name("model.onnx.data").stat().st_size
+
+
+def test_nothing_to_quantise_fails_the_compile(tmp_path, exported_decoder, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("passes:\n  - name: weight_quant\n    bits: 8\n    skip: ['*']\n")
+    code, _, err = run_cli(["compile", exported_decoder, "-c", cfg, "-o", tmp_path / "out"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "passes[0] (weight_quant) matched nothing in the graph" in err
+    cfg.write_text("passes:\n  - name: weight_quant\n    bits: 8\n    skip: [lm_head, 'nothing_*']\n")
+    code, _, err = run_cli(["compile", exported_decoder, "-c", cfg, "-o", tmp_path / "out"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "passes[0].skip: 'nothing_*' matches no" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_tvm_backend_refuses_in_one_line(tmp_path, exported_decoder, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("passes:\n  - name: weight_quant\n    bits: 4\n")
+    code, _, err = run_cli(["compile", exported_decoder, "-c", cfg, "-o", tmp_path / "out", "--backend", "tvm"],
+                           capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("error: tvm backend: the weight_quant pass lowers to ONNX Runtime's "
+                          "com.microsoft::MatMulNBits"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_composes_with_kv_quantize_and_sink_window(tmp_path, exported_decoder):
+    """It touches MatMul weights only: with a quantised, windowed cache the artifact compiles and
+    generates (accuracy of the combination: the slow test below)."""
+    from optc.runtime import load
+
+    passes = [{"name": "sink_window", "sinks": 4, "window": 60},
+              {"name": "kv_quantize", "bits": 8, "key_quant": "per_token"},
+              {"name": "weight_quant", "bits": 8}]
+    manifest = _compile(exported_decoder, tmp_path / "a", passes, verify=False)
+    assert [p["name"] for p in manifest["passes"]] == ["sink_window", "kv_quantize", "weight_quant"]
+    assert manifest["kv_cache"]["layout"] == "kivi" and manifest["kv_cache"]["policy"]["kind"] == "sink_window"
+    m = load(tmp_path / "a")
+    text = "".join(m.generate("def f(x):", max_new_tokens=80, temperature=0))
+    assert len(text) > 0 and m.kv_bytes > 0
+
+
+@pytest.mark.slow
+def test_int8_weights_are_close_to_fp32(tmp_path, exported_decoder):
+    """Verified by the compile itself against ONNX Runtime on the original graph."""
+    manifest = _compile(exported_decoder, tmp_path / "a", [{"name": "weight_quant", "bits": 8}])
+    v = manifest["verification"]
+    assert manifest["verify_budget"]["max_perplexity_increase"] == 0.01
+    assert v["top1_agreement"] >= 0.97, v
+    assert v["max_abs_logit_diff"] <= 0.5, v
+    assert abs(v["perplexity_increase"]) <= 0.01, v
+
+
+@pytest.mark.slow
+def test_int4_with_int8_kv_within_the_summed_budget(tmp_path, exported_decoder):
+    manifest = _compile(exported_decoder, tmp_path / "a", [{"name": "kv_quantize", "bits": 8},
+                                                           {"name": "weight_quant", "bits": 4}])
+    assert manifest["verify_budget"]["max_perplexity_increase"] == pytest.approx(0.06)
+    assert manifest["verification"]["top1_agreement"] >= 0.8, manifest["verification"]
