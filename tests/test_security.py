@@ -454,3 +454,47 @@ def test_absurd_input_graph_dimensions_are_refused(tmp_path, exported_decoder, c
     code, _, err = run_cli(["compile", model, "-o", tmp_path / "art"], capsys)
     _refused(code, err, needle)
     assert not (tmp_path / "art").exists()
+
+
+# ------------------------------------- external data and listed files that leave their folder --
+@pytest.mark.parametrize("kind", ["dotdot", "inner_dotdot", "absolute", "symlink_file", "symlink_dir"])
+def test_external_data_locations_that_leave_the_model_folder_are_refused(tmp_path, exported_decoder, capsys, kind):
+    """CVE-2022-25882 (`../`), CVE-2024-27318 (`a/../../`, the bypass of its first fix) and
+    CVE-2026-27489 (a symbolic link, of the file or of a folder on the way): the resolved
+    location must lie inside the model's folder, whatever the spelling."""
+    import onnx
+
+    model_dir, outside = tmp_path / "m", tmp_path / "outside"
+    model_dir.mkdir()
+    outside.mkdir()
+    data = exported_decoder.parent / (exported_decoder.name + ".data")
+    shutil.copy(data, outside / data.name)  # real weights: only the location is wrong
+    location = {"dotdot": f"../outside/{data.name}", "inner_dotdot": f"sub/../../outside/{data.name}",
+                "absolute": str(outside / data.name), "symlink_file": "link.data",
+                "symlink_dir": f"sub/{data.name}"}[kind]
+    if kind == "symlink_file":
+        (model_dir / "link.data").symlink_to(outside / data.name)
+    if kind == "symlink_dir":
+        (model_dir / "sub").symlink_to(outside, target_is_directory=True)
+    proto = onnx.load(str(exported_decoder), load_external_data=False)
+    for t in proto.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location
+    onnx.save(proto, str(model_dir / exported_decoder.name))
+    shutil.copy(exported_decoder.parent / "tokenizer.json", model_dir)
+    code, _, err = run_cli(["compile", model_dir / exported_decoder.name, "-o", tmp_path / "art"], capsys)
+    _refused(code, err, "outside the model directory")
+    assert not (tmp_path / "art").exists()
+
+
+def test_a_listed_artifact_file_that_links_outside_is_refused(tmp_path, identity_artifact, capsys):
+    """CVE-2026-27489's class in the artifact: a listed file replaced by a symbolic link to an
+    identical file elsewhere (its digest still matches) is refused: it leaves the artifact."""
+    art = tmp_path / "a"
+    shutil.copytree(identity_artifact, art)
+    elsewhere = tmp_path / "tokenizer.json"
+    (art / "tokenizer.json").rename(elsewhere)
+    (art / "tokenizer.json").symlink_to(elsewhere)
+    code, _, err = run_cli(["run", art, "--prompt", "x", "--max-new-tokens", "1"], capsys)
+    _refused(code, err, "path 'tokenizer.json' leaves the artifact directory")
