@@ -142,9 +142,9 @@ class WeightQuant(OptcPass):
         for t in replaced:
             if t is not None and t.graph is graph and not t.outputs[0].uses():
                 graph.remove(t, safe=True)
-        for name in [n for n, v in graph.initializers.items() if not v.uses() and v not in graph.inputs
-                     and v not in graph.outputs]:
-            if any(name == k[0] for k in packed):
+        for name in {source for source, _ in packed}:
+            v = graph.initializers[name]
+            if not v.uses() and v not in graph.outputs:
                 del graph.initializers[name]
         model.opset_imports.setdefault(CONTRIB_DOMAIN, 1)
         return ir.passes.PassResult(model, True)
