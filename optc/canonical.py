@@ -90,7 +90,8 @@ def _strip_repeat_kv(attn: ir.Node, slot: int, present: ir.Value) -> bool:
 
 def analyze(model: ir.Model) -> DecoderInfo:
     """Find the decoder structure; rewrite recognised patterns into canonical form (in place)."""
-    from optc.canonical_patterns import rewrite_decomposed_attention, simplify_trivial_concats
+    from optc.canonical_patterns import (ATTENTION_RULES, closest_miss, rewrite_decomposed_attention,
+                                         rewrite_decomposed_rotary, simplify_trivial_concats)
 
     rewrites: dict[str, int] = {}
     if not any(n.op_type == "Attention" and n.domain == "" for n in model.graph):
@@ -124,12 +125,20 @@ def analyze(model: ir.Model) -> DecoderInfo:
         raise CanonicalizationError(f"past_key_values.0.key: expected static [batch, kv_heads, past, head_dim], "
                                     f"got {past[(0, 'key')].shape}")
     kv_heads, head_dim = kv_dims[1], kv_dims[3]
+    ops = {n.op_type for n in g}
+    rotary_miss = None
+    if "RotaryEmbedding" not in ops and {"Sin", "Cos"} <= ops:
+        done, rotary_miss = rewrite_decomposed_rotary(model, head_dim)  # may upgrade the opset
+        rewrites.update(done)
+        g = model.graph
 
     attention_nodes = [n for n in g if n.op_type == "Attention" and n.domain == ""]
     if len(attention_nodes) != n_layers:
+        miss = closest_miss(ATTENTION_RULES, model) if len(attention_nodes) < n_layers else None
         raise CanonicalizationError(
             f"found {len(attention_nodes)} attention ops (standard ONNX Attention or the MatMul-Softmax-MatMul "
-            f"pattern) for {n_layers} KV-cache layers")
+            f"pattern) for {n_layers} KV-cache layers"
+            + (f"; closest miss: {miss}" if miss else ""))
 
     layers = []
     consumers: dict[str, ir.Node] = {}
@@ -178,6 +187,8 @@ def analyze(model: ir.Model) -> DecoderInfo:
     ops = {n.op_type for n in g}
     rotary = ("RotaryEmbedding" if "RotaryEmbedding" in ops else "decomposed (Sin/Cos)" if {"Sin", "Cos"} <= ops
               else "none found")
+    if rotary_miss and rotary != "RotaryEmbedding":
+        rotary += f", not rewritten: {rotary_miss}"
     norm = ("RMSNormalization" if "RMSNormalization" in ops else "SimplifiedLayerNormalization"
             if "SimplifiedLayerNormalization" in ops else "LayerNormalization" if "LayerNormalization" in ops
             else "decomposed (Pow/ReduceMean)" if {"Pow", "ReduceMean"} <= ops else "none found")

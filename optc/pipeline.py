@@ -79,15 +79,24 @@ def _why_not(a: PlannedPass, b: PlannedPass) -> str | None:
     return "; ".join(sorted(reasons)) or None
 
 
-def check_contracts(planned: list[PlannedPass], facts: set[str] | None = None) -> None:
+def missing_fact_details(info) -> dict[str, str]:
+    """Why the canonical model lacks a fact, where the canonicaliser knows (e.g. the rotary rule's
+    reason for not matching), for the refusal's one line."""
+    rotary = getattr(info, "rotary", None)
+    return {MODEL_ROTARY_OP: f"rotary: {rotary}"} if rotary and rotary != "RotaryEmbedding" else {}
+
+
+def check_contracts(planned: list[PlannedPass], facts: set[str] | None = None,
+                    details: dict[str, str] | None = None) -> None:
     """Refuse, before anything runs, a pass whose requirements the model lacks and any two passes
     that cannot be combined (in either order). `facts=None` skips the model check."""
     if facts is not None:
         for p in planned:
             missing = sorted(p.contract.requires - facts)
             if missing:
+                detail = (details or {}).get(missing[0])
                 raise OptcError(f"passes[{p.index}] ({p.label}) needs {MODEL_FACTS_TEXT[missing[0]]}, "
-                                f"which the model does not have")
+                                f"which the model does not have" + (f" ({detail})" if detail else ""))
     for a, b in itertools.combinations(planned, 2):
         why = _why_not(a, b)
         if why is None:
@@ -108,7 +117,7 @@ def dump_ir(model: ir.Model, directory: Path, step: int, label: str) -> Path:
 def run_pipeline(model: ir.Model, config: PipelineConfig, registry, context: PassContext, *,
                  dump_dir: Path | None = None, check: bool = True, log=print) -> list[PassRecord]:
     planned = plan(config, registry)
-    check_contracts(planned, model_facts(model, context.decoder))
+    check_contracts(planned, model_facts(model, context.decoder), missing_fact_details(context.decoder))
     if dump_dir is not None:
         dump_ir(model, dump_dir, 0, "canonical")
     records = []

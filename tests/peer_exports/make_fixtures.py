@@ -9,7 +9,9 @@ optc's (the README says how to make it):
     .venv-optimum/bin/pip install torch==2.13.0 optimum-onnx==0.1.0 "transformers<4.58" onnxruntime
     .venv-optimum/bin/python tests/peer_exports/make_fixtures.py
 
-Each fixture is <family>/model.onnx + config.json and export.json (what made it); the models use
+Each fixture is <family>/model.onnx + config.json and export.json (what made it), plus the
+checkpoint itself (model.safetensors), so that a test can export the very same weights through
+`optc export` (torch dynamo, native RotaryEmbedding/Attention ops) and compare; the models use
 pycoder-5m's vocabulary (4096), so tests verify them with its tokenizer (`--tokenizer`). Random weights: these
 fixtures test that optc reads the graph and reproduces ONNX Runtime on it, never accuracy.
 """
@@ -58,7 +60,8 @@ def main() -> None:
             dest.mkdir()
             proto = onnx.load(out / "model.onnx")  # one self-contained file (the tiny weights inline)
             onnx.save(proto, dest / "model.onnx")
-            shutil.copy(src / "config.json", dest / "config.json")
+            for f in ("config.json", "model.safetensors"):
+                shutil.copy(src / f, dest / f)
         (dest / "export.json").write_text(json.dumps({
             "exporter": "optimum-onnx main_export(task='text-generation-with-past'), defaults",
             "optimum": optimum.version.__version__, "transformers": transformers.__version__,
