@@ -29,14 +29,31 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _shown(rel) -> str:
+    """A listed path as a message shows it: quoted, and cut (a hand-edited name may be huge)."""
+    text = repr(rel)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def shown_key(key) -> str:
+    """A manifest key as an error names it: plain text as is, anything else (a newline, a control
+    character, a huge name) quoted and cut, so that every message stays one line."""
+    return key if isinstance(key, str) and key.isprintable() and len(key) <= 80 else _shown(key)
+
+
 def resolve_inside(root: Path, rel: str) -> Path:
     """`root/rel`, refusing absolute paths, `..` and symlinks that lead outside `root`."""
+    if not isinstance(rel, str) or "\x00" in rel:
+        raise ArtifactError(f"{root / MANIFEST_NAME}: path {_shown(rel)} is not a file name")
     pure = PurePosixPath(rel)
     if not rel or pure.is_absolute() or "\\" in rel or any(part == ".." for part in pure.parts):
-        raise ArtifactError(f"{root / MANIFEST_NAME}: path {rel!r} leaves the artifact directory")
-    full = (root / rel).resolve()
+        raise ArtifactError(f"{root / MANIFEST_NAME}: path {_shown(rel)} leaves the artifact directory")
+    try:
+        full = (root / rel).resolve()
+    except OSError as e:  # a name past the file system's limits
+        raise ArtifactError(f"{root / MANIFEST_NAME}: path {_shown(rel)}: {e.strerror}") from None
     if not full.is_relative_to(root.resolve()):
-        raise ArtifactError(f"{root / MANIFEST_NAME}: path {rel!r} leaves the artifact directory")
+        raise ArtifactError(f"{root / MANIFEST_NAME}: path {_shown(rel)} leaves the artifact directory")
     return full
 
 
@@ -104,15 +121,20 @@ def read_manifest(root: Path, *, verify_hashes: bool = True, expect: str | None 
         raise ArtifactError(f"{mpath}: 'files' must map file names to sha256 digests")
     for rel, digest in files.items():
         path = resolve_inside(root, rel)
-        if not path.is_file():
-            raise ArtifactError(f"{path}: missing file listed in the manifest")
+        try:
+            found = path.is_file()
+        except OSError as e:  # e.g. a name too long for the file system
+            raise ArtifactError(f"{mpath}: path {_shown(rel)}: {e.strerror}") from None
+        where = root / rel if shown_key(rel) == rel else f"{root}/{shown_key(rel)}"
+        if not found:
+            raise ArtifactError(f"{where}: missing file listed in the manifest")
         if verify_hashes and sha256_file(path) != digest:
-            raise ArtifactError(f"{path}: sha256 mismatch (file tampered with or truncated)")
+            raise ArtifactError(f"{where}: sha256 mismatch (file tampered with or truncated)")
     return manifest
 
 
 def artifact_file(root: Path, manifest: dict, rel: str) -> Path:
     """A file the manifest lists (and therefore hash-checked), resolved inside the artifact."""
-    if rel not in manifest["files"]:
-        raise ArtifactError(f"{Path(root) / MANIFEST_NAME}: {rel!r} is referenced but not listed in 'files'")
+    if not isinstance(rel, str) or rel not in manifest["files"]:
+        raise ArtifactError(f"{Path(root) / MANIFEST_NAME}: {_shown(rel)} is referenced but not listed in 'files'")
     return resolve_inside(Path(root), rel)

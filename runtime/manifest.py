@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from optc.runtime.artifact import ArtifactError
+from optc.runtime.artifact import ArtifactError, shown_key
 
 # ---------------------------------------------------------------- graph interface names
 INPUT_IDS = "input_ids"
@@ -95,7 +95,7 @@ def _need(d: dict, key: str, types, where: str, *, optional: bool = False):
 
 
 def _no_extra(d: dict, allowed: set[str], where: str) -> None:
-    extra = sorted(set(d) - allowed)
+    extra = sorted(shown_key(k) for k in set(d) - allowed)
     if extra:
         raise ManifestError(f"{where}.{extra[0]}: unknown key")
 
@@ -320,7 +320,7 @@ class ModelSpec:
         rewrites = _object(_need(d, "rewrites", dict, where), f"{where}.rewrites")
         for k, v in rewrites.items():
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ManifestError(f"{where}.rewrites.{k}: expected a count, got {v!r}")
+                raise ManifestError(f"{where}.rewrites.{shown_key(k)}: expected a count, got {v!r}")
         special = {}
         for k in ("bos_token_id", "eos_token_id"):
             special[k] = _count(d, k, where, lo=0, optional=True)
@@ -410,7 +410,7 @@ class TvmSegment:
             raise ManifestError(f"{where}.inputs: empty")
         for k, v in inputs.items():
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_DIM:
-                raise ManifestError(f"{where}.inputs.{k}: expected a positive integer, got {v!r}")
+                raise ManifestError(f"{where}.inputs.{shown_key(k)}: expected a positive integer, got {v!r}")
         return cls(_need(d, "name", str, where), inputs, _count(d, "granularity", where))
 
 

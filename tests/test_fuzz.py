@@ -176,7 +176,9 @@ def manifest_edits(draw, original):
             elif action == "delete" and isinstance(parent, dict):
                 del parent[path[-1]]
             elif isinstance(parent, dict):
-                parent[draw(st.text(min_size=1, max_size=8))] = draw(json_values)
+                # (names past the file system's limits too: a listed file may be named anything)
+                key = draw(st.text(min_size=1, max_size=8) | st.text(alphabet="a/\x00", min_size=250, max_size=600))
+                parent[key] = draw(json_values)
         except (KeyError, IndexError, TypeError):  # an earlier edit changed this path's shape
             pass
     return m
@@ -327,5 +329,25 @@ def test_found_yaml_keys_of_any_kind_give_one_line_errors(tmp_path, capsys, text
     cfg = tmp_path / "c.yaml"
     cfg.write_text(text)
     code, _, err = run_cli(["config", "show", cfg], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert needle in err, err
+
+
+@pytest.mark.parametrize("edit, needle", [
+    # found by test_fuzz_manifest_loader_long: names holding a newline were echoed raw (two lines)
+    (lambda m: m["model"].update({"\n": None}), "model.'\\n': unknown key"),
+    (lambda m: m["files"].update({"\n": "0" * 64}), "/'\\n': missing file listed in the manifest"),
+    (lambda m: m["backend"]["session_options"].update({"a\nb": 1}), "session_options.'a\\nb': unknown key"),
+    (lambda m: m["kv_cache"].update({"\x1b[2J": 1}), "kv_cache.'\\x1b[2J': unknown key"),
+])
+def test_found_manifest_names_of_any_kind_give_one_line_errors(tmp_path, identity_artifact, capsys, edit, needle):
+    from conftest import run_cli
+
+    copy = tmp_path / "a"
+    shutil.copytree(identity_artifact, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    edit(m)
+    (copy / "manifest.json").write_text(json.dumps(m))
+    code, _, err = run_cli(["run", copy, "--prompt", "x", "--max-new-tokens", "1"], capsys)
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert needle in err, err

@@ -498,3 +498,17 @@ def test_a_listed_artifact_file_that_links_outside_is_refused(tmp_path, identity
     (art / "tokenizer.json").symlink_to(elsewhere)
     code, _, err = run_cli(["run", art, "--prompt", "x", "--max-new-tokens", "1"], capsys)
     _refused(code, err, "path 'tokenizer.json' leaves the artifact directory")
+
+
+@pytest.mark.parametrize("name, needle", [
+    ("a\x00b", "path 'a\\x00b' is not a file name"),
+    ("a" * 5000, "File name too long"),
+    ("/".join(["a" * 300] * 3), "File name too long"),
+])
+def test_listed_names_the_file_system_cannot_take_are_refused(tmp_path, identity_artifact, capsys, name, needle):
+    """Found probing the manifest loader by hand: a NUL byte (ValueError) or a name past the
+    file system's limits (OSError) in `files` crashed the load (exit 3)."""
+    copy = _edited_copy(tmp_path, identity_artifact, lambda m: m["files"].update({name: "0" * 64}))
+    code, _, err = run_cli(["run", copy, "--prompt", "x", "--max-new-tokens", "1"], capsys)
+    _refused(code, err, needle)
+    assert len(err) < 300, err

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from optc.runtime.artifact import ArtifactError, artifact_file
+from optc.runtime.artifact import ArtifactError, artifact_file, shown_key
 from optc.runtime.manifest import LOGITS, OnnxRuntimeBackend
 from optc.runtime.onnx_graph import WireError, embedding_rows
 
@@ -23,7 +23,7 @@ def _session_options(so, root: Path) -> dict:
     out = {"graph_optimization_level": so.get("graph_optimization_level", "ORT_ENABLE_ALL"),
            "intra_op_num_threads": so.get("intra_op_num_threads", 0),
            "inter_op_num_threads": so.get("inter_op_num_threads", 1)}
-    extra = sorted(set(so) - set(out))
+    extra = sorted(shown_key(k) for k in set(so) - set(out))
     if extra:
         raise ArtifactError(f"{where}.{extra[0]}: unknown key")
     if out["graph_optimization_level"] not in OPTIMIZATION_LEVELS:

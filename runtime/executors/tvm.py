@@ -137,7 +137,7 @@ class TvmExecutor:
         for b in self.buckets:
             missing = [p for p in b["params"] if p not in self._weights]
             if missing:
-                raise ArtifactError(f"{params_path}: parameter {missing[0]!r} of {b['name']} is missing")
+                raise ArtifactError(f"{params_path}: parameter {missing[0]!r} of {b['name']!r} is missing")
         self.embedding_rows = self._embedding_rows(model, params_path)
         self.input_names = {name for b in self.buckets for name in b["inputs"]}
         self.input_shapes: dict = {}  # (the VM checks every argument's shape on each call)
@@ -327,7 +327,7 @@ class TvmExecutor:
         try:
             out = self._function(bucket["name"])(*args)
         except Exception as e:  # the VM checks each argument against the compiled function (TVM's own errors)
-            raise ArtifactError(f"{bucket['name']}: the compiled function refuses its arguments "
+            raise ArtifactError(f"compiled shape {bucket['name']!r}: the TVM VM refuses its arguments "
                                 f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
         # on the CPU the outputs are numpy views of TVM's fresh output tensors (each view keeps its
         # tensor alive); Tensor.numpy() copies, ~13 µs per output, 13+ outputs per step
