@@ -165,6 +165,32 @@ def test_onnxruntime_multiplies_by_exactly_the_dequantised_weights(bits, tied):
     assert not _weight_quant(model, bits=bits, block_size=16).modified  # nothing left to quantise
 
 
+def test_float16_weights_get_float16_scales_and_run():
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    K, N = 64, 24
+    W = (rng.standard_normal((K, N)) / 8).astype(np.float16)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["logits"], name="mm")], "fp16",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2, 3, K])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT16, [2, 3, N])],
+                          [numpy_helper.from_array(W, "W")])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)], ir_version=10)
+    model = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(proto))
+    assert _weight_quant(model, bits=4, block_size=16, accuracy_level=0).modified
+    node = list(model.graph)[0]
+    assert node.op_type == "MatMulNBits" and node.inputs[2].const_value.numpy().dtype == np.float16
+    x = rng.standard_normal((2, 3, K)).astype(np.float16)
+    import onnxruntime as ort
+
+    y = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+    w = dequantize_blockwise(*(v.const_value.numpy() for v in node.inputs[1:]), 4, 16, K)
+    assert y.dtype == np.float16
+    np.testing.assert_allclose(y.astype(np.float32), x.astype(np.float32) @ w, atol=3e-3)  # fp16 accumulation
+
+
 def test_skip_keeps_named_matmuls_and_a_skip_that_matches_nothing_is_an_error():
     from optc.passes.base import PassConfigError
 
@@ -240,6 +266,21 @@ def test_decoder_structure_and_deterministic_artifact(tmp_path, exported_decoder
     # the float weights are gone: int4 + fp32 scales + zero points, plus the fp32 embedding table
     float_size = (tmp_path / "a" / "model.onnx.data").stat().st_size
     assert float_size < 0.45 * exported_decoder.with_name("model.onnx.data").stat().st_size
+
+
+def test_skip_lm_head_on_the_decoder(exported_decoder):
+    from optc.canonical import canonicalize
+    from optc.ir import load_model
+    from optc.passes.base import PassContext
+    from optc.passes.quant import WeightQuant, WeightQuantOptions
+
+    model = load_model(exported_decoder)
+    ctx = PassContext(decoder=canonicalize(model))
+    assert WeightQuant(WeightQuantOptions(bits=4, skip=["lm_head"]), ctx)(model).modified
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("MatMulNBits") == 6 * 7
+    head = next(v for v in model.graph.outputs if v.name == "logits").producer()
+    assert head.op_type == "MatMul" and head.inputs[1].producer().op_type == "Transpose"  # tied, still float
 
 
 def test_nothing_to_quantise_fails_the_compile(tmp_path, exported_decoder, capsys):
