@@ -92,8 +92,11 @@ def analyze(model: ir.Model) -> DecoderInfo:
     """Find the decoder structure; rewrite recognised patterns into canonical form (in place)."""
     from optc.canonical_patterns import (ATTENTION_RULES, closest_miss, rewrite_decomposed_attention,
                                          rewrite_decomposed_rotary, simplify_trivial_concats)
+    from optc.canonical_precision import upcast_half_precision
 
     rewrites: dict[str, int] = {}
+    if n := upcast_half_precision(model):
+        rewrites["float16_upcast_to_float32"] = n
     if not any(n.op_type == "Attention" and n.domain == "" for n in model.graph):
         rewrites.update(rewrite_decomposed_attention(model))  # may replace model.graph (opset upgrade)
     if n := simplify_trivial_concats(model):

@@ -67,12 +67,17 @@ class _SdpaAttention(pattern.RewriteRuleClassBase):
     a causal decoder's row always sees its own token, so no row is fully masked and the guard
     never fires (the Attention op would give NaN there instead of 0)."""
 
-    def __init__(self, nan_guard: bool):
-        super().__init__(name=f"sdpa_attention{'_nan_guard' if nan_guard else ''}")
-        self.nan_guard = nan_guard
+    def __init__(self, nan_guard: bool, flat_transpose: bool = False):
+        super().__init__(name=f"sdpa_attention{'_nan_guard' if nan_guard else ''}{'_flat' if flat_transpose else ''}")
+        self.nan_guard, self.flat_transpose = nan_guard, flat_transpose
 
-    def pattern(self, op, q, k, v, q_scale, k_scale, mask, zero):
-        scores = op.MatMul(op.Mul(q, q_scale), op.Mul(op.Transpose(k, perm=[0, 1, 3, 2]), k_scale))
+    def pattern(self, op, q, k, v, q_scale, k_scale, mask, zero, flat_shape, kt_shape):
+        if self.flat_transpose:
+            # torch dynamo at opset 18 transposes K as [B·H, S, D] -> [B·H, D, S] between two Reshapes
+            kt = op.Reshape(op.Transpose(op.Reshape(k, flat_shape), perm=[0, 2, 1]), kt_shape)
+        else:
+            kt = op.Transpose(k, perm=[0, 1, 3, 2])
+        scores = op.MatMul(op.Mul(q, q_scale), op.Mul(kt, k_scale))
         probs = op.Softmax(op.Add(scores, mask), axis=-1)
         if self.nan_guard:
             probs = op.Where(op.IsNaN(probs), zero, probs)
@@ -221,7 +226,7 @@ def rewrite_decomposed_rotary(model: ir.Model, head_dim: int) -> tuple[dict[str,
 
 ATTENTION_RULES = pattern.RewriteRuleSet(
     [_DecomposedAttention.rule(c, d) for c in (2, 1, 0) for d in (False, True)]
-    + [_SdpaAttention.rule(g) for g in (True, False)])
+    + [_SdpaAttention.rule(g, f) for g in (True, False) for f in (False, True)])
 
 
 def closest_miss(rules: pattern.RewriteRuleSet, model: ir.Model) -> str | None:

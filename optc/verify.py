@@ -40,17 +40,20 @@ class ReferenceModel:
         self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
         self.info = info
         self.inputs = {i.name for i in self.session.get_inputs()}
+        # an fp16/bf16 export takes its cache in its own precision (the artifact computes in float32)
+        kinds = {i.type for i in self.session.get_inputs() if i.name.startswith("past_key_values.")}
+        self.cache_dtype = np.float16 if kinds == {"tensor(float16)"} else np.float32
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
         n = len(ids)
         feeds = {INPUT_IDS: ids.reshape(1, n), ATTENTION_MASK: np.ones((1, n), np.int64)}
         if POSITION_IDS in self.inputs:
             feeds[POSITION_IDS] = np.arange(n, dtype=np.int64).reshape(1, n)
-        empty = np.zeros((1, self.info.kv_heads, 0, self.info.head_dim), np.float32)
+        empty = np.zeros((1, self.info.kv_heads, 0, self.info.head_dim), self.cache_dtype)
         for i in range(self.info.n_layers):
             for kind in KV_KINDS:
                 feeds[past_name(i, kind)] = empty
-        return self.session.run(["logits"], feeds)[0][0]
+        return self.session.run(["logits"], feeds)[0][0].astype(np.float32)
 
 
 def artifact_logits(model, ids: np.ndarray, decode_tokens: int) -> np.ndarray:

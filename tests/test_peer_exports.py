@@ -37,6 +37,23 @@ def test_optimum_default_export_compiles_and_reproduces_onnxruntime(family, tmp_
     assert manifest["model"]["rewrites"]["decomposed_attention_to_Attention"] == manifest["model"]["n_layers"]
 
 
+def test_optimum_fp16_export_is_computed_in_float32_within_fp16_rounding(tmp_path):
+    """`optimum-cli --dtype fp16`: the canonical form upcasts it to float32 (inputs, cache, weights),
+    reports that, and reproduces ONNX Runtime on the fp16 graph to fp16 rounding: |Δlogit| at the
+    fp16 resolution of these logits (|logit| up to ~40 with the fixtures' x10 init: fp16 steps of
+    0.03 there), nowhere near a wrong graph's whole units; top-1 differs only where the random
+    model's top two logits are within that rounding (1 of 512 positions)."""
+    import onnx
+
+    manifest = _compile("llama-gqa-fp16", tmp_path / "art")
+    v = manifest["verification"]
+    assert manifest["model"]["rewrites"]["float16_upcast_to_float32"] > 0
+    assert v["top1_agreement"] >= 0.99 and 1e-4 < v["max_abs_logit_diff"] <= 0.05, v
+    graph = onnx.load(tmp_path / "art" / "model.onnx", load_external_data=False).graph
+    assert {i.type.tensor_type.elem_type for i in graph.input if i.name.startswith("past_")} == {onnx.TensorProto.FLOAT}
+    assert not [t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+
+
 def test_optimum_export_takes_the_kv_quantisation_pass(tmp_path):
     manifest = _compile("llama-gqa", tmp_path / "art", [{"name": "kv_cache_compression", "bits": 8}])
     assert manifest["kv_cache"]["layout"] == "kivi" and manifest["kv_cache"]["bits"] == 8

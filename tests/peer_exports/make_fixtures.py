@@ -36,6 +36,8 @@ FAMILIES = {
     "mistral": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=None)),
     "qwen2": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2)),
 }
+# the same model as another fixture, exported with other main_export options (`optimum-cli --dtype fp16`)
+VARIANTS = {"llama-gqa-fp16": ("llama-gqa", {"dtype": "fp16"})}
 
 
 def main() -> None:
@@ -45,7 +47,9 @@ def main() -> None:
     import transformers
     from optimum.exporters.onnx import main_export
 
-    for name, (config_class, extra) in FAMILIES.items():
+    jobs = [(name, name, {}) for name in FAMILIES] + [(name, base, opts) for name, (base, opts) in VARIANTS.items()]
+    for name, family, options in jobs:
+        config_class, extra = FAMILIES[family]
         torch.manual_seed(0)
         cfg = getattr(transformers, config_class)(**{**COMMON, **extra})
         model = transformers.AutoModelForCausalLM.from_config(cfg)
@@ -54,19 +58,20 @@ def main() -> None:
             model.save_pretrained(src)
             for f in ("tokenizer.json", "tokenizer_config.json"):
                 shutil.copy(TOKENIZER / f, src / f)
-            main_export(str(src), output=str(out), task="text-generation-with-past", do_validation=False)
+            main_export(str(src), output=str(out), task="text-generation-with-past", do_validation=False, **options)
             dest = HERE / name
             shutil.rmtree(dest, ignore_errors=True)
             dest.mkdir()
             proto = onnx.load(out / "model.onnx")  # one self-contained file (the tiny weights inline)
             onnx.save(proto, dest / "model.onnx")
-            for f in ("config.json", "model.safetensors"):
-                shutil.copy(src / f, dest / f)
+            for f in ("config.json", "model.safetensors") if not options else ("config.json",):
+                shutil.copy(src / f, dest / f)  # a variant's checkpoint is its base fixture's
         (dest / "export.json").write_text(json.dumps({
-            "exporter": "optimum-onnx main_export(task='text-generation-with-past'), defaults",
+            "exporter": "optimum-onnx main_export(task='text-generation-with-past'), "
+                        + (f"options {options}" if options else "defaults"),
             "optimum": optimum.version.__version__, "transformers": transformers.__version__,
             "torch": torch.__version__, "opset": proto.opset_import[0].version,
-            "config": config_class, "seed": 0}, indent=1) + "\n")
+            "config": config_class, "seed": 0, "options": options}, indent=1) + "\n")
         print(f"{name}: {(dest / 'model.onnx').stat().st_size / 1e6:.2f} MB, opset {proto.opset_import[0].version}")
 
 
