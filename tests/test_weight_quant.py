@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -339,3 +341,32 @@ def test_int4_with_int8_kv_within_the_summed_budget(tmp_path, exported_decoder):
                                                            {"name": "weight_quant", "bits": 4}])
     assert manifest["verify_budget"]["max_perplexity_increase"] == pytest.approx(0.06)
     assert manifest["verification"]["top1_agreement"] >= 0.8, manifest["verification"]
+
+
+PEER = Path(__file__).parent / "peer_exports" / "llama-gqa" / "model.onnx"
+
+
+def test_torchscript_export_without_intermediate_shapes():
+    """optimum-cli's export (TorchScript) records no intermediate shapes: its projections and
+    untied LM head are quantised all the same; the rotary MatMul (no constant weight) is not."""
+    from optc.canonical import canonicalize
+    from optc.ir import load_model
+    from optc.passes.base import PassContext
+    from optc.passes.quant import WeightQuant, WeightQuantOptions
+
+    model = load_model(PEER)
+    ctx = PassContext(decoder=canonicalize(model))
+    assert WeightQuant(WeightQuantOptions(bits=4, block_size=16), ctx)(model).modified
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("MatMulNBits") == 2 * 7 + 1 and ops.count("MatMul") == 1
+
+
+@pytest.mark.slow
+def test_torchscript_export_verified(tmp_path):
+    from conftest import DECODER_DIR
+
+    manifest = _compile(PEER, tmp_path / "a", [{"name": "weight_quant", "bits": 8, "block_size": 16}],
+                        tokenizer=DECODER_DIR / "tokenizer.json", verify_length=64)
+    v = manifest["verification"]
+    # a tiny random model: flat next-token distributions, so near-ties flip more often than in a trained one
+    assert abs(v["perplexity_increase"]) <= 0.01 and v["top1_agreement"] >= 0.9, v
