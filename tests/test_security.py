@@ -512,3 +512,41 @@ def test_listed_names_the_file_system_cannot_take_are_refused(tmp_path, identity
     code, _, err = run_cli(["run", copy, "--prompt", "x", "--max-new-tokens", "1"], capsys)
     _refused(code, err, needle)
     assert len(err) < 300, err
+
+
+def _gather_graph(table_via: str | None) -> bytes:
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits = [], [numpy_helper.from_array(np.zeros((37, 4), np.int8 if table_via else np.float32), "E")]
+    table = "E"
+    if table_via == "DequantizeLinear":
+        inits.append(numpy_helper.from_array(np.array(0.5, np.float32), "scale"))
+        nodes.append(helper.make_node("DequantizeLinear", ["E", "scale"], ["E_f"]))
+        table = "E_f"
+    elif table_via == "Cast":
+        nodes.append(helper.make_node("Cast", ["E"], ["E_f"], to=TensorProto.FLOAT))
+        table = "E_f"
+    ids = "input_ids" if table_via != "other_input" else "other"
+    nodes.append(helper.make_node("Gather", [table, ids], ["h"]))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(ids, TensorProto.INT64, ["b", "s"])],
+                          [helper.make_tensor_value_info("h", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(g).SerializeToString()
+
+
+@pytest.mark.parametrize("via, rows", [(None, 37), ("DequantizeLinear", 37), ("Cast", 37), ("other_input", None)])
+def test_embedding_rows_are_read_from_the_graph_bytes(via, rows):
+    from optc.runtime.onnx_graph import embedding_rows
+
+    assert embedding_rows(_gather_graph(via)) == rows
+
+
+@pytest.mark.parametrize("data", [b"", b"\xff" * 20, b"\x3a\x05abc", _gather_graph(None)[:40]])
+def test_embedding_rows_of_broken_bytes_is_none_or_a_wire_error(data):
+    from optc.runtime.onnx_graph import WireError, embedding_rows
+
+    try:
+        assert embedding_rows(data) is None
+    except WireError:
+        pass
