@@ -58,9 +58,9 @@ class WeightQuantOptions(PassOptions):
     block_size_is_an_integer = field_validator("block_size", mode="before")(no_float)
     symmetric: bool = Field(False, description="symmetric codes, no zero points (asymmetric keeps zero exact "
                                                "and fits skewed blocks better)")
-    # 4 by default: on ONNX Runtime 1.32's CPU kernels int8 compute made int4 decode ~2x and int8
-    # ~15x faster than 0 on pycoder-v2 (int8 weights at 0 decoded slower than fp32), for <= 0.15
-    # points of perplexity (docs/benchmarks.md)
+    # 4 by default: on ONNX Runtime 1.32's CPU kernels int8 compute made pycoder-v2's decode ~1.3x
+    # (int4) and ~14x (int8) faster than 0, where int8 weights decoded 6x slower than fp32, for
+    # <= 0.15 points of perplexity (docs/benchmarks.md)
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
         4, description="MatMulNBits' accuracy_level: the lowest precision ONNX Runtime may compute with "
                        "(0 unset: A as is, 1 fp32, 2 fp16, 3 bf16, 4 int8: A quantised per block)")
