@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import onnx_ir as ir
 
 from optc.errors import OptcError
-from optc.runtime.manifest import ATTENTION_MASK, CONTEXT_METADATA_KEY, INPUT_IDS
+from optc.runtime.manifest import ATTENTION_MASK, CONTEXT_METADATA_KEY, INPUT_IDS, past_name
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _PRESENT = re.compile(r"^present\.(\d+)\.(key|value)$")
@@ -90,15 +90,19 @@ def _strip_repeat_kv(attn: ir.Node, slot: int, present: ir.Value) -> bool:
 
 def analyze(model: ir.Model) -> DecoderInfo:
     """Find the decoder structure; rewrite recognised patterns into canonical form (in place)."""
-    from optc.canonical_patterns import (ATTENTION_RULES, closest_miss, rewrite_decomposed_attention,
+    from optc.canonical_patterns import (attention_rules, closest_miss, rewrite_decomposed_attention,
                                          rewrite_decomposed_rotary, simplify_trivial_concats)
     from optc.canonical_precision import upcast_half_precision
 
     rewrites: dict[str, int] = {}
     if n := upcast_half_precision(model):
         rewrites["float16_upcast_to_float32"] = n
+    first_key = next((v for v in model.graph.inputs if v.name == past_name(0, "key")), None)
+    key_dims = _dims(first_key) if first_key is not None else []
+    head_dim_hint = key_dims[3] if len(key_dims) == 4 else None  # checked properly below
     if not any(n.op_type == "Attention" and n.domain == "" for n in model.graph):
-        rewrites.update(rewrite_decomposed_attention(model))  # may replace model.graph (opset upgrade)
+        # may replace model.graph (opset upgrade)
+        rewrites.update(rewrite_decomposed_attention(model, head_dim_hint))
     if n := simplify_trivial_concats(model):
         rewrites["trivial_concat_removed"] = n
     g = model.graph
@@ -137,7 +141,7 @@ def analyze(model: ir.Model) -> DecoderInfo:
 
     attention_nodes = [n for n in g if n.op_type == "Attention" and n.domain == ""]
     if len(attention_nodes) != n_layers:
-        miss = closest_miss(ATTENTION_RULES, model) if len(attention_nodes) < n_layers else None
+        miss = closest_miss(attention_rules(head_dim), model) if len(attention_nodes) < n_layers else None
         raise CanonicalizationError(
             f"found {len(attention_nodes)} attention ops (standard ONNX Attention or the MatMul-Softmax-MatMul "
             f"pattern) for {n_layers} KV-cache layers"
@@ -213,13 +217,20 @@ def _reads(node: ir.Node, slot: int, target: ir.Value) -> bool:
 
 
 def _embedding_table(g: ir.Graph, input_ids: ir.Value) -> tuple[int, int] | None:
-    for use in input_ids.uses():
-        node = use.node if hasattr(use, "node") else use[0]
-        if node.op_type == "Gather":
-            table = node.inputs[0]
-            dims = _dims(table)
-            if len(dims) == 2 and all(dims):
-                return dims[0], dims[1]
+    """(vocab, hidden) of the Gather that embeds input_ids (GPT-2 reshapes the ids first)."""
+    frontier = [input_ids]
+    for _ in range(3):
+        nxt = []
+        for value in frontier:
+            for use in value.uses():
+                node = use.node if hasattr(use, "node") else use[0]
+                if node.op_type == "Gather":
+                    dims = _dims(node.inputs[0])
+                    if len(dims) == 2 and all(dims):
+                        return dims[0], dims[1]
+                elif node.op_type in ("Reshape", "Cast", "Unsqueeze") and node.inputs[0] is value:
+                    nxt.append(node.outputs[0])
+        frontier = nxt
     return None
 
 

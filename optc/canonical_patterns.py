@@ -67,9 +67,17 @@ class _SdpaAttention(pattern.RewriteRuleClassBase):
     a causal decoder's row always sees its own token, so no row is fully masked and the guard
     never fires (the Attention op would give NaN there instead of 0)."""
 
-    def __init__(self, nan_guard: bool, flat_transpose: bool = False):
+    def __init__(self, nan_guard: bool, flat_transpose: bool = False, head_dim: int | None = None):
         super().__init__(name=f"sdpa_attention{'_nan_guard' if nan_guard else ''}{'_flat' if flat_transpose else ''}")
-        self.nan_guard, self.flat_transpose = nan_guard, flat_transpose
+        self.nan_guard, self.flat_transpose, self.head_dim = nan_guard, flat_transpose, head_dim
+
+    def _scale(self, value: ir.Value, q: ir.Value, k: ir.Value) -> float | None:
+        """A constant, or (GPT-2) sqrt(1/sqrt(d)) computed from `Shape(Q)[-1:]` at run time: d is
+        the head dimension, known from the KV-cache inputs."""
+        s = _scalar(value)
+        if s is None and self.head_dim:
+            s = _shape_float(value, (q, k), self.head_dim)
+        return s
 
     def pattern(self, op, q, k, v, q_scale, k_scale, mask, zero, flat_shape, kt_shape):
         if self.flat_transpose:
@@ -86,10 +94,10 @@ class _SdpaAttention(pattern.RewriteRuleClassBase):
     def check(self, context, q, k, v, q_scale, k_scale, mask, zero=None, **_) -> MatchResult:
         result = MatchResult()
         for name, value in (("Q", q_scale), ("Kᵀ", k_scale)):
-            s = _scalar(value)
+            s = self._scale(value, q, k)
             if s is None or s == 0:
-                return result.fail(f"the scale applied to {name} is not a constant non-zero scalar "
-                                   f"(a scale computed from the runtime shape is not matched yet)", value)
+                return result.fail(f"the scale applied to {name} is neither a constant non-zero scalar nor "
+                                   f"computed from the head dimension (Shape(Q)[-1])", value)
         if self.nan_guard and _scalar(zero) != 0:
             return result.fail("the NaN guard does not replace NaN by 0", zero)
         if q.shape is not None and len(q.shape) != 4:
@@ -97,14 +105,41 @@ class _SdpaAttention(pattern.RewriteRuleClassBase):
         return result
 
     def rewrite(self, op, q, k, v, q_scale, k_scale, mask, **_):
-        return op.Attention(q, k, v, mask, scale=_scalar(q_scale) * _scalar(k_scale))
+        return op.Attention(q, k, v, mask, scale=self._scale(q_scale, q, k) * self._scale(k_scale, q, k))
+
+
+def _shape_float(value: ir.Value | None, tensors: tuple, last_dim: int, depth: int = 0) -> float | None:
+    """The float a scalar computation on `Shape(t)[-1:]` (t one of `tensors`, whose last dimension
+    is `last_dim`) yields: Cast / Sqrt / Div / Mul of such values and constants."""
+    if value is None or depth > 12:
+        return None
+    s = _scalar(value)
+    if s is not None:
+        return s
+    node = value.producer()
+    if node is None:
+        return None
+    args = [_shape_float(v, tensors, last_dim, depth + 1) for v in node.inputs[:2] if v is not None]
+    if node.op_type in ("Cast", "Identity", "Squeeze", "Unsqueeze", "Reshape") and args and args[0] is not None:
+        return args[0]
+    if node.op_type == "Sqrt" and args[0] is not None and args[0] >= 0:
+        return float(np.sqrt(args[0]))
+    if node.op_type in ("Div", "Mul") and len(args) == 2 and None not in args:
+        return args[0] / args[1] if node.op_type == "Div" and args[1] else args[0] * args[1]
+    if node.op_type in ("Slice", "Gather") and node.inputs[0].producer() is not None:
+        shape = node.inputs[0].producer()
+        start = _scalar(node.inputs[1])
+        if shape.op_type == "Shape" and not shape.attributes and shape.inputs[0] in tensors and start in (-1, 3):
+            return float(last_dim)
+    return None
 
 
 
 # ------------------------------------------------------------------ rotary
-def _static_int(value: ir.Value | None, x: ir.Value, head_dim: int) -> int | None:
+def _static_int(value: ir.Value | None, last_dim) -> int | None:
     """The integer a small shape computation yields, if it is known before running: a constant, or
-    `x.shape[-1] // 2`-style arithmetic on x's last dimension (= head_dim) as TorchScript exports it."""
+    arithmetic on `Shape(v)[-1]` as TorchScript exports `x.shape[-1] // 2`, where `last_dim(v)`
+    knows v's last dimension."""
     if value is None:
         return None
     tensor = get_const_tensor(value)
@@ -115,22 +150,22 @@ def _static_int(value: ir.Value | None, x: ir.Value, head_dim: int) -> int | Non
     if node is None:
         return None
     if node.op_type in ("Cast", "Unsqueeze", "Squeeze", "Identity", "Reshape"):
-        return _static_int(node.inputs[0], x, head_dim)
+        return _static_int(node.inputs[0], last_dim)
     if node.op_type == "Div":
-        a, b = (_static_int(v, x, head_dim) for v in node.inputs[:2])
+        a, b = (_static_int(v, last_dim) for v in node.inputs[:2])
         return a // b if a is not None and b else None
     if node.op_type == "Gather" and node.inputs[0].producer() is not None:
         shape = node.inputs[0].producer()
-        index = _static_int(node.inputs[1], x, head_dim)
-        if (shape.op_type == "Shape" and shape.inputs[0] is x and not shape.attributes
-                and index in (3, -1)):
-            return head_dim
+        if (shape.op_type == "Shape" and not shape.attributes
+                and _static_int(node.inputs[1], last_dim) in (3, -1)):
+            return last_dim(shape.inputs[0])
     return None
 
 
-def _duplicated_halves(value: ir.Value, trig: str) -> str | None:
-    """None if `value` is trig(cat(f, f)) (through casts and a constant scale, as transformers
-    computes cos/sin with `attention_scaling`); otherwise why not."""
+def _rotary_table(value: ir.Value, trig: str) -> tuple[int | None, str | None]:
+    """If `value` is trig(cat(f, f)) (through casts and a constant scale, as transformers computes
+    cos/sin with `attention_scaling`), its last dimension, the rotary dimension r: f is
+    Transpose(MatMul(inv_freq[1, r/2, 1], positions)). Returns (r, None), or (None, why not)."""
     cur, seen = value, False
     while cur is not None and cur.producer() is not None:
         node = cur.producer()
@@ -142,28 +177,69 @@ def _duplicated_halves(value: ir.Value, trig: str) -> str | None:
             cur, seen = node.inputs[0], True
         elif node.op_type == "Concat" and seen:
             halves = list(node.inputs)
-            axis = node.attributes.get_int("axis", 0)
-            if len(halves) == 2 and halves[0] is halves[1] and axis in (-1, 2):
-                return None
-            return f"{trig.lower()} is not {trig}(cat(freqs, freqs)) along the last axis"
+            if len(halves) != 2 or halves[0] is not halves[1] or node.attributes.get_int("axis", 0) not in (-1, 2):
+                return None, f"{trig.lower()} is not {trig}(cat(freqs, freqs)) along the last axis"
+            half = _inv_freq_length(halves[0])
+            if half is None:
+                return None, f"{trig.lower()}: cannot tell the rotary dimension (freqs is not " \
+                             f"Transpose(MatMul(<constant inv_freq>, positions)))"
+            return 2 * half, None
         else:
             break
-    return f"{trig.lower()} is not computed as {trig}(cat(freqs, freqs)) (stopped at " \
-           f"{cur.producer().op_type if cur is not None and cur.producer() else 'a graph input'})"
+    return None, f"{trig.lower()} is not computed as {trig}(cat(freqs, freqs)) (stopped at " \
+                 f"{cur.producer().op_type if cur is not None and cur.producer() else 'a graph input'})"
+
+
+def _inv_freq_length(freqs: ir.Value) -> int | None:
+    """r/2 for freqs = Transpose(MatMul(Cast*(Expand(inv_freq[1, r/2, 1])), positions), [0, 2, 1])
+    (TorchScript) or Mul(positions, inv_freq[r/2]) (torch dynamo)."""
+    node = freqs.producer()
+    if node is not None and node.op_type == "Mul":  # torch dynamo: positions[..., None] * inv_freq[r/2]
+        for operand in node.inputs:
+            tensor = get_const_tensor(operand)
+            if tensor is not None and len(tensor.shape) == 1:
+                return int(tensor.shape[0])
+        return None
+    if node is None or node.op_type != "Transpose" or list(node.attributes.get_ints("perm", [])) != [0, 2, 1]:
+        return None
+    matmul = node.inputs[0].producer()
+    if matmul is None or matmul.op_type != "MatMul":
+        return None
+    cur = matmul.inputs[0]
+    while cur is not None and cur.producer() is not None and cur.producer().op_type in ("Cast", "Expand"):
+        cur = cur.producer().inputs[0]
+    tensor = get_const_tensor(cur) if cur is not None else None
+    if tensor is None or len(tensor.shape) != 3 or tensor.shape[0] != 1 or tensor.shape[2] != 1:
+        return None
+    return int(tensor.shape[1])
+
+
+def _unsqueezed_table_dim(value: ir.Value) -> int | None:
+    """r for Unsqueeze(cos or sin table, axes=[1]) ([batch, 1, seq, r]), else None."""
+    node = value.producer()
+    if node is None or node.op_type != "Unsqueeze" or _static_int(node.inputs[1], lambda _: None) != 1:
+        return None
+    table = node.inputs[0]
+    for trig in ("Cos", "Sin"):
+        r, _ = _rotary_table(table, trig)
+        if r is not None:
+            return r
+    return None
 
 
 class _DecomposedRotary(pattern.RewriteRuleClassBase):
     """transformers' `apply_rotary_pos_emb` as the TorchScript exporter writes it:
 
-        x·unsqueeze(cos, 1) + cat(-x[..., d/2:], x[..., :d/2])·unsqueeze(sin, 1)
-        with cos = cos(cat(freqs, freqs)), sin likewise  ([batch, seq, head_dim])
+        x·unsqueeze(cos, 1) + cat(-x[..., r/2:], x[..., :r/2])·unsqueeze(sin, 1)
+        with cos = cos(cat(freqs, freqs)), sin likewise  ([batch, seq, r])
 
-    -> RotaryEmbedding(x, cos[..., :d/2], sin[..., :d/2]) (opset 23, half-split, whole head).
-    The position-rewriting passes (sink_window) need this op: they re-rotate the cache through it."""
+    -> RotaryEmbedding(x, cos[..., :r/2], sin[..., :r/2]) (opset 23, half-split). x's last dimension
+    is r (the products broadcast over it): the whole head, or the rotated part of a partially
+    rotated one (`_PartialRotary` then folds the split back in). The position-rewriting passes
+    (sink_window) need this op: they re-rotate the cache through it."""
 
-    def __init__(self, head_dim: int):
+    def __init__(self):
         super().__init__(name="decomposed_rotary")
-        self.head_dim = head_dim
 
     def pattern(self, op, x, cos_u, sin_u, lo_start, lo_end, lo_axes, lo_steps, hi_start, hi_end, hi_axes,
                 hi_steps):
@@ -174,10 +250,25 @@ class _DecomposedRotary(pattern.RewriteRuleClassBase):
     def check(self, context, x, cos_u, sin_u, lo_start, lo_end, lo_axes, lo_steps, hi_start, hi_end, hi_axes,
               hi_steps, **_) -> MatchResult:
         result = MatchResult()
-        d = self.head_dim
         if x.shape is not None and len(x.shape) != 4:
             return result.fail("the rotated tensor is not 4-D [batch, heads, seq, head_dim]", x)
-        static = {name: _static_int(v, x, d) for name, v in (
+        dims = []
+        for name, value, trig in (("cos", cos_u, "Cos"), ("sin", sin_u, "Sin")):
+            unsq = value.producer()
+            if unsq is None or unsq.op_type != "Unsqueeze" or _static_int(unsq.inputs[1], lambda _: None) != 1:
+                return result.fail(f"{name} is not unsqueezed at the heads axis (axis 1)", value)
+            r, why = _rotary_table(unsq.inputs[0], trig)
+            if why is not None:
+                return result.fail(why, value)
+            dims.append(r)
+        r = dims[0]
+        if dims[1] != r or r % 2:
+            return result.fail(f"cos and sin tables differ in size ({dims}) or are odd", cos_u)
+
+        def last_dim(v):  # x's last dimension is r: x·cos broadcasts over it
+            return r if v is x else _unsqueezed_table_dim(v)
+
+        static = {name: _static_int(v, last_dim) for name, v in (
             ("lo_start", lo_start), ("lo_end", lo_end), ("lo_axes", lo_axes), ("lo_steps", lo_steps),
             ("hi_start", hi_start), ("hi_end", hi_end), ("hi_axes", hi_axes), ("hi_steps", hi_steps))}
         if static["lo_axes"] not in (3, -1) or static["hi_axes"] not in (3, -1):
@@ -185,48 +276,113 @@ class _DecomposedRotary(pattern.RewriteRuleClassBase):
         if static["lo_steps"] != 1 or static["hi_steps"] != 1:
             return result.fail("rotate_half slices with a step other than 1 (interleaved rotary is not matched)",
                                lo_steps)
-        if static["lo_start"] != 0 or static["lo_end"] != d // 2 or static["hi_start"] != d // 2:
-            # Phi3/NeoX rotate only part of the head (partial rotary): not matched yet
-            return result.fail(f"rotate_half does not split head_dim {d} in two halves "
+        if static["lo_start"] != 0 or static["lo_end"] != r // 2 or static["hi_start"] != r // 2:
+            return result.fail(f"rotate_half does not split the rotary dimension {r} in two halves "
                                f"(x[..., {static['lo_start']}:{static['lo_end']}], "
-                               f"x[..., {static['hi_start']}:]); partial rotary is not matched yet", lo_end)
-        if static["hi_end"] is None or static["hi_end"] < d:
-            return result.fail("the upper half of rotate_half does not run to the end of the head", hi_end)
-        for name, value, trig in (("cos", cos_u, "Cos"), ("sin", sin_u, "Sin")):
-            unsq = value.producer()
-            if unsq is None or unsq.op_type != "Unsqueeze" or _static_int(unsq.inputs[1], x, d) != 1:
-                return result.fail(f"{name} is not unsqueezed at the heads axis (axis 1)", value)
-            if (why := _duplicated_halves(unsq.inputs[0], trig)) is not None:
-                return result.fail(why, value)
+                               f"x[..., {static['hi_start']}:])", lo_end)
+        if static["hi_end"] is None or static["hi_end"] < r:
+            return result.fail("the upper half of rotate_half does not run to the end", hi_end)
         return result
 
     def rewrite(self, op, x, cos_u, sin_u, **_):
-        zero, half, last = (op.Constant(value_ints=[v]) for v in (0, self.head_dim // 2, -1))
+        r, _ = _rotary_table(cos_u.producer().inputs[0], "Cos")
+        zero, half, last = (op.Constant(value_ints=[v]) for v in (0, r // 2, -1))
         cos = op.Slice(cos_u.producer().inputs[0], zero, half, last)
         sin = op.Slice(sin_u.producer().inputs[0], zero, half, last)
         return op.RotaryEmbedding(x, cos, sin, interleaved=0)
 
 
+class _PartialRotary(pattern.RewriteRuleClassBase):
+    """Phi3 / GPT-NeoX rotate the first r channels of each head and pass the rest through:
+
+        cat(RotaryEmbedding(k[..., :r], cos, sin), k[..., r:])  ->  RotaryEmbedding(k, cos, sin,
+                                                                     rotary_embedding_dim=r)
+
+    (Phi3 writes the split even when r is the whole head; then the second part is empty.)"""
+
+    def __init__(self, head_dim: int):
+        super().__init__(name="partial_rotary")
+        self.head_dim = head_dim
+
+    def pattern(self, op, k, cos, sin, a_start, a_end, a_axes, a_steps, b_start, b_end, b_axes, b_steps):
+        rotated = op.RotaryEmbedding(op.Slice(k, a_start, a_end, a_axes, a_steps), cos, sin, interleaved=0)
+        return op.Concat(rotated, op.Slice(k, b_start, b_end, b_axes, b_steps), axis=-1)
+
+    def check(self, context, k, cos, sin, a_start, a_end, a_axes, a_steps, b_start, b_end, b_axes, b_steps,
+              **_) -> MatchResult:
+        result = MatchResult()
+        r = self._rotary_dim(cos)
+        if r is None:
+            return result.fail("the RotaryEmbedding's cos is not a constant-width slice of a rotary table", cos)
+        static = [_static_int(v, _unsqueezed_table_dim) for v in
+                  (a_start, a_end, a_axes, a_steps, b_start, b_end, b_axes, b_steps)]
+        if static[2] not in (3, -1) or static[6] not in (3, -1) or static[3] != 1 or static[7] != 1:
+            return result.fail("the rotary split does not slice the last axis with step 1", a_axes)
+        if static[0] != 0 or static[1] != r or static[4] != r or static[5] is None or static[5] < self.head_dim:
+            return result.fail(f"the head is not split as k[..., :{r}], k[..., {r}:] (found {static[0]}:{static[1]}, "
+                               f"{static[4]}:{static[5]})", a_end)
+        if r > self.head_dim:
+            return result.fail(f"rotary dimension {r} exceeds head_dim {self.head_dim}", cos)
+        return result
+
+    @staticmethod
+    def _rotary_dim(cos: ir.Value) -> int | None:
+        node = cos.producer()  # Slice(table, 0, r/2, -1), as _DecomposedRotary builds it
+        if node is None or node.op_type != "Slice":
+            return None
+        half = _static_int(node.inputs[2], lambda _: None)
+        return 2 * half if half else None
+
+    def rewrite(self, op, k, cos, sin, **_):
+        r = self._rotary_dim(cos)
+        attrs = {"rotary_embedding_dim": r} if r != self.head_dim else {}
+        return op.RotaryEmbedding(k, cos, sin, interleaved=0, **attrs)
+
+
+def _share_rotary_tables(model: ir.Model) -> None:
+    """Every rewrite sliced the same shared cos/sin table; let all RotaryEmbeddings read the first
+    slice of each (the first in graph order precedes every consumer). Only these slices are merged:
+    a general CSE here would leave the configured `eliminate_common_subexpressions` pass nothing."""
+    first: dict[tuple, ir.Value] = {}
+    for node in list(model.graph):
+        if node.op_type != "RotaryEmbedding":
+            continue
+        for slot in (1, 2):
+            table_slice = node.inputs[slot].producer()
+            if table_slice is None or table_slice.op_type != "Slice":
+                continue
+            key = (id(table_slice.inputs[0]), _static_int(table_slice.inputs[2], lambda _: None))
+            shared = first.setdefault(key, node.inputs[slot])
+            if shared is not node.inputs[slot]:
+                node.replace_input_with(slot, shared)
+
+
 def rewrite_decomposed_rotary(model: ir.Model, head_dim: int) -> tuple[dict[str, int], str | None]:
     """Decomposed RoPE -> ONNX RotaryEmbedding, where the exporter left it as Sin/Cos arithmetic.
     Returns the rewrites done and, if none, why the rule missed where it came closest."""
-    from onnx_ir.passes.common import CommonSubexpressionEliminationPass
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
 
     done: dict[str, int] = {}
     if upgrade_opset(model):
         done["opset_upgraded_to_23"] = 1
-    rules = pattern.RewriteRuleSet([_DecomposedRotary.rule(head_dim)], commute=True)
+    rules = pattern.RewriteRuleSet([_DecomposedRotary.rule()], commute=True)
     n = rules.apply_to_model(model)
     if n:
         done["decomposed_rotary_to_RotaryEmbedding"] = n
-        # every layer's rewrite sliced the same shared cos/sin: keep one slice of each
-        CommonSubexpressionEliminationPass()(model)
+        # the rotated part's Shape feeding the replaced rotate_half slices is dead now, but still a use
+        RemoveUnusedNodesPass()(model)
+        if m := pattern.RewriteRuleSet([_PartialRotary.rule(head_dim)]).apply_to_model(model):
+            done["partial_rotary_folded"] = m
+        _share_rotary_tables(model)
     return done, None if n else closest_miss(rules, model)
 
 
-ATTENTION_RULES = pattern.RewriteRuleSet(
-    [_DecomposedAttention.rule(c, d) for c in (2, 1, 0) for d in (False, True)]
-    + [_SdpaAttention.rule(g, f) for g in (True, False) for f in (False, True)])
+def attention_rules(head_dim: int | None) -> pattern.RewriteRuleSet:
+    """Every decomposed-attention form; `head_dim` (from the KV-cache inputs) lets the SDPA rule
+    evaluate a scale computed from the runtime shape."""
+    return pattern.RewriteRuleSet(
+        [_DecomposedAttention.rule(c, d) for c in (2, 1, 0) for d in (False, True)]
+        + [_SdpaAttention.rule(g, f, head_dim) for g in (True, False) for f in (False, True)])
 
 
 def closest_miss(rules: pattern.RewriteRuleSet, model: ir.Model) -> str | None:
@@ -285,11 +441,11 @@ def upgrade_opset(model: ir.Model) -> bool:
     return True
 
 
-def rewrite_decomposed_attention(model: ir.Model) -> dict[str, int]:
+def rewrite_decomposed_attention(model: ir.Model, head_dim: int | None) -> dict[str, int]:
     done: dict[str, int] = {}
     if upgrade_opset(model):
         done["opset_upgraded_to_23"] = 1
-    n = ATTENTION_RULES.apply_to_model(model)
+    n = attention_rules(head_dim).apply_to_model(model)
     if n:
         done["decomposed_attention_to_Attention"] = n
     return done

@@ -83,6 +83,9 @@ def missing_fact_details(info) -> dict[str, str]:
     """Why the canonical model lacks a fact, where the canonicaliser knows (e.g. the rotary rule's
     reason for not matching), for the refusal's one line."""
     rotary = getattr(info, "rotary", None)
+    if rotary == "none found":  # GPT-2 style: positions are learned embeddings added to the input
+        return {MODEL_ROTARY_OP: "no rotary position embedding in the graph: positions not encoded by RoPE (e.g. "
+                                 "learned absolute positions) cannot be re-assigned per cache slot"}
     return {MODEL_ROTARY_OP: f"rotary: {rotary}"} if rotary and rotary != "RotaryEmbedding" else {}
 
 

@@ -13,7 +13,8 @@ import pytest
 from conftest import DECODER_DIR, ROOT, run_cli
 
 PEERS = ROOT / "tests" / "peer_exports"
-FAMILIES = ["llama-gqa", "llama-mha", "mistral", "qwen2"]
+FAMILIES = ["llama-gqa", "llama-mha", "mistral", "qwen2", "phi3", "gpt-neox", "gpt2"]
+ROTARY = [f for f in FAMILIES if f != "gpt2"]  # GPT-2 has learned absolute positions
 TOKENIZER = DECODER_DIR / "tokenizer.json"
 
 
@@ -67,13 +68,51 @@ def test_decomposed_rotary_becomes_rotary_embedding_op():
 
     from optc.canonical import canonicalize
 
-    for family in FAMILIES:
+    for family in ROTARY:
         model = ir.load(PEERS / family / "model.onnx")
         info = canonicalize(model)
         ops = [n.op_type for n in model.graph]
         assert info.rotary == "RotaryEmbedding", family
         assert info.rewrites["decomposed_rotary_to_RotaryEmbedding"] == ops.count("RotaryEmbedding") == 2 * info.n_layers
         assert "Neg" not in ops and ops.count("Cos") == ops.count("Sin") == 1, (family, ops.count("Cos"))
+
+
+def test_partial_rotary_is_folded_into_one_rotary_embedding_op():
+    """GPT-NeoX rotates a quarter of each head and passes the rest through (Phi3 writes the same split
+    over the whole head): cat(rotary(k[..., :r]), k[..., r:]) becomes one RotaryEmbedding with
+    rotary_embedding_dim=r, whose output is the new key itself, which sink_window needs. Exactness
+    against ONNX Runtime is the identity test above."""
+    import onnx_ir as ir
+
+    from optc.canonical import canonicalize
+
+    for family, rotary_dim in (("gpt-neox", 2), ("phi3", None)):
+        model = ir.load(PEERS / family / "model.onnx")
+        info = canonicalize(model)
+        ropes = [n for n in model.graph if n.op_type == "RotaryEmbedding"]
+        assert info.rewrites["partial_rotary_folded"] == len(ropes) == 2 * info.n_layers, family
+        assert {r.attributes.get_int("rotary_embedding_dim", None) for r in ropes} == {rotary_dim}, family
+        new_key = {v.name: v for v in model.graph.outputs}["present.0.key"].producer().inputs[1]
+        assert new_key.producer().op_type == "RotaryEmbedding", family
+
+
+@pytest.mark.parametrize("family", ["phi3", "gpt-neox"])
+def test_sink_window_compiles_on_fused_qkv_and_partial_rotary_exports(family, tmp_path):
+    manifest = _compile(family, tmp_path / "art",
+                        [{"name": "sparse_attention", "mode": "sink_window", "sinks": 2, "window": 16}])
+    assert manifest["kv_cache"]["policy"]["kind"] == "sink_window"
+
+
+def test_learned_positions_are_refused_by_sink_window_saying_so(tmp_path, capsys):
+    """GPT-2 compiles (identity above), but its positions are learned embeddings added to the input:
+    nothing can re-assign them per cache slot, and sink_window says so in one line."""
+    cfg = tmp_path / "sw.yaml"
+    cfg.write_text("passes:\n  - name: sparse_attention\n    mode: sink_window\n    sinks: 4\n    window: 60\n")
+    out = tmp_path / "art"
+    code, _, err = run_cli(["compile", PEERS / "gpt2" / "model.onnx", "-c", cfg, "-o", out, "--tokenizer",
+                            TOKENIZER], capsys)
+    assert code == 2 and err.count("\n") == 1 and "learned absolute positions" in err, err
+    assert not out.exists()
 
 
 def _stream_logits(artifact: Path, ids: list[int], prompt: int) -> np.ndarray:

@@ -35,7 +35,15 @@ FAMILIES = {
     "llama-mha": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)),
     "mistral": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=None)),
     "qwen2": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2)),
+    # fused QKV, rotary written as a split even over the whole head
+    "phi3": ("Phi3Config", dict(num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)),
+    # partial rotary (a quarter of each head), fused QKV with bias, LayerNorm, parallel residual
+    "gpt-neox": ("GPTNeoXConfig", dict(num_attention_heads=4, rotary_pct=0.25)),
+    # learned absolute positions, LayerNorm + GELU, the attention scale computed from Q's shape
+    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=512)),
 }
+# GPT-2 names its sizes n_embd/n_layer/n_head: of COMMON it takes only these
+GPT2_COMMON = {"vocab_size", "bos_token_id", "eos_token_id", "tie_word_embeddings", "initializer_range"}
 # the same model as another fixture, exported with other main_export options (`optimum-cli --dtype fp16`)
 VARIANTS = {"llama-gqa-fp16": ("llama-gqa", {"dtype": "fp16"})}
 
@@ -51,7 +59,8 @@ def main() -> None:
     for name, family, options in jobs:
         config_class, extra = FAMILIES[family]
         torch.manual_seed(0)
-        cfg = getattr(transformers, config_class)(**{**COMMON, **extra})
+        common = {k: v for k, v in COMMON.items() if config_class != "GPT2Config" or k in GPT2_COMMON}
+        cfg = getattr(transformers, config_class)(**{**common, **extra})
         model = transformers.AutoModelForCausalLM.from_config(cfg)
         with tempfile.TemporaryDirectory() as tmp:
             src, out = Path(tmp) / "src", Path(tmp) / "out"
