@@ -427,9 +427,10 @@ class TvmBackend:
     kv_outputs: list
     attention_outputs: list
 
-    KEYS = ("name", "library", "params", "target", "target_kind", "device", "tuning", "cuda",
-            "fused_decode_attention", "fused_prefill_attention", "segments", "sparse_prefill_min_tokens", "buckets",
-            "kv_outputs", "attention_outputs")
+    # the backend writes these in backends/tvm/pipeline.py (`schedules`, `bool_loops_kept_scalar`: CUDA only)
+    KEYS = ("name", "library", "params", "target", "target_kind", "device", "tuning", "cuda", "schedules",
+            "bool_loops_kept_scalar", "fused_decode_attention", "fused_prefill_attention", "segments",
+            "sparse_prefill_min_tokens", "buckets", "kv_outputs", "attention_outputs")
 
     @classmethod
     def from_dict(cls, d: Any, n_layers: int, where: str = "manifest.json: backend") -> TvmBackend:
@@ -442,7 +443,8 @@ class TvmBackend:
             if d.get(k) is not None:
                 _object(d[k], f"{where}.{k}")
         _need(d, "target_kind", str, where, optional=True)
-        for k in ("fused_decode_attention", "fused_prefill_attention"):
+        _need(d, "schedules", str, where, optional=True)
+        for k in ("fused_decode_attention", "fused_prefill_attention", "bool_loops_kept_scalar"):
             _count(d, k, where, lo=0, optional=True)
         segments = [TvmSegment.from_dict(s, f"{where}.segments[{i}]")
                     for i, s in enumerate(_need(d, "segments", list, where))]

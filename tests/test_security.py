@@ -425,6 +425,19 @@ def test_tvm_backend_section_is_type_checked_before_the_library_loads(path, valu
         TvmBackend.from_dict(section, n_layers=1)
 
 
+def test_tvm_cuda_backend_section_as_the_backend_writes_it_is_accepted():
+    """The CUDA build adds `cuda`, `schedules` and `bool_loops_kept_scalar` (backends/tvm/pipeline.py);
+    the contract must know them, or every GPU artifact is refused at load (CI caught exactly that)."""
+    from optc.runtime.manifest import ManifestError, TvmBackend
+
+    section = {**TVM_SECTION, "device": "cuda", "target": {"kind": "cuda", "arch": "sm_90"}, "target_kind": "cuda",
+               "cuda": {"arch": "sm_90"}, "schedules": "dlight (TVM's default GPU schedules)",
+               "bool_loops_kept_scalar": 3}
+    assert TvmBackend.from_dict(section, n_layers=1).device == "cuda"
+    with pytest.raises(ManifestError, match=re.escape("bool_loops_kept_scalar: expected int, got str")):
+        TvmBackend.from_dict({**section, "bool_loops_kept_scalar": "3"}, n_layers=1)
+
+
 # ------------------------------------------------------------- absurd input-graph shapes --
 def _with_input_dim(tmp_path, exported_decoder, name, axis, value):
     import onnx
