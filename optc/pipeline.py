@@ -82,11 +82,15 @@ def _why_not(a: PlannedPass, b: PlannedPass) -> str | None:
 def missing_fact_details(info) -> dict[str, str]:
     """Why the canonical model lacks a fact, where the canonicaliser knows (e.g. the rotary rule's
     reason for not matching), for the refusal's one line."""
+    details = {MODEL_POSITION_IDS: "the export takes no position_ids input (optimum leaves it out for Gemma); "
+                                   "deriving it from the cache length inside the graph is not implemented"}
     rotary = getattr(info, "rotary", None)
     if rotary == "none found":  # GPT-2 style: positions are learned embeddings added to the input
-        return {MODEL_ROTARY_OP: "no rotary position embedding in the graph: positions not encoded by RoPE (e.g. "
-                                 "learned absolute positions) cannot be re-assigned per cache slot"}
-    return {MODEL_ROTARY_OP: f"rotary: {rotary}"} if rotary and rotary != "RotaryEmbedding" else {}
+        details[MODEL_ROTARY_OP] = ("no rotary position embedding in the graph: positions not encoded by RoPE (e.g. "
+                                    "learned absolute positions) cannot be re-assigned per cache slot")
+    elif rotary and rotary != "RotaryEmbedding":
+        details[MODEL_ROTARY_OP] = f"rotary: {rotary}"
+    return details
 
 
 def check_contracts(planned: list[PlannedPass], facts: set[str] | None = None,
