@@ -90,8 +90,9 @@ def _strip_repeat_kv(attn: ir.Node, slot: int, present: ir.Value) -> bool:
 
 def analyze(model: ir.Model) -> DecoderInfo:
     """Find the decoder structure; rewrite recognised patterns into canonical form (in place)."""
-    from optc.canonical_patterns import (attention_rules, closest_miss, rewrite_decomposed_attention,
-                                         rewrite_decomposed_rotary, simplify_trivial_concats)
+    from optc.canonical_patterns import (attention_rules, closest_miss, fold_partial_rotary,
+                                         rewrite_decomposed_attention, rewrite_decomposed_rotary,
+                                         simplify_trivial_concats)
     from optc.canonical_precision import upcast_half_precision
 
     rewrites: dict[str, int] = {}
@@ -138,6 +139,8 @@ def analyze(model: ir.Model) -> DecoderInfo:
         done, rotary_miss = rewrite_decomposed_rotary(model, head_dim)  # may upgrade the opset
         rewrites.update(done)
         g = model.graph
+    elif "RotaryEmbedding" in ops and "Concat" in ops:  # dynamo opset 23: partial rotary left split
+        rewrites.update(fold_partial_rotary(model, head_dim))
 
     attention_nodes = [n for n in g if n.op_type == "Attention" and n.domain == ""]
     if len(attention_nodes) != n_layers:

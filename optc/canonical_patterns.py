@@ -311,6 +311,8 @@ class _PartialRotary(pattern.RewriteRuleClassBase):
     def check(self, context, k, cos, sin, a_start, a_end, a_axes, a_steps, b_start, b_end, b_axes, b_steps,
               **_) -> MatchResult:
         result = MatchResult()
+        if k.shape is not None and len(k.shape) != 4:  # the 3-D form needs num_heads, which the rewrite drops
+            return result.fail("the rotated tensor is not 4-D [batch, heads, seq, head_dim]", k)
         r = self._rotary_dim(cos)
         if r is None:
             return result.fail("the RotaryEmbedding's cos is not a constant-width slice of a rotary table", cos)
@@ -327,11 +329,16 @@ class _PartialRotary(pattern.RewriteRuleClassBase):
 
     @staticmethod
     def _rotary_dim(cos: ir.Value) -> int | None:
-        node = cos.producer()  # Slice(table, 0, r/2, -1), as _DecomposedRotary builds it
-        if node is None or node.op_type != "Slice":
-            return None
-        half = _static_int(node.inputs[2], lambda _: None)
-        return 2 * half if half else None
+        node = cos.producer()
+        if node is not None and node.op_type == "Slice":  # Slice(table, 0, r/2, -1), as _DecomposedRotary builds it
+            half = _static_int(node.inputs[2], lambda _: None)
+            return 2 * half if half else None
+        # torch dynamo at opset 23 writes RotaryEmbedding itself, its cos an element-wise Cos of
+        # positions x inv_freq ([batch, seq, r/2]): the width is in the shape
+        for v in (cos, node.inputs[0] if node is not None and node.op_type == "Cos" else None):
+            if v is not None and v.shape is not None and len(v.shape) and isinstance(v.shape[-1], int):
+                return 2 * v.shape[-1]
+        return None
 
     def rewrite(self, op, k, cos, sin, **_):
         r = self._rotary_dim(cos)
@@ -371,10 +378,16 @@ def rewrite_decomposed_rotary(model: ir.Model, head_dim: int) -> tuple[dict[str,
         done["decomposed_rotary_to_RotaryEmbedding"] = n
         # the rotated part's Shape feeding the replaced rotate_half slices is dead now, but still a use
         RemoveUnusedNodesPass()(model)
-        if m := pattern.RewriteRuleSet([_PartialRotary.rule(head_dim)]).apply_to_model(model):
-            done["partial_rotary_folded"] = m
+        done.update(fold_partial_rotary(model, head_dim))
         _share_rotary_tables(model)
     return done, None if n else closest_miss(rules, model)
+
+
+def fold_partial_rotary(model: ir.Model, head_dim: int) -> dict[str, int]:
+    """Concat(RotaryEmbedding(k[..., :r]), k[..., r:]) -> one RotaryEmbedding with
+    rotary_embedding_dim, on the ops the rotary rule built or those the exporter wrote."""
+    m = pattern.RewriteRuleSet([_PartialRotary.rule(head_dim)]).apply_to_model(model)
+    return {"partial_rotary_folded": m} if m else {}
 
 
 def attention_rules(head_dim: int | None) -> pattern.RewriteRuleSet:

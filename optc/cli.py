@@ -37,12 +37,14 @@ def cli():
 
 @cli.command()
 @click.option("--hf", "hf_dir", required=True, type=click.Path(path_type=Path),
-              help="local Hugging Face Llama/Mistral/Qwen2 checkpoint directory")
+              help="local Hugging Face checkpoint directory (decoders: Llama, Mistral, Qwen2/3, Phi3, Gemma, "
+                   "GPT-NeoX, GPT-2; encoders: BERT)")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="ONNX file to write")
 def export(hf_dir, output):
     """Export a local HF checkpoint to ONNX (opset 23).
 
-    Decoders (Llama / Mistral / Qwen2) get the optimum / transformers.js KV-cache layout;
+    Decoders (Llama, Mistral, Qwen2, Qwen3, Phi3, Gemma, GPT-NeoX, GPT-2) get the optimum /
+    transformers.js KV-cache layout;
     BERT encoders (e.g. all-MiniLM-L6-v2) get input_ids, attention_mask, token_type_ids ->
     last_hidden_state.
     """

@@ -22,7 +22,8 @@ from optc.errors import OptcError
 from optc.runtime.manifest import (ATTENTION_MASK, CONTEXT_METADATA_KEY, INPUT_IDS, KV_KINDS, LOGITS,
                                    POSITION_IDS, past_name, present_name)
 
-SUPPORTED_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+SUPPORTED_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
+                   "GemmaForCausalLM", "GPTNeoXForCausalLM", "GPT2LMHeadModel"}
 ENCODER_ARCHS = {"BertModel"}
 OPSET = 23
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json")
@@ -50,8 +51,11 @@ def _load_hf(hf_dir: Path):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True, attn_implementation="sdpa",
-                                                 dtype="float32")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True, attn_implementation="sdpa",
+                                                     dtype="float32")
+    except (ValueError, OSError, KeyError) as e:  # an incomplete or foreign config / missing weights
+        raise OptcError(f"{hf_dir}: transformers cannot load it ({' '.join(str(e).split())[:300]})") from None
     model.eval()
     return model
 
@@ -174,7 +178,10 @@ def export_encoder(hf_dir: Path, out_path: Path, *, log=print) -> Path:
         raise OptcError(f"{hf_dir / 'config.json'}: architecture {sorted(archs) or '?'} is not an encoder optc exports "
                         f"({sorted(ENCODER_ARCHS)})")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model = AutoModel.from_pretrained(hf_dir, local_files_only=True, attn_implementation="eager").eval()
+    try:
+        model = AutoModel.from_pretrained(hf_dir, local_files_only=True, attn_implementation="eager").eval()
+    except (ValueError, OSError, KeyError) as e:
+        raise OptcError(f"{hf_dir}: transformers cannot load it ({' '.join(str(e).split())[:300]})") from None
 
     class Encoder(torch.nn.Module):
         def __init__(self):

@@ -203,8 +203,13 @@ def test_cli_error_has_no_traceback_in_a_real_process(tmp_path):
 def test_export_bad_hf_dir(tmp_path, capsys):
     code, _, err = run_cli(["export", "--hf", tmp_path / "missing", "-o", tmp_path / "m.onnx"], capsys)
     assert_clean_error(code, err, "no config.json")
+    (tmp_path / "bloom").mkdir()
+    (tmp_path / "bloom" / "config.json").write_text('{"architectures": ["BloomForCausalLM"]}')
+    code, _, err = run_cli(["export", "--hf", tmp_path / "bloom", "-o", tmp_path / "m.onnx"], capsys)
+    assert_clean_error(code, err, "BloomForCausalLM", "is not one of")
+    # a supported architecture whose config transformers cannot read
     (tmp_path / "gpt").mkdir()
     (tmp_path / "gpt" / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
     code, _, err = run_cli(["export", "--hf", tmp_path / "gpt", "-o", tmp_path / "m.onnx"], capsys)
-    assert_clean_error(code, err, "GPT2LMHeadModel", "is not one of")
+    assert_clean_error(code, err, "gpt", "transformers cannot load it", "model_type")
     assert not (tmp_path / "m.onnx").exists()

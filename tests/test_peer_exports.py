@@ -125,17 +125,19 @@ def _stream_logits(artifact: Path, ids: list[int], prompt: int) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_sink_window_on_optimum_export_matches_the_same_weights_exported_by_optc(tmp_path):
+@pytest.mark.parametrize("family", ["llama-gqa", "gpt-neox"])
+def test_sink_window_on_optimum_export_matches_the_same_weights_exported_by_optc(family, tmp_path):
     """The same checkpoint through two exporters: optimum's decomposed rotary + SDPA, and torch
     dynamo's native RotaryEmbedding + Attention. With sink_window evicting (sinks 2, window 16, a
     90-token stream) both artifacts give the same logits at every step: the rewritten rotary
-    re-positions the cache exactly as the native op does."""
+    re-positions the cache exactly as the native op does. GPT-NeoX rotates a quarter of each head:
+    dynamo writes that as Concat(RotaryEmbedding(k[..., :r]), k[..., r:]), which folds too."""
     from optc.export import export_decoder
 
-    native = export_decoder(PEERS / "llama-gqa", tmp_path / "dynamo" / "model.onnx", log=lambda *_: None)
+    native = export_decoder(PEERS / family, tmp_path / "dynamo" / "model.onnx", log=lambda *_: None)
     passes = [{"name": "sparse_attention", "mode": "sink_window", "sinks": 2, "window": 16}]
     logits = []
-    for name, model in (("optimum", PEERS / "llama-gqa" / "model.onnx"), ("dynamo", native)):
+    for name, model in (("optimum", PEERS / family / "model.onnx"), ("dynamo", native)):
         from optc.compile import compile_model
         from optc.config import parse_config
         from optc.registry import default_registry
@@ -144,6 +146,8 @@ def test_sink_window_on_optimum_export_matches_the_same_weights_exported_by_optc
         manifest = compile_model(model, out, config=parse_config({"passes": passes}, default_registry()),
                                  tokenizer=TOKENIZER, verify_length=64, log=lambda *_: None)
         assert manifest["kv_cache"]["policy"]["kind"] == "sink_window", manifest["kv_cache"]
+        if family == "gpt-neox":
+            assert manifest["model"]["rewrites"]["partial_rotary_folded"] == 2 * manifest["model"]["n_layers"]
         ids = [int(i) for i in np.random.default_rng(0).integers(1, 4096, size=90)]
         logits.append(_stream_logits(out, ids, prompt=10))
     optimum, dynamo = logits
