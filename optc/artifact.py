@@ -37,7 +37,9 @@ def _not_artifact_reason(out: Path) -> str | None:
     try:
         manifest = read_manifest(out, verify_hashes=False, allow_staging=False)
     except ArtifactError as e:
-        return f"is not an optc artifact ({str(e).split(': ', 1)[-1]})"
+        why = str(e).split(": ", 1)[-1]
+        return "is not an optc artifact (it has no manifest.json)" if why.startswith("missing") else \
+            f"is not an optc artifact ({why})"
     listed = set(manifest["files"]) | {MANIFEST_NAME, SIGNATURE_NAME}
     for p in sorted(out.rglob("*")):
         rel = p.relative_to(out).as_posix()
@@ -70,9 +72,10 @@ def check_output_dir(out: Path, force: bool, protected: dict[str, Path] | None =
     if out.exists():
         if not out.is_dir():
             raise OptcError(f"{out}: exists and is not a directory")
-        if not force:
+        empty = not any(out.iterdir())  # `mkdir out` first: it holds nothing to lose
+        if not empty and not force:
             raise OptcError(f"{out}: output directory exists (use --force to replace an optc artifact)")
-        why = _not_artifact_reason(out)
+        why = None if empty else _not_artifact_reason(out)
         if why:
             raise OptcError(f"{out}: --force replaces only an optc artifact, and this directory {why} "
                             f"(nothing was deleted)")
@@ -138,6 +141,11 @@ def write_manifest(root: Path, manifest: dict, *, staging: bool = False) -> dict
 
 def publish(staging: Path, out: Path, force: bool) -> None:
     """Move the finished staging dir to `out`, replacing an old artifact only with --force."""
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        try:
+            out.rmdir()  # empty when checked before the compile and still empty now
+        except OSError:
+            raise OptcError(f"{out}: output directory changed while compiling (nothing was deleted)") from None
     if out.exists() or out.is_symlink():
         if not force:
             raise OptcError(f"{out}: output directory appeared while compiling (use --force)")

@@ -31,6 +31,28 @@ def test_force_never_deletes_a_folder_of_user_files(tmp_path, exported_decoder, 
     assert (out / "thesis.tex").read_text() == "years of work"
 
 
+def test_an_empty_output_directory_is_written_into_and_a_folder_without_manifest_is_named_so(tmp_path):
+    """`mkdir out` before compiling loses nothing, so it needs no --force; a non-empty folder
+    without a manifest is refused by --force with that reason in plain words."""
+    from optc.artifact import check_output_dir, publish
+    from optc.errors import OptcError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    check_output_dir(out, force=False)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "manifest.json").write_text("{}")
+    publish(staging, out, force=False)
+    assert (out / "manifest.json").is_file() and not staging.exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "a.txt").write_text("x")
+    with pytest.raises(OptcError, match=re.escape("is not an optc artifact (it has no manifest.json)")):
+        check_output_dir(mine, force=True)
+    assert (mine / "a.txt").read_text() == "x"
+
+
 def test_force_never_replaces_the_input_models_folder_or_a_parent(tmp_path, exported_decoder, capsys):
     project = tmp_path / "project"
     model_dir = project / "model"
