@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import onnx_ir as ir
 
 from optc.errors import OptcError
-from optc.runtime.manifest import ATTENTION_MASK, CONTEXT_METADATA_KEY, INPUT_IDS, past_name
+from optc.runtime.manifest import ATTENTION_MASK, CONTEXT_METADATA_KEY, INPUT_IDS, POSITION_IDS, past_name
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _PRESENT = re.compile(r"^present\.(\d+)\.(key|value)$")
@@ -93,6 +93,7 @@ def analyze(model: ir.Model) -> DecoderInfo:
     from optc.canonical_patterns import (attention_rules, closest_miss, fold_partial_rotary,
                                          rewrite_decomposed_attention, rewrite_decomposed_rotary,
                                          simplify_trivial_concats)
+    from optc.canonical_positions import expose_position_ids
     from optc.canonical_precision import upcast_half_precision
 
     rewrites: dict[str, int] = {}
@@ -141,6 +142,8 @@ def analyze(model: ir.Model) -> DecoderInfo:
         g = model.graph
     elif "RotaryEmbedding" in ops and "Concat" in ops:  # dynamo opset 23: partial rotary left split
         rewrites.update(fold_partial_rotary(model, head_dim))
+    if POSITION_IDS not in inputs and expose_position_ids(model)[0]:  # optimum's Gemma
+        rewrites["position_ids_exposed_as_input"] = 1
 
     attention_nodes = [n for n in g if n.op_type == "Attention" and n.domain == ""]
     if len(attention_nodes) != n_layers:

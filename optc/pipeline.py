@@ -82,8 +82,9 @@ def _why_not(a: PlannedPass, b: PlannedPass) -> str | None:
 def missing_fact_details(info) -> dict[str, str]:
     """Why the canonical model lacks a fact, where the canonicaliser knows (e.g. the rotary rule's
     reason for not matching), for the refusal's one line."""
-    details = {MODEL_POSITION_IDS: "the export takes no position_ids input (optimum leaves it out for Gemma); "
-                                   "deriving it from the cache length inside the graph is not implemented"}
+    details = {MODEL_POSITION_IDS: "the export takes no position_ids input, and the graph computes no "
+                                   "arange(past_len, past_len + seq) feeding the rotary tables that optc could "
+                                   "expose as one"}
     rotary = getattr(info, "rotary", None)
     if rotary == "none found":  # GPT-2 style: positions are learned embeddings added to the input
         details[MODEL_ROTARY_OP] = ("no rotary position embedding in the graph: positions not encoded by RoPE (e.g. "

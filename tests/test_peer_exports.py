@@ -13,7 +13,7 @@ import pytest
 from conftest import DECODER_DIR, ROOT, run_cli
 
 PEERS = ROOT / "tests" / "peer_exports"
-FAMILIES = ["llama-gqa", "llama-mha", "mistral", "qwen2", "phi3", "gpt-neox", "gpt2"]
+FAMILIES = ["llama-gqa", "llama-mha", "mistral", "qwen2", "phi3", "gpt-neox", "gemma", "gpt2"]
 ROTARY = [f for f in FAMILIES if f != "gpt2"]  # GPT-2 has learned absolute positions
 TOKENIZER = DECODER_DIR / "tokenizer.json"
 
@@ -103,6 +103,28 @@ def test_sink_window_compiles_on_fused_qkv_and_partial_rotary_exports(family, tm
     assert manifest["kv_cache"]["policy"]["kind"] == "sink_window"
 
 
+def test_positions_computed_inside_the_graph_become_an_input():
+    """optimum's Gemma export has no position_ids input: transformers computed
+    arange(past_len, past_len + seq) from the cache. That tensor feeds the rotary tables only, so it
+    becomes a position_ids input (what sink_window needs to number tokens by cache slot); the
+    Range stays for the causal mask. Exactness against ONNX Runtime is the identity test above."""
+    import onnx_ir as ir
+
+    from optc.canonical import canonicalize
+
+    model = ir.load(PEERS / "gemma" / "model.onnx")
+    assert "position_ids" not in [v.name for v in model.graph.inputs]
+    info = canonicalize(model)
+    assert info.rewrites["position_ids_exposed_as_input"] == 1
+    [positions] = [v for v in model.graph.inputs if v.name == "position_ids"]
+    assert positions.dtype == ir.DataType.INT64 and len(positions.shape) == 2
+    assert any(user.op_type != "Shape" for user, _ in positions.uses())  # it feeds the rotary tables
+    assert "Range" in {n.op_type for n in model.graph}  # the mask still computes its own positions
+    # an export that already has the input is left alone
+    other = ir.load(PEERS / "llama-gqa" / "model.onnx")
+    assert "position_ids_exposed_as_input" not in canonicalize(other).rewrites
+
+
 def test_learned_positions_are_refused_by_sink_window_saying_so(tmp_path, capsys):
     """GPT-2 compiles (identity above), but its positions are learned embeddings added to the input:
     nothing can re-assign them per cache slot, and sink_window says so in one line."""
@@ -125,13 +147,14 @@ def _stream_logits(artifact: Path, ids: list[int], prompt: int) -> np.ndarray:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama-gqa", "gpt-neox"])
+@pytest.mark.parametrize("family", ["llama-gqa", "gpt-neox", "gemma"])
 def test_sink_window_on_optimum_export_matches_the_same_weights_exported_by_optc(family, tmp_path):
     """The same checkpoint through two exporters: optimum's decomposed rotary + SDPA, and torch
     dynamo's native RotaryEmbedding + Attention. With sink_window evicting (sinks 2, window 16, a
     90-token stream) both artifacts give the same logits at every step: the rewritten rotary
     re-positions the cache exactly as the native op does. GPT-NeoX rotates a quarter of each head:
-    dynamo writes that as Concat(RotaryEmbedding(k[..., :r]), k[..., r:]), which folds too."""
+    dynamo writes that as Concat(RotaryEmbedding(k[..., :r]), k[..., r:]), which folds too. optimum's
+    Gemma computes its positions inside the graph: they become an input the runtime feeds."""
     from optc.export import export_decoder
 
     native = export_decoder(PEERS / family, tmp_path / "dynamo" / "model.onnx", log=lambda *_: None)

@@ -39,6 +39,9 @@ FAMILIES = {
     "phi3": ("Phi3Config", dict(num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)),
     # partial rotary (a quarter of each head), fused QKV with bias, LayerNorm, parallel residual
     "gpt-neox": ("GPTNeoXConfig", dict(num_attention_heads=4, rotary_pct=0.25)),
+    # no position_ids input in optimum's export (positions computed from the cache length), head_dim
+    # set apart from hidden/heads, embeddings scaled by sqrt(hidden), GELU-tanh gate
+    "gemma": ("GemmaConfig", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0)),
     # learned absolute positions, LayerNorm + GELU, the attention scale computed from Q's shape
     "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=512)),
 }
@@ -49,13 +52,19 @@ VARIANTS = {"llama-gqa-fp16": ("llama-gqa", {"dtype": "fp16"})}
 
 
 def main() -> None:
+    import argparse
+
     import onnx
     import optimum.version
     import torch
     import transformers
     from optimum.exporters.onnx import main_export
 
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("names", nargs="*", help="fixtures to regenerate (default: all)")
+    only = set(ap.parse_args().names)
     jobs = [(name, name, {}) for name in FAMILIES] + [(name, base, opts) for name, (base, opts) in VARIANTS.items()]
+    jobs = [j for j in jobs if not only or j[0] in only]
     for name, family, options in jobs:
         config_class, extra = FAMILIES[family]
         torch.manual_seed(0)
