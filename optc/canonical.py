@@ -90,9 +90,9 @@ def _strip_repeat_kv(attn: ir.Node, slot: int, present: ir.Value) -> bool:
 
 def analyze(model: ir.Model) -> DecoderInfo:
     """Find the decoder structure; rewrite recognised patterns into canonical form (in place)."""
-    from optc.canonical_patterns import (attention_rules, closest_miss, fold_partial_rotary,
-                                         rewrite_decomposed_attention, rewrite_decomposed_rotary,
-                                         simplify_trivial_concats)
+    from optc.canonical_patterns import (attention_rules, closest_misses_by_layer, describe_by_layer,
+                                         downstream_nodes, fold_partial_rotary, rewrite_decomposed_attention,
+                                         rewrite_decomposed_rotary, simplify_trivial_concats)
     from optc.canonical_positions import expose_position_ids
     from optc.canonical_precision import upcast_half_precision
 
@@ -147,11 +147,19 @@ def analyze(model: ir.Model) -> DecoderInfo:
 
     attention_nodes = [n for n in g if n.op_type == "Attention" and n.domain == ""]
     if len(attention_nodes) != n_layers:
-        miss = closest_miss(attention_rules(head_dim), model) if len(attention_nodes) < n_layers else None
+        miss = None
+        if len(attention_nodes) < n_layers:  # say, per layer without one, what blocked the rules
+            attention_ids = {id(n) for n in attention_nodes}
+            unmatched = {}
+            for i in range(n_layers):
+                cache = [present[(i, kind)] for kind in ("key", "value")]
+                if not attention_ids & downstream_nodes(cache):
+                    unmatched[i] = cache
+            miss = describe_by_layer(closest_misses_by_layer(attention_rules(head_dim), model, unmatched))
         raise CanonicalizationError(
             f"found {len(attention_nodes)} attention ops (standard ONNX Attention or the MatMul-Softmax-MatMul "
             f"pattern) for {n_layers} KV-cache layers"
-            + (f"; closest miss: {miss}" if miss else ""))
+            + (f"; {miss}" if miss else ""))
 
     layers = []
     consumers: dict[str, ir.Node] = {}

@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.convenience import get_const_tensor
 from onnxscript.rewriter import pattern
-from onnxscript.rewriter._basics import MatchingTracer, MatchResult, MatchStatus
+from onnxscript.rewriter._basics import MatchInfo, MatchingTracer, MatchResult, MatchStatus
 
 CANONICAL_OPSET = 23
 
@@ -413,6 +413,76 @@ def closest_miss(rules: pattern.RewriteRuleSet, model: ir.Model) -> str | None:
         return None
     reason = best.match_result.reason or "the pattern did not match"
     return f"{reason} (at node {best.root_node.name!r})"
+
+
+class _EveryMiss(MatchingTracer):
+    """onnxscript's tracer keeps only each rule's best-scoring matches over the whole graph; a
+    per-layer report needs every failed attempt, with the node it was tried at."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.misses: list[MatchInfo] = []
+
+    def log(self, rule, container, node, match_result, status) -> None:
+        info = MatchInfo(match_result, node, container, status)
+        if status != MatchStatus.SUCCESS and info.score() > 0:
+            self.misses.append(info)
+
+
+def downstream_nodes(values: list[ir.Value], limit: int = 96) -> set[int]:
+    """ids of the nodes within `limit` steps downstream of `values` (a layer's attention lies
+    within a few dozen nodes of its cache tensors)."""
+    seen: set[int] = set()
+    frontier = [user for v in values for user, _ in v.uses()]
+    while frontier and len(seen) < limit:
+        node = frontier.pop(0)
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        frontier.extend(user for out in node.outputs for user, _ in out.uses())
+    return seen
+
+
+def closest_misses_by_layer(rules: pattern.RewriteRuleSet, model: ir.Model,
+                            layers: dict[int, list[ir.Value]]) -> dict[int, str]:
+    """For each layer (given by its cache tensors), why `rules` did not fire there: the best-scoring
+    failed attempt at a node downstream of that layer's cache (the check()'s reason, or the pattern
+    step that did not match), and the node. The model is left as it is."""
+    tracer = _EveryMiss()
+    rules.apply_to_model(model, tracer=tracer)
+    found = {}
+    for layer, values in layers.items():
+        near = downstream_nodes(values)
+        misses = [m for m in tracer.misses if id(m.root_node) in near]
+        if not misses:
+            found[layer] = "no attention pattern came close downstream of its cache"
+            continue
+        best = max(misses, key=lambda m: m.score())
+        found[layer] = f"{best.match_result.reason or 'the pattern did not match'} (at node {best.root_node.name!r})"
+    return found
+
+
+def describe_by_layer(reasons: dict[int, str]) -> str:
+    """{0: r, 1: r, 3: q} -> "layers 0-1: r; layer 3: q" (the node names differ per layer, so
+    layers are grouped by the reason with its node name stripped; the first layer's node is shown)."""
+    import re
+
+    groups: dict[str, list[int]] = {}
+    shown: dict[str, str] = {}
+    for layer in sorted(reasons):
+        key = re.sub(r" \(at node '.*'\)$", "", reasons[layer])
+        groups.setdefault(key, []).append(layer)
+        shown.setdefault(key, reasons[layer])
+    parts = []
+    for key, layers in groups.items():
+        spans, start = [], layers[0]
+        for a, b in zip(layers, layers[1:] + [None]):
+            if b != a + 1:
+                spans.append(f"{start}" if start == a else f"{start}-{a}")
+                start = b
+        label = f"layer {spans[0]}" if len(layers) == 1 else f"layers {', '.join(spans)}"
+        parts.append(f"{label}: {shown[key]}")
+    return "; ".join(parts)
 
 
 def simplify_trivial_concats(model: ir.Model) -> int:

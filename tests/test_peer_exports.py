@@ -125,6 +125,27 @@ def test_positions_computed_inside_the_graph_become_an_input():
     assert "position_ids_exposed_as_input" not in canonicalize(other).rewrites
 
 
+@pytest.mark.parametrize("broken, needle", [
+    ([1], "found 1 attention ops (standard ONNX Attention or the MatMul-Softmax-MatMul pattern) for 2 KV-cache "
+          "layers; layer 1: Attribute axis mismatch: expected -1, got 2. (at node '/model/layers.1/self_attn/"),
+    ([0, 1], "found 0 attention ops (standard ONNX Attention or the MatMul-Softmax-MatMul pattern) for 2 KV-cache "
+             "layers; layers 0-1: Attribute axis mismatch: expected -1, got 2. (at node '/model/layers.0/self_attn/"),
+])
+def test_attention_that_does_not_match_is_named_per_layer(broken, needle, tmp_path, capsys):
+    """When a layer's attention is not recognised, `optc inspect` (and compile) say which layers,
+    why the closest rule failed there and at which node, in one line: layers with the same reason
+    are grouped. (Here the softmax of the broken layers runs over the wrong axis.)"""
+    import onnx
+
+    proto = onnx.load(PEERS / "llama-gqa" / "model.onnx")
+    for node in proto.graph.node:
+        if node.op_type == "Softmax" and any(f"layers.{i}/" in node.name for i in broken):
+            next(a for a in node.attribute if a.name == "axis").i = 2
+    onnx.save(proto, tmp_path / "model.onnx")
+    code, _, err = run_cli(["inspect", tmp_path / "model.onnx"], capsys)
+    assert code == 2 and err.count("\n") == 1 and needle in err, err
+
+
 def test_learned_positions_are_refused_by_sink_window_saying_so(tmp_path, capsys):
     """GPT-2 compiles (identity above), but its positions are learned embeddings added to the input:
     nothing can re-assign them per cache slot, and sink_window says so in one line."""
