@@ -92,7 +92,8 @@ def analyze(model: ir.Model) -> DecoderInfo:
     """Find the decoder structure; rewrite recognised patterns into canonical form (in place)."""
     from optc.canonical_patterns import (attention_rules, closest_misses_by_layer, describe_by_layer,
                                          downstream_nodes, fold_partial_rotary, rewrite_decomposed_attention,
-                                         rewrite_decomposed_rotary, simplify_trivial_concats)
+                                         rewrite_decomposed_rotary, simplify_trivial_concats,
+                                         strip_noop_output_casts)
     from optc.canonical_positions import expose_position_ids
     from optc.canonical_precision import upcast_half_precision
 
@@ -107,6 +108,8 @@ def analyze(model: ir.Model) -> DecoderInfo:
         rewrites.update(rewrite_decomposed_attention(model, head_dim_hint))
     if n := simplify_trivial_concats(model):
         rewrites["trivial_concat_removed"] = n
+    if n := strip_noop_output_casts(model):
+        rewrites["noop_output_cast_removed"] = n
     g = model.graph
     inputs = {v.name: v for v in g.inputs}
     outputs = {v.name: v for v in g.outputs}

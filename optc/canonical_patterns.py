@@ -502,6 +502,34 @@ def simplify_trivial_concats(model: ir.Model) -> int:
     return count
 
 
+def strip_noop_output_casts(model: ir.Model) -> int:
+    """A graph output written as Cast(x, to=<x's own type>) (GPT-J casts its cache to the model
+    dtype, float to float) becomes x itself, under the output's name."""
+    count = 0
+    graph = model.graph
+    for i, out in enumerate(list(graph.outputs)):
+        node = out.producer()
+        if node is None or node.op_type != "Cast" or node.domain != "":
+            continue
+        src = node.inputs[0]
+        dtype = src.dtype if src is not None else None
+        if dtype is None and src is not None and (p := src.producer()) is not None and p.op_type == "Concat":
+            dtype = next((v.dtype for v in p.inputs if v is not None and v.dtype is not None), None)  # the cache's
+        if dtype is None or node.attributes.get_int("to") != dtype.value:
+            continue
+        if src.is_graph_input() or src.is_graph_output():
+            continue
+        name = out.name
+        src.type = src.type or out.type  # TorchScript exports leave intermediates untyped; outputs need it
+        src.shape = src.shape or out.shape
+        graph.outputs[i] = src
+        ir.convenience.replace_all_uses_with(out, src)  # other readers of the cast (Attention, Shape)
+        graph.remove(node, safe=True)
+        src.name = name
+        count += 1
+    return count
+
+
 def upgrade_opset(model: ir.Model) -> bool:
     """Bring the default-domain opset to 23 (needed for Attention / RMSNormalization / RotaryEmbedding)."""
     current = model.opset_imports.get("", 0)

@@ -87,8 +87,9 @@ def missing_fact_details(info) -> dict[str, str]:
                                    "expose as one"}
     rotary = getattr(info, "rotary", None)
     if rotary == "none found":  # GPT-2 style: positions are learned embeddings added to the input
-        details[MODEL_ROTARY_OP] = ("no rotary position embedding in the graph: positions not encoded by RoPE (e.g. "
-                                    "learned absolute positions) cannot be re-assigned per cache slot")
+        details[MODEL_ROTARY_OP] = ("no rotary position embedding in the graph (no RotaryEmbedding, no Sin/Cos): "
+                                    "positions encoded otherwise (learned absolute positions, or RoPE read from a "
+                                    "precomputed table as GPT-J does) cannot be re-assigned per cache slot")
     elif rotary and rotary != "RotaryEmbedding":
         details[MODEL_ROTARY_OP] = f"rotary: {rotary}"
     return details

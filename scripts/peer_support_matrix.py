@@ -45,6 +45,8 @@ FAMILIES = {
     "gemma": ("GemmaConfig", {**_LLAMA_LIKE, "num_key_value_heads": 2, "head_dim": 8}),
     "gpt2": ("GPT2Config", dict(vocab_size=4096, n_embd=32, n_layer=2, n_head=4, n_positions=512,
                                 bos_token_id=0, eos_token_id=0, initializer_range=0.2)),
+    "gptj": ("GPTJConfig", dict(vocab_size=4096, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=512,
+                                bos_token_id=0, eos_token_id=0, initializer_range=0.2)),
     "gpt-neox": ("GPTNeoXConfig", dict(vocab_size=4096, hidden_size=32, intermediate_size=64,
                                        num_hidden_layers=2, num_attention_heads=4, rotary_pct=0.25,
                                        max_position_embeddings=512, bos_token_id=0, eos_token_id=0,

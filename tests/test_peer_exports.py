@@ -13,8 +13,9 @@ import pytest
 from conftest import DECODER_DIR, ROOT, run_cli
 
 PEERS = ROOT / "tests" / "peer_exports"
-FAMILIES = ["llama-gqa", "llama-mha", "mistral", "qwen2", "phi3", "gpt-neox", "gemma", "gpt2"]
-ROTARY = [f for f in FAMILIES if f != "gpt2"]  # GPT-2 has learned absolute positions
+FAMILIES = ["llama-gqa", "llama-mha", "mistral", "qwen2", "phi3", "gpt-neox", "gemma", "gpt2", "gptj"]
+# GPT-2 has learned absolute positions; GPT-J reads RoPE from a precomputed table (no Sin/Cos to match)
+ROTARY = [f for f in FAMILIES if f not in ("gpt2", "gptj")]
 TOKENIZER = DECODER_DIR / "tokenizer.json"
 
 
@@ -55,8 +56,9 @@ def test_optimum_fp16_export_is_computed_in_float32_within_fp16_rounding(tmp_pat
     assert not [t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
 
 
-def test_optimum_export_takes_the_kv_quantisation_pass(tmp_path):
-    manifest = _compile("llama-gqa", tmp_path / "art", [{"name": "kv_cache_compression", "bits": 8}])
+@pytest.mark.parametrize("family", ["llama-gqa", "gptj"])
+def test_optimum_export_takes_the_kv_quantisation_pass(family, tmp_path):
+    manifest = _compile(family, tmp_path / "art", [{"name": "kv_cache_compression", "bits": 8}])
     assert manifest["kv_cache"]["layout"] == "kivi" and manifest["kv_cache"]["bits"] == 8
     assert manifest["verification"]["top1_agreement"] >= 0.9, manifest["verification"]
 
@@ -146,16 +148,33 @@ def test_attention_that_does_not_match_is_named_per_layer(broken, needle, tmp_pa
     assert code == 2 and err.count("\n") == 1 and needle in err, err
 
 
-def test_learned_positions_are_refused_by_sink_window_saying_so(tmp_path, capsys):
-    """GPT-2 compiles (identity above), but its positions are learned embeddings added to the input:
-    nothing can re-assign them per cache slot, and sink_window says so in one line."""
+@pytest.mark.parametrize("family, needle", [("gpt2", "learned absolute positions"),
+                                            ("gptj", "RoPE read from a precomputed table")])
+def test_positions_without_rotary_ops_are_refused_by_sink_window_saying_so(family, needle, tmp_path, capsys):
+    """GPT-2 and GPT-J compile (identity above), but GPT-2's positions are learned embeddings added
+    to the input and GPT-J reads its rotary from a precomputed sin/cos table (interleaved): nothing
+    optc can re-assign per cache slot, and sink_window says so in one line."""
     cfg = tmp_path / "sw.yaml"
     cfg.write_text("passes:\n  - name: sparse_attention\n    mode: sink_window\n    sinks: 4\n    window: 60\n")
     out = tmp_path / "art"
-    code, _, err = run_cli(["compile", PEERS / "gpt2" / "model.onnx", "-c", cfg, "-o", out, "--tokenizer",
+    code, _, err = run_cli(["compile", PEERS / family / "model.onnx", "-c", cfg, "-o", out, "--tokenizer",
                             TOKENIZER], capsys)
-    assert code == 2 and err.count("\n") == 1 and "learned absolute positions" in err, err
+    assert code == 2 and err.count("\n") == 1 and needle in err, err
     assert not out.exists()
+
+
+def test_a_cache_cast_to_its_own_type_on_the_way_out_is_the_cache():
+    """GPT-J writes present.N.key as Cast(Concat(past, new), to=float) on a float cache (keys only); the cast
+    is dropped (reported) so that the cache is recognised, and KV quantisation compiles on it."""
+    import onnx_ir as ir
+
+    from optc.canonical import canonicalize
+
+    model = ir.load(PEERS / "gptj" / "model.onnx")
+    info = canonicalize(model)
+    assert info.rewrites["noop_output_cast_removed"] == info.n_layers  # the keys only
+    outputs = {v.name: v for v in model.graph.outputs}
+    assert outputs["present.0.key"].producer().op_type == "Concat" and outputs["present.0.key"].type is not None
 
 
 def _stream_logits(artifact: Path, ids: list[int], prompt: int) -> np.ndarray:

@@ -42,10 +42,13 @@ FAMILIES = {
     # no position_ids input in optimum's export (positions computed from the cache length), head_dim
     # set apart from hidden/heads, embeddings scaled by sqrt(hidden), GELU-tanh gate
     "gemma": ("GemmaConfig", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0)),
+    # interleaved partial rotary read from a precomputed sin/cos table (no Sin/Cos ops), applied
+    # before the heads transpose; the cache cast to the model dtype on its way out
+    "gptj": ("GPTJConfig", dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=512)),
     # learned absolute positions, LayerNorm + GELU, the attention scale computed from Q's shape
     "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=512)),
 }
-# GPT-2 names its sizes n_embd/n_layer/n_head: of COMMON it takes only these
+# GPT-2 and GPT-J name their sizes n_embd/n_layer/n_head: of COMMON they take only these
 GPT2_COMMON = {"vocab_size", "bos_token_id", "eos_token_id", "tie_word_embeddings", "initializer_range"}
 # the same model as another fixture, exported with other main_export options (`optimum-cli --dtype fp16`)
 VARIANTS = {"llama-gqa-fp16": ("llama-gqa", {"dtype": "fp16"})}
@@ -68,7 +71,7 @@ def main() -> None:
     for name, family, options in jobs:
         config_class, extra = FAMILIES[family]
         torch.manual_seed(0)
-        common = {k: v for k, v in COMMON.items() if config_class != "GPT2Config" or k in GPT2_COMMON}
+        common = {k: v for k, v in COMMON.items() if config_class not in ("GPT2Config", "GPTJConfig") or k in GPT2_COMMON}
         cfg = getattr(transformers, config_class)(**{**common, **extra})
         model = transformers.AutoModelForCausalLM.from_config(cfg)
         with tempfile.TemporaryDirectory() as tmp:
