@@ -1,7 +1,8 @@
-"""ONNX Runtime backend: the canonical graph, plus outputs for each step's new keys/values.
-
-The extra outputs let the runtime append only the new tokens to its own preallocated KV cache
-instead of copying the whole `present` tensors back out every step.
+"""ONNX Runtime backend. Where the cache allows it (dense float, no policy), each layer's
+attention is lowered to ONNX Runtime's fused GroupQueryAttention, which writes the runtime's
+cache buffer in place (onnxruntime_fused.py). Otherwise the canonical graph runs as it is, plus
+outputs for each step's new keys/values: the runtime appends only those to its preallocated
+cache instead of copying the whole `present` tensors back out every step.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from optc.backends import onnxruntime_fused
 from optc.backends.base import attention_outputs, expose_new_kv
 from optc.errors import OptcError
 from optc.ir import save_model
+from optc.runtime.manifest import present_name
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -26,12 +29,22 @@ def compile(model: ir.Model, info, out_dir: Path, target: str, *, kv_cache=None,
     if target not in PROVIDERS:
         raise OptcError(f"--target {target}: the onnxruntime backend supports {', '.join(PROVIDERS)} "
                         f"(the NPU target comes with the quantised outlier-splitting work)")
+    options = dict(options or {})
+    fused = options.pop("fused_attention", True)
     if options:
-        raise OptcError(f"--backend onnxruntime takes no backend options (got {', '.join(sorted(options))}; "
-                        f"those are for --backend tvm)")
-    kv_outputs = expose_new_kv(model, info)
+        raise OptcError(f"--backend onnxruntime takes no backend options but --fused-attention (got "
+                        f"{', '.join(sorted(options))}; those are for --backend tvm)")
+    # the fast path (backends/onnxruntime_fused.py) where the cache allows it; else the generic graph
+    why = "--no-fused-attention" if not fused else onnxruntime_fused.why_not(model, info, kv_cache, target)
+    if why is None:
+        kv_in_place = onnxruntime_fused.lower(model, info, info.context, log=log)
+        kv_outputs = [[present_name(layer.index, kind) for kind in ("key", "value")] for layer in info.layers]
+    else:
+        log(f"onnxruntime: generic attention path (Concat + Attention per step): {why}")
+        kv_in_place = None
+        kv_outputs = expose_new_kv(model, info)
     files = save_model(model, Path(out_dir) / GRAPH_FILE)
-    return {
+    section = {
         "name": "onnxruntime",
         "graph": GRAPH_FILE,
         "weights": [f.name for f in files[1:]],
@@ -42,3 +55,6 @@ def compile(model: ir.Model, info, out_dir: Path, target: str, *, kv_cache=None,
         # per-layer attention probabilities, present when a cache policy scores tokens (H2O)
         "attention_outputs": attention_outputs(model),
     }
+    if kv_in_place is not None:  # kv_outputs are then the present buffers GQA writes in place
+        section["kv_in_place"] = kv_in_place
+    return section

@@ -205,7 +205,9 @@ def run_bench(artifact, *, original=None, baseline=None, hf_dir=None, json_path=
                    for name, path in runs]
     for (name, path), r in zip(runs, results):
         if name == "artifact":  # label artifacts by backend: a TVM and an ONNX Runtime build may be compared
-            r["engine"] = f"artifact ({json.loads((path / 'manifest.json').read_text())['backend']['name']})"
+            backend = json.loads((path / "manifest.json").read_text())["backend"]
+            fused = ", GQA in place" if backend.get("kv_in_place") else ""
+            r["engine"] = f"artifact ({backend['name']}{fused})"
     report = {"artifact": str(artifact), "passes": [p["name"] for p in manifest["passes"]],
               "prompt_lengths": list(prompt_lengths), "decode_tokens": decode_tokens, "decode_contexts": contexts,
               "results": results}

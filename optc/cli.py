@@ -154,11 +154,15 @@ def tvm_options(f):
     return f
 
 
+ORT_OPTIONS = {"fused_attention"}
+
+
 def _backend_options(backend, **given):
     options = {k: v for k, v in given.items() if v is not None}
-    if options and backend != "tvm":
-        flags = ", ".join("--" + k.replace("_", "-") for k in sorted(options))
-        raise OptcError(f"{flags}: only for --backend tvm")
+    wrong = sorted(k for k in options if (k in ORT_OPTIONS) != (backend == "onnxruntime"))
+    if wrong:
+        flags = ", ".join("--" + k.replace("_", "-") for k in wrong)
+        raise OptcError(f"{flags}: only for --backend {'onnxruntime' if wrong[0] in ORT_OPTIONS else 'tvm'}")
     return options
 
 
@@ -176,15 +180,18 @@ def _backend_options(backend, **given):
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="tokenizer.json (default: beside MODEL)")
 @click.option("--verify-length", default=256, show_default=True,
               help="tokens per verification prompt (longer prompts exercise prefill-side passes such as block_sparse)")
+@click.option("--fused-attention/--no-fused-attention", default=None,
+              help="onnxruntime: lower attention to ONNX Runtime's GroupQueryAttention with the cache written in "
+                   "place, where the cache allows it (default: on; the compile log says which path ran)")
 @tvm_options
 def compile(model, config_path, output, backend, target, force, dump_ir, eval_text, tokenizer, verify_length,
-            **tvm_opts):
+            fused_attention, **tvm_opts):
     """Compile MODEL (ONNX) through the configured passes into an artifact, verifying accuracy."""
     from optc.compile import compile_model
 
     compile_model(model, output, config_path=config_path, backend=backend, target=target, force=force,
                   dump_ir=dump_ir, eval_text=eval_text, tokenizer=tokenizer, verify_length=verify_length,
-                  backend_options=_backend_options(backend, **tvm_opts), log=log)
+                  backend_options=_backend_options(backend, fused_attention=fused_attention, **tvm_opts), log=log)
 
 
 @cli.command()

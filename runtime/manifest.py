@@ -29,6 +29,9 @@ CONTEXT_METADATA_KEY = "optc.context"
 # block_sparse wraps each layer's Attention in an If whose name ends with this
 BLOCK_SPARSE_IF_SUFFIX = "/block_sparse_if"
 _ATTENTION_OUTPUT_PREFIX = "optc.attn."
+# token_dropping (mode encoder): which input tokens the shortened hidden states are, and their mask
+KEPT_TOKEN_INDICES = "optc.kept_token_indices"
+KEPT_ATTENTION_MASK = "optc.kept_attention_mask"
 
 KV_KINDS = ("key", "value")
 
@@ -344,6 +347,34 @@ def _kv_outputs(d: dict, where: str, n_layers: int) -> list:
 
 
 @dataclass(frozen=True)
+class KvInPlace:
+    """The fused path of an ONNX Runtime artifact (backends/onnxruntime_fused.py): the graph's
+    attention op writes each step's keys/values into the cache buffer it reads (`cache_inputs`
+    per layer; bound to the same memory as the `kv_outputs`), told the cache length through two
+    int32 inputs; its rotary tables cover `max_positions` positions."""
+
+    op: str
+    seqlens_input: str
+    total_input: str
+    max_positions: int
+    cache_inputs: list
+
+    @classmethod
+    def from_dict(cls, d: Any, n_layers: int, where: str) -> KvInPlace:
+        d = _object(d, where)
+        _no_extra(d, {"op", "seqlens_input", "total_input", "max_positions", "cache_inputs"}, where)
+        op = _need(d, "op", str, where)
+        if op != "com.microsoft.GroupQueryAttention":
+            raise ManifestError(f"{where}.op: 'com.microsoft.GroupQueryAttention', got {op!r}"[:300])
+        pairs = _need(d, "cache_inputs", list, where)
+        if len(pairs) != n_layers or not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p)
+                                             for p in pairs):
+            raise ManifestError(f"{where}.cache_inputs: [key input, value input] for each of {n_layers} layers")
+        return cls(op, _need(d, "seqlens_input", str, where), _need(d, "total_input", str, where),
+                   _count(d, "max_positions", where), pairs)
+
+
+@dataclass(frozen=True)
 class OnnxRuntimeBackend:
     """The `backend` section of an ONNX Runtime artifact (session_options: the executor's)."""
 
@@ -353,17 +384,22 @@ class OnnxRuntimeBackend:
     session_options: dict
     kv_outputs: list
     attention_outputs: list
+    kv_in_place: KvInPlace | None = None
 
-    KEYS = ("name", "graph", "weights", "providers", "session_options", "kv_outputs", "attention_outputs")
+    KEYS = ("name", "graph", "weights", "providers", "session_options", "kv_outputs", "attention_outputs",
+            "kv_in_place")
 
     @classmethod
     def from_dict(cls, d: Any, n_layers: int, where: str = "manifest.json: backend") -> OnnxRuntimeBackend:
         d = _object(d, where)
         _no_extra(d, set(cls.KEYS), where)
         providers = _str_list(d, "providers", where, optional=True) or ["CPUExecutionProvider"]
+        kv_outputs = _kv_outputs(d, where, n_layers)
+        in_place = d.get("kv_in_place")
+        in_place = None if in_place is None else KvInPlace.from_dict(in_place, n_layers, f"{where}.kv_in_place")
         return cls(_need(d, "graph", str, where), _str_list(d, "weights", where, optional=True), providers,
-                   _need(d, "session_options", dict, where, optional=True) or {}, _kv_outputs(d, where, n_layers),
-                   _str_list(d, "attention_outputs", where, optional=True))
+                   _need(d, "session_options", dict, where, optional=True) or {}, kv_outputs,
+                   _str_list(d, "attention_outputs", where, optional=True), in_place)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import numpy as np
 
 from optc.errors import InvalidType, InvalidValue, PastContextWarning
 from optc.runtime.artifact import MANIFEST_NAME, ArtifactError, artifact_file, read_manifest
-from optc.runtime.cache import make_cache
+from optc.runtime.cache import KVCache, make_cache
 from optc.runtime.executors import make_executor
 from optc.runtime.manifest import KEY_POSITION_IDS, KVCacheSpec, ModelSpec, SinkWindowPolicy
 from optc.runtime.sampler import sample
@@ -72,6 +72,11 @@ class Model:
         self.vocab_size = rows or spec.vocab_size
         self.cache = make_cache(kv_spec, cfg)
         self._check_cache_inputs(where)
+        # an executor that writes the cache in place needs the plain growable cache (the backend
+        # lowers only such artifacts; a manifest that pairs it with another was edited)
+        self._in_place = getattr(self.executor, "kv_in_place", None) is not None
+        if self._in_place and (type(self.cache) is not KVCache or kv_spec.policy is not None):
+            raise ArtifactError(f"{where}: backend.kv_in_place needs a float cache without a policy")
         # "cache_slot": tokens are positioned by their slot in the (evicting) cache, StreamingLLM-style
         self.slot_positions = kv_spec.slot_positions
         self.policy = kv_spec.policy
@@ -141,6 +146,11 @@ class Model:
             warnings.warn(PastContextWarning(
                 f"position {first + n - 1} is past the model's trained context ({context} tokens): "
                 f"expect much worse predictions; compile with sink_window to stream long sequences"), stacklevel=4)
+        if self._in_place:  # the fused path: the graph writes the new keys/values into the cache itself
+            logits = self.executor.run_in_place(input_ids, position_ids, self.cache.buffers(n), cached)
+            self.cache.advance(n)
+            self.position += n
+            return logits[0]
         attention_mask = np.ones((1, cached + n), dtype=np.int64)
         if self.slot_positions:
             feeds[KEY_POSITION_IDS] = np.arange(cached + n, dtype=np.int64).reshape(1, -1)

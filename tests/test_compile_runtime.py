@@ -172,7 +172,7 @@ def test_bench_table_json_and_plot(tmp_path, identity_artifact, exported_decoder
                               "--prompt-lengths", "16,64", "--decode-tokens", "4"], capsys)
     assert code == 0, err
     report = json.loads(j.read_text())
-    assert [r["engine"] for r in report["results"]] == ["artifact (onnxruntime)", "onnxruntime"]
+    assert [r["engine"] for r in report["results"]] == ["artifact (onnxruntime, GQA in place)", "onnxruntime"]
     for r in report["results"]:
         assert set(r["ttft_ms"]) == {"16", "64"} and set(r["decode_ms_per_token"]) == {"128", "2048"}
         # layers, K+V, kv heads, head dim, fp32; tokens: the context, one untimed step, the timed ones

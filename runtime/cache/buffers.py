@@ -29,15 +29,19 @@ class GrowableArray:
     def capacity(self) -> int:
         return self.data.shape[2]
 
-    def append(self, x: np.ndarray) -> None:
-        n = x.shape[2]
-        if self.length + n > self.capacity:
+    def reserve(self, total: int) -> None:
+        """Room for `total` entries (doubling; the filled part is copied once per doubling)."""
+        if total > self.capacity:
             cap = self.capacity
-            while cap < self.length + n:
+            while cap < total:
                 cap *= 2
             new = aligned_zeros((1, self.heads, cap) + self.tail, self.dtype)
             new[:, :, : self.length] = self.data[:, :, : self.length]
             self.data = new
+
+    def append(self, x: np.ndarray) -> None:
+        n = x.shape[2]
+        self.reserve(self.length + n)
         self.data[:, :, self.length:self.length + n] = x
         self.length += n
 

@@ -38,6 +38,22 @@ class KVCache:
             self.keys[i].append(new_keys[i])
             self.values[i].append(new_values[i])
 
+    # -- the fused path: the executor writes new entries into these buffers itself --------
+    def buffers(self, room: int) -> dict[str, np.ndarray]:
+        """The whole buffers (capacity >= length + room) by graph input name, for an executor
+        that writes the next `room` entries in place (ONNX Runtime's GroupQueryAttention)."""
+        out = {}
+        for i in range(self.n_layers):
+            for kind, arr in (("key", self.keys[i]), ("value", self.values[i])):
+                arr.reserve(arr.length + room)
+                out[past_name(i, kind)] = arr.data
+        return out
+
+    def advance(self, n: int) -> None:
+        """The executor wrote `n` entries past the filled part of every buffer."""
+        for arr in self.keys + self.values:
+            arr.length += n
+
     def past(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """Views of the filled part of layer `layer` (no copy here)."""
         return self.keys[layer].view(), self.values[layer].view()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from optc.errors import InvalidValue
 from optc.runtime.artifact import ArtifactError, artifact_file, shown_key
 from optc.runtime.manifest import LOGITS, OnnxRuntimeBackend
 from optc.runtime.onnx_graph import WireError, embedding_rows
@@ -74,6 +75,26 @@ class OnnxRuntimeExecutor:
         except WireError as e:
             raise ArtifactError(f"{graph}: cannot read the embedding table's shape ({e})") from None
 
+        # the fused path: the graph writes the cache in place (backends/onnxruntime_fused.py)
+        self.kv_in_place = backend.kv_in_place
+        if self.kv_in_place is not None:
+            p = self.kv_in_place
+            for name in (p.seqlens_input, p.total_input, *[n for pair in p.cache_inputs for n in pair]):
+                if name not in self.input_names:
+                    raise ArtifactError(f"{root / 'manifest.json'}: backend.kv_in_place: {name!r} is not an input "
+                                        f"of {graph.name}")
+            # each cache input's buffer is also the output the op writes (ORT shares them)
+            self._present_of = {past: present for pair_in, pair_out in zip(p.cache_inputs, self.kv_outputs)
+                                for past, present in zip(pair_in, pair_out)}
+            self._io = self.session.io_binding()
+            self._bound: dict[str, tuple] = {}
+            # logits are written into an array of ours: their width is the graph's static vocab
+            # dim, or the embedding table's rows (the same for every supported decoder)
+            dims = next(o.shape for o in self.session.get_outputs() if o.name == LOGITS)
+            self._vocab = dims[-1] if dims and isinstance(dims[-1], int) else self.embedding_rows
+            if not self._vocab:
+                raise ArtifactError(f"{graph}: cannot tell the logits' width for the fused path")
+
     @property
     def provider(self) -> str:
         return self.providers[0]
@@ -95,3 +116,34 @@ class OnnxRuntimeExecutor:
         n_kv = 2 * len(self.kv_outputs)
         logits, kv, attention = out[0], out[1:1 + n_kv], out[1 + n_kv:]
         return logits, kv[0::2], kv[1::2], attention or None
+
+    def run_in_place(self, input_ids: np.ndarray, position_ids: np.ndarray, buffers: dict[str, np.ndarray],
+                     cached: int) -> np.ndarray:
+        """One forward step on the fused path: `buffers` are the cache's whole per-layer arrays
+        (KVCache.buffers), the first `cached` entries filled; the graph writes this step's keys and
+        values after them, in place. Returns the logits; the caller advances the cache."""
+        p = self.kv_in_place
+        n = input_ids.shape[1]
+        if cached + n > p.max_positions:
+            raise InvalidValue(f"position {cached + n - 1} is past this artifact's rotary tables ({p.max_positions} "
+                               f"positions, 4x the trained context): recompile with sink_window to stream "
+                               f"longer sequences")
+        io = self._io
+        for name, buf in buffers.items():  # rebound only when a buffer grew (a new allocation)
+            key = (buf.ctypes.data, buf.shape)
+            if self._bound.get(name) != key:
+                io.bind_input(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+                io.bind_output(self._present_of[name], "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+                self._bound[name] = key
+        feeds = {"input_ids": input_ids, p.seqlens_input: np.array([cached + n - 1], np.int32),
+                 p.total_input: np.array(cached + n, np.int32)}
+        if "position_ids" in self.input_names:
+            feeds["position_ids"] = position_ids
+        if "attention_mask" in self.input_names:
+            feeds["attention_mask"] = np.ones((1, cached + n), np.int64)
+        for name, arr in feeds.items():
+            io.bind_cpu_input(name, arr)
+        logits = np.empty((1, n, self._vocab), np.float32)
+        io.bind_output(LOGITS, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        self.session.run_with_iobinding(io)
+        return logits

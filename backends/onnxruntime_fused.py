@@ -1,0 +1,217 @@
+"""ONNX Runtime's fast decode path: each layer's canonical attention lowered to one
+`com.microsoft.GroupQueryAttention` (GQA) that rotates Q and K itself and writes the new keys and
+values into the runtime's cache buffer in place.
+
+The canonical form (what the passes see) per layer is
+
+    q, k, v [B, heads, S, D]  ->  RotaryEmbedding(q), RotaryEmbedding(k)
+    present = Concat(past, new)  ->  Attention(q_rot, present.key, present.value, mask)
+
+so every decode step re-concatenates the whole cache and runs the attention unfused. GQA takes
+the projections in their [B, S, heads * D] layout, a past buffer of fixed capacity that is also
+its present output (ONNX Runtime shares them when both are bound to the same memory), the cache
+lengths (`seqlens_k`, `total_sequence_length`) and cos/sin tables over all positions. The runtime
+binds its own cache buffers (runtime/executors/onnxruntime.py), so a decode step copies nothing
+proportional to the context.
+
+The lowering applies to a dense float cache the runtime only appends to: no eviction, quantised
+layout or attention outputs (those passes keep the generic path, and the compile log says why).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from optc.runtime.manifest import POSITION_IDS, past_name, present_name
+
+FUSED_OP = "GroupQueryAttention"
+SEQLENS_INPUT = "seqlens_k"  # per sequence: tokens in the cache after this step, minus one (int32)
+TOTAL_INPUT = "total_sequence_length"  # tokens in the cache after this step (int32 scalar)
+# positions the cos/sin tables cover: a few times the trained context (the runtime warns past
+# the context but runs; past the tables it refuses), bounded so a table stays small
+MIN_TABLE, MAX_TABLE = 4096, 32768
+
+
+def _perm(node: ir.Node) -> list[int] | None:
+    attr = node.attributes.get("perm")
+    return list(attr.value) if attr is not None else None
+
+
+def why_not(model: ir.Model, info, kv_cache: dict | None, target: str) -> str | None:
+    """Why the fused path does not apply to this artifact (None: it does)."""
+    if target != "cpu":
+        return f"target {target} (the in-place cache binding is implemented for the CPU)"
+    kv = kv_cache or {}
+    if kv.get("layout", "float") != "float":
+        return f"the {kv.get('layout')} cache layout is stored by the runtime, not by GQA"
+    if kv.get("policy"):
+        return f"the {kv['policy'].get('kind')} cache policy rewrites the cache between steps"
+    if any(v.name.startswith("optc.attention.") for v in model.graph.outputs):
+        return "a cache policy reads the attention probabilities"
+    if info.head_dim % 16:
+        return f"head_dim {info.head_dim} (ONNX Runtime's CPU GroupQueryAttention takes multiples of 16)"
+    if POSITION_IDS not in {v.name for v in model.graph.inputs}:
+        return "the graph has no position_ids input to build the rotary tables from"
+    for layer in info.layers:
+        if (why := _layer(model, layer.index)[1]) is not None:
+            return f"layer {layer.index}: {why}"
+    return None
+
+
+def _same(a: ir.Value, b: ir.Value) -> bool:
+    """The same tensor, or the same element-wise op of the same input (dynamo writes a Cos and a
+    Sin for each of q and k)."""
+    if a is b:
+        return True
+    pa, pb = a.producer(), b.producer()
+    return (pa is not None and pb is not None and pa.op_type == pb.op_type and pa.op_type in ("Cos", "Sin")
+            and pa.inputs[0] is pb.inputs[0])
+
+
+def _layer(model: ir.Model, i: int):
+    """The canonical ops of layer `i` ((q_rope, k_rope, attention, present key concat, present
+    value concat), None), or (None, why they are not in the form the lowering takes)."""
+    outputs = {v.name: v for v in model.graph.outputs}
+    pk, pv = outputs.get(present_name(i, "key")), outputs.get(present_name(i, "value"))
+    if pk is None or pv is None:
+        return None, "no present outputs"
+    catk, catv = pk.producer(), pv.producer()
+    if catk is None or catk.op_type != "Concat" or catv is None or catv.op_type != "Concat":
+        return None, "the present keys/values are not Concat(past, new)"
+    k_rope = catk.inputs[1].producer()
+    attn = [u for u, slot in pk.uses() if u.op_type == "Attention" and slot == 1]
+    if len(attn) != 1:
+        return None, "no single Attention op reads the present keys"
+    attn = attn[0]
+    q_rope = attn.inputs[0].producer()
+    if attn.inputs[2] is not pv:
+        return None, "the Attention op does not read the present values"
+    for name, rope in (("query", q_rope), ("key", k_rope)):
+        if rope is None or rope.op_type != "RotaryEmbedding":
+            return None, f"the {name} is not rotated by a RotaryEmbedding op"
+        if rope.attributes.get_int("interleaved", 0) or rope.attributes.get_int("rotary_embedding_dim", 0):
+            return None, "interleaved or partial rotary (GQA rotates the whole head, half-split)"
+        if len(rope.inputs) > 3 and rope.inputs[3] is not None:
+            return None, "the RotaryEmbedding takes its own position ids"
+    if not (_same(q_rope.inputs[1], k_rope.inputs[1]) and _same(q_rope.inputs[2], k_rope.inputs[2])):
+        return None, "query and key are rotated with different cos/sin tables"
+    if attn.attributes.get_float("softcap", 0.0) or attn.attributes.get_int("qk_matmul_output_mode", 0):
+        return None, "the Attention op has a softcap or extra outputs"
+    if any(len(o.uses()) or o in model.graph.outputs for o in attn.outputs[1:] if o is not None):
+        return None, "the Attention op's extra outputs are used"
+    return (q_rope, k_rope, attn, catk, catv), None
+
+
+def _rotary_table(model: ir.Model, value: ir.Value, positions: int) -> np.ndarray:
+    """Evaluate `value` (cos or sin per position, [batch, seq, D/2]) for positions 0..positions-1
+    by running the ops it is computed with, so that any exporter's rotary arithmetic gives its
+    own table. It must depend on position_ids alone."""
+    import onnx
+    import onnxruntime as ort
+
+    cone, todo, seen = set(), [value], set()
+    while todo:
+        v = todo.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        if v.is_graph_input() and v.name != POSITION_IDS:
+            raise ValueError(f"the rotary table depends on the graph input {v.name!r}")
+        if (node := v.producer()) is not None:
+            cone.add(id(node))
+            todo.extend(x for x in node.inputs if x is not None)
+    proto = ir.to_proto(model)
+    nodes = [n for n, node in zip(proto.graph.node, model.graph) if id(node) in cone]
+    used = {name for n in nodes for name in n.input}
+    graph = onnx.helper.make_graph(
+        nodes, "rotary_table", [i for i in proto.graph.input if i.name == POSITION_IDS],
+        [onnx.helper.make_tensor_value_info(value.name, onnx.TensorProto.FLOAT, None)],
+        [t for t in proto.graph.initializer if t.name in used])
+    small = onnx.helper.make_model(graph, opset_imports=proto.opset_import)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(small.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    out = session.run(None, {POSITION_IDS: np.arange(positions, dtype=np.int64).reshape(1, positions)})[0]
+    return np.ascontiguousarray(out.reshape(positions, -1), dtype=np.float32)
+
+
+def _to_bsh(graph: ir.Graph, v4: ir.Value, before: ir.Node) -> ir.Value:
+    """[B, heads, S, D] -> [B, S, heads * D]: the Reshape input the exporter transposed from, or
+    a Transpose + Reshape inserted here."""
+    node = v4.producer()
+    if node is not None and node.op_type == "Transpose" and _perm(node) == [0, 2, 1, 3]:
+        src = node.inputs[0].producer()
+        if src is not None and src.op_type == "Reshape" and src.inputs[0].shape is not None \
+                and len(src.inputs[0].shape) == 3:
+            return src.inputs[0]
+    t = ir.node("Transpose", [v4], attributes={"perm": [0, 2, 1, 3]})
+    shape = ir.Value(name=f"{v4.name}.bsh_shape", const_value=ir.tensor(np.array([0, 0, -1], np.int64)))
+    graph.register_initializer(shape)
+    r = ir.node("Reshape", [t.outputs[0], shape])
+    graph.insert_before(before, [t, r])
+    return r.outputs[0]
+
+
+def lower(model: ir.Model, info, context: int | None, log=print) -> dict:
+    """Rewrite every layer to GQA in place; returns the manifest's `kv_in_place` section."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    graph = model.graph
+    positions = min(MAX_TABLE, max(MIN_TABLE, 4 * (context or 0)))
+    seqlens = ir.Value(name=SEQLENS_INPUT, shape=ir.Shape(["batch"]), type=ir.TensorType(ir.DataType.INT32))
+    total = ir.Value(name=TOTAL_INPUT, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT32))
+    graph.inputs.extend([seqlens, total])
+    tables: dict[int, tuple[ir.Value, ir.Value]] = {}
+    for layer in info.layers:
+        (q_rope, k_rope, attn, catk, catv), _ = _layer(model, layer.index)
+        angle = q_rope.inputs[1].producer()  # tables of the same angles are one table, whatever Cos node
+        key = id(angle.inputs[0]) if angle is not None and angle.op_type == "Cos" else id(q_rope.inputs[1])
+        if key not in tables:
+            cos, sin = (ir.Value(name=f"optc.gqa.{kind}_cache.{len(tables)}",
+                                 const_value=ir.tensor(_rotary_table(model, q_rope.inputs[slot], positions)))
+                        for kind, slot in (("cos", 1), ("sin", 2)))
+            graph.register_initializer(cos)
+            graph.register_initializer(sin)
+            tables[key] = (cos, sin)
+        cos, sin = tables[key]
+        scale = attn.attributes.get_float("scale", info.head_dim ** -0.5)
+        gqa = ir.node(FUSED_OP, [
+            _to_bsh(graph, q_rope.inputs[0], attn), _to_bsh(graph, k_rope.inputs[0], attn),
+            _to_bsh(graph, catv.inputs[1], attn), catk.inputs[0], catv.inputs[0], seqlens, total, cos, sin],
+            attributes={"num_heads": info.num_heads, "kv_num_heads": info.kv_heads, "do_rotary": 1,
+                        "rotary_interleaved": 0, "scale": float(scale)},
+            domain="com.microsoft", num_outputs=3, name=f"optc_gqa_{layer.index}")
+        graph.insert_before(attn, gqa)
+        out, new_k, new_v = gqa.outputs
+        # GQA's output is [B, S, heads * D]; the canonical Attention's [B, heads, S, D]
+        users = attn.outputs[0].uses()
+        merged = None
+        if len(users) == 1 and users[0][0].op_type == "Transpose" and _perm(users[0][0]) == [0, 2, 1, 3]:
+            after = users[0][0].outputs[0].uses()
+            if len(after) == 1 and after[0][0].op_type == "Reshape":
+                merged = after[0][0].outputs[0]
+        if merged is not None:
+            ir.convenience.replace_all_uses_with(merged, out)
+        else:
+            shape = ir.Value(name=f"optc.gqa.bhsd_shape.{layer.index}",
+                             const_value=ir.tensor(np.array([0, 0, info.num_heads, info.head_dim], np.int64)))
+            graph.register_initializer(shape)
+            r = ir.node("Reshape", [out, shape])
+            t = ir.node("Transpose", [r.outputs[0]], attributes={"perm": [0, 2, 1, 3]})
+            graph.insert_before(attn, [r, t])
+            ir.convenience.replace_all_uses_with(attn.outputs[0], t.outputs[0])
+        for kind, old, new in (("key", catk.outputs[0], new_k), ("value", catv.outputs[0], new_v)):
+            name = present_name(layer.index, kind)
+            graph.outputs[graph.outputs.index(old)] = new
+            ir.convenience.replace_all_uses_with(old, new)
+            old.name, new.name = f"{name}.unfused", name
+            new.type, new.shape = old.type, old.shape
+    model.opset_imports.setdefault("com.microsoft", 1)
+    # the Concats, Attentions, rotary and mask arithmetic are dead now
+    RemoveUnusedNodesPass()(model)
+    log(f"onnxruntime: {len(info.layers)} attention layer(s) lowered to com.microsoft.{FUSED_OP} (rotary inside, "
+        f"cache written in place; rotary tables for {positions} positions)")
+    return {"op": f"com.microsoft.{FUSED_OP}", "seqlens_input": SEQLENS_INPUT, "total_input": TOTAL_INPUT,
+            "max_positions": positions,
+            "cache_inputs": [[past_name(i, "key"), past_name(i, "value")] for i in range(len(info.layers))]}

@@ -1,0 +1,138 @@
+"""Issue: ONNX Runtime fast path. The canonical attention lowered to com.microsoft.GroupQueryAttention
+(backends/onnxruntime_fused.py) writing the runtime's cache in place must give the logits of the
+generic graph, step for step, across cache growth; artifacts the lowering does not take say why
+and keep the generic path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import DECODER_DIR, ROOT
+
+PEERS = ROOT / "tests" / "peer_exports"
+TOKENIZER = DECODER_DIR / "tokenizer.json"
+
+
+def _compile(model: Path, out: Path, passes=None, options=None, log=None) -> dict:
+    from optc.compile import compile_model
+    from optc.config import parse_config
+    from optc.registry import default_registry
+
+    cfg = parse_config({"passes": passes or []}, default_registry())
+    return compile_model(model, out, config=cfg, tokenizer=TOKENIZER, verify_length=64,
+                         backend_options=options or {}, log=log or (lambda *_: None))
+
+
+def _stream(artifact: Path, ids: list[int], prompt: int):
+    import optc.runtime
+
+    m = optc.runtime.load(artifact)
+    rows = [m.prefill(ids[:prompt], all_logits=True)]
+    rows += [m.decode(t)[None] for t in ids[prompt:-1]]
+    return m, np.concatenate(rows)
+
+
+@pytest.mark.parametrize("export", ["exported_decoder", "torchscript_decoder"])
+def test_fused_path_matches_the_generic_graph_step_for_step(export, request, tmp_path):
+    """pycoder-5m from dynamo (native RotaryEmbedding) and from the TorchScript exporter (rotary
+    rewritten from Sin/Cos arithmetic): prefill 200 tokens and decode 120 more. The cache outgrows
+    its first buffer (256 entries), so the executor rebinds the new one. Every logit matches the
+    generic graph's."""
+    model = request.getfixturevalue(export)
+    logs: list[str] = []
+    fused = _compile(model, tmp_path / "fused", log=logs.append)
+    generic = _compile(model, tmp_path / "generic", options={"fused_attention": False})
+    assert fused["backend"]["kv_in_place"]["op"] == "com.microsoft.GroupQueryAttention"
+    assert "kv_in_place" not in generic["backend"]
+    assert any("lowered to com.microsoft.GroupQueryAttention" in line for line in logs), logs
+    assert fused["verification"]["top1_agreement"] == 1.0 and fused["verification"]["max_abs_logit_diff"] <= 1e-4
+
+    ids = [int(i) for i in np.random.default_rng(0).integers(1, 4096, size=320)]
+    m, a = _stream(tmp_path / "fused", ids, prompt=200)
+    _, b = _stream(tmp_path / "generic", ids, prompt=200)
+    assert a.shape == (319, 4096)  # (the model's trained context is 512: no warning)
+    assert np.abs(a - b).max() <= 1e-4, np.abs(a - b).max()
+    assert (a.argmax(-1) == b.argmax(-1)).all()
+    assert m.cache.length == 319 and m.cache.capacity == 512  # grew once, in place after that
+    # the executor's bound buffers are the cache's own arrays: nothing is copied per step
+    bound = {name: ptr for name, (ptr, _shape) in m.executor._bound.items()}
+    assert bound["past_key_values.0.key"] == m.cache.keys[0].data.ctypes.data
+
+
+@pytest.fixture(scope="module")
+def fused_artifact(tmp_path_factory, exported_decoder) -> Path:
+    out = tmp_path_factory.mktemp("fused") / "art"
+    _compile(exported_decoder, out)
+    return out
+
+
+def test_fused_graph_has_no_per_step_concat_and_one_gqa_per_layer(fused_artifact):
+    import onnx
+
+    manifest = json.loads((fused_artifact / "manifest.json").read_text())
+    graph = onnx.load(fused_artifact / "model.onnx", load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("GroupQueryAttention") == manifest["model"]["n_layers"]
+    assert "Attention" not in ops and "RotaryEmbedding" not in ops
+    assert not [n for n in graph.node if n.op_type == "Concat" and any(i.startswith("past_key_values.")
+                                                                        for i in n.input)]
+
+
+@pytest.mark.parametrize("passes, why", [
+    ([{"name": "sparse_attention", "mode": "sink_window", "sinks": 4, "window": 60}],
+     "the sink_window cache policy rewrites the cache between steps"),
+    ([{"name": "kv_cache_compression", "bits": 8}], "the kivi cache layout is stored by the runtime"),
+])
+def test_cache_passes_keep_the_generic_path_and_say_why(passes, why, tmp_path, exported_decoder):
+    logs: list[str] = []
+    manifest = _compile(exported_decoder, tmp_path / "art", passes, log=logs.append)
+    assert "kv_in_place" not in manifest["backend"]
+    assert any(line.startswith("onnxruntime: generic attention path") and why in line for line in logs), logs
+
+
+def test_heads_ort_cannot_fuse_keep_the_generic_path(tmp_path):
+    """ONNX Runtime's CPU GQA takes head sizes in multiples of 16 (the fixtures have 8)."""
+    logs: list[str] = []
+    manifest = _compile(PEERS / "llama-gqa" / "model.onnx", tmp_path / "art", log=logs.append)
+    assert "kv_in_place" not in manifest["backend"]
+    assert any("head_dim 8 (ONNX Runtime's CPU GroupQueryAttention takes multiples of 16)" in line
+               for line in logs), logs
+
+
+def test_positions_past_the_rotary_tables_are_refused(fused_artifact):
+    import optc.runtime
+    from optc.errors import InvalidValue
+
+    m = optc.runtime.load(fused_artifact)
+    limit = m.executor.kv_in_place.max_positions
+    assert limit == 4096  # 4 x pycoder-5m's 512-token context, at least 4,096
+    m.cache.buffers(limit)  # (the runtime would get here by decoding; skip the work)
+    m.cache.advance(limit - 1)
+    m.position = limit - 1
+    with pytest.warns(Warning, match="past the model's trained context"):
+        m.decode(5)  # the last position the tables cover
+    with pytest.raises(InvalidValue, match="past this artifact's rotary tables"):
+        m.decode(5)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda k: k.update(op="com.microsoft.MultiHeadAttention"), "kv_in_place.op: 'com.microsoft.GroupQueryAttention'"),
+    (lambda k: k.update(cache_inputs=k["cache_inputs"][:1]), "kv_in_place.cache_inputs: [key input, value input]"),
+    (lambda k: k.update(max_positions=0), "kv_in_place.max_positions: 1.."),
+    (lambda k: k.update(seqlens_input="nope"), "'nope' is not an input"),
+    (lambda k: k.update(extra=1), "kv_in_place.extra: unknown key"),
+])
+def test_an_edited_kv_in_place_section_is_refused(edit, needle, fused_artifact):
+    import re
+
+    from optc.runtime.artifact import ArtifactError
+    from optc.runtime.model import Model
+
+    manifest = json.loads((fused_artifact / "manifest.json").read_text())
+    edit(manifest["backend"]["kv_in_place"])
+    with pytest.raises(ArtifactError, match=re.escape(needle)):
+        Model(fused_artifact, manifest)  # the contract, not the file hashes, is what is tested here
