@@ -153,6 +153,54 @@ def _to_bsh(graph: ir.Graph, v4: ir.Value, before: ir.Node) -> ir.Value:
     return r.outputs[0]
 
 
+def _packed_qkv(graph: ir.Graph, q3: ir.Value, k3: ir.Value, v3: ir.Value, before: ir.Node) -> ir.Value | None:
+    """Q, K and V projected from the same input by three MatMuls with constant weights -> one
+    MatMul with the weights side by side (what GQA takes as a packed query; one weight read
+    per step instead of three). None where the projections are not of that form (biases,
+    quantised weights)."""
+    nodes = [v.producer() for v in (q3, k3, v3)]
+    if any(n is None or n.op_type != "MatMul" or n.domain != "" for n in nodes):
+        return None
+    x = nodes[0].inputs[0]
+    weights = [n.inputs[1].const_value for n in nodes]
+    if any(n.inputs[0] is not x for n in nodes) or any(w is None or len(w.shape) != 2 for w in weights):
+        return None
+    arrays = [w.numpy() for w in weights]
+    if len({a.shape[0] for a in arrays}) != 1 or len({a.dtype for a in arrays}) != 1:
+        return None
+    packed_w = ir.Value(name=f"{nodes[0].inputs[1].name}.qkv_packed",
+                        const_value=ir.tensor(np.ascontiguousarray(np.concatenate(arrays, axis=1))))
+    graph.register_initializer(packed_w)
+    matmul = ir.node("MatMul", [x, packed_w], name=f"{nodes[0].name}.qkv_packed")
+    graph.insert_before(before, matmul)
+    return matmul.outputs[0]
+
+
+def fuse_skip_rms_norm(model: ir.Model) -> int:
+    """RMSNormalization(Add(residual, x)) whose sum is also the next residual ->
+    com.microsoft.SkipSimplifiedLayerNormalization (one pass over the hidden state; its fourth
+    output is the sum). Returns how many were fused."""
+    graph, count = model.graph, 0
+    for norm in list(graph):
+        if norm.op_type != "RMSNormalization" or norm.domain != "" or norm.attributes.get_int("axis", -1) != -1:
+            continue
+        add = norm.inputs[0].producer()
+        if add is None or add.op_type != "Add" or add.outputs[0] in graph.outputs:
+            continue
+        a, b = add.inputs
+        if a.shape is None or b.shape is None or len(a.shape) != 3 or a.shape != b.shape:
+            continue
+        fused = ir.node("SkipSimplifiedLayerNormalization", [a, b, norm.inputs[1]],
+                        attributes={"epsilon": norm.attributes.get_float("epsilon", 1e-5)},
+                        domain="com.microsoft", num_outputs=4, name=f"{norm.name}.skip_fused")
+        graph.insert_before(norm, fused)
+        ir.convenience.replace_all_uses_with(norm.outputs[0], fused.outputs[0])
+        ir.convenience.replace_all_uses_with(add.outputs[0], fused.outputs[3])
+        fused.outputs[3].shape, fused.outputs[3].type = add.outputs[0].shape, add.outputs[0].type
+        count += 1
+    return count
+
+
 def lower(model: ir.Model, info, context: int | None, log=print) -> dict:
     """Rewrite every layer to GQA in place; returns the manifest's `kv_in_place` section."""
     from onnx_ir.passes.common import RemoveUnusedNodesPass
@@ -163,6 +211,7 @@ def lower(model: ir.Model, info, context: int | None, log=print) -> dict:
     total = ir.Value(name=TOTAL_INPUT, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT32))
     graph.inputs.extend([seqlens, total])
     tables: dict[int, tuple[ir.Value, ir.Value]] = {}
+    packed_layers = 0
     for layer in info.layers:
         (q_rope, k_rope, attn, catk, catv), _ = _layer(model, layer.index)
         angle = q_rope.inputs[1].producer()  # tables of the same angles are one table, whatever Cos node
@@ -176,9 +225,11 @@ def lower(model: ir.Model, info, context: int | None, log=print) -> dict:
             tables[key] = (cos, sin)
         cos, sin = tables[key]
         scale = attn.attributes.get_float("scale", info.head_dim ** -0.5)
-        gqa = ir.node(FUSED_OP, [
-            _to_bsh(graph, q_rope.inputs[0], attn), _to_bsh(graph, k_rope.inputs[0], attn),
-            _to_bsh(graph, catv.inputs[1], attn), catk.inputs[0], catv.inputs[0], seqlens, total, cos, sin],
+        q3, k3, v3 = (_to_bsh(graph, v, attn) for v in (q_rope.inputs[0], k_rope.inputs[0], catv.inputs[1]))
+        packed = _packed_qkv(graph, q3, k3, v3, attn)
+        qkv = [packed, None, None] if packed is not None else [q3, k3, v3]
+        packed_layers += packed is not None
+        gqa = ir.node(FUSED_OP, [*qkv, catk.inputs[0], catv.inputs[0], seqlens, total, cos, sin],
             attributes={"num_heads": info.num_heads, "kv_num_heads": info.kv_heads, "do_rotary": 1,
                         "rotary_interleaved": 0, "scale": float(scale)},
             domain="com.microsoft", num_outputs=3, name=f"optc_gqa_{layer.index}")
@@ -208,10 +259,12 @@ def lower(model: ir.Model, info, context: int | None, log=print) -> dict:
             old.name, new.name = f"{name}.unfused", name
             new.type, new.shape = old.type, old.shape
     model.opset_imports.setdefault("com.microsoft", 1)
-    # the Concats, Attentions, rotary and mask arithmetic are dead now
+    skip_norms = fuse_skip_rms_norm(model)
+    # the Concats, Attentions, rotary and mask arithmetic, the unpacked projections are dead now
     RemoveUnusedNodesPass()(model)
     log(f"onnxruntime: {len(info.layers)} attention layer(s) lowered to com.microsoft.{FUSED_OP} (rotary inside, "
-        f"cache written in place; rotary tables for {positions} positions)")
+        f"cache written in place; rotary tables for {positions} positions); Q/K/V packed into one MatMul in "
+        f"{packed_layers}, {skip_norms} residual Add + RMSNorm fused")
     return {"op": f"com.microsoft.{FUSED_OP}", "seqlens_input": SEQLENS_INPUT, "total_input": TOTAL_INPUT,
             "max_positions": positions,
             "cache_inputs": [[past_name(i, "key"), past_name(i, "value")] for i in range(len(info.layers))]}

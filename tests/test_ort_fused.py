@@ -78,6 +78,12 @@ def test_fused_graph_has_no_per_step_concat_and_one_gqa_per_layer(fused_artifact
     ops = [n.op_type for n in graph.node]
     assert ops.count("GroupQueryAttention") == manifest["model"]["n_layers"]
     assert "Attention" not in ops and "RotaryEmbedding" not in ops
+    n = manifest["model"]["n_layers"]
+    # Q/K/V read as one packed weight; each residual Add + RMSNorm pair is one op
+    assert all(len(node.input) == 9 and node.input[1] == node.input[2] == "" for node in graph.node
+               if node.op_type == "GroupQueryAttention")
+    assert ops.count("MatMul") == 5 * n + 1  # packed qkv, o, gate, up, down per layer + the LM head
+    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * n  # every norm but the first (no residual yet)
     assert not [n for n in graph.node if n.op_type == "Concat" and any(i.startswith("past_key_values.")
                                                                         for i in n.input)]
 
