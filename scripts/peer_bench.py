@@ -1,0 +1,269 @@
+"""Peer benchmark: optc's ONNX Runtime artifacts against onnxruntime-genai on the same model, the
+same ONNX Runtime, the same prompts and threads, in one run.
+
+    python3 -m venv .venv-genai
+    .venv-genai/bin/pip install torch==2.13.0 transformers==5.23.0 onnx onnx-ir onnxscript \
+        onnxruntime==1.32.0 onnxruntime-genai==0.18.0
+    .venv/bin/python scripts/peer_bench.py --hf models/pycoder-v2 --out docs/bench/peer_pycoder-v2.md
+
+onnxruntime-genai is a benchmark-only dependency: its model builder (`-p fp32|int4 -e cpu`) makes
+the peer models offline from the same HF directory, in its own venv (`--genai-python`). optc's
+artifacts are compiled here from `optc export` of that directory: fp32 on the fused path
+(GroupQueryAttention, cache written in place), fp32 on the generic path, and weight_quant int8 and
+int4 (block 32) on the fused path.
+
+Every engine runs in its own fresh process, one after the other. Measured: time to first token
+(prefill of a prompt, logits out) and decode ms/token after C tokens of context (greedy, 32
+tokens). Each figure is the median of --repeats runs, with the range. Perplexity is teacher-forced
+over held-out windows (models/data/heldout.jsonl) in one prefill per window, the same windows for
+every engine. Timings on a shared machine move; compare engines within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+THREADS = 2
+
+
+# ---------------------------------------------------------------------------- workers
+def _time_engine(prefill, decode_step, reset, ids, prompt_lengths, contexts, decode_tokens, repeats) -> dict:
+    out = {"ttft_ms": {}, "decode_ms": {}}
+    for n in prompt_lengths:
+        runs = []
+        for _ in range(repeats):
+            reset()
+            t = time.perf_counter()
+            prefill(ids[:n])
+            runs.append((time.perf_counter() - t) * 1e3)
+        out["ttft_ms"][n] = runs
+    for c in contexts:
+        runs = []
+        for _ in range(repeats):
+            reset()
+            tok = prefill(ids[:c])
+            t = time.perf_counter()
+            for _ in range(decode_tokens):
+                tok = decode_step(tok)
+            runs.append((time.perf_counter() - t) * 1e3 / decode_tokens)
+        out["decode_ms"][c] = runs
+    return out
+
+
+def optc_worker(artifact: str, job: dict) -> dict:
+    import numpy as np
+
+    import optc.runtime
+
+    m = optc.runtime.load(artifact)
+
+    def prefill(ids):
+        return int(np.argmax(m.prefill(ids)))
+
+    def decode_step(tok):
+        return int(np.argmax(m.decode(tok)))
+
+    result = _time_engine(prefill, decode_step, m.reset, job["ids"], job["prompt_lengths"], job["contexts"],
+                          job["decode_tokens"], job["repeats"])
+    nll, count = 0.0, 0
+    for window in job["windows"]:
+        m.reset()
+        logits = m.prefill(window, all_logits=True).astype(np.float64)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        nll -= logp[np.arange(len(window) - 1), window[1:]].sum()
+        count += len(window) - 1
+    result["perplexity"] = float(np.exp(nll / count))
+    return result
+
+
+def genai_worker(model_dir: str, job: dict) -> dict:
+    import numpy as np
+    import onnxruntime as ort
+    import onnxruntime_genai as og
+
+    model = og.Model(model_dir)
+    state = {}
+
+    def reset():
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=max(job["contexts"] + job["prompt_lengths"]) + job["decode_tokens"] + 8,
+                                  do_sample=False)
+        state["g"] = og.Generator(model, params)
+
+    def prefill(ids):
+        g = state["g"]
+        g.append_tokens(np.asarray(ids, np.int32))  # runs the prompt; logits of its last token
+        return None
+
+    def decode_step(_tok):
+        state["g"].generate_next_token()  # greedy: picks from the last logits, then runs that token
+        return None
+
+    result = _time_engine(prefill, decode_step, reset, job["ids"], job["prompt_lengths"], job["contexts"],
+                          job["decode_tokens"], job["repeats"])
+    # perplexity: the builder's graph run directly by ONNX Runtime, one prefill per window
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = THREADS
+    opts.log_severity_level = 3
+    s = ort.InferenceSession(str(Path(model_dir) / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    feeds_proto = {}
+    for i in s.get_inputs():
+        if i.name.startswith("past_key_values."):
+            kv_heads, head_dim = i.shape[1], None
+            feeds_proto[i.name] = kv_heads
+    cfg = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["decoder"]
+    head_dim = cfg["head_size"]
+    nll, count = 0.0, 0
+    for window in job["windows"]:
+        n = len(window)
+        feeds = {"input_ids": np.asarray(window, np.int64).reshape(1, n), "attention_mask": np.ones((1, n), np.int64)}
+        for name, kv_heads in feeds_proto.items():
+            feeds[name] = np.zeros((1, kv_heads, 0, head_dim), np.float32)
+        logits = s.run(["logits"], feeds)[0][0].astype(np.float64)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        nll -= logp[np.arange(n - 1), window[1:]].sum()
+        count += n - 1
+    result["perplexity"] = float(np.exp(nll / count))
+    return result
+
+
+# ---------------------------------------------------------------------------- driver
+def _held_out_ids(tokenizer_path: Path, bos, length: int, windows: int) -> tuple[list[int], list[list[int]]]:
+    """One long token stream for the timings, and `windows` windows for perplexity."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    docs = [json.loads(line)["text"] for line in (ROOT / "models" / "data" / "heldout.jsonl").read_text().splitlines()
+            if line.strip()]
+    stream = []
+    for d in docs:
+        stream += ([bos] if bos is not None else []) + tok.encode(d).ids
+    wins = [stream[i * length:(i + 1) * length] for i in range(windows)]
+    if len(wins[-1]) < length:
+        raise SystemExit(f"held-out text has fewer than {windows} windows of {length} tokens")
+    return stream, wins
+
+
+def _compile_optc(hf: Path, work: Path, log) -> dict[str, Path]:
+    from optc.compile import compile_model
+    from optc.config import parse_config
+    from optc.export import export_decoder
+    from optc.registry import default_registry
+
+    onnx_path = export_decoder(hf, work / "export" / "model.onnx", log=lambda *_: None)
+    variants = {
+        "optc fp32 (GQA in place)": ([], {}),
+        "optc fp32 (generic graph)": ([], {"fused_attention": False}),
+        "optc int8 weights b32": ([{"name": "weight_quant", "bits": 8, "block_size": 32}], {}),
+        "optc int4 weights b32": ([{"name": "weight_quant", "bits": 4, "block_size": 32}], {}),
+    }
+    out = {}
+    for name, (passes, options) in variants.items():
+        log(f"compiling {name}")
+        art = work / name.replace(" ", "_").replace("(", "").replace(")", "")
+        compile_model(onnx_path, art, config=parse_config({"passes": passes}, default_registry()),
+                      verify=False, backend_options=options, log=lambda *_: None)
+        out[name] = art
+    return out
+
+
+def _build_genai(genai_python: str, hf: Path, work: Path, log) -> dict[str, Path]:
+    out = {}
+    for precision in ("fp32", "int4"):
+        log(f"building onnxruntime-genai {precision} (its model builder)")
+        d = work / f"genai-{precision}"
+        proc = subprocess.run([genai_python, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(d),
+                               "-p", precision, "-e", "cpu"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"onnxruntime-genai builder failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+        cfg_path = d / "genai_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["model"]["decoder"].setdefault("session_options", {}).update(
+            {"intra_op_num_threads": THREADS, "inter_op_num_threads": 1})
+        cfg_path.write_text(json.dumps(cfg, indent=1))
+        out[f"onnxruntime-genai {precision}"] = d
+    return out
+
+
+def _stats(runs: list[float]) -> str:
+    return f"{statistics.median(runs):.2f} ({min(runs):.2f}–{max(runs):.2f})"
+
+
+def markdown(results: dict, job: dict) -> str:
+    cols = ([f"TTFT@{n} ms" for n in job["prompt_lengths"]] + [f"decode ms/tok @{c}" for c in job["contexts"]]
+            + ["perplexity"])
+    lines = ["| engine | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, r in results.items():
+        cells = [_stats(r["ttft_ms"][str(n)]) for n in job["prompt_lengths"]]
+        cells += [_stats(r["decode_ms"][str(c)]) for c in job["contexts"]]
+        cells.append(f"{r['perplexity']:.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hf", type=Path, default=ROOT / "models" / "pycoder-v2")
+    ap.add_argument("--genai-python", default=str(ROOT / ".venv-genai" / "bin" / "python"))
+    ap.add_argument("--prompt-lengths", default="128,512")
+    ap.add_argument("--contexts", default="128,448,1900")
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--windows", type=int, default=8, help="held-out windows of 512 tokens for perplexity")
+    ap.add_argument("--out", type=Path, help="write the table (markdown) here and its JSON beside it")
+    ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        kind, target, job_file = a.worker
+        job = json.loads(Path(job_file).read_text())
+        result = (optc_worker if kind == "optc" else genai_worker)(target, job)
+        print("RESULT " + json.dumps(result))
+        return
+
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    cfg = json.loads((a.hf / "config.json").read_text())
+    ids, windows = _held_out_ids(a.hf / "tokenizer.json", cfg.get("bos_token_id"), 512, a.windows)
+    job = {"ids": ids, "windows": windows, "prompt_lengths": [int(x) for x in a.prompt_lengths.split(",")],
+           "contexts": [int(x) for x in a.contexts.split(",")], "decode_tokens": a.decode_tokens,
+           "repeats": a.repeats}
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="optc-peer-bench-") as tmp:
+        work = Path(tmp)
+        job_file = work / "job.json"
+        job_file.write_text(json.dumps(job))
+        engines = [("optc", k, v) for k, v in _compile_optc(a.hf, work, log).items()]
+        engines += [("genai", k, v) for k, v in _build_genai(a.genai_python, a.hf, work, log).items()]
+        for kind, name, path in engines:
+            log(f"measuring {name}")
+            python = sys.executable if kind == "optc" else a.genai_python
+            proc = subprocess.run([python, __file__, "--worker", kind, str(path), str(job_file)],
+                                  capture_output=True, text=True)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if proc.returncode != 0 or line is None:
+                raise SystemExit(f"{name}: worker failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+            results[name] = json.loads(line[len("RESULT "):])
+        shutil.rmtree(work / "export", ignore_errors=True)
+    table = markdown(results, job)
+    print(table)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(table)
+        a.out.with_suffix(".json").write_text(json.dumps({"model": str(a.hf), "threads": THREADS,
+                                                          "results": results, **{k: job[k] for k in (
+                                                              "prompt_lengths", "contexts", "decode_tokens",
+                                                              "repeats")}}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
