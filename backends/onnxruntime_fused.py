@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from optc.runtime.manifest import POSITION_IDS, past_name, present_name
+from optc.runtime.manifest import ATTENTION_MASK, POSITION_IDS, past_name, present_name
 
 FUSED_OP = "GroupQueryAttention"
 SEQLENS_INPUT = "seqlens_k"  # per sequence: tokens in the cache after this step, minus one (int32)
@@ -262,6 +262,9 @@ def lower(model: ir.Model, info, context: int | None, log=print) -> dict:
     skip_norms = fuse_skip_rms_norm(model)
     # the Concats, Attentions, rotary and mask arithmetic, the unpacked projections are dead now
     RemoveUnusedNodesPass()(model)
+    # and so are the mask and position inputs (GQA takes lengths): one less thing to feed a step
+    for v in [v for v in graph.inputs if v.name in (POSITION_IDS, ATTENTION_MASK) and not v.uses()]:
+        graph.inputs.remove(v)
     log(f"onnxruntime: {len(info.layers)} attention layer(s) lowered to com.microsoft.{FUSED_OP} (rotary inside, "
         f"cache written in place; rotary tables for {positions} positions); Q/K/V packed into one MatMul in "
         f"{packed_layers}, {skip_norms} residual Add + RMSNorm fused")

@@ -130,6 +130,8 @@ class Model:
         """Runs `ids`, or as many of them as the executor takes in one step (a static-shape
         backend has a largest shape); returns logits for the tokens it ran."""
         n = len(ids)
+        if self._in_place:  # the fused path: the graph writes the new keys/values into the cache itself
+            return self._step_in_place(ids, n)
         if self.sink_window:
             self._make_room(n)
         feeds = self.cache.feeds()
@@ -146,11 +148,6 @@ class Model:
             warnings.warn(PastContextWarning(
                 f"position {first + n - 1} is past the model's trained context ({context} tokens): "
                 f"expect much worse predictions; compile with sink_window to stream long sequences"), stacklevel=4)
-        if self._in_place:  # the fused path: the graph writes the new keys/values into the cache itself
-            logits = self.executor.run_in_place(input_ids, position_ids, self.cache.buffers(n), cached)
-            self.cache.advance(n)
-            self.position += n
-            return logits[0]
         attention_mask = np.ones((1, cached + n), dtype=np.int64)
         if self.slot_positions:
             feeds[KEY_POSITION_IDS] = np.arange(cached + n, dtype=np.int64).reshape(1, -1)
@@ -160,6 +157,22 @@ class Model:
         if attention is not None:  # a scoring policy (H2O): score cached tokens, then evict
             self.cache.observe(attention)
             self.cache.enforce_budget(tokens_seen=self.position)
+        return logits[0]
+
+    def _step_in_place(self, ids: np.ndarray, n: int) -> np.ndarray:
+        """_step on the fused path (a dense cache without policy: position = cache length)."""
+        cached = self.cache.length
+        context = self.config.get("context")
+        if context and cached + n > context and not self._warned_past_context:
+            self._warned_past_context = True  # once per sequence
+            warnings.warn(PastContextWarning(
+                f"position {cached + n - 1} is past the model's trained context ({context} tokens): "
+                f"expect much worse predictions; compile with sink_window to stream long sequences"), stacklevel=4)
+        input_ids = np.asarray(ids, dtype=np.int64).reshape(1, n)
+        position_ids = np.arange(cached, cached + n, dtype=np.int64).reshape(1, n)
+        logits = self.executor.run_in_place(input_ids, position_ids, self.cache.buffers(n), cached)
+        self.cache.advance(n)
+        self.position += n
         return logits[0]
 
     def _make_room(self, n: int) -> None:

@@ -87,7 +87,7 @@ class OnnxRuntimeExecutor:
             self._present_of = {past: present for pair_in, pair_out in zip(p.cache_inputs, self.kv_outputs)
                                 for past, present in zip(pair_in, pair_out)}
             self._io = self.session.io_binding()
-            self._bound: dict[str, tuple] = {}
+            self._bound: dict[str, np.ndarray] = {}
             # logits are written into an array of ours: their width is the graph's static vocab
             # dim, or the embedding table's rows (the same for every supported decoder)
             dims = next(o.shape for o in self.session.get_outputs() if o.name == LOGITS)
@@ -117,33 +117,46 @@ class OnnxRuntimeExecutor:
         logits, kv, attention = out[0], out[1:1 + n_kv], out[1 + n_kv:]
         return logits, kv[0::2], kv[1::2], attention or None
 
+    def _bind_array(self, name: str, arr: np.ndarray, output: bool = False) -> None:
+        """Bind `name` to `arr`'s memory unless it is bound to that very array already. The array
+        is kept referenced while bound, so its memory cannot be reused under the binding."""
+        if self._bound.get(name) is not arr:
+            bind = self._io.bind_output if output else self._io.bind_input
+            bind(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+            self._bound[name] = arr
+
     def run_in_place(self, input_ids: np.ndarray, position_ids: np.ndarray, buffers: dict[str, np.ndarray],
                      cached: int) -> np.ndarray:
         """One forward step on the fused path: `buffers` are the cache's whole per-layer arrays
         (KVCache.buffers), the first `cached` entries filled; the graph writes this step's keys and
-        values after them, in place. Returns the logits; the caller advances the cache."""
+        values after them, in place. Returns the logits [1, n, vocab] (the caller's to keep); the
+        caller advances the cache. Every input and output is bound to memory that stays bound from
+        step to step: a decode step writes three numbers and runs."""
         p = self.kv_in_place
         n = input_ids.shape[1]
         if cached + n > p.max_positions:
             raise InvalidValue(f"position {cached + n - 1} is past this artifact's rotary tables ({p.max_positions} "
                                f"positions, 4x the trained context): recompile with sink_window to stream "
                                f"longer sequences")
-        io = self._io
         for name, buf in buffers.items():  # rebound only when a buffer grew (a new allocation)
-            key = (buf.ctypes.data, buf.shape)
-            if self._bound.get(name) != key:
-                io.bind_input(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
-                io.bind_output(self._present_of[name], "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
-                self._bound[name] = key
-        feeds = {"input_ids": input_ids, p.seqlens_input: np.array([cached + n - 1], np.int32),
-                 p.total_input: np.array(cached + n, np.int32)}
-        if "position_ids" in self.input_names:
-            feeds["position_ids"] = position_ids
+            self._bind_array(name, buf)
+            self._bind_array(self._present_of[name], buf, output=True)
+        if not hasattr(self, "_lengths"):
+            self._lengths = (np.zeros(1, np.int32), np.zeros((), np.int32))
+            self._bind_array(p.seqlens_input, self._lengths[0])
+            self._bind_array(p.total_input, self._lengths[1])
+            self._step_arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._lengths[0][0] = cached + n - 1
+        self._lengths[1][()] = cached + n
+        ids, logits = self._step_arrays.get(n) or (np.empty((1, n), np.int64), np.empty((1, n, self._vocab), np.float32))
+        if n == 1:  # decode: the same two arrays every step
+            self._step_arrays[1] = (ids, logits)
+        ids[...] = input_ids
+        self._bind_array("input_ids", ids)
+        self._bind_array(LOGITS, logits, output=True)
+        if "position_ids" in self.input_names:  # (the lowering drops both where nothing reads them)
+            self._io.bind_cpu_input("position_ids", position_ids)
         if "attention_mask" in self.input_names:
-            feeds["attention_mask"] = np.ones((1, cached + n), np.int64)
-        for name, arr in feeds.items():
-            io.bind_cpu_input(name, arr)
-        logits = np.empty((1, n, self._vocab), np.float32)
-        io.bind_output(LOGITS, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-        self.session.run_with_iobinding(io)
-        return logits
+            self._io.bind_cpu_input("attention_mask", np.ones((1, cached + n), np.int64))
+        self.session.run_with_iobinding(self._io)
+        return logits.copy() if n == 1 else logits
