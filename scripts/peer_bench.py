@@ -14,7 +14,8 @@ int4 (block 32) on the fused path.
 
 Every engine runs in its own fresh process, one after the other. Measured: time to first token
 (prefill of a prompt, logits out) and decode ms/token after C tokens of context (greedy, 32
-tokens). Each figure is the median of --repeats runs, with the range. Perplexity is teacher-forced
+tokens). Engines take turns over --rounds rounds of --repeats runs each; each figure is the
+median of all its runs, with their range. Perplexity is teacher-forced
 over held-out windows (models/data/heldout.jsonl) in one prefill per window, the same windows for
 every engine. Timings on a shared machine move; compare engines within one run.
 """
@@ -219,7 +220,9 @@ def main() -> None:
     ap.add_argument("--prompt-lengths", default="128,512")
     ap.add_argument("--contexts", default="128,448,1900")
     ap.add_argument("--decode-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3, help="runs per figure within one worker")
+    ap.add_argument("--rounds", type=int, default=3, help="times every engine is measured, in turn; figures "
+                                                          "are medians over rounds x repeats")
     ap.add_argument("--windows", type=int, default=8, help="held-out windows of 512 tokens for perplexity")
     ap.add_argument("--out", type=Path, help="write the table (markdown) here and its JSON beside it")
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
@@ -244,15 +247,22 @@ def main() -> None:
         job_file.write_text(json.dumps(job))
         engines = [("optc", k, v) for k, v in _compile_optc(a.hf, work, log).items()]
         engines += [("genai", k, v) for k, v in _build_genai(a.genai_python, a.hf, work, log).items()]
-        for kind, name, path in engines:
-            log(f"measuring {name}")
-            python = sys.executable if kind == "optc" else a.genai_python
-            proc = subprocess.run([python, __file__, "--worker", kind, str(path), str(job_file)],
-                                  capture_output=True, text=True)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if proc.returncode != 0 or line is None:
-                raise SystemExit(f"{name}: worker failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-            results[name] = json.loads(line[len("RESULT "):])
+        for r in range(a.rounds):  # engines take turns, so a change in the machine's load hits all alike
+            for kind, name, path in engines:
+                log(f"round {r + 1}/{a.rounds}: measuring {name}")
+                python = sys.executable if kind == "optc" else a.genai_python
+                proc = subprocess.run([python, __file__, "--worker", kind, str(path), str(job_file)],
+                                      capture_output=True, text=True)
+                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+                if proc.returncode != 0 or line is None:
+                    raise SystemExit(f"{name}: worker failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+                got = json.loads(line[len("RESULT "):])
+                if name not in results:
+                    results[name] = got
+                    continue
+                for kind_ in ("ttft_ms", "decode_ms"):
+                    for k, runs in got[kind_].items():
+                        results[name][kind_][k] += runs
         shutil.rmtree(work / "export", ignore_errors=True)
     table = markdown(results, job)
     print(table)
@@ -262,7 +272,7 @@ def main() -> None:
         a.out.with_suffix(".json").write_text(json.dumps({"model": str(a.hf), "threads": THREADS,
                                                           "results": results, **{k: job[k] for k in (
                                                               "prompt_lengths", "contexts", "decode_tokens",
-                                                              "repeats")}}, indent=1) + "\n")
+                                                              "repeats")}, "rounds": a.rounds}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
