@@ -110,7 +110,8 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
     budget, budget_source = effective_budget(config, registry)
     if budget_source != "config":
         log(f"accuracy budget: perplexity increase ≤ {budget.max_perplexity_increase:+.1%} ({budget_source})")
-    context = PassContext(target=target, decoder=info)
+    context = PassContext(target=target, decoder=info, tokenizer=tok_path, bos_token_id=side.get("bos_token_id"),
+                          log=log)
     log(f"pipeline: {len(config.passes)} pass(es)" + ("" if config.passes else " (identity)"))
     records = run_pipeline(model, config, registry, context, dump_dir=Path(dump_ir) if dump_ir else None, log=log)
 
@@ -140,6 +141,8 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
             "verify_budget": {**budget.model_dump(), "source": budget_source},
             "tokenizer": "tokenizer.json",
         }
+        if context.reports:  # per-layer statistics passes report (outlier_split's outlier channels)
+            manifest["pass_reports"] = context.reports
         write_manifest(staging, manifest, staging=True)  # the runtime needs it to verify the staged artifact
         # A lossy pass may act on cached tokens only (KV compression, eviction) or on prefill
         # only (block-sparse prefill): lossy pipelines are verified both ways — prefill of the

@@ -4,12 +4,14 @@
     cleanup        eliminate_identity, eliminate_common_subexpressions, remove_unused
     kv_cache/      kv_quantize (KIVI int8/int4), h2o_eviction (H2O)
     attention/     sink_window (StreamingLLM), block_sparse (prefill)
-    quant/         weight_quant (weight-only int8/int4 MatMuls, ONNX Runtime MatMulNBits)
+    quant/         weight_quant (weight-only int8/int4 MatMuls, ONNX Runtime MatMulNBits),
+                   outlier_split (W8A8 QDQ MatMuls, activation-outlier channels in float)
+    token_dropping/ token_dropping (tokens pruned inside the graph after start_layer)
     rules/         shared graph builders
 
 `kv_cache_compression` and `sparse_attention` are the earlier names: each config entry expands
-into the one-job passes above (docs/architecture.md, "Passes"). Families still to come (DESIGN.md): token
-dropping, layer routing, quantised outlier splitting.
+into the one-job passes above (docs/architecture.md, "Passes"). Families still to come (DESIGN.md):
+layer routing.
 """
 
 from optc.config import PassOptions
@@ -18,7 +20,8 @@ from optc.passes.attention import (BlockSparse, BlockSparseOptions, SinkWindow, 
 from optc.passes.cleanup import EliminateCommonSubexpressions, EliminateIdentity, RemoveUnused
 from optc.passes.kv_cache import (H2OEviction, H2OEvictionOptions, KVCacheCompressionOptions, KVQuantize,
                                   KVQuantizeOptions, expand_kv_cache_compression)
-from optc.passes.quant import WeightQuant, WeightQuantOptions
+from optc.passes.quant import OutlierSplit, OutlierSplitOptions, WeightQuant, WeightQuantOptions
+from optc.passes.token_dropping import TokenDropping, TokenDroppingOptions
 from optc.registry import PassEntry
 
 
@@ -35,6 +38,8 @@ ALL_PASSES = [
     _entry(SinkWindow, SinkWindowOptions, lossy=True),
     _entry(BlockSparse, BlockSparseOptions, lossy=True),
     _entry(WeightQuant, WeightQuantOptions, lossy=True),
+    _entry(TokenDropping, TokenDroppingOptions, lossy=True),
+    _entry(OutlierSplit, OutlierSplitOptions, lossy=True),
     PassEntry("kv_cache_compression", None, KVCacheCompressionOptions,
               "KV-cache compression in one entry: bits -> kv_quantize, eviction -> h2o_eviction", lossy=True,
               expand=expand_kv_cache_compression),

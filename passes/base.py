@@ -7,7 +7,9 @@ configuration *before* any pass runs, whatever their order (`optc.pipeline.check
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import onnx_ir as ir
 
@@ -24,12 +26,14 @@ KEY_GROUPS_SPAN_TOKENS = "kv.key_groups_span_tokens"  # key scales shared by gro
 ATTENTION_PROBABILITIES = "attention.probabilities_output"  # every step outputs attention probabilities
 SPARSE_PREFILL = "attention.block_sparse_prefill"  # prefill attends to selected key blocks only
 CACHE_SLOT_POSITIONS = "positions.cache_slot"    # positions are cache slots, keys cached before RoPE
+TOKENS_DROPPED = "tokens.dropped"                # later layers run on a subset of the tokens
 
 EXCLUSIVE = {
     CACHE_POLICY: "both set the cache's eviction policy (a cache has one)",
     CACHE_QUANTIZED: "both quantise the cache",
     SPARSE_PREFILL: "both rewrite prefill attention",
     CACHE_SLOT_POSITIONS: "both re-position the cache",
+    TOKENS_DROPPED: "both drop tokens",
 }
 
 # What the canonical model offers (optc.pipeline.model_facts); passes may require these.
@@ -58,6 +62,13 @@ class PassContext:
     target: str = "cpu"
     decoder: object | None = None   # optc.canonical.DecoderInfo
     runtime: RuntimeRequests = field(default_factory=RuntimeRequests)
+    # for passes that calibrate on text (outlier_split): the tokenizer.json and the BOS token
+    tokenizer: Path | None = None
+    bos_token_id: int | None = None
+    # what passes report beyond rewriting (per-layer statistics): pass name -> list of reports;
+    # the compile writes it into the manifest's `pass_reports`
+    reports: dict = field(default_factory=dict)
+    log: Callable[[str], None] = print
 
 
 class PassConfigError(Exception):
