@@ -6,11 +6,12 @@
     attention/     sink_window (StreamingLLM), block_sparse (prefill)
     quant/         weight_quant (weight-only int8/int4 MatMuls, ONNX Runtime MatMulNBits),
                    outlier_split (W8A8 QDQ MatMuls, activation-outlier channels in float)
+    token_dropping/ token_dropping (tokens pruned inside the graph after start_layer)
     rules/         shared graph builders
 
 `kv_cache_compression` and `sparse_attention` are the earlier names: each config entry expands
-into the one-job passes above (docs/architecture.md, "Passes"). Families still to come (DESIGN.md): token
-dropping, layer routing.
+into the one-job passes above (docs/architecture.md, "Passes"). Families still to come (DESIGN.md):
+layer routing.
 """
 
 from optc.config import PassOptions
@@ -20,6 +21,7 @@ from optc.passes.cleanup import EliminateCommonSubexpressions, EliminateIdentity
 from optc.passes.kv_cache import (H2OEviction, H2OEvictionOptions, KVCacheCompressionOptions, KVQuantize,
                                   KVQuantizeOptions, expand_kv_cache_compression)
 from optc.passes.quant import OutlierSplit, OutlierSplitOptions, WeightQuant, WeightQuantOptions
+from optc.passes.token_dropping import TokenDropping, TokenDroppingOptions
 from optc.registry import PassEntry
 
 
@@ -36,6 +38,7 @@ ALL_PASSES = [
     _entry(SinkWindow, SinkWindowOptions, lossy=True),
     _entry(BlockSparse, BlockSparseOptions, lossy=True),
     _entry(WeightQuant, WeightQuantOptions, lossy=True),
+    _entry(TokenDropping, TokenDroppingOptions, lossy=True),
     _entry(OutlierSplit, OutlierSplitOptions, lossy=True),
     PassEntry("kv_cache_compression", None, KVCacheCompressionOptions,
               "KV-cache compression in one entry: bits -> kv_quantize, eviction -> h2o_eviction", lossy=True,

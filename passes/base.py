@@ -26,12 +26,14 @@ KEY_GROUPS_SPAN_TOKENS = "kv.key_groups_span_tokens"  # key scales shared by gro
 ATTENTION_PROBABILITIES = "attention.probabilities_output"  # every step outputs attention probabilities
 SPARSE_PREFILL = "attention.block_sparse_prefill"  # prefill attends to selected key blocks only
 CACHE_SLOT_POSITIONS = "positions.cache_slot"    # positions are cache slots, keys cached before RoPE
+TOKENS_DROPPED = "tokens.dropped"                # later layers run on a subset of the tokens
 
 EXCLUSIVE = {
     CACHE_POLICY: "both set the cache's eviction policy (a cache has one)",
     CACHE_QUANTIZED: "both quantise the cache",
     SPARSE_PREFILL: "both rewrite prefill attention",
     CACHE_SLOT_POSITIONS: "both re-position the cache",
+    TOKENS_DROPPED: "both drop tokens",
 }
 
 # What the canonical model offers (optc.pipeline.model_facts); passes may require these.

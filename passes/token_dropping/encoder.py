@@ -1,0 +1,232 @@
+"""token_dropping, mode encoder: a BERT-style encoder (all-MiniLM-L6-v2) keeps, after `start_layer`,
+only the tokens that receive the most attention from CLS (or from every query), plus CLS and SEP.
+
+The rewrite is structural, not a mask. At the input of layer `start_layer` the graph
+
+  1. scores every token: the attention probabilities of layer `start_layer - 1` (its Softmax
+     output), row 0 (CLS) or all real query rows, summed over heads — or a random or positional
+     score for the baselines;
+  2. forces CLS (index 0) and SEP (the last real token) in and padding out;
+  3. keeps the `k` best (TopK), in text order (a second TopK over the indices);
+  4. gathers their hidden states (GatherND, batch_dims 1) and their attention-mask entries.
+
+Layers from `start_layer` on then run on `k` tokens: their additive attention mask is rebuilt
+from the kept mask entries, and every Reshape there whose target shape read the input's sequence
+length reads `k` instead. The output `last_hidden_state` has `k` rows; two new outputs say which
+tokens they are (`optc.kept_token_indices`) and which are padding (`optc.kept_attention_mask`),
+so that mean pooling runs on the kept tokens only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir import tape
+
+from optc.passes.base import PassConfigError
+from optc.passes.rules.builders import name_nodes
+from optc.runtime.manifest import ATTENTION_MASK, KEPT_ATTENTION_MASK, KEPT_TOKEN_INDICES
+
+_THROUGH = {"Transpose", "Reshape", "Add", "Mul", "Div", "Cast"}
+BIG = np.float32(1e30)
+RANDOM_TABLE = 8192  # positions the random baseline scores (encoders take 512)
+
+
+@dataclass
+class EncoderLayer:
+    index: int
+    hidden: ir.Value       # the layer's input hidden state [B, S, H]
+    softmax: ir.Node       # its attention probabilities [B, heads, S, S]
+    mask_add: ir.Node      # Add(scores, additive mask)
+    mask_slot: int         # which input of mask_add is the mask
+
+
+def _is_weight(v: ir.Value | None) -> bool:
+    return v is not None and (v.const_value is not None or v.is_initializer()
+                              or (v.producer() is not None and v.producer().op_type == "Constant"))
+
+
+def _projection_input(v: ir.Value) -> ir.Value | None:
+    """Walk back from a query/key tensor through reshapes, transposes and bias adds to the MatMul
+    with a weight; its activation input is the layer's hidden state."""
+    for _ in range(12):
+        node = v.producer()
+        if node is None:
+            return None
+        if node.op_type == "MatMul" and _is_weight(node.inputs[1]):
+            return node.inputs[0]
+        if node.op_type not in _THROUGH:
+            return None
+        acts = [x for x in node.inputs[:1 if node.op_type in ("Reshape", "Transpose", "Cast") else 2]
+                if x is not None and not _is_weight(x)]
+        if len(acts) != 1:
+            return None
+        v = acts[0]
+    return None
+
+
+def find_encoder_layers(graph: ir.Graph) -> list[EncoderLayer]:
+    """Each Softmax over Add(scaled Q·Kᵀ, mask) is one layer's attention; the hidden state that
+    feeds its query projection is the layer input. Raises PassConfigError naming what is missing."""
+    layers = []
+    for node in graph:
+        if node.op_type != "Softmax":
+            continue
+        add = node.inputs[0].producer()
+        if add is None or add.op_type != "Add":
+            raise PassConfigError(None, f"Softmax {node.name!r}: its input is not Add(scores, mask) "
+                                        f"(found {add.op_type if add else 'a graph input'})")
+        slot = next((i for i, x in enumerate(add.inputs) if x.producer() is not None
+                     and x.producer().op_type not in ("Mul", "Div", "MatMul")), None)
+        if slot is None:
+            raise PassConfigError(None, f"Softmax {node.name!r}: no additive attention mask beside the scores")
+        qk = add.inputs[1 - slot]
+        while qk.producer() is not None and qk.producer().op_type in ("Mul", "Div"):
+            qk = qk.producer().inputs[0]
+        matmul = qk.producer()
+        if matmul is None or matmul.op_type != "MatMul":
+            raise PassConfigError(None, f"Softmax {node.name!r}: scores are not a MatMul of queries and keys")
+        hidden = _projection_input(matmul.inputs[0])
+        if hidden is None:
+            raise PassConfigError(None, f"Softmax {node.name!r}: no query projection (MatMul by a weight) found")
+        layers.append(EncoderLayer(len(layers), hidden, node, add, slot))
+    if not layers:
+        raise PassConfigError(None, "no encoder attention found (Softmax over Add(scaled Q·Kᵀ, mask)); "
+                                    "mode encoder expects a BERT-style export such as `optc export` writes")
+    return layers
+
+
+def _downstream(start: ir.Value) -> set[ir.Node]:
+    seen: set[ir.Node] = set()
+    todo = [start]
+    while todo:
+        v = todo.pop()
+        for use in v.uses():
+            node = use.node
+            if node not in seen:
+                seen.add(node)
+                todo.extend(node.outputs)
+    return seen
+
+
+def rewrite_encoder(model: ir.Model, *, keep: float | int, start_layer: int, score: str, query: str,
+                    seed: int) -> bool:
+    """Rewrite in place; False when the graph already drops tokens."""
+    graph = model.graph
+    if any(v.name == KEPT_TOKEN_INDICES for v in graph.outputs):
+        return False
+    layers = find_encoder_layers(graph)
+    n = len(layers)
+    if start_layer >= n:
+        raise PassConfigError("start_layer", f"start_layer ({start_layer}) must be below the encoder's "
+                                             f"{n} layers")
+    if score == "attention" and start_layer < 1:
+        raise PassConfigError("start_layer", "score attention needs start_layer >= 1 (tokens are scored by the "
+                                             "attention of the layer before start_layer)")
+    mask_in = next((v for v in graph.inputs if v.name == ATTENTION_MASK), None)
+    if mask_in is None:
+        raise PassConfigError(None, f"mode encoder needs an {ATTENTION_MASK} graph input")
+    if len(graph.outputs) != 1:
+        raise PassConfigError(None, f"mode encoder expects one output (the hidden states), found "
+                                    f"{len(graph.outputs)}")
+    out = graph.outputs[0]
+    layer = layers[start_layer]
+    h = layer.hidden
+
+    t = tape.Tape()
+    c = lambda x: t.op("Constant", [], {"value": ir.tensor(np.asarray(x))})  # noqa: E731
+    i64 = lambda *xs: c(np.array(xs, np.int64))  # noqa: E731
+    mask_f = t.op("Cast", [mask_in], {"to": ir.DataType.FLOAT})                       # [B, S]
+    real = t.op("Cast", [mask_in], {"to": ir.DataType.BOOL})
+    seq = t.op("Shape", [mask_in], {"start": 1, "end": 2})                            # [1]
+    positions = t.op("Range", [c(np.int64(0)), t.op("Squeeze", [seq, i64(0)]), c(np.int64(1))])  # [S]
+    if score == "attention":
+        probs = layers[start_layer - 1].softmax.outputs[0]                            # [B, h, S, S]
+        if query == "cls":
+            rows = t.op("Gather", [probs, c(np.int64(0))], {"axis": 2})                      # [B, h, S]
+            scores = t.op("ReduceSum", [rows, i64(1)], {"keepdims": 0})                # [B, S]
+        else:  # every real query row
+            weighted = t.op("Mul", [probs, t.op("Unsqueeze", [mask_f, i64(1, 3)])])
+            scores = t.op("ReduceSum", [weighted, i64(1, 2)], {"keepdims": 0})
+    elif score == "random":
+        # a fixed random score per position (ONNX Runtime implements no RandomUniformLike at opset 22)
+        table = np.random.default_rng(seed).random(RANDOM_TABLE).astype(np.float32)
+        scores = t.op("Unsqueeze", [t.op("Slice", [c(table), i64(0), seq]), i64(0)])  # [1, S]
+    else:  # recent: the latest real tokens
+        scores = t.op("Cast", [t.op("Unsqueeze", [positions, i64(0)])], {"to": ir.DataType.FLOAT})  # [1, S]
+    last_real = t.op("Sub", [t.op("ReduceSum", [mask_in, i64(1)], {"keepdims": 1}), i64(1)])  # [B, 1] (SEP)
+    pos_row = t.op("Unsqueeze", [positions, i64(0)])                                  # [1, S]
+    forced = t.op("Or", [t.op("Equal", [pos_row, i64(0)]), t.op("Equal", [pos_row, last_real])])
+    ranked = t.op("Where", [t.op("Not", [real]), c(-BIG), t.op("Where", [forced, c(BIG), scores])])
+    if isinstance(keep, float):
+        k = t.op("Cast", [t.op("Ceil", [t.op("Mul", [t.op("Cast", [seq], {"to": ir.DataType.FLOAT}),
+                                                      c(np.array([keep], np.float32))])])],
+                 {"to": ir.DataType.INT64})
+        k = t.op("Max", [k, i64(1)])
+    else:
+        k = t.op("Min", [seq, i64(keep)])
+    _, chosen = t.op_multi_out("TopK", [ranked, k], {"axis": -1, "largest": 1, "sorted": 0}, num_outputs=2)
+    kept, _ = t.op_multi_out("TopK", [chosen, k], {"axis": -1, "largest": 0, "sorted": 1}, num_outputs=2)
+    h_kept = t.op("GatherND", [h, t.op("Unsqueeze", [kept, i64(-1)])], {"batch_dims": 1})  # [B, k, H]
+    mask_kept = t.op("GatherElements", [mask_in, kept], {"axis": 1})                  # [B, k]
+    pad_kept = t.op("Unsqueeze", [t.op("Equal", [mask_kept, i64(0)]), i64(1, 2)])      # [B, 1, 1, k]
+    additive = t.op("Where", [pad_kept, c(np.float32(np.finfo(np.float32).min)), c(np.float32(0))])
+    name_nodes(t.nodes, f"optc/token_dropping/layer{start_layer}")
+    kept.name, mask_kept.name = KEPT_TOKEN_INDICES, KEPT_ATTENTION_MASK
+    h_kept.name = f"{h.name}.kept"
+
+    graph.insert_after(h.producer(), t.nodes)  # sorted topologically at the end
+    for use in list(h.uses()):
+        if use.node is not h_kept.producer():
+            use.node.replace_input_with(use.idx, h_kept)
+
+    region = _downstream(h_kept)
+    in_region = {v for nd in region for v in nd.outputs} | {h_kept}
+    # later layers: the mask over kept tokens, Reshapes to k rows
+    for lay in layers[start_layer:]:
+        lay.mask_add.replace_input_with(lay.mask_slot, additive)
+    shape_memo: dict[ir.Value, ir.Value] = {}
+    for node in list(region):
+        if node.op_type == "Reshape" and node.inputs[1] not in in_region and not _is_weight(node.inputs[1]):
+            old = node.inputs[1]
+            if old not in shape_memo:
+                t2 = tape.Tape()
+                head = t2.op("Slice", [old, _i64(t2, 0), _i64(t2, 1)])
+                tail = t2.op("Slice", [old, _i64(t2, 2), _i64(t2, np.iinfo(np.int64).max)])
+                shape_memo[old] = t2.op("Concat", [head, k, tail], {"axis": 0})
+                name_nodes(t2.nodes, f"optc/token_dropping/shape_{len(shape_memo)}")
+                graph.insert_before(node, t2.nodes)
+            node.replace_input_with(1, shape_memo[old])
+    # anything else in the region that still reads a sequence-length-derived value is unsupported
+    new_nodes = {v.producer() for v in shape_memo.values()} | set(t.nodes)
+    for node in region:
+        if node.op_type == "Reshape" or node in new_nodes:
+            continue
+        for x in node.inputs:
+            if x is None or x in in_region or _is_weight(x) or x is additive:
+                continue
+            if x.producer() is not None and x.producer() in new_nodes:
+                continue
+            if x.shape is not None and len(x.shape) == 0:
+                continue  # a computed scalar (e.g. a scale)
+            raise PassConfigError(None, f"node {node.name!r} after start_layer reads {x.name!r}, computed over "
+                                        f"the full sequence; mode encoder cannot rewrite it")
+    for nd in region:
+        for v in nd.outputs:
+            if v is not out:
+                v.shape = None
+    out.shape = ir.Shape([out.shape[0] if out.shape else "batch", "optc_kept_tokens", *(out.shape[2:] if out.shape
+                                                                                         else [])])
+    for v, dtype in ((kept, ir.DataType.INT64), (mask_kept, ir.DataType.INT64)):
+        v.type = ir.TensorType(dtype)
+        v.shape = ir.Shape([out.shape[0], "optc_kept_tokens"])
+        graph.outputs.append(v)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    ir.passes.common.TopologicalSortPass()(model)
+    return True
+
+
+def _i64(t: tape.Tape, x) -> ir.Value:
+    return t.op("Constant", [], {"value": ir.tensor(np.array([x], np.int64))})
