@@ -38,8 +38,10 @@ def _perm(node: ir.Node) -> list[int] | None:
     return list(attr.value) if attr is not None else None
 
 
-def why_not(model: ir.Model, info, kv_cache: dict | None, target: str) -> str | None:
+def why_not(model: ir.Model, info, kv_cache: dict | None, target: str, prefill: dict | None = None) -> str | None:
     """Why the fused path does not apply to this artifact (None: it does)."""
+    if prefill:
+        return "block-sparse prefill selects key blocks from the cache itself"
     if target != "cpu":
         return f"target {target} (the in-place cache binding is implemented for the CPU)"
     kv = kv_cache or {}
@@ -84,6 +86,9 @@ def _layer(model: ir.Model, i: int):
     if len(attn) != 1:
         return None, "no single Attention op reads the present keys"
     attn = attn[0]
+    others = {u.op_type for v in (pk, pv) for u, _ in v.uses() if u is not attn}
+    if others:  # e.g. block_sparse's prefill branch gathers key blocks from the cache
+        return None, f"the cache is read by more than one attention ({', '.join(sorted(others))})"
     q_rope = attn.inputs[0].producer()
     if attn.inputs[2] is not pv:
         return None, "the Attention op does not read the present values"

@@ -92,6 +92,8 @@ def test_fused_graph_has_no_per_step_concat_and_one_gqa_per_layer(fused_artifact
     ([{"name": "sparse_attention", "mode": "sink_window", "sinks": 4, "window": 60}],
      "the sink_window cache policy rewrites the cache between steps"),
     ([{"name": "kv_cache_compression", "bits": 8}], "the kivi cache layout is stored by the runtime"),
+    ([{"name": "sparse_attention", "mode": "block_sparse", "block_size": 16, "budget_blocks": 16}],
+     "block-sparse prefill selects key blocks from the cache itself"),
 ])
 def test_cache_passes_keep_the_generic_path_and_say_why(passes, why, tmp_path, exported_decoder):
     logs: list[str] = []
