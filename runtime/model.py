@@ -142,12 +142,7 @@ class Model:
         first = cached if self.slot_positions else self.position
         input_ids = np.asarray(ids, dtype=np.int64).reshape(1, n)
         position_ids = np.arange(first, first + n, dtype=np.int64).reshape(1, n)
-        context = self.config.get("context")
-        if context and first + n > context and not self._warned_past_context:
-            self._warned_past_context = True  # once per sequence
-            warnings.warn(PastContextWarning(
-                f"position {first + n - 1} is past the model's trained context ({context} tokens): "
-                f"expect much worse predictions; compile with sink_window to stream long sequences"), stacklevel=4)
+        self._warn_past_context(first + n - 1, stacklevel=4)
         attention_mask = np.ones((1, cached + n), dtype=np.int64)
         if self.slot_positions:
             feeds[KEY_POSITION_IDS] = np.arange(cached + n, dtype=np.int64).reshape(1, -1)
@@ -159,15 +154,21 @@ class Model:
             self.cache.enforce_budget(tokens_seen=self.position)
         return logits[0]
 
+    def _warn_past_context(self, last: int, stacklevel: int) -> None:
+        """Once per sequence: position `last` is past the trained context (the warning points
+        `stacklevel` frames up, at the caller of prefill/decode)."""
+        context = self.config.get("context")
+        if context and last >= context and not self._warned_past_context:
+            self._warned_past_context = True
+            warnings.warn(PastContextWarning(
+                f"position {last} is past the model's trained context ({context} tokens): "
+                f"expect much worse predictions; compile with sink_window to stream long sequences"),
+                stacklevel=stacklevel)
+
     def _step_in_place(self, ids: np.ndarray, n: int) -> np.ndarray:
         """_step on the fused path (a dense cache without policy: position = cache length)."""
         cached = self.cache.length
-        context = self.config.get("context")
-        if context and cached + n > context and not self._warned_past_context:
-            self._warned_past_context = True  # once per sequence
-            warnings.warn(PastContextWarning(
-                f"position {cached + n - 1} is past the model's trained context ({context} tokens): "
-                f"expect much worse predictions; compile with sink_window to stream long sequences"), stacklevel=4)
+        self._warn_past_context(cached + n - 1, stacklevel=5)  # (called from _step: one frame deeper)
         input_ids = np.asarray(ids, dtype=np.int64).reshape(1, n)
         position_ids = np.arange(cached, cached + n, dtype=np.int64).reshape(1, n)
         logits = self.executor.run_in_place(input_ids, position_ids, self.cache.buffers(n), cached)
