@@ -44,7 +44,6 @@ and without the split.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from pathlib import Path
 from typing import Literal
@@ -56,7 +55,8 @@ from pydantic import Field, field_validator, model_validator
 from optc.config import PassOptions, Strict, no_float
 from optc.errors import OptcError
 from optc.passes.base import Contract, OptcPass, PassConfigError
-from optc.passes.quant.weight_quant import LM_HEAD, WEIGHTS_QUANTIZED, _constant_weight, _lm_head, _rank_ok
+from optc.passes.quant.weight_quant import (WEIGHTS_QUANTIZED, _constant_weight, _rank_ok,
+                                             apply_skip, check_skip_patterns)
 
 OUTLIER_SPLIT = "weights.qdq_int8"
 QMAX = 127
@@ -110,12 +110,7 @@ class OutlierSplitOptions(PassOptions):
     @field_validator("skip")
     @classmethod
     def _patterns(cls, v: list[str]) -> list[str]:
-        for s in v:
-            if not s.strip():
-                raise ValueError("an empty entry matches nothing")
-        if len(set(v)) != len(v):
-            raise ValueError("an entry is given twice")
-        return v
+        return check_skip_patterns(v)
 
 
 def outlier_channels(absmax: np.ndarray, threshold: float | None, fraction: float | None) -> np.ndarray:
@@ -269,25 +264,11 @@ class OutlierSplit(OptcPass):
     # -------------------------------------------------------------- selection
     def _select(self, graph: ir.Graph) -> list:
         o: OutlierSplitOptions = self.options
-        lm_head = _lm_head(graph)
-        if LM_HEAD in o.skip and lm_head is None:
-            raise PassConfigError("skip", "'lm_head': no MatMul produces the logits in this graph")
         candidates = [(n, w) for n in graph if n.op_type == "MatMul" and n.domain == ""
                       and FLOAT_BRANCH_KEY not in n.metadata_props
                       and (w := _constant_weight(graph, n)) is not None and w[0].dtype == ir.DataType.FLOAT
                       and _rank_ok(n.inputs[0])]
-        used, todo = set(), []
-        for node, weight in candidates:
-            hit = [s for s in o.skip if (s == LM_HEAD and node is lm_head) or
-                   (s != LM_HEAD and any(fnmatch.fnmatchcase(name, s) for name in (node.name, weight[0].name)))]
-            used.update(hit)
-            if not hit:
-                todo.append((node, weight))
-        unused = [s for s in o.skip if s not in used]
-        if unused:
-            raise PassConfigError("skip", f"{unused[0]!r} matches no constant-weight float MatMul (node or weight "
-                                          f"names)")
-        return todo
+        return apply_skip(graph, candidates, o.skip, "constant-weight float MatMul (node or weight names)")
 
     # -------------------------------------------------------------- graph building
     def _unique(self, name: str) -> str:

@@ -78,12 +78,7 @@ class WeightQuantOptions(PassOptions):
     @field_validator("skip")
     @classmethod
     def _patterns(cls, v: list[str]) -> list[str]:
-        for s in v:
-            if not s.strip():
-                raise ValueError("an empty entry matches nothing")
-        if len(set(v)) != len(v):
-            raise ValueError("an entry is given twice")
-        return v
+        return check_skip_patterns(v)
 
 
 class WeightQuant(OptcPass):
@@ -102,23 +97,10 @@ class WeightQuant(OptcPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         o: WeightQuantOptions = self.options
         graph = model.graph
-        lm_head = _lm_head(graph)
-        if LM_HEAD in o.skip and lm_head is None:
-            raise PassConfigError("skip", "'lm_head': no MatMul produces the logits in this graph")
         candidates = [(n, w) for n in graph if n.op_type == "MatMul" and n.domain == ""
                       and (w := _constant_weight(graph, n)) is not None and _rank_ok(n.inputs[0])]
-        used = set()
-        todo = []
-        for node, weight in candidates:
-            hit = [s for s in o.skip if (s == LM_HEAD and node is lm_head) or
-                   (s != LM_HEAD and any(fnmatch.fnmatchcase(name, s) for name in (node.name, weight[0].name)))]
-            used.update(hit)
-            if not hit:
-                todo.append((node, weight))
-        unused = [s for s in o.skip if s not in used]
-        if unused:
-            raise PassConfigError("skip", f"{unused[0]!r} matches no constant-weight MatMul (node or weight names; "
-                                          f"this pass quantises MatMul weights only, never the embedding Gather)")
+        todo = apply_skip(graph, candidates, o.skip, "constant-weight MatMul (node or weight names; this pass "
+                                                     "quantises MatMul weights only, never the embedding Gather)")
         if not todo:
             return ir.passes.PassResult(model, False)
 
@@ -177,6 +159,37 @@ def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
     graph.insert_after(old, new)
     graph.remove(old, safe=True)
     new.outputs[0].name, new.outputs[0].shape, new.outputs[0].type = name, shape, typ
+
+
+def check_skip_patterns(v: list[str]) -> list[str]:
+    """A `skip` option's entries (the quantisation passes share them): none empty, none twice."""
+    for s in v:
+        if not s.strip():
+            raise ValueError("an empty entry matches nothing")
+    if len(set(v)) != len(v):
+        raise ValueError("an entry is given twice")
+    return v
+
+
+def apply_skip(graph: ir.Graph, candidates: list, skip: list[str], what: str) -> list:
+    """The (node, weight) candidates that no `skip` entry names: 'lm_head' is the MatMul producing
+    the logits, anything else an fnmatch glob on the node's or the weight's name. An entry that
+    names nothing is an error ("... matches no <what>"): a typo must not quantise what it meant
+    to keep."""
+    lm_head = _lm_head(graph)
+    if LM_HEAD in skip and lm_head is None:
+        raise PassConfigError("skip", "'lm_head': no MatMul produces the logits in this graph")
+    used, todo = set(), []
+    for node, weight in candidates:
+        hit = [s for s in skip if (s == LM_HEAD and node is lm_head) or
+               (s != LM_HEAD and any(fnmatch.fnmatchcase(name, s) for name in (node.name, weight[0].name)))]
+        used.update(hit)
+        if not hit:
+            todo.append((node, weight))
+    unused = [s for s in skip if s not in used]
+    if unused:
+        raise PassConfigError("skip", f"{unused[0]!r} matches no {what}")
+    return todo
 
 
 def _constant_weight(graph: ir.Graph, node: ir.Node):
