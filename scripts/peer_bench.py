@@ -117,19 +117,15 @@ def genai_worker(model_dir: str, job: dict) -> dict:
     opts.intra_op_num_threads = THREADS
     opts.log_severity_level = 3
     s = ort.InferenceSession(str(Path(model_dir) / "model.onnx"), opts, providers=["CPUExecutionProvider"])
-    feeds_proto = {}
-    for i in s.get_inputs():
-        if i.name.startswith("past_key_values."):
-            kv_heads, head_dim = i.shape[1], None
-            feeds_proto[i.name] = kv_heads
+    kv_heads = {i.name: i.shape[1] for i in s.get_inputs() if i.name.startswith("past_key_values.")}
     cfg = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["decoder"]
     head_dim = cfg["head_size"]
     nll, count = 0.0, 0
     for window in job["windows"]:
         n = len(window)
         feeds = {"input_ids": np.asarray(window, np.int64).reshape(1, n), "attention_mask": np.ones((1, n), np.int64)}
-        for name, kv_heads in feeds_proto.items():
-            feeds[name] = np.zeros((1, kv_heads, 0, head_dim), np.float32)
+        for name, heads in kv_heads.items():
+            feeds[name] = np.zeros((1, heads, 0, head_dim), np.float32)
         logits = s.run(["logits"], feeds)[0][0].astype(np.float64)
         logp = logits - logits.max(-1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(-1, keepdims=True))

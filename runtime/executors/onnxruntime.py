@@ -88,6 +88,8 @@ class OnnxRuntimeExecutor:
                                 for past, present in zip(pair_in, pair_out)}
             self._io = self.session.io_binding()
             self._bound: dict[str, np.ndarray] = {}
+            self._lengths = (np.zeros(1, np.int32), np.zeros((), np.int32))  # seqlens_k, total length
+            self._step_arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # a decode step's ids, logits
             # logits are written into an array of ours: their width is the graph's static vocab
             # dim, or the embedding table's rows (the same for every supported decoder)
             dims = next(o.shape for o in self.session.get_outputs() if o.name == LOGITS)
@@ -141,11 +143,8 @@ class OnnxRuntimeExecutor:
         for name, buf in buffers.items():  # rebound only when a buffer grew (a new allocation)
             self._bind_array(name, buf)
             self._bind_array(self._present_of[name], buf, output=True)
-        if not hasattr(self, "_lengths"):
-            self._lengths = (np.zeros(1, np.int32), np.zeros((), np.int32))
-            self._bind_array(p.seqlens_input, self._lengths[0])
-            self._bind_array(p.total_input, self._lengths[1])
-            self._step_arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._bind_array(p.seqlens_input, self._lengths[0])  # (bound once: the same arrays every step)
+        self._bind_array(p.total_input, self._lengths[1])
         self._lengths[0][0] = cached + n - 1
         self._lengths[1][()] = cached + n
         ids, logits = self._step_arrays.get(n) or (np.empty((1, n), np.int64), np.empty((1, n, self._vocab), np.float32))
