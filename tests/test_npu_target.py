@@ -71,3 +71,153 @@ def test_profile_by_path_and_unknown_names(tmp_path):
     f.write_text("name: [unclosed")
     with pytest.raises(OptcError, match=r"mine.yaml:\d+: invalid YAML"):
         load_profile(f)
+
+
+# -- partitioning --------------------------------------------------------------------------------
+
+def _synthetic(outlier_branch=True):
+    """A static QDQ graph with ops the HTP lacks:
+
+        x -> Q -> DQ -> MatMul1(DQ W1) -> Q -> h1q -> DQ -> Add(+x) -> Erf -> Q -> DQ -> MatMul2 -> Q -> DQ -> y
+                                                  \\-> DQ -> AddQ(+DQ(e_q)) -> Q -> DQ -> z
+        x -> Gather(outlier channels) -> MatMul(float, marked outlier branch) -> Add into y
+
+    MatMul1's unit reaches AddQ both directly and through the CPU ops (Add, Erf): the two NPU
+    units cannot share a partition without a cycle."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import onnx_ir as ir
+
+    rng = np.random.default_rng(0)
+    H = 64
+    inits = [
+        numpy_helper.from_array(rng.integers(-127, 128, (H, H)).astype(np.int8), "w1"),
+        numpy_helper.from_array(rng.integers(-127, 128, (H, H)).astype(np.int8), "w2"),
+        numpy_helper.from_array(np.full(H, 0.01, np.float32), "ws"),
+        numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+        numpy_helper.from_array(np.array(128, np.uint8), "zp"),
+        numpy_helper.from_array(np.array([3, 7], np.int64), "outliers"),
+        numpy_helper.from_array(rng.standard_normal((2, H)).astype(np.float32), "w_out"),
+    ]
+    q = lambda i, o, name: helper.make_node("QuantizeLinear", [i, "s", "zp"], [o], name=name)  # noqa: E731
+    dq = lambda i, o, name: helper.make_node("DequantizeLinear", [i, "s", "zp"], [o], name=name)  # noqa: E731
+    wdq = lambda w, o, name: helper.make_node("DequantizeLinear", [w, "ws"], [o], name=name, axis=1)  # noqa: E731
+    nodes = [
+        q("x", "x_q", "q_x"), dq("x_q", "x_dq", "dq_x"), wdq("w1", "w1_dq", "dq_w1"),
+        helper.make_node("MatMul", ["x_dq", "w1_dq"], ["h1"], name="matmul1"),
+        q("h1", "h1_q", "q_h1"), dq("h1_q", "h1_dq", "dq_h1"), dq("h1_q", "h1_dq2", "dq_h1b"),
+        helper.make_node("Add", ["h1_dq", "x"], ["r"], name="residual"),
+        helper.make_node("Erf", ["r"], ["e"], name="erf"),
+        q("e", "e_q", "q_e"), dq("e_q", "e_dq", "dq_e"), wdq("w2", "w2_dq", "dq_w2"),
+        helper.make_node("MatMul", ["e_dq", "w2_dq"], ["h2"], name="matmul2"),
+        q("h2", "h2_q", "q_h2"), dq("h2_q", "h2_dq", "dq_h2"),
+        helper.make_node("Add", ["h1_dq2", "e_dq"], ["a"], name="add_q"),
+        q("a", "a_q", "q_a"), dq("a_q", "z", "dq_a"),
+    ]
+    if outlier_branch:
+        nodes += [helper.make_node("Gather", ["x", "outliers"], ["x_out"], name="gather_outliers", axis=2),
+                  helper.make_node("MatMul", ["x_out", "w_out"], ["h_out"], name="matmul_outliers"),
+                  helper.make_node("Add", ["h2_dq", "h_out"], ["y"], name="add_outliers")]
+    else:
+        nodes += [helper.make_node("Identity", ["h2_dq"], ["y"], name="out")]
+    f = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 8, H])  # noqa: E731
+    graph = helper.make_graph(nodes, "synthetic", [f("x")], [f("y"), f("z")], inits)
+    proto = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]),
+                                              strict_mode=True)
+    model = ir.serde.deserialize_model(proto)
+    if outlier_branch:
+        next(n for n in model.graph if n.name == "matmul_outliers").metadata_props["optc.outlier_split"] = "outlier"
+    return model
+
+
+def _cut_bytes(model, device: dict) -> int:
+    """Bytes of the tensors whose producer and readers are on different sides (host = CPU)."""
+    from optc.backends.npu.partition import tensor_bytes
+
+    total = 0
+    for v in list(model.graph.inputs) + [o for n in model.graph for o in n.outputs]:
+        if v.is_initializer():
+            continue
+        p = v.producer()
+        sides = {device[p.name] if p is not None else "cpu"}
+        sides |= {device[u.node.name] for u in v.uses()}
+        if v.is_graph_output():
+            sides.add("cpu")
+        if len(sides) > 1:
+            total += tensor_bytes(v)
+    return total
+
+
+def test_partitioner_on_a_synthetic_graph_with_unsupported_ops():
+    import itertools
+
+    import networkx as nx
+
+    from optc.backends.npu.partition import NPU, place, partition
+
+    model = _synthetic()
+    profile = load_profile(DEFAULT_PROFILE)
+    plan = partition(model, profile)
+    device = plan.device_of()
+    nodes = {n.name for n in model.graph}
+    assert set(device) == nodes and sum(len(p.nodes) for p in plan.partitions) == len(nodes)
+    # the QDQ units' compute is on the NPU; float ops, the op the HTP lacks and the outlier branch are not
+    assert {k for k, d in device.items() if d == NPU} >= {"matmul1", "matmul2", "add_q", "dq_w1", "dq_w2"}
+    for name in ("residual", "erf", "gather_outliers", "matmul_outliers", "add_outliers"):
+        assert device[name] == "cpu", name
+    assert "Erf is not an op" in plan.cpu_reasons["erf"]
+    assert "outlier branch" in plan.cpu_reasons["matmul_outliers"]
+    assert "float32" in plan.cpu_reasons["residual"]
+    # the activation Q's go to the CPU: the NPU is handed uint8 (a quarter of the float bytes)
+    assert device["q_x"] == "cpu" and device["q_e"] == "cpu"
+    moved = {c.tensor: c for c in plan.transfers}
+    assert "x_q" in moved and moved["x_q"].bytes == 8 * 64 and "x" not in moved or moved["x"].source == "host"
+
+    # the free Q/DQ placement is the cheapest: brute force over every free node's side
+    placement, _ = place(model.graph, profile)
+    free = [n.name for n, d in placement.items() if d is None]
+    assert 3 <= len(free) <= 12
+    fixed = {n.name: d for n, d in placement.items() if d is not None}
+    best = min(_cut_bytes(model, {**fixed, **dict(zip(free, sides))})
+               for sides in itertools.product(["npu", "cpu"], repeat=len(free)))
+    assert _cut_bytes(model, device) == best
+
+    # contiguous: each partition one device, weakly connected; acyclic between partitions
+    part_of = {n: p.index for p in plan.partitions for n in p.nodes}
+    flow = nx.DiGraph()
+    for n in model.graph:
+        for v in n.inputs:
+            if v is not None and v.producer() is not None:
+                flow.add_edge(v.producer().name, n.name)
+    for p in plan.partitions:
+        assert len({device[n] for n in p.nodes}) == 1
+        assert nx.is_weakly_connected(flow.subgraph(p.nodes)) or len(p.nodes) == 1
+    q = nx.DiGraph((part_of[a], part_of[b]) for a, b in flow.edges if part_of[a] != part_of[b])
+    assert nx.is_directed_acyclic_graph(q)
+    assert all(a < b for a, b in q.edges)  # partitions are numbered in an order that runs them
+    # matmul1's unit and add_q are both NPU but reach each other through the CPU: two partitions
+    assert part_of["matmul1"] != part_of["add_q"]
+    # every crossing is listed on both ends
+    for c in plan.crossings:
+        if isinstance(c.source, int):
+            assert c.tensor in plan.partitions[c.source].outputs
+        if isinstance(c.target, int):
+            assert c.tensor in plan.partitions[c.target].inputs
+    assert plan.bytes_moved == sum(c.bytes for c in plan.transfers) and not plan.unknown_sizes
+    # the DQ that feeds add_q joined add_q's unit: uint8 h1_q crosses, never its float dequantisation
+    assert {c.dtype for c in plan.transfers} == {"uint8"}
+    assert plan.bytes_moved == 6 * 8 * 64
+
+
+def test_generic_profile_and_float_compute_change_the_partition():
+    from optc.backends.npu.partition import partition
+
+    model = _synthetic(outlier_branch=False)
+    generic = partition(model, load_profile("generic_npu")).device_of()
+    assert generic["matmul1"] == "npu" and generic["erf"] == "cpu"
+    # a device that runs float ops (in fp16) takes the float Add too; Erf it still lacks
+    data = _raw()
+    data["float_compute"] = True
+    fp = partition(model, parse_profile(data, "fp.yaml")).device_of()
+    assert fp["residual"] == "npu" and fp["erf"] == "cpu"
