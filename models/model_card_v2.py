@@ -35,6 +35,10 @@ def plot_loss(out: Path, report: dict) -> None:
     ev = [(e["tokens"] / 1e6, e["heldout_loss"]) for e in log if "heldout_loss" in e]
     if ev:
         ax.plot([t for t, _ in ev], [v for _, v in ev], "o-", ms=3, label="held-out loss (6 windows of 2048)")
+    ind = [(e["tokens"] / 1e6, e["induction_nll"]) for e in log if "induction_nll" in e]
+    if ind:   # logged by runs since the induction monitor was added
+        ax.plot([t for t, _ in ind], [v for _, v in ind], "s-", ms=3,
+                label="induction: repeat of a random span 1,000 tokens later")
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(f"{out.name} training ({report['device']}, {report['precision']})")

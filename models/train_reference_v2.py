@@ -271,6 +271,28 @@ def monitor_loss(model, windows: np.ndarray, device: str, amp: bool) -> float:
     return nll / n
 
 
+# Induction monitor: the evaluation's test (models/eval_reference.py), a few fixed trials. A random
+# 64-token span, 1,000 held-out tokens, the span again: the repeat's mean NLL falls towards 0 once
+# induction heads form, so a run's log shows whether (and when) the model starts to copy.
+INDUCTION_SPAN, INDUCTION_GAP, INDUCTION_TRIALS = 64, 1000, 3
+
+
+@torch.no_grad()
+def monitor_induction(model, windows: np.ndarray, device: str, amp: bool) -> float:
+    model.eval()
+    nll = []
+    for trial in range(INDUCTION_TRIALS):
+        span = np.random.default_rng(trial).integers(1, MODEL_KW["vocab_size"], INDUCTION_SPAN)
+        filler = windows[trial % len(windows)][1:INDUCTION_GAP + 1]
+        x = torch.from_numpy(np.concatenate([[0], span, filler, span]).astype(np.int64))[None].to(device)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=amp):
+            logits = model(input_ids=x).logits[0, :-1].float()
+        per_token = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="none")
+        nll.append(per_token[-(INDUCTION_SPAN - 1):].mean().item())   # repeat tokens 2..64
+    model.train()
+    return float(np.mean(nll))
+
+
 def use_bf16(device: str, precision: str) -> bool:
     if precision != "auto":
         return precision == "bf16"
@@ -426,13 +448,15 @@ def main() -> None:
                      "lr": lr, "grad_norm": round(float(gnorm), 3), "seconds": round(train_seconds, 1)}
             if step % args.eval_every == 0 or step == total_steps:
                 entry["heldout_loss"] = round(monitor_loss(model, data["monitor"], args.device, amp), 4)
+                entry["induction_nll"] = round(monitor_induction(model, data["monitor"], args.device, amp), 4)
             log.append(entry)
             tps = session_tokens / (time.time() - t_session)
             progress.update(task, completed=step, loss=loss.item(), tps=tps)
             if not progress.console.is_terminal and (step % 25 == 0 or "heldout_loss" in entry):
                 print(f"step {step}/{total_steps} tokens {step * tokens_per_step:,} loss {loss.item():.3f} "
                       f"lr {lr:.2e} {tps:,.0f} tok/s"
-                      + (f" held-out loss {entry['heldout_loss']}" if "heldout_loss" in entry else ""), flush=True)
+                      + (f" held-out loss {entry['heldout_loss']} induction repeat NLL {entry['induction_nll']}"
+                         if "heldout_loss" in entry else ""), flush=True)
             out_of_time = args.max_minutes is not None and time.time() - t_session > 60 * args.max_minutes
             if stop["signal"] or out_of_time or time.time() - t_ckpt > 60 * args.ckpt_minutes:
                 save_ckpt(last, state_dict())
