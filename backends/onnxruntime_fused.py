@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from optc.runtime.manifest import ATTENTION_MASK, POSITION_IDS, past_name, present_name
+from optc.runtime.manifest import ATTENTION_MASK, POSITION_IDS, PRUNED_FROM_LAYER, past_name, present_name
 
 FUSED_OP = "GroupQueryAttention"
 SEQLENS_INPUT = "seqlens_k"  # per sequence: tokens in the cache after this step, minus one (int32)
@@ -49,6 +49,9 @@ def why_not(model: ir.Model, info, kv_cache: dict | None, target: str, prefill: 
         return f"the {kv.get('layout')} cache layout is stored by the runtime, not by GQA"
     if kv.get("policy"):
         return f"the {kv['policy'].get('kind')} cache policy rewrites the cache between steps"
+    if kv.get(PRUNED_FROM_LAYER) is not None:
+        return (f"token_dropping: layers from {kv[PRUNED_FROM_LAYER]} on cache fewer tokens than earlier ones "
+                f"(GQA's one seqlens input serves every layer)")
     if any(v.name.startswith("optc.attention.") for v in model.graph.outputs):
         return "a cache policy reads the attention probabilities"
     if info.head_dim % 16:

@@ -248,13 +248,19 @@ def effective_budget(config: PipelineConfig, registry) -> tuple[VerifyBudget, st
 def _verify(staging: Path, model_path: Path, info, texts, budget: VerifyBudget, modes: tuple[int, ...],
             length: int, log) -> dict:
     from optc.runtime.model import load_unpublished
-    from optc.verify import ReferenceModel, check_budget, compare, token_windows
+    from optc.verify import (CONTINUATION_TOKENS, ReferenceModel, check_budget, compare, compare_continuation,
+                             token_windows)
 
     artifact = load_unpublished(staging)
     windows = token_windows(artifact.tokenizer, texts, artifact.config.get("bos_token_id"),
                             count=VERIFY_PROMPTS, length=length)
     reference = ReferenceModel(model_path, info)
     reports = []
+    if artifact.pruned_from_layer is not None:  # a prompt-dropping pipeline: judged on the continuation
+        log(f"verifying on {len(windows)} held-out prompts × {length - CONTINUATION_TOKENS} tokens: perplexity of "
+            f"the {CONTINUATION_TOKENS} tokens after each prompt, teacher-forced (provider {artifact.provider})")
+        modes = ()
+        reports.append(compare_continuation(artifact, reference, windows))
     for decode_tokens in modes:
         log(f"verifying on {len(windows)} held-out prompts × {length} tokens, the last {decode_tokens} "
             f"decoded one by one (provider {artifact.provider})")

@@ -103,6 +103,45 @@ def compare(model, reference: ReferenceModel, windows: list[np.ndarray], decode_
     }
 
 
+CONTINUATION_TOKENS = 64
+
+
+def compare_continuation(model, reference: ReferenceModel, windows: list[np.ndarray],
+                         continuation: int = CONTINUATION_TOKENS) -> dict:
+    """How a pipeline that drops prompt tokens (token_dropping mode prefill) is judged: each window
+    is a prompt plus the `continuation` tokens that follow it. The artifact prefills the prompt
+    (dropping what it drops) and then decodes the continuation teacher-forced; the perplexity of
+    those tokens is compared with ONNX Runtime's on the original graph over the whole window."""
+    nll_a = nll_r = 0.0
+    count = agree = 0
+    max_diff = 0.0
+    for ids in windows:
+        head = len(ids) - continuation
+        ref = reference.logits(ids)[head - 1:-1]          # the rows predicting ids[head:]
+        model.reset()
+        rows = [model.prefill(ids[:head])[None]]
+        for t in ids[head:-1]:
+            rows.append(model.decode(int(t))[None])
+        got = np.concatenate(rows)
+        max_diff = max(max_diff, float(np.abs(ref - got).max()))
+        agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
+        # _nll scores row j against ids[j + 1]: one unused row after the continuation's rows
+        a, n = _nll(np.vstack([got, got[-1:]]), ids[head - 1:])
+        r, _ = _nll(np.vstack([ref, ref[-1:]]), ids[head - 1:])
+        nll_a, nll_r, count = nll_a + a, nll_r + r, count + n
+    ppl_a, ppl_r = float(np.exp(nll_a / count)), float(np.exp(nll_r / count))
+    return {
+        "prompts": len(windows),
+        "tokens": sum(len(w) for w in windows),
+        "continuation_tokens_per_prompt": continuation,
+        "perplexity_original": _round(ppl_r),
+        "perplexity_artifact": _round(ppl_a),
+        "perplexity_increase": _round(ppl_a / ppl_r - 1.0),
+        "top1_agreement": _round(agree / count),
+        "max_abs_logit_diff": _round(max_diff),
+    }
+
+
 def check_budget(report: dict, budget: VerifyBudget) -> list[str]:
     failures = []
     if budget.max_perplexity_increase is not None and report["perplexity_increase"] > budget.max_perplexity_increase:

@@ -74,6 +74,9 @@ POLICY_SINK_WINDOW = "sink_window"
 POLICY_H2O = "h2o"
 KEY_QUANT_PER_CHANNEL = "per_channel"
 KEY_QUANT_PER_TOKEN = "per_token"
+# token_dropping (mode prefill): the kv_cache key naming the first layer whose cache holds only the
+# prompt tokens kept in prefill (earlier layers hold them all: per-layer cache lengths)
+PRUNED_FROM_LAYER = "pruned_from_layer"
 
 
 
@@ -184,6 +187,7 @@ class KVCacheSpec:
     positions: str = POSITIONS_ABSOLUTE
     policy: Policy | None = None
     kivi: KiviSpec | None = None
+    pruned_from_layer: int | None = None  # token_dropping mode prefill: layers from here cache kept tokens only
 
     @property
     def slot_positions(self) -> bool:
@@ -195,6 +199,8 @@ class KVCacheSpec:
             out["policy"] = self.policy.to_dict()
         if self.kivi is not None:
             out.update(self.kivi.to_dict())
+        if self.pruned_from_layer is not None:
+            out[PRUNED_FROM_LAYER] = self.pruned_from_layer
         return out
 
     @classmethod
@@ -219,10 +225,13 @@ class KVCacheSpec:
                 policy = H2OPolicy.from_dict(raw, f"{where}.policy")
             else:
                 raise ManifestError(f"{where}.policy.kind: unknown {kind!r}")
+        pruned = _need(d, PRUNED_FROM_LAYER, int, where, optional=True)
+        if pruned is not None and not 1 <= pruned <= MAX_DIM:
+            raise ManifestError(f"{where}.{PRUNED_FROM_LAYER}: a layer index >= 1, got {pruned}")
         kivi = None
         if layout == LAYOUT_KIVI:
             _no_extra(d, {"layout", "positions", "policy", "bits", "group_size", "residual", "symmetric",
-                          "key_quant"}, where)
+                          "key_quant", PRUNED_FROM_LAYER}, where)
             bits = _need(d, "bits", int, where)
             if bits not in (4, 8):
                 raise ManifestError(f"{where}.bits: 4 or 8, got {bits}")
@@ -234,10 +243,10 @@ class KVCacheSpec:
                 raise ManifestError(f"{where}: group_size > 0 and residual >= 0 required")
             kivi = KiviSpec(bits, group, residual, _need(d, "symmetric", bool, where), key_quant)
         elif layout == LAYOUT_FLOAT:
-            _no_extra(d, {"layout", "positions", "policy"}, where)
+            _no_extra(d, {"layout", "positions", "policy", PRUNED_FROM_LAYER}, where)
         else:
             raise ManifestError(f"{where}.layout: unknown {layout!r}")
-        return cls(layout, positions, policy, kivi)
+        return cls(layout, positions, policy, kivi, pruned)
 
 
 @dataclass

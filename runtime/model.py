@@ -75,8 +75,15 @@ class Model:
         # an executor that writes the cache in place needs the plain growable cache (the backend
         # lowers only such artifacts; a manifest that pairs it with another was edited)
         self._in_place = getattr(self.executor, "kv_in_place", None) is not None
-        if self._in_place and (type(self.cache) is not KVCache or kv_spec.policy is not None):
-            raise ArtifactError(f"{where}: backend.kv_in_place needs a float cache without a policy")
+        if self._in_place and (type(self.cache) is not KVCache or kv_spec.policy is not None
+                               or kv_spec.pruned_from_layer is not None):
+            raise ArtifactError(f"{where}: backend.kv_in_place needs a float cache without a policy or pruned layers")
+        # token_dropping (mode prefill): from this layer on, prefill caches (and returns logits
+        # for) the kept prompt tokens only; each layer's cache keeps its own length
+        self.pruned_from_layer = kv_spec.pruned_from_layer
+        if self.pruned_from_layer is not None and self.pruned_from_layer >= spec.n_layers:
+            raise ArtifactError(f"{where}: kv_cache.pruned_from_layer {self.pruned_from_layer} is not a layer of this "
+                                f"{spec.n_layers}-layer model")
         # "cache_slot": tokens are positioned by their slot in the (evicting) cache, StreamingLLM-style
         self.slot_positions = kv_spec.slot_positions
         self.policy = kv_spec.policy
@@ -195,6 +202,10 @@ class Model:
         [vocab], or [len(ids), vocab] with all_logits=True."""
         ids = _token_ids(ids)
         self._check_ids(ids)
+        if all_logits and self.pruned_from_layer is not None and self.position == 0:
+            raise InvalidValue(f"prefill(all_logits=True): this artifact drops prompt tokens from layer "
+                               f"{self.pruned_from_layer} on (token_dropping), so only the last token's logits are "
+                               f"computed; call prefill(ids) and decode the rest")
         chunk = self._chunk() or ids.size  # an evicting cache is filled chunk by chunk
         parts, done = [], 0
         while done < ids.size:
@@ -204,8 +215,9 @@ class Model:
             # and every token attends to the same keys on every backend.
             end = min(done + chunk, ids.size)
             while done < end:
+                before = self.position
                 parts.append(self._step(ids[done:end]))
-                done += len(parts[-1])
+                done += self.position - before  # (a prompt-dropping step returns fewer logit rows)
         logits = np.concatenate(parts) if len(parts) > 1 else parts[0]
         return logits if all_logits else logits[-1]
 

@@ -1,5 +1,6 @@
-"""Issue 18: token_dropping. Options are checked in the fast tier; the rewrite itself is checked on
-the real all-MiniLM-L6-v2 encoder (slow: the export takes ~10 s)."""
+"""Issue 18: token_dropping. Options and contracts are checked in the fast tier; the rewrite itself
+on the real all-MiniLM-L6-v2 encoder (mode encoder) and on pycoder-5m compiled through the runtime
+(mode prefill), both slow (exports and compiles)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,12 @@ def _cfg(**opts):
     ({"mode": "encoder", "keep": "half"}, r"passes\[0\]\.keep"),
     ({"mode": "encoder", "start_layer": -1}, r"passes\[0\]\.start_layer"),
     ({"mode": "encoder", "score": "h2o"}, r"passes\[0\]\.score"),
-    ({"mode": "encoder", "recent": 8}, r"passes\[0\]\.recent: unknown key"),  # mode prefill: not built yet
+    ({"mode": "encoder", "recent": 8}, r"passes\[0\]: Value error, recent applies to mode prefill only"),
+    ({"mode": "prefill", "query": "cls"}, r"query applies to mode encoder only"),
+    ({"mode": "prefill", "recent": 0}, r"passes\[0\]\.recent: .*greater than or equal to 1"),
+    ({"mode": "prefill", "sinks": -1}, r"passes\[0\]\.sinks"),
+    ({"mode": "prefill", "query_window": 0}, r"passes\[0\]\.query_window"),
+    ({"mode": "prefill", "score": "recent", "seed": 1}, r"seed applies to score random only"),
     ({"mode": "encoder", "seed": 3}, r"seed applies to score random only"),
     ({"mode": "bogus"}, r"passes\[0\]\.mode"),
     ({"keep": 0.5}, r"passes\[0\]\.mode: Field required"),
@@ -38,8 +44,45 @@ def test_bad_options_are_one_line_errors(opts, message):
 
 def test_listed_with_every_option():
     entry = REG.get("token_dropping")
-    assert {"mode", "keep", "start_layer", "score", "query", "seed", "allow_noop"} <= set(entry.options_model.model_fields)
+    assert {"mode", "keep", "start_layer", "sinks", "recent", "query_window", "score", "query", "seed",
+            "allow_noop"} <= set(entry.options_model.model_fields)
     assert entry.lossy
+
+
+def test_cli_lists_every_option(capsys):
+    from conftest import run_cli
+
+    code, out, _ = run_cli(["passes"], capsys)
+    assert code == 0
+    row = out[out.index("token_dropping"):]
+    for key in ("mode", "keep", "start_layer", "sinks", "recent", "query_window", "score", "seed"):
+        assert key in row
+
+
+@pytest.mark.parametrize("other, why", [
+    ({"name": "sink_window"}, "cache policies"),
+    ({"name": "h2o_eviction", "ratio": 0.5}, "cache policies"),
+    ({"name": "kv_quantize", "bits": 8}, "KIVI cache"),
+    ({"name": "block_sparse"}, "both rewrite prefill attention"),
+    ({"name": "token_dropping", "mode": "prefill", "start_layer": 3}, "both drop tokens"),
+])
+def test_prefill_mode_refuses_what_the_runtime_cannot_combine(other, why):
+    """Refused in one line before any pass runs, in either order."""
+    from optc.pipeline import check_contracts, plan
+
+    mine = {"name": "token_dropping", "mode": "prefill"}
+    for passes in ([mine, other], [other, mine]):
+        config = parse_config({"passes": passes}, REG)
+        with pytest.raises(OptcError, match="cannot be combined: .*" + why) as e:
+            check_contracts(plan(config, REG))
+        assert "\n" not in str(e.value)
+
+
+def test_prefill_mode_needs_position_ids():
+    from optc.pipeline import check_contracts, plan
+
+    with pytest.raises(OptcError, match=r"passes\[0\] \(token_dropping\) needs a position_ids graph input"):
+        check_contracts(plan(_cfg(mode="prefill"), REG), facts=set())
 
 
 # ------------------------------------------------------------------ the real encoder (slow)
@@ -145,3 +188,111 @@ def test_second_run_matches_nothing_and_decoder_is_refused(minilm, tmp_path):
         run_pipeline(m, _cfg(mode="encoder", start_layer=6), REG, PassContext(decoder=None), log=lambda *_: None)
     with pytest.raises(OptcError, match=r"passes\[0\]\.mode: mode encoder needs a BERT-style encoder"):
         run_pipeline(load_model(path), _cfg(mode="encoder"), REG, PassContext(decoder=object()), log=lambda *_: None)
+
+
+# ------------------------------------------------------------------ mode prefill on pycoder-5m (slow)
+PROMPT = 120
+
+
+def _compile(exported_decoder, out, **opts):
+    from optc.compile import compile_model
+    from optc.runtime import load
+
+    config = parse_config({"passes": [{"name": "token_dropping", "mode": "prefill", **opts}]} if opts else {}, REG)
+    compile_model(exported_decoder, out, config=config, verify=False, log=lambda *_: None)
+    return load(out)
+
+
+def _ids(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(1, 4096, n)
+
+
+@pytest.fixture(scope="module")
+def dense_model(exported_decoder, tmp_path_factory):
+    return _compile(exported_decoder, tmp_path_factory.mktemp("td") / "dense")
+
+
+@pytest.mark.slow
+def test_prefill_keep_all_is_exactly_dense(exported_decoder, dense_model, tmp_path):
+    """keep 1.0: the rewritten graph (gathers, rebuilt rotary and mask) computes what the dense one does,
+    through prefill and decode."""
+    model = _compile(exported_decoder, tmp_path / "keep1", keep=1.0, start_layer=2)
+    assert model.manifest["kv_cache"]["pruned_from_layer"] == 2
+    ids = _ids(PROMPT + 10)
+    diffs = []
+    for m in (model, dense_model):
+        m.reset()
+    diffs.append(np.abs(model.prefill(ids[:PROMPT]) - dense_model.prefill(ids[:PROMPT])).max())
+    for t in ids[PROMPT:]:
+        diffs.append(np.abs(model.decode(int(t)) - dense_model.decode(int(t))).max())
+    assert max(diffs) < 1e-4, diffs
+    assert model.cache.layer_lengths == [PROMPT + 10] * 6
+
+
+@pytest.mark.slow
+def test_prefill_drops_tokens_keeping_their_positions(exported_decoder, dense_model, tmp_path):
+    """keep 0.5 from layer 2: layer 2's cache holds k of the prompt's keys and values, each equal to
+    the dense cache's entry for one prompt token (so computed at that token's original RoPE
+    position), in text order, the sinks and the recent tokens among them; the per-layer lengths
+    are right after prefill and after decode steps; the graph gathers (not a mask)."""
+    import onnx
+
+    sinks, recent = 4, 16
+    model = _compile(exported_decoder, tmp_path / "half", keep=0.5, start_layer=2, sinks=sinks, recent=recent)
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "half" / "model.onnx"), load_external_data=False).graph.node}
+    assert {"TopK", "GatherND", "GatherElements"} <= ops
+    assert "kv_in_place" not in model.manifest["backend"]  # the fused path cannot take per-layer lengths
+    k = int(np.ceil(0.5 * PROMPT))
+    ids = _ids(PROMPT + 5, seed=1)
+    model.reset()
+    dense_model.reset()
+    model.prefill(ids[:PROMPT])
+    dense_model.prefill(ids[:PROMPT])
+    assert model.cache.layer_lengths == [PROMPT] * 2 + [k] * 4
+    kept = []
+    for kind in ("keys", "values"):
+        got = getattr(model.cache, kind)[2].view()[0]          # [kv_heads, k, D]
+        full = getattr(dense_model.cache, kind)[2].view()[0]   # [kv_heads, PROMPT, D]
+        dist = np.abs(got[:, :, None, :] - full[:, None, :, :]).max(axis=(0, 3))  # [k, PROMPT]
+        assert (dist.min(axis=1) < 1e-4).all(), f"{kind}: a kept entry matches no prompt token's"
+        kept.append(dist.argmin(axis=1))
+    idx = kept[0]
+    assert (idx == kept[1]).all() and (np.diff(idx) > 0).all()
+    assert set(range(sinks)) | set(range(PROMPT - recent, PROMPT)) <= set(idx.tolist())
+    # early layers are the dense ones
+    assert np.abs(model.cache.keys[1].view() - dense_model.cache.keys[1].view()).max() < 1e-5
+    for step, t in enumerate(ids[PROMPT:], start=1):
+        model.decode(int(t))
+        assert model.cache.layer_lengths == [PROMPT + step] * 2 + [k + step] * 4
+    assert model.position == PROMPT + 5
+    # the recent baseline keeps the sinks and the latest tokens: exactly those
+    base = _compile(exported_decoder, tmp_path / "recent", keep=0.5, start_layer=2, sinks=sinks, recent=recent,
+                    score="recent")
+    base.prefill(ids[:PROMPT])
+    got = base.cache.keys[2].view()[0]
+    want = dense_model.cache.keys[2].view()[0][:, list(range(sinks)) + list(range(PROMPT - (k - sinks), PROMPT))]
+    assert np.abs(got - want).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_prefill_refusals_are_one_line(exported_decoder, tmp_path, capsys):
+    from conftest import config_error, run_cli
+
+    from optc.errors import InvalidValue
+
+    for text, message in (
+            ("start_layer: 6", r"passes\[0\]\.start_layer: start_layer \(6\) must be 1\.\.5"),
+            ("start_layer: 0", r"passes\[0\]\.start_layer: start_layer \(0\) must be 1\.\.5"),
+            ("mode: encoder", r"mode encoder needs a BERT-style encoder")):
+        mode = "" if "mode" in text else "mode: prefill, "
+        err = config_error(tmp_path, exported_decoder, f"passes: [{{name: token_dropping, {mode}{text}}}]\n", capsys)
+        assert __import__("re").search(message, err), err
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("passes: [{name: token_dropping, mode: prefill}]\n")
+    code, _, err = run_cli(["compile", exported_decoder, "-c", cfg, "-o", tmp_path / "tvm", "--backend", "tvm"],
+                           capsys)
+    assert code != 0 and err.count("\n") == 1 and "tvm backend: token_dropping mode prefill" in err, err
+    model = _compile(exported_decoder, tmp_path / "m", keep=0.5)
+    with pytest.raises(InvalidValue, match="only the last token's logits") as e:
+        model.prefill(_ids(40), all_logits=True)
+    assert "\n" not in str(e.value)

@@ -8,17 +8,30 @@ import onnx_ir as ir
 from pydantic import Field, StrictFloat, StrictInt, field_validator, model_validator
 
 from optc.config import PassOptions
-from optc.passes.base import TOKENS_DROPPED, Contract, OptcPass, PassConfigError
+from optc.passes.base import (CACHE_POLICY, CACHE_QUANTIZED, MODEL_POSITION_IDS, SPARSE_PREFILL, TOKENS_DROPPED,
+                              Contract, OptcPass, PassConfigError)
 from optc.passes.token_dropping.encoder import rewrite_encoder
+from optc.passes.token_dropping.prefill import rewrite_prefill
 
+# what mode prefill may cost, relative continuation perplexity (the goal at keep 0.5)
+PREFILL_PERPLEXITY_BUDGET = 0.05
+PREFILL_ONLY = ("sinks", "recent", "query_window")
 
 
 class TokenDroppingOptions(PassOptions):
-    mode: Literal["encoder"] = Field(
-        description="encoder: a BERT-style encoder keeps the tokens CLS attends to most (plus CLS/SEP)")
+    mode: Literal["prefill", "encoder"] = Field(
+        description="prefill: a decoder's prompt prefill keeps the most-attended prompt tokens from start_layer on "
+                    "(later layers compute and cache only those); encoder: a BERT-style encoder keeps the tokens "
+                    "CLS attends to most (plus CLS/SEP)")
     keep: StrictFloat | StrictInt = Field(0.5, description="tokens kept from start_layer on: a ratio in (0, 1] "
                                                            "(0.5) or a count (64)")
-    start_layer: int = Field(2, ge=0, description="first layer that runs on the kept tokens only")
+    start_layer: int = Field(2, ge=0, description="first layer that runs on the kept tokens only (prefill: >= 1; "
+                                                  "layer start_layer - 1 scores them)")
+    sinks: int = Field(4, ge=0, description="prefill: first prompt tokens always kept (attention sinks)")
+    recent: int = Field(16, ge=1, description="prefill: last prompt tokens always kept (the last one predicts the "
+                                              "next token)")
+    query_window: int = Field(16, ge=1, description="prefill: the last prompt rows whose attention scores the "
+                                                    "tokens (summed over heads and rows)")
     score: Literal["attention", "random", "recent"] = Field(
         "attention", description="attention: attention received (the method); random, recent: baselines")
     query: Literal["cls", "all"] = Field("cls", description="encoder: whose attention scores tokens (CLS's row "
@@ -38,6 +51,12 @@ class TokenDroppingOptions(PassOptions):
     def _keys_match(self):
         if "seed" in self.model_fields_set and self.score != "random":
             raise ValueError(f"seed applies to score random only (score is {self.score})")
+        if self.mode == "encoder":
+            extra = [k for k in PREFILL_ONLY if k in self.model_fields_set]
+            if extra:
+                raise ValueError(f"{extra[0]} applies to mode prefill only")
+        elif "query" in self.model_fields_set:
+            raise ValueError("query applies to mode encoder only (mode prefill scores by the last query_window rows)")
         return self
 
 
@@ -48,14 +67,36 @@ class TokenDropping(OptcPass):
 
     @classmethod
     def contract(cls, options) -> Contract:
-        return Contract(ensures=frozenset({TOKENS_DROPPED}))
+        if getattr(options, "mode", None) == "encoder":  # (`optc passes` asks without a mode: prefill's)
+            return Contract(ensures=frozenset({TOKENS_DROPPED}))
+        # the runtime keeps per-layer cache lengths for a plain float cache; its policies and the
+        # KIVI store keep one length for every layer
+        return Contract(requires=frozenset({MODEL_POSITION_IDS}), ensures=frozenset({TOKENS_DROPPED}),
+                        conflicts={CACHE_POLICY: "token_dropping's later layers cache only the kept prompt tokens, "
+                                                 "and the runtime's cache policies (sink_window, H2O) evict over one "
+                                                 "cache length for every layer",
+                                   CACHE_QUANTIZED: "token_dropping's later layers cache only the kept prompt tokens, "
+                                                    "and the KIVI cache stores one length for every layer",
+                                   SPARSE_PREFILL: "both rewrite prefill attention (token_dropping drops the tokens "
+                                                   "block_sparse would select blocks of)"})
 
     @classmethod
     def declared_perplexity_budget(cls, options) -> float | None:
+        if getattr(options, "mode", None) == "prefill":
+            return PREFILL_PERPLEXITY_BUDGET  # judged on the 64 tokens after the prompt (optc.verify)
         return None  # an encoder has no perplexity: judged by pooled-embedding cosine (docs/benchmarks.md)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         o: TokenDroppingOptions = self.options
+        if o.mode == "prefill":
+            if self.context.decoder is None:
+                raise PassConfigError("mode", "mode prefill needs a decoder (canonicalised by optc compile)")
+            changed = rewrite_prefill(model, self.context.decoder, keep=o.keep, start_layer=o.start_layer,
+                                      sinks=o.sinks, recent=o.recent, query_window=o.query_window, score=o.score,
+                                      seed=o.seed)
+            if changed:
+                self.context.runtime.update_cache(pruned_from_layer=o.start_layer)
+            return ir.passes.PassResult(model, changed)
         if self.context.decoder is not None:
             raise PassConfigError("mode", "mode encoder needs a BERT-style encoder, and this model is a decoder")
         changed = rewrite_encoder(model, keep=o.keep, start_layer=o.start_layer, score=o.score, query=o.query,

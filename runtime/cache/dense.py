@@ -26,7 +26,14 @@ class KVCache:
 
     @property
     def length(self) -> int:
+        """Tokens in layer 0's cache (every token seen; later layers may hold fewer)."""
         return self.keys[0].length
+
+    @property
+    def layer_lengths(self) -> list[int]:
+        """Tokens cached per layer: all equal, except after a prefill that dropped prompt tokens
+        from some layer on (token_dropping mode prefill); appends keep the difference."""
+        return [k.length for k in self.keys]
 
     @property
     def capacity(self) -> int:

@@ -1,0 +1,276 @@
+"""token_dropping, mode prefill: a decoder's prefill keeps, from layer `start_layer` on, only the
+prompt tokens that matter (FastV / LazyLLM style); later layers compute and cache only those.
+
+The rewrite is structural, not a mask. At the input of layer `start_layer` (the residual stream
+after layer `start_layer - 1`) the graph
+
+  1. scores every new token: the attention probabilities that the last `query_window` rows of
+     layer `start_layer - 1` give it (recomputed for those rows only from the layer's rotated
+     queries and its cached keys, causal, summed over heads and rows), or a random or positional
+     score for the baselines;
+  2. forces the first `sinks` and the last `recent` tokens in;
+  3. keeps the `k` best (TopK), in text order (a second TopK over the indices);
+  4. gathers their hidden states (GatherND) and their position ids (GatherElements).
+
+Layers from `start_layer` on then run on `k` tokens: their rotary tables are recomputed from the
+kept tokens' original positions, their causal mask is rebuilt over their own cache (its length
+read from the layer's past keys), and every Reshape there whose target shape read the step's
+token count reads `k` instead. Their new keys/values (and so the runtime's cache for those
+layers) hold the kept tokens only; the logits are the kept tokens' (the last token is always
+kept). Tokens are dropped only in a step that starts from an empty cache (the prompt's prefill):
+with a cache, `k` is the step's token count and the gathers are the identity, so decode attends
+to the full cache in early layers and to the pruned one in later layers (per-layer cache lengths,
+kept by the runtime: `KVCacheSpec.pruned_from_layer`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir import tape
+
+from optc.passes.base import PassConfigError
+from optc.passes.rules.builders import clone_cone, name_nodes
+from optc.runtime.manifest import POSITION_IDS, past_name
+
+BIG = np.float32(1e30)
+_THROUGH = ("Transpose", "Reshape", "MatMul", "Cast")
+
+
+def _is_weight(v: ir.Value | None) -> bool:
+    return v is not None and (v.const_value is not None or v.is_initializer()
+                              or (v.producer() is not None and v.producer().op_type == "Constant"))
+
+
+def _reads_inputs(v: ir.Value, memo: dict) -> bool:
+    """Whether `v` depends on a graph input (False: weights and what is computed from them)."""
+    if v in memo:
+        return memo[v]
+    node = v.producer()
+    memo[v] = v.is_graph_input() if node is None else any(
+        _reads_inputs(x, memo) for x in node.inputs if x is not None)
+    return memo[v]
+
+
+def _downstream(starts) -> set[ir.Node]:
+    seen: set[ir.Node] = set()
+    todo = list(starts)
+    while todo:
+        v = todo.pop()
+        for use in v.uses():
+            if use.node not in seen:
+                seen.add(use.node)
+                todo.extend(use.node.outputs)
+    return seen
+
+
+def _residual_input(attn: ir.Node) -> ir.Value | None:
+    """The hidden state a pre-norm layer adds its attention output to: walk from the Attention
+    output through Transpose/Reshape/o_proj to the residual Add; its other input."""
+    v = attn.outputs[0]
+    for _ in range(8):
+        uses = list(v.uses())
+        if len(uses) != 1:
+            return None
+        node = uses[0].node
+        if node.op_type == "Add":
+            other = node.inputs[1 - uses[0].idx]
+            if not _is_weight(other):
+                return other
+            v = node.outputs[0]  # a bias
+            continue
+        if node.op_type not in _THROUGH or (node.op_type == "MatMul" and not _is_weight(node.inputs[1])):
+            return None
+        v = node.outputs[0]
+    return None
+
+
+def _attention_nodes(graph: ir.Graph, info) -> list[ir.Node]:
+    by_name = {n.name: n for n in graph if n.op_type == "Attention"}
+    nodes = [by_name.get(layer.attention) for layer in info.layers]
+    if any(n is None for n in nodes):
+        raise PassConfigError(None, "mode prefill: a layer's Attention op (from the canonicaliser) is no longer in "
+                                    "the graph (did an earlier pass replace it?)")
+    return nodes
+
+
+def rewrite_prefill(model: ir.Model, info, *, keep: float | int, start_layer: int, sinks: int, recent: int,
+                    query_window: int, score: str, seed: int) -> bool:
+    """Rewrite in place; False when the graph already drops prompt tokens."""
+    graph = model.graph
+    if any(n.name.startswith("optc/token_dropping/") for n in graph):
+        return False
+    n_layers = info.n_layers
+    if not 1 <= start_layer < n_layers:
+        raise PassConfigError("start_layer", f"start_layer ({start_layer}) must be 1..{n_layers - 1} for this "
+                                             f"{n_layers}-layer decoder (layer start_layer - 1 scores the tokens and "
+                                             f"at least one layer must see them all)")
+    inputs = {v.name: v for v in graph.inputs}
+    pos_in = inputs.get(POSITION_IDS)
+    if pos_in is None:
+        raise PassConfigError(None, f"mode prefill needs a {POSITION_IDS} graph input (kept tokens keep their "
+                                    f"positions)")
+    attns = _attention_nodes(graph, info)
+    prev, first = attns[start_layer - 1], attns[start_layer]
+    if prev.attributes.get_float("softcap", 0.0):
+        raise PassConfigError(None, f"layer {start_layer - 1}'s Attention has a softcap; the attention score "
+                                    f"does not model it")
+    h = _residual_input(first)
+    if h is None or h.producer() is None:
+        raise PassConfigError(None, f"layer {start_layer}: no residual hidden state found before its attention "
+                                    f"(a pre-norm decoder layer: h + o_proj(Attention(...)))")
+    past_k = inputs.get(past_name(start_layer, "key"))
+    if past_k is None:
+        raise PassConfigError(None, f"no {past_name(start_layer, 'key')} graph input")
+
+    heads, kv_heads, head_dim = info.num_heads, info.kv_heads, info.head_dim
+    t = tape.Tape()
+    c = lambda x: t.op("Constant", [], {"value": ir.tensor(np.asarray(x))})  # noqa: E731
+    i64 = lambda *xs: c(np.array(xs, np.int64))  # noqa: E731
+    scalar = lambda v: t.op("Squeeze", [v, i64(0)])  # noqa: E731
+    seq = t.op("Shape", [pos_in], {"start": 1, "end": 2})                             # [1] new tokens
+    past_len = t.op("Shape", [past_k], {"start": 2, "end": 3})                       # [1] cached (late layers)
+    positions = t.op("Range", [c(np.int64(0)), scalar(seq), c(np.int64(1))])          # [S]
+    pos_row = t.op("Unsqueeze", [positions, i64(0)])                                  # [1, S]
+    if score == "attention":
+        q, keys = prev.inputs[0], prev.inputs[1]                                      # [B,h,S,D], [B,kv,T,D]
+        scale = prev.attributes.get_float("scale", 0.0) or float(1 / np.sqrt(head_dim))
+        q_last = t.op("Slice", [q, i64(-query_window), i64(np.iinfo(np.int64).max), i64(2)])  # [B,h,W,D]
+        w = t.op("Shape", [q_last], {"start": 2, "end": 3})
+        grouped = t.op("Reshape", [q_last, i64(0, kv_heads, -1, head_dim)])          # [B,kv,g*W,D]
+        logits = t.op("Mul", [t.op("MatMul", [grouped, t.op("Transpose", [keys], {"perm": [0, 1, 3, 2]})]),
+                              c(np.float32(scale))])                                  # [B,kv,g*W,T]
+        total = t.op("Shape", [keys], {"start": 2, "end": 3})
+        logits = t.op("Reshape", [logits, t.op("Concat", [i64(0, kv_heads, heads // kv_heads), w, total],
+                                                {"axis": 0})])                         # [B,kv,g,W,T]
+        # row r of the W sits at cache index T - W + r and sees keys up to it
+        rows = t.op("Add", [t.op("Range", [c(np.int64(0)), scalar(w), c(np.int64(1))]),
+                            scalar(t.op("Sub", [total, w]))])
+        cols = t.op("Range", [c(np.int64(0)), scalar(total), c(np.int64(1))])
+        future = t.op("Greater", [t.op("Unsqueeze", [cols, i64(0)]), t.op("Unsqueeze", [rows, i64(1)])])
+        logits = t.op("Where", [future, c(np.float32(-np.inf)), logits])
+        probs = t.op("Softmax", [logits], {"axis": -1})
+        received = t.op("ReduceSum", [probs, i64(1, 2, 3)], {"keepdims": 0})          # [B, T]
+        scores = t.op("Slice", [received, t.op("Sub", [total, seq]), total, i64(1)])  # [B, S] the new tokens
+    elif score == "random":
+        # a fixed random score per position (ONNX Runtime has no RandomUniformLike at opset 23)
+        table = np.random.default_rng(seed).random(max(8192, 4 * (info.context or 0))).astype(np.float32)
+        scores = t.op("Unsqueeze", [t.op("Slice", [c(table), i64(0), seq]), i64(0)])  # [1, S]
+    else:  # recent: the latest tokens (with the sinks: StreamingLLM's choice, applied to the prompt)
+        scores = t.op("Cast", [pos_row], {"to": ir.DataType.FLOAT})
+    forced = t.op("Or", [t.op("Less", [pos_row, i64(sinks)]),
+                         t.op("GreaterOrEqual", [pos_row, t.op("Sub", [seq, i64(recent)])])])
+    ranked = t.op("Where", [forced, c(BIG), scores])
+    if isinstance(keep, float):
+        base = t.op("Cast", [t.op("Ceil", [t.op("Mul", [t.op("Cast", [seq], {"to": ir.DataType.FLOAT}),
+                                                         c(np.array([keep], np.float32))])])],
+                    {"to": ir.DataType.INT64})
+    else:
+        base = i64(keep)
+    k_drop = t.op("Min", [seq, t.op("Max", [base, i64(sinks + recent)])])
+    # tokens are dropped only from a prompt prefilled into an empty cache
+    k = t.op("Where", [t.op("Equal", [past_len, i64(0)]), k_drop, seq])              # [1]
+    _, chosen = t.op_multi_out("TopK", [ranked, k], {"axis": -1, "largest": 1, "sorted": 0}, num_outputs=2)
+    kept, _ = t.op_multi_out("TopK", [chosen, k], {"axis": -1, "largest": 0, "sorted": 1}, num_outputs=2)
+    kept = t.op("Expand", [kept, t.op("Concat", [t.op("Shape", [pos_in], {"start": 0, "end": 1}), k],
+                                      {"axis": 0})])                                  # [B, k]
+    h_kept = t.op("GatherND", [h, t.op("Unsqueeze", [kept, i64(-1)])], {"batch_dims": 1})    # [B, k, H]
+    pos_kept = t.op("GatherElements", [pos_in, kept], {"axis": 1})                    # [B, k]
+    # the later layers' causal mask over their own cache: past (all visible) + the kept tokens
+    total_late = t.op("Add", [past_len, k])
+    key_idx = t.op("Range", [c(np.int64(0)), scalar(total_late), c(np.int64(1))])
+    query_idx = t.op("Add", [t.op("Range", [c(np.int64(0)), scalar(k), c(np.int64(1))]), scalar(past_len)])
+    allowed = t.op("LessOrEqual", [t.op("Unsqueeze", [key_idx, i64(0)]), t.op("Unsqueeze", [query_idx, i64(1)])])
+    allowed = t.op("Unsqueeze", [allowed, i64(0, 1)])                                 # [1, 1, k, T_late]
+    old_mask = first.inputs[3] if len(first.inputs) > 3 else None
+    if old_mask is None:
+        raise PassConfigError(None, f"layer {start_layer}'s Attention takes no mask (mode prefill rebuilds the "
+                                    f"causal mask of the later layers)")
+    if old_mask.dtype == ir.DataType.BOOL:
+        late_mask = allowed
+    else:  # an additive float mask
+        late_mask = t.op("Where", [allowed, c(np.float32(0)), c(np.float32(np.finfo(np.float32).min))])
+    prefix = f"optc/token_dropping/layer{start_layer}"
+    name_nodes(t.nodes, prefix)
+    h_kept.name = f"{prefix}/hidden_kept"
+    pos_kept.name = f"{prefix}/position_ids_kept"
+
+    graph.insert_after(h.producer(), t.nodes)  # sorted topologically at the end
+    for use in list(h.uses()):
+        if use.node is not h_kept.producer():
+            use.node.replace_input_with(use.idx, h_kept)
+
+    region = _downstream([h_kept])
+    in_region = {v for nd in region for v in nd.outputs} | {h_kept}
+    new_nodes = set(t.nodes)
+    late = attns[start_layer:]
+    if any(a not in region for a in late):
+        raise PassConfigError(None, f"the layers after {start_layer} do not all read layer {start_layer}'s hidden "
+                                    f"state")
+    for a in late:
+        a.replace_input_with(3, late_mask)
+    # rotary: the later layers' cos/sin from the kept tokens' own positions
+    memo: dict = {}
+    added: list[ir.Node] = []
+    for node in list(region):
+        if node.op_type != "RotaryEmbedding":
+            continue
+        if len(node.inputs) > 3 and node.inputs[3] is not None:
+            raise PassConfigError(None, f"{node.name!r}: a RotaryEmbedding with its own position ids")
+        for slot in (1, 2):
+            before = len(graph)
+            new = clone_cone(node.inputs[slot], pos_in, pos_kept, graph, memo, "/kept")
+            added.extend(list(graph)[before:])
+            if new is node.inputs[slot] and new not in in_region:
+                raise PassConfigError(None, f"{node.name!r}: its rotary table does not depend on {POSITION_IDS}")
+            node.replace_input_with(slot, new)
+    new_nodes |= set(added)
+    in_region |= {v for nd in added for v in nd.outputs}
+    # Reshapes in the later layers: k rows where the shape read the step's token count (axis 1)
+    shape_memo: dict[ir.Value, ir.Value] = {}
+    for node in list(region):
+        if node.op_type == "Reshape" and node.inputs[1] not in in_region and not _is_weight(node.inputs[1]):
+            old = node.inputs[1]
+            if old not in shape_memo:
+                t2 = tape.Tape()
+                big = np.iinfo(np.int64).max
+                head = t2.op("Slice", [old, _i64(t2, 0), _i64(t2, 1)])
+                tail = t2.op("Slice", [old, _i64(t2, 2), _i64(t2, big)])
+                shape_memo[old] = t2.op("Concat", [head, k, tail], {"axis": 0})
+                name_nodes(t2.nodes, f"{prefix}/shape_{len(shape_memo)}")
+                graph.insert_before(node, t2.nodes)
+                new_nodes |= set(t2.nodes)
+            node.replace_input_with(1, shape_memo[old])
+    # anything else in the later layers that reads a value computed over all the step's tokens
+    late_past = {past_name(i, kind) for i in range(start_layer, n_layers) for kind in ("key", "value")}
+    reads: dict = {}
+    for node in region:
+        if node.op_type == "Reshape" or node in new_nodes:
+            continue
+        for x in node.inputs:
+            if x is None or x in in_region or x is late_mask or not _reads_inputs(x, reads):
+                continue
+            if x.producer() is not None and x.producer() in new_nodes:
+                continue
+            if x.is_graph_input() and x.name in late_past:
+                continue
+            if x.shape is not None and len(x.shape) == 0:
+                continue  # a computed scalar
+            raise PassConfigError(None, f"node {node.name!r} in layer >= {start_layer} reads {x.name!r}, computed "
+                                        f"over all the step's tokens; mode prefill cannot rewrite it")
+    outputs = set(graph.outputs)
+    for nd in region:
+        for v in nd.outputs:
+            if v not in outputs:
+                v.shape = None
+            elif v.shape is not None and len(v.shape) >= 3 and v.name.startswith("present."):
+                v.shape = ir.Shape([v.shape[0], v.shape[1], "optc_layer_cache", *v.shape[3:]])
+            elif v.shape is not None and len(v.shape) >= 2:
+                v.shape = ir.Shape([v.shape[0], "optc_kept_tokens", *v.shape[2:]])
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    ir.passes.common.TopologicalSortPass()(model)
+    return True
+
+
+def _i64(t: tape.Tape, x) -> ir.Value:
+    return t.op("Constant", [], {"value": ir.tensor(np.array([x], np.int64))})
