@@ -24,7 +24,8 @@ class Backend(Protocol):
 
 
 # name -> module; a module is imported only when its backend is asked for (TVM is heavy)
-BACKENDS = {"onnxruntime": "optc.backends.onnxruntime", "tvm": "optc.backends.tvm.pipeline"}
+BACKENDS = {"onnxruntime": "optc.backends.onnxruntime", "tvm": "optc.backends.tvm.pipeline",
+            "npu": "optc.backends.npu.backend"}  # (npu: what --target npu compiles with)
 
 
 def get_backend(name: str) -> Backend:

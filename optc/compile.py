@@ -89,7 +89,10 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
         if path is not None:
             protected[what] = Path(path)
     check_output_dir(out, force, protected)
-    backend_mod = get_backend(backend)
+    if target == "npu" and backend != "onnxruntime":
+        raise OptcError(f"--target npu compiles with its own backend (static NPU/CPU partitions through ONNX Runtime): "
+                        f"drop --backend {backend}")
+    backend_mod = get_backend("npu" if target == "npu" else backend)
     if verify and verify_length < 64:
         raise OptcError(f"--verify-length {verify_length}: at least 64 tokens")
 

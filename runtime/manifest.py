@@ -502,3 +502,90 @@ class TvmBackend:
             raise ManifestError(f"{where}.sparse_prefill_min_tokens: needed by the 'sparse' buckets")
         return cls(_need(d, "library", str, where), _need(d, "params", str, where), device, segments, buckets,
                    sparse, _kv_outputs(d, where, n_layers), _str_list(d, "attention_outputs", where, optional=True))
+
+
+NPU_DEVICES = ("npu", "cpu")
+NPU_PROVIDERS = ("qnn", "openvino", "any")
+
+
+@dataclass(frozen=True)
+class NpuPartition:
+    """One partition of a static NPU graph: its own ONNX file, the device it was placed on, and
+    the tensors it reads and writes (by name, from the step's other partitions or inputs)."""
+
+    file: str
+    weights: list
+    device: str
+    nodes: int
+    inputs: list
+    outputs: list
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> NpuPartition:
+        d = _object(d, where)
+        _no_extra(d, {"file", "weights", "device", "nodes", "inputs", "outputs"}, where)
+        device = _need(d, "device", str, where)
+        if device not in NPU_DEVICES:
+            raise ManifestError(f"{where}.device: one of {', '.join(NPU_DEVICES)}, got {device!r}")
+        return cls(_need(d, "file", str, where), _str_list(d, "weights", where, optional=True), device,
+                   _count(d, "nodes", where), _str_list(d, "inputs", where), _str_list(d, "outputs", where))
+
+
+@dataclass(frozen=True)
+class NpuGraph:
+    """A static-shape step graph (`tokens` new tokens over the cache's `max_cache` slots), split
+    into partitions that run in order."""
+
+    tokens: int
+    partitions: list
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> NpuGraph:
+        d = _object(d, where)
+        _no_extra(d, {"tokens", "partitions"}, where)
+        parts = [NpuPartition.from_dict(p, f"{where}.partitions[{i}]")
+                 for i, p in enumerate(_need(d, "partitions", list, where))]
+        if not parts:
+            raise ManifestError(f"{where}.partitions: empty")
+        return cls(_count(d, "tokens", where), parts)
+
+
+@dataclass(frozen=True)
+class NpuBackend:
+    """The `backend` section of an NPU artifact (backends/npu/): a prefill graph for chunks of
+    `chunk` tokens and a decode graph for one, both over a cache of `max_cache` slots."""
+
+    profile: str
+    execution_provider: str
+    provider_options: dict
+    allow_cpu_fallback: bool
+    chunk: int
+    max_cache: int
+    prefill: NpuGraph
+    decode: NpuGraph
+    kv_outputs: list
+
+    KEYS = ("name", "profile", "execution_provider", "provider_options", "allow_cpu_fallback", "chunk",
+            "max_cache", "graphs", "kv_outputs", "partition_report")
+
+    @classmethod
+    def from_dict(cls, d: Any, n_layers: int, where: str = "manifest.json: backend") -> NpuBackend:
+        d = _object(d, where)
+        _no_extra(d, set(cls.KEYS), where)
+        provider = _need(d, "execution_provider", str, where)
+        if provider not in NPU_PROVIDERS:
+            raise ManifestError(f"{where}.execution_provider: one of {', '.join(NPU_PROVIDERS)}, got {provider!r}")
+        options = _need(d, "provider_options", dict, where, optional=True) or {}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in options.items()):
+            raise ManifestError(f"{where}.provider_options: string keys and values")
+        graphs = _object(_need(d, "graphs", dict, where), f"{where}.graphs")
+        _no_extra(graphs, {"prefill", "decode"}, f"{where}.graphs")
+        prefill = NpuGraph.from_dict(_need(graphs, "prefill", dict, f"{where}.graphs"), f"{where}.graphs.prefill")
+        decode = NpuGraph.from_dict(_need(graphs, "decode", dict, f"{where}.graphs"), f"{where}.graphs.decode")
+        chunk = _count(d, "chunk", where)
+        if prefill.tokens != chunk or decode.tokens != 1:
+            raise ManifestError(f"{where}.graphs: prefill takes chunk ({chunk}) tokens and decode 1, got "
+                                f"{prefill.tokens} and {decode.tokens}")
+        return cls(_need(d, "profile", str, where), provider, options,
+                   bool(_need(d, "allow_cpu_fallback", bool, where)), chunk, _count(d, "max_cache", where),
+                   prefill, decode, _kv_outputs(d, where, n_layers))

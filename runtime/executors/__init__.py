@@ -1,13 +1,13 @@
 """Executors run an artifact's compiled graph for the runtime model: `onnxruntime` (an ONNX
 Runtime session) and `tvm` (a TVM library of static-shape buckets; loads the TVM runtime only
-when such an artifact is loaded)."""
+when such an artifact is loaded) and `npu` (static NPU/CPU partitions, executors/npu.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from optc.runtime.artifact import ArtifactError
-from optc.runtime.manifest import ModelSpec, OnnxRuntimeBackend, TvmBackend
+from optc.runtime.manifest import ModelSpec, NpuBackend, OnnxRuntimeBackend, TvmBackend
 
 
 def make_executor(root: Path, manifest: dict, model: ModelSpec):
@@ -25,4 +25,8 @@ def make_executor(root: Path, manifest: dict, model: ModelSpec):
         from optc.runtime.executors.tvm import TvmExecutor  # loads the TVM runtime only for TVM artifacts
 
         return TvmExecutor(root, manifest, spec, model)
+    if name == "npu":  # static NPU/CPU partitions (an NPU execution provider, or explicit CPU fallback)
+        from optc.runtime.executors.npu import NpuExecutor
+
+        return NpuExecutor(root, manifest, NpuBackend.from_dict(backend, model.n_layers, where), model)
     raise ArtifactError(f"{root / 'manifest.json'}: unknown backend {name!r}")

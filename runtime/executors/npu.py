@@ -1,0 +1,176 @@
+"""Runs an NPU artifact (backends/npu/): static-shape step graphs split into NPU and CPU partitions.
+
+Each step runs the prefill graph (a chunk of `chunk` tokens, the last chunk padded) or the decode
+graph (one token) over the cache padded to `max_cache` slots; `attention_mask` marks the real
+cache slots and tokens, and the padded outputs are dropped. The partitions of a graph run in
+order, each in its own ONNX Runtime session, handing tensors on by name.
+
+NPU partitions run on the first NPU execution provider present, in this order: QNN (Qualcomm
+HTP, through the onnxruntime-qnn plugin; on x86 its HTP backend is Qualcomm's simulator), then
+OpenVINO's NPU device. CPU fallback is disabled in those sessions, so a partition the provider
+cannot take fails to load instead of running on the CPU. Without an NPU provider the artifact
+refuses to load unless it was compiled with --allow-cpu-fallback; then its NPU partitions run on
+the CPU and `partition_providers` (and `provider`) say so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from optc.errors import InvalidValue
+from optc.runtime.artifact import ArtifactError, artifact_file
+from optc.runtime.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, ModelSpec, NpuBackend, past_name
+
+QNN = "QNNExecutionProvider"
+OPENVINO = "OpenVINOExecutionProvider"
+CPU = "CPUExecutionProvider"
+INSTALL_HINT = "pip install 'optc[npu]' (onnxruntime-qnn, Qualcomm's QNN execution provider)"
+
+
+def qnn_plugin():
+    """The onnxruntime-qnn module with its provider registered in ONNX Runtime, or None."""
+    try:
+        import onnxruntime_qnn
+    except ImportError:
+        return None
+    import onnxruntime as ort
+
+    try:
+        ort.register_execution_provider_library(QNN, onnxruntime_qnn.get_library_path())
+    except Exception as e:  # registered already in this process
+        if "already" not in str(e).lower():
+            raise ArtifactError(f"onnxruntime-qnn is installed but ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
+    return onnxruntime_qnn
+
+
+def npu_provider(kind: str = "any") -> str | None:
+    """The NPU execution provider to use here (QNN first, then OpenVINO's NPU), or None."""
+    import onnxruntime as ort
+
+    if kind in ("qnn", "any") and qnn_plugin() is not None:
+        if any(d.ep_name == QNN for d in ort.get_ep_devices()):
+            return QNN
+    if kind in ("openvino", "any") and OPENVINO in ort.get_available_providers():
+        return OPENVINO
+    return None
+
+
+def npu_session(path_or_bytes, provider: str, provider_options: dict, *, context_file: str | None = None):
+    """An ONNX Runtime session of one NPU partition on `provider`, CPU fallback disabled (a node
+    the provider rejects fails the load). `context_file`: also write the provider's compiled
+    context there (ORT's EPContext model), so that a device loads it without compiling."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    if context_file is not None:
+        so.add_session_config_entry("ep.context_enable", "1")
+        so.add_session_config_entry("ep.context_file_path", context_file)
+        so.add_session_config_entry("ep.context_embed_mode", "1")
+    if provider == QNN:
+        qnn = qnn_plugin()
+        devices = [d for d in ort.get_ep_devices() if d.ep_name == QNN]
+        so.add_provider_for_devices(devices, {"backend_path": qnn.get_qnn_htp_path(), **provider_options})
+        return ort.InferenceSession(path_or_bytes, sess_options=so)
+    if provider == OPENVINO:
+        return ort.InferenceSession(path_or_bytes, sess_options=so, providers=[(OPENVINO, {"device_type": "NPU"})])
+    raise ValueError(provider)
+
+
+def cpu_session(path_or_bytes):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(path_or_bytes, sess_options=so, providers=[CPU])
+
+
+class NpuExecutor:
+    def __init__(self, root: Path, manifest: dict, spec: NpuBackend, model: ModelSpec):
+        self.spec = spec
+        self.chunk, self.max_cache = spec.chunk, spec.max_cache
+        self.kv_outputs = spec.kv_outputs
+        self.n_layers = len(self.kv_outputs)
+        self.kv_in_place = None
+        self.embedding_rows = None  # (the table is in one partition; the manifest's vocab bounds ids)
+        provider = npu_provider(spec.execution_provider)
+        if provider is None and not spec.allow_cpu_fallback:
+            raise ArtifactError(f"{root}: this NPU artifact needs an NPU execution provider and none is present "
+                                f"({INSTALL_HINT}); compile with --allow-cpu-fallback to run it on the CPU")
+        self.npu_provider = provider
+        self.partition_providers: dict[str, list[tuple[int, str, str]]] = {}
+        self._sessions = {}
+        for step, graph in (("prefill", spec.prefill), ("decode", spec.decode)):
+            sessions, used = [], []
+            for i, part in enumerate(graph.partitions):
+                path = str(artifact_file(root, manifest, part.file))
+                for w in part.weights:
+                    artifact_file(root, manifest, w)  # (hash-checked like every file)
+                ep = CPU if part.device == "cpu" or provider is None else provider
+                try:
+                    s = cpu_session(path) if ep == CPU else npu_session(path, ep, spec.provider_options)
+                except Exception as e:  # onnxruntime raises its own exception types
+                    raise ArtifactError(f"{path}: {ep} cannot load this {part.device.upper()} partition "
+                                        f"({str(e).splitlines()[0][:300]})") from None
+                sessions.append((s, part))
+                used.append((i, part.device, ep))
+            self._sessions[step] = sessions
+            self.partition_providers[step] = used
+        self.input_names = {INPUT_IDS, POSITION_IDS, ATTENTION_MASK} | {
+            past_name(i, k) for i in range(self.n_layers) for k in ("key", "value")}
+        self.input_shapes = {past_name(i, k): [1, model.kv_heads, None, model.head_dim]
+                             for i in range(self.n_layers) for k in ("key", "value")}
+        self._past = {name: np.zeros((1, model.kv_heads, self.max_cache, model.head_dim), np.float32)
+                      for name in self.input_shapes}
+
+    @property
+    def provider(self) -> str:
+        """Which execution provider ran which partitions, e.g. `QNNExecutionProvider (NPU, 7 partitions)
+        + CPUExecutionProvider (CPU, 8)`."""
+        counts = {}
+        for _, device, ep in self.partition_providers["prefill"]:
+            counts[(ep, device)] = counts.get((ep, device), 0) + 1
+        text = " + ".join(f"{ep} ({device.upper()} partitions: {n})" for (ep, device), n in sorted(counts.items()))
+        if self.npu_provider is None and any(d == "npu" for _, d, _ in self.partition_providers["prefill"]):
+            text += " [NPU partitions on the CPU: compiled with --allow-cpu-fallback]"
+        return text
+
+    def step_limit(self, cache_feeds, n=None) -> int:
+        """A step takes at most one chunk of tokens."""
+        return self.chunk
+
+    def run(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
+            cache_feeds: dict[str, np.ndarray]):
+        n = input_ids.shape[1]
+        step = "decode" if n == 1 else "prefill"
+        tokens = 1 if n == 1 else self.chunk
+        if n > tokens:
+            raise InvalidValue(f"a step takes at most {self.chunk} tokens (the artifact's chunk), got {n}")
+        cached = next(iter(cache_feeds.values())).shape[2] if cache_feeds else 0
+        if cached + n > self.max_cache:
+            raise InvalidValue(f"{cached + n} tokens do not fit this NPU artifact's cache of {self.max_cache} "
+                               f"(its static graphs were compiled for that many; recompile with a larger --max-cache)")
+        m = self.max_cache
+        ids = np.zeros((1, tokens), np.int64)
+        ids[0, :n] = input_ids[0]
+        pos = np.full((1, tokens), position_ids[0, -1], np.int64)  # padded tokens repeat the last position
+        pos[0, :n] = position_ids[0]
+        mask = np.zeros((1, m + tokens), np.int64)
+        mask[0, :cached] = attention_mask[0, :cached]
+        mask[0, m:m + n] = attention_mask[0, cached:cached + n]
+        env = {INPUT_IDS: ids, POSITION_IDS: pos, ATTENTION_MASK: mask}
+        for name, arr in cache_feeds.items():
+            buf = self._past[name]
+            buf[:, :, :cached] = arr  # slots past `cached` hold stale values: masked out
+            env[name] = buf
+        for session, part in self._sessions[step]:
+            out = session.run(part.outputs, {k: env[k] for k in part.inputs})
+            env.update(zip(part.outputs, out))
+        logits = env[LOGITS][:, :n]
+        new_k = [env[k][:, :, :n] for k, _ in self.kv_outputs]
+        new_v = [env[v][:, :, :n] for _, v in self.kv_outputs]
+        return logits, new_k, new_v, None
