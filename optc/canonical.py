@@ -64,36 +64,12 @@ def _dims(value: ir.Value) -> list:
     return [d if isinstance(d, int) else None for d in value.shape]
 
 
-def _producer_op(value: ir.Value | None) -> str | None:
-    if value is None or value.producer() is None:
-        return None
-    return value.producer().op_type
-
-
-def _strip_repeat_kv(attn: ir.Node, slot: int, present: ir.Value) -> bool:
-    """If Attention input `slot` is repeat_kv(present) (Unsqueeze -> Expand -> Reshape), feed
-    `present` directly: the standard Attention op does grouped-query attention itself."""
-    cur = attn.inputs[slot]
-    if cur is present:
-        return False
-    seen = []
-    while cur is not None and cur is not present and _producer_op(cur) in {"Reshape", "Expand", "Unsqueeze"}:
-        seen.append(cur.producer().op_type)
-        cur = cur.producer().inputs[0]
-    if cur is not present or "Expand" not in seen:
-        raise CanonicalizationError(
-            f"Attention node {attn.name!r}: its {'key' if slot == 1 else 'value'} input is not the layer's "
-            f"present tensor {present.name!r} (nor repeat_kv of it)")
-    attn.replace_input_with(slot, present)
-    return True
-
-
 def analyze(model: ir.Model) -> DecoderInfo:
     """Find the decoder structure; rewrite recognised patterns into canonical form (in place)."""
     from optc.canonical_patterns import (attention_rules, closest_misses_by_layer, describe_by_layer,
-                                         downstream_nodes, fold_partial_rotary, rewrite_decomposed_attention,
-                                         rewrite_decomposed_rotary, simplify_trivial_concats,
-                                         strip_noop_output_casts)
+                                         downstream_nodes, fold_partial_rotary, read_through_repeat_kv,
+                                         rewrite_decomposed_attention, rewrite_decomposed_rotary,
+                                         simplify_trivial_concats, strip_noop_output_casts)
     from optc.canonical_positions import expose_position_ids
     from optc.canonical_precision import upcast_half_precision
 
@@ -165,7 +141,9 @@ def analyze(model: ir.Model) -> DecoderInfo:
             + (f"; {miss}" if miss else ""))
 
     layers = []
-    consumers: dict[str, ir.Node] = {}
+    # what each Attention's key and value inputs read: (the cache, None) through repeat_kv, else
+    # (the input itself, why it is not repeat_kv)
+    reads = {n: [read_through_repeat_kv(model, n.inputs[slot]) for slot in (1, 2)] for n in attention_nodes}
     for i in range(n_layers):
         new = {}
         for kind in ("key", "value"):
@@ -179,15 +157,23 @@ def analyze(model: ir.Model) -> DecoderInfo:
             if axis not in (2, -2):
                 raise CanonicalizationError(f"present.{i}.{kind}: KV concat along axis {axis}, expected 2")
             new[kind] = cat.inputs[1]
-        # the Attention op that reads this layer's cache
-        users = [n for n in attention_nodes if _reads(n, 1, present[(i, "key")])]
+        # the Attention op that reads this layer's cache, directly or through repeat_kv
+        users = [n for n in attention_nodes if reads[n][0][0] is present[(i, "key")]]
         if len(users) != 1:
-            raise CanonicalizationError(f"layer {i}: no single Attention op reads present.{i}.key")
+            near, cache_keys = downstream_nodes([present[(i, "key")]]), {present[(j, "key")] for j in range(n_layers)}
+            why = next((f"; the key input of Attention node {n.name!r} is not repeat_kv of it: {reads[n][0][1]}"
+                        for n in attention_nodes if id(n) in near and reads[n][0][0] not in cache_keys), "")
+            raise CanonicalizationError(f"layer {i}: no single Attention op reads present.{i}.key{why}")
         attn = users[0]
         for slot, kind in ((1, "key"), (2, "value")):
-            if _strip_repeat_kv(attn, slot, present[(i, kind)]):
+            source, why = reads[attn][slot - 1]
+            if source is not present[(i, kind)]:
+                raise CanonicalizationError(
+                    f"Attention node {attn.name!r}: its {kind} input is not the layer's present tensor "
+                    f"{present[(i, kind)].name!r} (nor repeat_kv of it: {why})")
+            if attn.inputs[slot] is not source:  # GQA is the Attention op's own: it reads the cache
+                attn.replace_input_with(slot, source)
                 rewrites["repeat_kv_removed"] = rewrites.get("repeat_kv_removed", 0) + 1
-        consumers[attn.name] = attn
         layers.append(LayerInfo(i, attn.name, new["key"].name, new["value"].name))
 
     logits_dims = _dims(outputs["logits"])
@@ -224,13 +210,6 @@ def analyze(model: ir.Model) -> DecoderInfo:
     return DecoderInfo(n_layers=n_layers, num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim,
                        hidden_size=hidden, vocab_size=vocab, context=context, rotary=rotary, norm=norm, mlp=mlp,
                        rewrites=rewrites, layers=layers)
-
-
-def _reads(node: ir.Node, slot: int, target: ir.Value) -> bool:
-    cur = node.inputs[slot] if len(node.inputs) > slot else None
-    while cur is not None and cur is not target and _producer_op(cur) in {"Reshape", "Expand", "Unsqueeze"}:
-        cur = cur.producer().inputs[0]
-    return cur is target
 
 
 def _embedding_table(g: ir.Graph, input_ids: ir.Value) -> tuple[int, int] | None:

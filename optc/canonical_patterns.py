@@ -135,6 +135,75 @@ def _shape_float(value: ir.Value | None, tensors: tuple, last_dim: int, depth: i
 
 
 
+# ------------------------------------------------------------------ repeat_kv
+def const_ints(value: ir.Value | None) -> list[int] | None:
+    """The integers of a constant tensor (flattened), or None where `value` is not constant."""
+    tensor = get_const_tensor(value) if value is not None else None
+    return None if tensor is None else [int(x) for x in tensor.numpy().reshape(-1)]
+
+
+class _RepeatKv(pattern.PatternBase):
+    """transformers' `repeat_kv` (grouped-query attention), as every exporter writes it between the
+    cache and attention:
+
+        kv[:, :, None].expand(b, kv_heads, n_rep, s, d).reshape(b, kv_heads·n_rep, s, d)
+        = Reshape(Expand(Unsqueeze(kv, axes=[2]), [b, kv_heads, n_rep, s, d]), [b, heads, s, d])
+
+    The standard Attention op repeats the KV heads itself, so the canonical Attention reads `kv`.
+    A pattern, not a rewrite rule: the canonicaliser rewires the Attention's input in place, where
+    a replacement would create a new Attention node (a new name, the rule's metadata stamp)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="repeat_kv")
+
+    def pattern(self, op, kv, axes, expanded_shape, heads_shape):
+        return op.Reshape(op.Expand(op.Unsqueeze(kv, axes), expanded_shape), heads_shape)
+
+    def check(self, context, kv, axes, expanded_shape, heads_shape, **_) -> MatchResult:
+        result = MatchResult()
+        if const_ints(axes) != [2]:
+            return result.fail("the Unsqueeze does not add the repeat axis after the KV heads (axes [2])", axes)
+        reshape = context.root
+        ranks = {"kv": kv, "the Expand": reshape.inputs[0], "the Reshape": reshape.outputs[0]}
+        for (name, value), rank in zip(ranks.items(), (4, 5, 4)):
+            if value is not None and value.shape is not None and len(value.shape) != rank:
+                return result.fail(f"{name} is not {rank}-D ({value.shape})", value)
+        target = const_ints(expanded_shape)
+        if target is not None and (len(target) != 5 or (kv.shape is not None and isinstance(kv.shape[1], int)
+                                                        and target[1] not in (kv.shape[1], 1, -1))):
+            return result.fail(f"the Expand target {target} is not [batch, kv_heads, n_rep, seq, head_dim]",
+                               expanded_shape)
+        return result
+
+
+_REPEAT_KV = _RepeatKv()
+
+
+class _Outcome(MatchingTracer):
+    """The result of one match attempt, failed or not (onnxscript's tracer keeps scored ones only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.result: MatchResult | None = None
+
+    def log(self, rule, container, node, match_result, status) -> None:
+        self.result = match_result
+
+
+def read_through_repeat_kv(model: ir.Model, value: ir.Value) -> tuple[ir.Value, str | None]:
+    """What an Attention key/value input reads: (kv, None) where `value` is repeat_kv(kv);
+    otherwise (`value` itself, why it is not repeat_kv and at which node)."""
+    node = value.producer()
+    if node is None:
+        return value, f"{value.name!r} is a graph input, not repeat_kv of the cache"
+    tracer = _Outcome()
+    match = _REPEAT_KV.match(model, model.graph, node, check_nodes_are_removable=False, tracer=tracer)
+    if match:
+        return match.bindings["kv"], None
+    reason = tracer.result.reason if tracer.result is not None else ""
+    return value, f"{reason or 'the repeat_kv pattern did not match'} (at node {node.name!r})"
+
+
 # ------------------------------------------------------------------ rotary
 def _static_int(value: ir.Value | None, last_dim) -> int | None:
     """The integer a small shape computation yields, if it is known before running: a constant, or

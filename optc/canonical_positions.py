@@ -14,16 +14,12 @@ from __future__ import annotations
 from collections import deque
 
 import onnx_ir as ir
-from onnx_ir.convenience import get_const_tensor, replace_all_uses_with
+from onnx_ir.convenience import replace_all_uses_with
 
+from optc.canonical_patterns import const_ints
 from optc.runtime.manifest import INPUT_IDS, POSITION_IDS
 
 _PAST_PREFIX = "past_key_values."
-
-
-def _const_ints(value: ir.Value | None) -> list[int] | None:
-    t = get_const_tensor(value) if value is not None else None
-    return None if t is None else [int(x) for x in t.numpy().reshape(-1)]
 
 
 def _depends_on_past(value: ir.Value, limit: int = 64) -> bool:
@@ -63,9 +59,9 @@ def _computed_positions(graph: ir.Graph) -> list[ir.Value]:
         if node.op_type != "Unsqueeze" or node.domain != "":
             continue
         rng = node.inputs[0].producer() if node.inputs[0] is not None else None
-        if rng is None or rng.op_type != "Range" or _const_ints(rng.inputs[2]) != [1]:
+        if rng is None or rng.op_type != "Range" or const_ints(rng.inputs[2]) != [1]:
             continue
-        if _const_ints(node.inputs[1] if len(node.inputs) > 1 else None) != [0]:
+        if const_ints(node.inputs[1] if len(node.inputs) > 1 else None) != [0]:
             continue
         if _depends_on_past(rng.inputs[0]) and _feeds_rotary(node.outputs[0]):
             found.append(node.outputs[0])

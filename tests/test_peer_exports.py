@@ -148,6 +148,54 @@ def test_attention_that_does_not_match_is_named_per_layer(broken, needle, tmp_pa
     assert code == 2 and err.count("\n") == 1 and needle in err, err
 
 
+def test_grouped_query_attention_reads_the_cache_itself():
+    """optimum's GQA exports repeat the KV heads between the cache and attention (transformers'
+    repeat_kv: Unsqueeze at axis 2, Expand, Reshape); the canonical Attention op does grouped-query
+    attention itself, so each layer's Attention reads present.N.key/.value directly. An MHA export
+    has no repeat_kv and nothing is rewritten there."""
+    import onnx_ir as ir
+
+    from optc.canonical import canonicalize
+
+    for family, repeated in (("llama-gqa", True), ("qwen2", True), ("llama-mha", False)):
+        model = ir.load(PEERS / family / "model.onnx")
+        info = canonicalize(model)
+        outputs = {v.name: v for v in model.graph.outputs}
+        attention = {n.name: n for n in model.graph if n.op_type == "Attention"}
+        for layer in info.layers:
+            node = attention[layer.attention]
+            assert node.inputs[1] is outputs[f"present.{layer.index}.key"], family
+            assert node.inputs[2] is outputs[f"present.{layer.index}.value"], family
+        assert info.rewrites.get("repeat_kv_removed") == (2 * info.n_layers if repeated else None), family
+        assert (info.kv_heads < info.num_heads) == repeated, family
+
+
+@pytest.mark.parametrize("kind, needle", [
+    ("key", "layer 1: no single Attention op reads present.1.key; the key input of Attention node "
+            "'node_Attention_1' is not repeat_kv of it: the Unsqueeze does not add the repeat axis after the KV "
+            "heads (axes [2]) (at node '/model/layers.1/self_attn/Reshape_4')"),
+    ("value", "Attention node 'node_Attention_1': its value input is not the layer's present tensor "
+              "'present.1.value' (nor repeat_kv of it: the Unsqueeze does not add the repeat axis after the KV "
+              "heads (axes [2]) (at node '/model/layers.1/self_attn/Reshape_6'))"),
+])
+def test_kv_head_repetition_that_is_not_repeat_kv_is_refused_saying_why(kind, needle, tmp_path, capsys):
+    """A layer whose key or value reaches attention through something that is not repeat_kv (here
+    the Unsqueeze inserts the repeat axis at 1, not 2: other numbers, same ops) is refused in one
+    line naming the layer, the rule's failed check and the node; nothing is compiled."""
+    import onnx
+
+    proto = onnx.load(PEERS / "llama-gqa" / "model.onnx")
+    [unsqueeze] = [n for n in proto.graph.node if n.op_type == "Unsqueeze" and n.input[0] == f"present.1.{kind}"]
+    axes = onnx.helper.make_node("Constant", [], ["axes_1"],
+                                 value=onnx.helper.make_tensor("axes_1", onnx.TensorProto.INT64, [1], [1]))
+    proto.graph.node.insert(list(proto.graph.node).index(unsqueeze), axes)
+    unsqueeze.input[1] = "axes_1"
+    onnx.save(proto, tmp_path / "model.onnx")
+    code, _, err = run_cli(["inspect", tmp_path / "model.onnx"], capsys)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert needle in err, err
+
+
 @pytest.mark.parametrize("family, needle", [("gpt2", "learned absolute positions"),
                                             ("gptj", "RoPE read from a precomputed table")])
 def test_positions_without_rotary_ops_are_refused_by_sink_window_saying_so(family, needle, tmp_path, capsys):
