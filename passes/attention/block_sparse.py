@@ -18,6 +18,8 @@ which blocks the real queries select. Unpadded, the mask is all ones and this ch
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape
@@ -26,7 +28,7 @@ from pydantic import Field, field_validator
 from optc.config import PassOptions
 from optc.passes.base import ATTENTION_PROBABILITIES, SPARSE_PREFILL, Contract, OptcPass
 from optc.passes.rules.builders import const as _c
-from optc.passes.rules.builders import name_nodes, replace_keeping_output
+from optc.passes.rules.builders import ints, name_nodes, replace_keeping_output
 from optc.runtime.manifest import ATTENTION_MASK, BLOCK_SPARSE_IF_SUFFIX
 
 PERPLEXITY_BUDGET = 0.03
@@ -79,7 +81,7 @@ class BlockSparse(OptcPass):
             q, k, v = attn.inputs[0], attn.inputs[1], attn.inputs[2]
             scale = attn.attributes.get_float("scale", 0.0) or 1.0 / np.sqrt(info.head_dim)
             t = tape.Tape()
-            i64 = lambda *xs: t.op("Constant", [], {"value": ir.tensor(np.array(xs, np.int64))})  # noqa: E731
+            i64 = functools.partial(ints, t)
             q_len = t.op("Slice", [t.op("Shape", [q]), i64(2), i64(3)])
             kv_len = t.op("Slice", [t.op("Shape", [k]), i64(2), i64(3)])
             cond = t.op("And", [t.op("Equal", [q_len, kv_len]),
@@ -114,7 +116,7 @@ def block_sparse_branch(q: ir.Value, k: ir.Value, v: ir.Value, *, q_heads: int, 
     attention for q [B, Hq, S, D] over k, v [B, Hkv, S, D] (empty cache: keys = queries' tokens)."""
     t = tape.Tape()
     rep = q_heads // kv_heads
-    i64 = lambda *xs: _c(t, np.array(xs, np.int64))  # noqa: E731
+    i64 = functools.partial(ints, t)
     if mask is not None:  # [B, T] with T == S (empty cache) -> [B, 1, S, 1]
         q = t.op("Mul", [q, t.op("Unsqueeze", [t.op("Cast", [mask], {"to": ir.DataType.FLOAT}), i64(1, 3)])])
     seq = t.op("Slice", [t.op("Shape", [q]), i64(2), i64(3)])                       # [S]

@@ -1,5 +1,6 @@
-"""Small graph builders every pass family uses: constants on a tape, unique node names, copying
-a computation onto another input, and replacing a node while its outputs keep their names."""
+"""Small graph builders every pass family uses: constants on a tape (any value, int64 vectors),
+unique node names, copying a computation onto another input, and replacing a node while its
+outputs keep their names."""
 
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ from onnx_ir import tape
 def const(t: tape.Tape, value) -> ir.Value:
     """A Constant node on the tape holding `value` (numpy keeps its dtype)."""
     return t.op("Constant", [], {"value": ir.tensor(np.asarray(value))})
+
+
+def ints(t: tape.Tape, *xs: int) -> ir.Value:
+    """A Constant node on the tape holding the int64 vector `xs` (shapes, axes, slice bounds)."""
+    return const(t, np.array(xs, np.int64))
 
 
 def name_nodes(nodes, prefix: str) -> None:
