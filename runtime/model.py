@@ -89,6 +89,7 @@ class Model:
         self.policy = kv_spec.policy
         # sink_window: the cache holds sinks + window tokens at most
         self.sink_window = self.policy if isinstance(self.policy, SinkWindowPolicy) else None
+        self._context_limit = self.config.get("context") or float("inf")  # past it: one warning
         self._tokenizer = None
         self.last_stats: dict = {}  # filled by generate(): prompt/new token counts, decode seconds
         self.reset()
@@ -227,9 +228,24 @@ class Model:
             raise InvalidType(f"decode: a token id must be an integer, got {type(token_id).__name__} {token_id!r}")
         if self.position == 0:
             raise InvalidValue("decode() before prefill(): prefill the prompt first (it fills the cache)")
+        if self._in_place:  # the fused path: a token id and two lengths written, no array built
+            return self._decode_in_place(int(token_id))
         ids = np.array([int(token_id)])
         self._check_ids(ids)
         return self._step(ids)[-1]
+
+    def _decode_in_place(self, tok: int, copy: bool = True) -> np.ndarray:
+        """decode() on the fused path; copy=False returns the executor's bound logits, which the
+        next step overwrites (the generate loop samples from them at once)."""
+        if not 0 <= tok < self.vocab_size:
+            raise InvalidValue(f"token id {tok} is outside the vocabulary (0..{self.vocab_size - 1})")
+        cached = self.cache.length
+        if cached >= self._context_limit:
+            self._warn_past_context(cached, stacklevel=4)
+        logits = self.executor.decode_in_place(tok, self.cache.buffers(1), cached, copy)
+        self.cache.advance(1)
+        self.position += 1
+        return logits
 
     def _check_ids(self, ids: np.ndarray) -> None:
         # compiled code gathers embeddings without bounds checks (TVM's fast take)
@@ -270,7 +286,8 @@ class Model:
             if not text.endswith("\ufffd") and len(text) > len(emitted):
                 yield text[len(emitted):]
                 emitted = text
-            logits = self.decode(tok)
+            # (the fused path samples from the executor's own logits array: no copy)
+            logits = self._decode_in_place(tok, copy=False) if self._in_place else self.decode(tok)
             self.last_stats["new_tokens"] = len(out_ids)
         self.last_stats["decode_seconds"] = time.perf_counter() - t0
         tail = self.tokenizer.decode(out_ids)

@@ -23,6 +23,8 @@ class KVCache:
         make = lambda: GrowableArray(self.kv_heads, (self.head_dim,), self.dtype, self._initial)  # noqa: E731
         self.keys = [make() for _ in range(self.n_layers)]
         self.values = [make() for _ in range(self.n_layers)]
+        self._buffer_map: dict[str, np.ndarray] | None = None  # buffers(): the map last handed out
+        self._buffer_room = 0
 
     @property
     def length(self) -> int:
@@ -48,12 +50,21 @@ class KVCache:
     # -- the fused path: the executor writes new entries into these buffers itself --------
     def buffers(self, room: int) -> dict[str, np.ndarray]:
         """The whole buffers (capacity >= length + room) by graph input name, for an executor
-        that writes the next `room` entries in place (ONNX Runtime's GroupQueryAttention)."""
+        that writes the next `room` entries in place (ONNX Runtime's GroupQueryAttention). The
+        same dict object is returned until a buffer grows, so the executor can tell with one
+        identity test that nothing needs rebinding (buffers move only in reserve, which replaces
+        the dict)."""
+        out = self._buffer_map
+        if out is not None and self.keys[0].length + room <= self._buffer_room:
+            return out
         out = {}
         for i in range(self.n_layers):
             for kind, arr in (("key", self.keys[i]), ("value", self.values[i])):
                 arr.reserve(arr.length + room)
                 out[past_name(i, kind)] = arr.data
+        # (every buffer is filled and grown alike: their common capacity bounds the next steps)
+        self._buffer_room = min(arr.capacity for arr in self.keys + self.values)
+        self._buffer_map = out
         return out
 
     def advance(self, n: int) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 
 from optc.errors import InvalidValue
 from optc.runtime.artifact import ArtifactError, artifact_file, shown_key
-from optc.runtime.manifest import LOGITS, OnnxRuntimeBackend
+from optc.runtime.manifest import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, OnnxRuntimeBackend
 from optc.runtime.onnx_graph import WireError, embedding_rows
 
 
@@ -88,14 +88,18 @@ class OnnxRuntimeExecutor:
                                 for past, present in zip(pair_in, pair_out)}
             self._io = self.session.io_binding()
             self._bound: dict[str, np.ndarray] = {}
+            self._bound_buffers: dict[str, np.ndarray] | None = None  # the cache's buffer map last bound
             self._lengths = (np.zeros(1, np.int32), np.zeros((), np.int32))  # seqlens_k, total length
-            self._step_arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # a decode step's ids, logits
+            self._needs_positions = POSITION_IDS in self.input_names
+            self._needs_mask = ATTENTION_MASK in self.input_names
             # logits are written into an array of ours: their width is the graph's static vocab
             # dim, or the embedding table's rows (the same for every supported decoder)
             dims = next(o.shape for o in self.session.get_outputs() if o.name == LOGITS)
             self._vocab = dims[-1] if dims and isinstance(dims[-1], int) else self.embedding_rows
             if not self._vocab:
                 raise ArtifactError(f"{graph}: cannot tell the logits' width for the fused path")
+            # a decode step's token id and logits: the same two arrays every step
+            self._decode_arrays = (np.zeros((1, 1), np.int64), np.zeros((1, 1, self._vocab), np.float32))
 
     @property
     def provider(self) -> str:
@@ -127,35 +131,59 @@ class OnnxRuntimeExecutor:
             bind(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
             self._bound[name] = arr
 
+    def _bind_step(self, buffers: dict[str, np.ndarray], cached: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Everything a step of `n` new tokens reads and writes, bound; returns the bound token ids
+        and logits arrays. Rebinding happens only where something changed: the cache's buffer map
+        when a buffer grew (KVCache.buffers returns the same dict until then), the ids and logits
+        when the step size changes (decode steps share one pair). The lengths are two arrays bound
+        once and written in place."""
+        p = self.kv_in_place
+        if cached + n > p.max_positions:
+            raise InvalidValue(f"position {cached + n - 1} is past this artifact's rotary tables ({p.max_positions} "
+                               f"positions, 4x the trained context): recompile with sink_window to stream "
+                               f"longer sequences")
+        if buffers is not self._bound_buffers:
+            for name, buf in buffers.items():
+                self._bind_array(name, buf)
+                self._bind_array(self._present_of[name], buf, output=True)
+            self._bind_array(p.seqlens_input, self._lengths[0])
+            self._bind_array(p.total_input, self._lengths[1])
+            self._bound_buffers = buffers
+        self._lengths[0][0] = cached + n - 1
+        self._lengths[1][()] = cached + n
+        if n == 1:
+            ids, logits = self._decode_arrays
+        else:  # a prefill chunk: arrays of its size, bound for this step only
+            ids, logits = np.empty((1, n), np.int64), np.empty((1, n, self._vocab), np.float32)
+        if self._bound.get(LOGITS) is not logits:
+            self._bind_array(INPUT_IDS, ids)
+            self._bind_array(LOGITS, logits, output=True)
+        if self._needs_mask:  # (the lowering drops it where nothing reads it)
+            self._io.bind_cpu_input(ATTENTION_MASK, np.ones((1, cached + n), np.int64))
+        return ids, logits
+
     def run_in_place(self, input_ids: np.ndarray, position_ids: np.ndarray, buffers: dict[str, np.ndarray],
                      cached: int) -> np.ndarray:
         """One forward step on the fused path: `buffers` are the cache's whole per-layer arrays
         (KVCache.buffers), the first `cached` entries filled; the graph writes this step's keys and
         values after them, in place. Returns the logits [1, n, vocab] (the caller's to keep); the
-        caller advances the cache. Every input and output is bound to memory that stays bound from
-        step to step: a decode step writes three numbers and runs."""
-        p = self.kv_in_place
+        caller advances the cache."""
         n = input_ids.shape[1]
-        if cached + n > p.max_positions:
-            raise InvalidValue(f"position {cached + n - 1} is past this artifact's rotary tables ({p.max_positions} "
-                               f"positions, 4x the trained context): recompile with sink_window to stream "
-                               f"longer sequences")
-        for name, buf in buffers.items():  # rebound only when a buffer grew (a new allocation)
-            self._bind_array(name, buf)
-            self._bind_array(self._present_of[name], buf, output=True)
-        self._bind_array(p.seqlens_input, self._lengths[0])  # (bound once: the same arrays every step)
-        self._bind_array(p.total_input, self._lengths[1])
-        self._lengths[0][0] = cached + n - 1
-        self._lengths[1][()] = cached + n
-        ids, logits = self._step_arrays.get(n) or (np.empty((1, n), np.int64), np.empty((1, n, self._vocab), np.float32))
-        if n == 1:  # decode: the same two arrays every step
-            self._step_arrays[1] = (ids, logits)
+        ids, logits = self._bind_step(buffers, cached, n)
         ids[...] = input_ids
-        self._bind_array("input_ids", ids)
-        self._bind_array(LOGITS, logits, output=True)
-        if "position_ids" in self.input_names:  # (the lowering drops both where nothing reads them)
-            self._io.bind_cpu_input("position_ids", position_ids)
-        if "attention_mask" in self.input_names:
-            self._io.bind_cpu_input("attention_mask", np.ones((1, cached + n), np.int64))
+        if self._needs_positions:
+            self._io.bind_cpu_input(POSITION_IDS, position_ids)
         self.session.run_with_iobinding(self._io)
         return logits.copy() if n == 1 else logits
+
+    def decode_in_place(self, token: int, buffers: dict[str, np.ndarray], cached: int, copy: bool = True) -> np.ndarray:
+        """One decode step of `token` on the fused path (see run_in_place): writes the token id
+        and the two lengths into arrays bound once, runs, and returns the logits [vocab]. With
+        copy=False they are the bound array itself, which the next step overwrites (for a caller
+        that samples from them at once: the generate loop)."""
+        ids, logits = self._bind_step(buffers, cached, 1)
+        ids[0, 0] = token
+        if self._needs_positions:
+            self._io.bind_cpu_input(POSITION_IDS, np.array([[cached]], np.int64))
+        self.session.run_with_iobinding(self._io)
+        return logits[0, 0].copy() if copy else logits[0, 0]
