@@ -164,14 +164,22 @@ def _to_bsh(graph: ir.Graph, v4: ir.Value, before: ir.Node) -> ir.Value:
 def _packed_qkv(graph: ir.Graph, q3: ir.Value, k3: ir.Value, v3: ir.Value, before: ir.Node) -> ir.Value | None:
     """Q, K and V projected from the same input by three MatMuls with constant weights -> one
     MatMul with the weights side by side (what GQA takes as a packed query; one weight read
-    per step instead of three). None where the projections are not of that form (biases,
-    quantised weights)."""
+    per step instead of three). Three MatMulNBits (weight_quant) with the same quantisation are
+    packed alike: their blocks run along K, so the output columns' blocks, scales and zero points
+    just stack along N (the same numbers as the three ops). None where the projections are not
+    of either form (biases, different quantisation)."""
     nodes = [v.producer() for v in (q3, k3, v3)]
-    if any(n is None or n.op_type != "MatMul" or n.domain != "" for n in nodes):
+    if any(n is None for n in nodes) or len({(n.domain, n.op_type) for n in nodes}) != 1:
         return None
     x = nodes[0].inputs[0]
+    if any(n.inputs[0] is not x for n in nodes):
+        return None
+    if (nodes[0].domain, nodes[0].op_type) == ("com.microsoft", "MatMulNBits"):
+        return _packed_nbits(graph, nodes, before)
+    if (nodes[0].domain, nodes[0].op_type) != ("", "MatMul"):
+        return None
     weights = [n.inputs[1].const_value for n in nodes]
-    if any(n.inputs[0] is not x for n in nodes) or any(w is None or len(w.shape) != 2 for w in weights):
+    if any(w is None or len(w.shape) != 2 for w in weights):
         return None
     arrays = [w.numpy() for w in weights]
     if len({a.shape[0] for a in arrays}) != 1 or len({a.dtype for a in arrays}) != 1:
@@ -182,6 +190,32 @@ def _packed_qkv(graph: ir.Graph, q3: ir.Value, k3: ir.Value, v3: ir.Value, befor
     matmul = ir.node("MatMul", [x, packed_w], name=f"{nodes[0].name}.qkv_packed")
     graph.insert_before(before, matmul)
     return matmul.outputs[0]
+
+
+def _packed_nbits(graph: ir.Graph, nodes: list[ir.Node], before: ir.Node) -> ir.Value | None:
+    """_packed_qkv for three MatMulNBits (A, B [N, blocks, blob], scales [N, blocks][, zero points
+    [N, packed blocks]]) with equal K, bits, block size and accuracy level: one with N summed."""
+    attrs = [{k: n.attributes.get_int(k, -1) for k in ("K", "bits", "block_size", "accuracy_level")} for n in nodes]
+    if any(a != attrs[0] for a in attrs) or len({len(n.inputs) for n in nodes}) != 1 or len(nodes[0].inputs) not in (3, 4):
+        return None
+    parts = [[v.const_value for v in n.inputs[1:]] for n in nodes]
+    if any(c is None for cs in parts for c in cs):
+        return None
+    stacked = []
+    for slot, tensors in enumerate(zip(*parts)):
+        arrays = [t.numpy() for t in tensors]
+        expect = 3 if slot == 0 else 2  # (2-D scales / zero points: rows are output columns)
+        if any(a.ndim != expect for a in arrays) or len({(a.shape[1:], a.dtype) for a in arrays}) != 1:
+            return None
+        name = f"{nodes[0].inputs[1 + slot].name}.qkv_packed"
+        v = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(np.concatenate(arrays, axis=0)), name=name))
+        graph.register_initializer(v)
+        stacked.append(v)
+    n_total = sum(n.attributes.get_int("N", 0) for n in nodes)
+    fused = ir.node("MatMulNBits", [nodes[0].inputs[0], *stacked], domain="com.microsoft",
+                    attributes={**attrs[0], "N": n_total}, name=f"{nodes[0].name}.qkv_packed")
+    graph.insert_before(before, fused)
+    return fused.outputs[0]
 
 
 def fuse_skip_rms_norm(model: ir.Model) -> int:

@@ -61,6 +61,15 @@ def test_fused_path_matches_the_generic_graph_step_for_step(export, request, tmp
     # the executor's bound buffers are the cache's own arrays: nothing is copied per step
     assert m.executor._bound["past_key_values.0.key"] is m.cache.keys[0].data
     assert m.executor._bound["present.0.key"] is m.cache.keys[0].data
+    # a decode step rebinds nothing: the cache hands out the same buffer map until a buffer grows
+    assert m.cache.buffers(1) is m.executor._bound_buffers
+    # the generate loop samples from the executor's own logits array (no copy): same text
+    import optc.runtime
+
+    g = optc.runtime.load(tmp_path / "generic")
+    for kw in ({"temperature": 0}, {"temperature": 0.8, "seed": 3}):
+        assert m.generate("def add(a, b):", max_new_tokens=40, **kw) == g.generate("def add(a, b):", max_new_tokens=40,
+                                                                                    **kw)
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +95,31 @@ def test_fused_graph_has_no_per_step_concat_and_one_gqa_per_layer(fused_artifact
     assert ops.count("SkipSimplifiedLayerNormalization") == 2 * n  # every norm but the first (no residual yet)
     assert not [n for n in graph.node if n.op_type == "Concat" and any(i.startswith("past_key_values.")
                                                                         for i in n.input)]
+
+
+def test_int4_weights_pack_qkv_exactly(tmp_path, exported_decoder, monkeypatch):
+    """weight_quant runs before the lowering, so the fused path sees three MatMulNBits per layer:
+    it stacks them into one (blocks run along K, so the output columns just stack). The logits
+    are bit for bit those of the same lowering with the three ops left apart (at accuracy_level
+    4, where activations are quantised per block, a different graph around them would not be)."""
+    import onnx
+
+    from optc.backends import onnxruntime_fused
+
+    passes = [{"name": "weight_quant", "bits": 4, "block_size": 32}]
+    _compile(exported_decoder, tmp_path / "packed", passes)
+    monkeypatch.setattr(onnxruntime_fused, "_packed_nbits", lambda *_: None)
+    _compile(exported_decoder, tmp_path / "apart", passes)
+    count = {}
+    for kind in ("packed", "apart"):
+        graph = onnx.load(tmp_path / kind / "model.onnx", load_external_data=False).graph
+        count[kind] = sum(n.op_type == "MatMulNBits" for n in graph.node)
+    n = json.loads((tmp_path / "packed" / "manifest.json").read_text())["model"]["n_layers"]
+    assert (count["packed"], count["apart"]) == (5 * n + 1, 7 * n + 1)
+    ids = [int(i) for i in np.random.default_rng(1).integers(1, 4096, size=160)]
+    _, a = _stream(tmp_path / "packed", ids, prompt=100)
+    _, b = _stream(tmp_path / "apart", ids, prompt=100)
+    assert np.array_equal(a, b), np.abs(a - b).max()
 
 
 @pytest.mark.parametrize("passes, why", [
