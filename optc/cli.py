@@ -56,15 +56,55 @@ def export(hf_dir, output):
         export_decoder(hf_dir, output, log=log)
 
 
+def npu_options(f):
+    """Options of --target npu (compile and inspect)."""
+    opts = [
+        click.option("--chunk", type=click.IntRange(min=2), default=None,
+                     help="NPU: prefill tokens per static step (default 64; the last chunk is padded)"),
+        click.option("--max-cache", type=click.IntRange(min=2), default=None,
+                     help="NPU: cache slots of the static graphs (default: the model's context)"),
+        click.option("--profile", default=None,
+                     help="NPU: device profile, a name in profiles/ or a YAML file (default qualcomm_htp_v73)"),
+        click.option("--allow-cpu-fallback", is_flag=True, default=None,
+                     help="NPU: build and run without an NPU execution provider, NPU partitions on the CPU "
+                          "(never done silently: the runtime names the provider of each partition)"),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+NPU_OPTIONS = ("chunk", "max_cache", "profile", "allow_cpu_fallback")
+
+
+def _npu_options(target, given: dict) -> dict:
+    options = {k: given.pop(k) for k in NPU_OPTIONS if given.get(k) is not None}
+    if options and target != "npu":
+        raise OptcError(f"--{next(iter(options)).replace('_', '-')}: only for --target npu")
+    return options
+
+
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
-def inspect(model):
+@click.option("--target", type=click.Choice(["cpu", "npu"]), default=None,
+              help="npu: also print how the graph (after the config's passes) splits into NPU and CPU partitions")
+@click.option("-c", "--config", "config_path", type=click.Path(path_type=Path),
+              help="--target npu: the pass configuration to run first (e.g. outlier_split)")
+@click.option("--tokenizer", type=click.Path(path_type=Path),
+              help="--target npu: tokenizer.json for the passes' calibration (default: beside MODEL)")
+@npu_options
+def inspect(model, target, config_path, tokenizer, **npu_opts):
     """Print the decoder structure the canonicaliser finds in MODEL."""
     from optc.canonical import canonicalize
     from optc.compile import side_config
     from optc.ir import load_model
 
-    info = canonicalize(load_model(model))
+    npu_opts = _npu_options(target, npu_opts)
+    for flag, given in (("--config", config_path), ("--tokenizer", tokenizer)):
+        if given is not None and target != "npu":
+            raise OptcError(f"{flag}: only with --target npu (inspect prints the graph as exported otherwise)")
+    loaded = load_model(model)
+    info = canonicalize(loaded)
     side_ctx = side_config(model).get("context")
     rows = [("layers", info.n_layers), ("attention heads", info.num_heads), ("KV heads", info.kv_heads),
             ("head dim", info.head_dim), ("hidden size", info.hidden_size), ("vocab", info.vocab_size),
@@ -75,6 +115,23 @@ def inspect(model):
             ("canonical rewrites", ", ".join(f"{k}×{v}" for k, v in info.rewrites.items()) or "none")]
     for k, v in rows:
         console.print(f"{k:>20}  {v}")
+    if target == "npu":
+        _inspect_npu(model, loaded, info, config_path, tokenizer, npu_opts, side_ctx)
+
+
+def _inspect_npu(model_path, model, info, config_path, tokenizer, npu_opts, side_ctx) -> None:
+    from optc.backends.npu.backend import plans, report_lines
+    from optc.compile import run_config_passes
+
+    if info.context is None and side_ctx:
+        info.context = side_ctx
+    run_config_passes(model, info, model_path, config_path, tokenizer=tokenizer, log=lambda *_: None)
+    opts, profile, step_plans = plans(model, info, npu_opts)
+    console.print(f"\nNPU partition for profile {profile.name} ({profile.description}); prefill chunk "
+                  f"{opts['chunk']} tokens, cache {opts['max_cache']} slots", markup=False)
+    for step, (static, plan, _) in step_plans.items():
+        for line in report_lines(static, plan, step):
+            console.print(line, markup=False)
 
 
 @cli.command()
@@ -184,14 +241,23 @@ def _backend_options(backend, **given):
               help="onnxruntime: lower attention to ONNX Runtime's GroupQueryAttention with the cache written in "
                    "place, where the cache allows it (default: on; the compile log says which path ran)")
 @tvm_options
+@npu_options
 def compile(model, config_path, output, backend, target, force, dump_ir, eval_text, tokenizer, verify_length,
             fused_attention, **tvm_opts):
     """Compile MODEL (ONNX) through the configured passes into an artifact, verifying accuracy."""
     from optc.compile import compile_model
 
+    npu = _npu_options(target, tvm_opts)
+    if target == "npu":  # its own backend: the onnxruntime/tvm flags do not apply
+        given = sorted(k for k, v in {"fused_attention": fused_attention, **tvm_opts}.items() if v is not None)
+        if given:
+            raise OptcError(f"--{given[0].replace('_', '-')}: not for --target npu")
+        options = npu
+    else:
+        options = _backend_options(backend, fused_attention=fused_attention, **tvm_opts)
     compile_model(model, output, config_path=config_path, backend=backend, target=target, force=force,
                   dump_ir=dump_ir, eval_text=eval_text, tokenizer=tokenizer, verify_length=verify_length,
-                  backend_options=_backend_options(backend, fused_attention=fused_attention, **tvm_opts), log=log)
+                  backend_options=options, log=log)
 
 
 @cli.command()

@@ -307,3 +307,161 @@ def test_a_sequence_past_the_static_cache_is_a_clear_error(tmp_path):
     m.prefill(np.arange(16))
     with pytest.raises(InvalidValue, match="do not fit this NPU artifact's cache of 16"):
         m.decode(3)
+
+
+# -- the artifact: providers, refusals, CLI --------------------------------------------------------
+
+QDQ_PASSES = [{"name": "outlier_split", "outlier_fraction": 0.05, "quantize_outputs": True,
+               "calibration": {"samples": 2, "length": 32}}]
+
+
+def _no_npu_provider(monkeypatch):
+    import optc.runtime.executors.npu as npu_exec
+
+    monkeypatch.setattr(npu_exec, "qnn_plugin", lambda: None)
+    monkeypatch.setattr(npu_exec, "OPENVINO", "NoSuchExecutionProvider")
+
+
+def test_without_an_npu_provider_compile_says_what_to_install(tmp_path, capsys, monkeypatch):
+    from conftest import run_cli
+
+    _no_npu_provider(monkeypatch)
+    out = tmp_path / "out"
+    code, _, err = run_cli(["compile", TINY, "-o", out, "--target", "npu", "--max-cache", "64", "--tokenizer",
+                            TOKENIZER], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "pip install 'optc[npu]'" in err and "--allow-cpu-fallback" in err and not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--chunk", "8"], "--chunk: only for --target npu"),
+    (["--target", "npu", "--tune-trials", "3"], "--tune-trials: not for --target npu"),
+    (["--target", "npu", "--backend", "tvm"], "--target npu compiles with its own backend"),
+    (["--target", "npu", "--chunk", "100", "--max-cache", "64"], "--chunk 100: between 2 and --max-cache (64)"),
+    (["--target", "npu", "--profile", "tpu_v9", "--max-cache", "64", "--allow-cpu-fallback"],
+     "unknown device profile"),
+])
+def test_bad_npu_flags_are_one_line(tmp_path, capsys, args, message):
+    from conftest import run_cli
+
+    out = tmp_path / "out"
+    code, _, err = run_cli(["compile", TINY, "-o", out, "--tokenizer", TOKENIZER, *args], capsys)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not out.exists()
+
+
+def test_an_npu_artifact_never_runs_on_the_cpu_silently(tmp_path, monkeypatch):
+    from optc.runtime.artifact import ArtifactError
+    from optc.runtime.model import load_unpublished
+
+    # nothing quantised: no NPU partition, which is an error unless the CPU is asked for
+    with pytest.raises(OptcError, match="nothing in the graph runs on qualcomm_htp_v73.*outlier_split"):
+        _compile_npu(tmp_path / "float", max_cache=64)
+    # an artifact built for the NPU refuses to load without an NPU provider ...
+    pytest.importorskip("onnxruntime_qnn")
+    _compile_npu(tmp_path / "q", passes=QDQ_PASSES, chunk=8, max_cache=64)
+    _no_npu_provider(monkeypatch)
+    with pytest.raises(ArtifactError, match=r"needs an NPU execution provider.*pip install 'optc\[npu\]'"):
+        load_unpublished(tmp_path / "q")
+    # ... and with --allow-cpu-fallback it runs there and says so, partition by partition
+    _compile_npu(tmp_path / "fb", passes=QDQ_PASSES, chunk=8, max_cache=64, allow_cpu_fallback=True)
+    m = load_unpublished(tmp_path / "fb")
+    assert "NPU partitions on the CPU: compiled with --allow-cpu-fallback" in m.provider
+    npu_parts = [p for p in m.executor.partition_providers["prefill"] if p[1] == "npu"]
+    assert npu_parts and all(ep == "CPUExecutionProvider" for _, _, ep in npu_parts)
+    assert m.prefill(np.arange(20)).shape == (4096,)
+
+
+def test_manifest_npu_section_is_type_checked():
+    from optc.runtime.manifest import ManifestError, NpuBackend
+
+    part = {"file": "p0.onnx", "device": "npu", "nodes": 3, "inputs": ["a"], "outputs": ["b"]}
+    good = {"name": "npu", "profile": "x", "execution_provider": "qnn", "allow_cpu_fallback": False, "chunk": 8,
+            "max_cache": 64, "graphs": {"prefill": {"tokens": 8, "partitions": [part]},
+                                        "decode": {"tokens": 1, "partitions": [part]}},
+            "kv_outputs": [["k", "v"]]}
+    assert NpuBackend.from_dict(good, 1).chunk == 8
+    for edit, message in ((lambda d: d["graphs"]["prefill"]["partitions"][0].update(device="gpu"), "device: one of"),
+                          (lambda d: d.update(chunk=16), r"prefill takes chunk \(16\) tokens"),
+                          (lambda d: d.update(execution_provider="cuda"), "execution_provider: one of"),
+                          (lambda d: d["graphs"].update(verify={}), "graphs.verify: unknown key")):
+        bad = copy.deepcopy(good)
+        edit(bad)
+        with pytest.raises(ManifestError, match=message):
+            NpuBackend.from_dict(bad, 1)
+
+
+def test_inspect_target_npu_prints_the_partition(tmp_path, capsys):
+    from conftest import run_cli
+
+    cfg = tmp_path / "q.yaml"
+    cfg.write_text(yaml.safe_dump({"passes": QDQ_PASSES}))
+    code, out, err = run_cli(["inspect", TINY, "--target", "npu", "-c", cfg, "--chunk", "8", "--max-cache", "64",
+                              "--tokenizer", TOKENIZER], capsys)
+    assert code == 0, err
+    assert "NPU partition for profile qualcomm_htp_v73" in out and "prefill chunk 8 tokens, cache 64 slots" in out
+    assert "prefill: " in out and "decode: " in out and "NPU<->CPU transfers" in out and "bytes moved per step" in out
+    assert " NPU " in out and "MatMul" in out and "uint8" in out
+    code, _, err = run_cli(["inspect", TINY, "--chunk", "8"], capsys)
+    assert code == 2 and "--chunk: only for --target npu" in err
+
+
+# -- on the QNN HTP simulator (tiny models: the simulator is slow) -----------------------------------
+
+@pytest.mark.npu
+def test_qdq_decoder_runs_its_npu_partitions_on_qnn_htp(tmp_path):
+    """The tiny Llama with outlier_split (whole QDQ units) compiled for the NPU: every NPU
+    partition is loaded on QNN's HTP (the simulator) with CPU fallback disabled, so none of its
+    nodes can run on the CPU; the logits agree with the same partitions on the CPU EP."""
+    pytest.importorskip("onnxruntime_qnn")
+    from optc.runtime.executors.npu import npu_partitions_on_cpu
+    from optc.runtime.model import load_unpublished
+
+    _compile_npu(tmp_path / "q", passes=QDQ_PASSES, chunk=8, max_cache=32)
+    m = load_unpublished(tmp_path / "q")
+    for step in ("prefill", "decode"):
+        parts = m.executor.partition_providers[step]
+        assert {ep for _, d, ep in parts if d == "npu"} == {"QNNExecutionProvider"}
+        assert {ep for _, d, ep in parts if d == "cpu"} == {"CPUExecutionProvider"}
+    assert "QNNExecutionProvider (NPU partitions:" in m.provider
+    ids = np.random.default_rng(5).integers(0, 4096, 20)
+    htp = np.concatenate([m.prefill(ids[:13], all_logits=True), np.stack([m.decode(int(t)) for t in ids[13:]])])
+    with npu_partitions_on_cpu():
+        c = load_unpublished(tmp_path / "q")
+    cpu = np.concatenate([c.prefill(ids[:13], all_logits=True), np.stack([c.decode(int(t)) for t in ids[13:]])])
+    assert (htp.argmax(-1) == cpu.argmax(-1)).mean() >= 0.9
+    assert np.abs(htp - cpu).max() < 0.1 * np.abs(cpu).max()
+
+
+@pytest.mark.npu
+def test_a_partition_qnn_rejects_fails_the_compile(tmp_path):
+    """A profile that claims an op the QNN EP lacks (Erf on floats): the partition holding it is
+    loaded on QNN with CPU fallback disabled, as the compile does, and fails naming it."""
+    pytest.importorskip("onnxruntime_qnn")
+    import onnx_ir as ir
+
+    from optc.backends.npu.backend import _check_on_npu, partition_models
+    from optc.backends.npu.partition import partition
+    from optc.runtime.executors.npu import QNN, npu_session
+
+    data = _raw()
+    data["float_compute"] = True
+    data["ops"]["Erf"] = ["float16", "uint8"]
+    liar = parse_profile(data, "liar.yaml")
+    model = _synthetic(outlier_branch=False)
+    plan = partition(model, liar)
+    erf = next(p for p in plan.partitions if "erf" in p.nodes)
+    assert erf.device == "npu"
+    path = tmp_path / "erf.onnx"
+    path.write_bytes(partition_models(model, plan)[erf.index].SerializeToString())
+    with pytest.raises(OptcError, match=rf"QNNExecutionProvider rejects prefill partition p{erf.index} \(erf.onnx\)"):
+        _check_on_npu(path, erf.index, "prefill", QNN, liar, npu_session, log=None)
+    # with the shipped profile every NPU partition of the same graph loads
+    honest = load_profile(DEFAULT_PROFILE)
+    plan = partition(model, honest)
+    npu = [(p, m) for p, m in zip(plan.partitions, partition_models(model, plan)) if p.device == "npu"]
+    assert len(npu) == 2
+    for part, proto in npu:
+        path = tmp_path / f"p{part.index}.onnx"
+        path.write_bytes(proto.SerializeToString())
+        _check_on_npu(path, part.index, "prefill", QNN, honest, npu_session, log=None)

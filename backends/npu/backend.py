@@ -72,6 +72,52 @@ def partition_models(static: ir.Model, plan: PartitionPlan) -> list[onnx.ModelPr
     return models
 
 
+def report_lines(static: ir.Model, plan: PartitionPlan, step: str) -> list[str]:
+    """The partition as `optc inspect --target npu` prints it: nodes per partition (with their
+    ops), the tensors crossing between partitions, bytes moved to and from the NPU per step."""
+    from collections import Counter
+
+    op_of = {n.name: n.op_type for n in static.graph}
+    dev = {p.index: p.device for p in plan.partitions}
+    size = {}
+    for c in plan.crossings:
+        size.setdefault((c.source, "out"), 0)
+        size[(c.source, "out")] += c.bytes or 0
+        size.setdefault((c.target, "in"), 0)
+        size[(c.target, "in")] += c.bytes or 0
+    lines = [f"{step}: {len(plan.partitions)} partitions ({sum(p.device == NPU for p in plan.partitions)} NPU), "
+             f"{len(plan.transfers)} NPU<->CPU transfers, {plan.bytes_moved:,} bytes moved per step (estimated "
+             f"from static shapes)"]
+    for p in plan.partitions:
+        ops = Counter(op_of[n] for n in p.nodes)
+        top = ", ".join(f"{op}×{k}" for op, k in sorted(ops.items(), key=lambda x: (-x[1], x[0]))[:5])
+        more = f", +{len(ops) - 5} op types" if len(ops) > 5 else ""
+        lines.append(f"  p{p.index:<3} {p.device.upper():3} {len(p.nodes):5} nodes  in {len(p.inputs):2} "
+                     f"({size.get((p.index, 'in'), 0):>9,} B)  out {len(p.outputs):2} "
+                     f"({size.get((p.index, 'out'), 0):>9,} B)  {top}{more}")
+    lines.append(f"  tensors crossing to or from the NPU ({len(plan.transfers)}):")
+    for c in plan.transfers:
+        src = c.source if c.source == "host" else f"p{c.source} {dev[c.source].upper()}"
+        dst = c.target if c.target == "host" else f"p{c.target} {dev[c.target].upper()}"
+        lines.append(f"    {c.tensor}  {src} -> {dst}  {c.dtype}  {c.bytes if c.bytes is not None else '?':,} B")
+    reasons = Counter(plan.cpu_reasons.values())
+    lines.append("  why nodes are on the CPU:")
+    for why, k in sorted(reasons.items(), key=lambda x: -x[1])[:12]:
+        lines.append(f"    {k:5} × {why}")
+    return lines
+
+
+def plans(model: ir.Model, info, options: dict | None):
+    """{step: (static graph, partition plan)} for the prefill chunk and the decode step."""
+    opts = _options(options, info)
+    profile = load_profile(opts["profile"])
+    out = {}
+    for step, tokens in (("prefill", opts["chunk"]), ("decode", 1)):
+        static, kv_outputs = make_static(model, info, tokens, opts["max_cache"])
+        out[step] = (static, partition(static, profile), kv_outputs)
+    return opts, profile, out
+
+
 def compile(model: ir.Model, info, out_dir: Path, target: str, *, kv_cache=None, prefill=None, options=None,
             log=print) -> dict:
     from optc.runtime.executors.npu import INSTALL_HINT, npu_provider, npu_session
@@ -91,10 +137,10 @@ def compile(model: ir.Model, info, out_dir: Path, target: str, *, kv_cache=None,
         raise OptcError(f"--target npu: no NPU execution provider here: {INSTALL_HINT}, "
                         f"or pass --allow-cpu-fallback to build an artifact whose NPU partitions run on the CPU")
     out_dir = Path(out_dir)
-    graphs, report, kv_outputs = {}, {}, None
-    for step, tokens in (("prefill", opts["chunk"]), ("decode", 1)):
-        static, kv_outputs = make_static(model, info, tokens, opts["max_cache"])
-        plan = partition(static, profile)
+    graphs, report = {}, {}
+    _, _, step_plans = plans(model, info, options)
+    for step, (static, plan, kv_outputs) in step_plans.items():
+        tokens = opts["chunk"] if step == "prefill" else 1
         npu_parts = [p for p in plan.partitions if p.device == NPU]
         log(f"npu: {step} graph ({tokens} token(s) over {opts['max_cache']} cache slots): "
             f"{len(npu_parts)} NPU / {len(plan.partitions) - len(npu_parts)} CPU partitions, "
