@@ -28,11 +28,33 @@ def test_identity_pipeline_and_print_back(tmp_path, capsys):
 
 
 def test_passes_command_lists_options(capsys):
+    """`optc passes` lists every registered pass once, each with exactly its options and their
+    defaults, whether it is lossy, and the contract its pass class declares."""
     code, out, _ = run_cli(["passes"], capsys)
     assert code == 0
-    for name in default_registry().names():
-        assert name in out
-    assert "allow_noop: bool = False" in out
+    blocks: dict[str, list[str]] = {}  # pass name -> its header line, then its indented lines
+    for line in filter(str.strip, out.splitlines()):
+        if not line.startswith(" "):
+            current = line.split()[0]
+            assert current not in blocks, current
+            blocks[current] = [line]
+        else:
+            blocks[current].append(line.strip())
+    reg = default_registry()
+    assert sorted(blocks) == sorted(reg.names())
+    for entry in reg:
+        header, *rest = blocks[entry.name]
+        assert ("(lossy)" in header.split(entry.summary)[0]) == entry.lossy, header
+        fields = {n: f for n, f in entry.options_model.model_fields.items() if not f.exclude}
+        listed = {ln.split(":")[0]: ln for ln in rest if not ln.startswith(("requires:", "ensures:", "not with"))}
+        assert set(listed) == set(fields), entry.name
+        for name, field in fields.items():
+            default = "required" if field.is_required() else repr(field.default)
+            assert f" = {default}" in listed[name], (entry.name, listed[name])
+        if entry.pass_class is not None:
+            ensures = entry.pass_class.contract(entry.options_model.model_construct()).ensures
+            assert [ln for ln in rest if ln.startswith("ensures:")] == \
+                ([f"ensures: {', '.join(sorted(ensures))}"] if ensures else []), entry.name
 
 
 class _Counter(OptcPass):

@@ -76,8 +76,8 @@ def test_cache_stays_bounded_and_generation_stays_sane(tmp_path, exported_decode
     ppl = float(np.exp(np.mean(nll)))
     print(f"perplexity over 400 streamed tokens with a 64-token cache: {ppl:.1f}")
     assert ppl < 300  # the dense model is ~90 on held-out text; a broken cache gives thousands
-    text = m.generate("def main(argv):", max_new_tokens=120, seed=0)  # longer than the cache
-    assert text and m.cache.length <= 64
+    m.generate("def main(argv):", max_new_tokens=120, seed=0)  # longer than the cache
+    assert m.last_stats["prompt_tokens"] + m.last_stats["new_tokens"] > 64 and m.cache.length == 64
 
 
 @pytest.mark.parametrize("opts, needle", [
@@ -258,9 +258,8 @@ def test_verify_length_reaches_the_sparse_branch(tmp_path, exported_decoder, cap
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("passes:\n  - name: sparse_attention\n    mode: block_sparse\n    budget_blocks: 4\n")
-    code, out, err = run_cli(["compile", exported_decoder, "-c", cfg, "-o", tmp_path / "a", "--verify-length", "512"],
+    code, _, err = run_cli(["compile", exported_decoder, "-c", cfg, "-o", tmp_path / "a", "--verify-length", "512"],
                              capsys)
     assert code == 0, err
-    assert "× 512 tokens" in out
     prefill_mode = json.loads((tmp_path / "a" / "manifest.json").read_text())["verification"]["modes"][0]
     assert prefill_mode["tokens"] == 8 * 512 and prefill_mode["top1_agreement"] < 1.0
