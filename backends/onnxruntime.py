@@ -37,7 +37,7 @@ def compile(model: ir.Model, info, out_dir: Path, target: str, *, kv_cache=None,
     # the fast path (backends/onnxruntime_fused.py) where the cache allows it; else the generic graph
     why = "--no-fused-attention" if not fused else onnxruntime_fused.why_not(model, info, kv_cache, target, prefill)
     if why is None:
-        kv_in_place = onnxruntime_fused.lower(model, info, info.context, log=log)
+        kv_in_place = onnxruntime_fused.lower(model, info, info.context, log=log, kv_cache=kv_cache)
         kv_outputs = [[present_name(layer.index, kind) for kind in ("key", "value")] for layer in info.layers]
     else:
         log(f"onnxruntime: generic attention path (Concat + Attention per step): {why}")

@@ -23,11 +23,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from optc.runtime.manifest import ATTENTION_MASK, POSITION_IDS, PRUNED_FROM_LAYER, past_name, present_name
+from optc.runtime.manifest import (ATTENTION_MASK, KEY_POSITION_IDS, POLICY_SINK_WINDOW, POSITION_IDS,
+                                   PRUNED_FROM_LAYER, past_name, present_name)
 
 FUSED_OP = "GroupQueryAttention"
 SEQLENS_INPUT = "seqlens_k"  # per sequence: tokens in the cache after this step, minus one (int32)
 TOTAL_INPUT = "total_sequence_length"  # tokens in the cache after this step (int32 scalar)
+ATTENTION_BIAS_INPUT = "optc.gqa.attention_bias"  # sink_window: 0 / -inf per cached row [1, 1, S, total]
 # positions the cos/sin tables cover: a few times the trained context (the runtime warns past
 # the context but runs; past the tables it refuses), bounded so a table stays small
 MIN_TABLE, MAX_TABLE = 4096, 32768
@@ -47,8 +49,9 @@ def why_not(model: ir.Model, info, kv_cache: dict | None, target: str, prefill: 
     kv = kv_cache or {}
     if kv.get("layout", "float") != "float":
         return f"the {kv.get('layout')} cache layout is stored by the runtime, not by GQA"
-    if kv.get("policy"):
-        return f"the {kv['policy'].get('kind')} cache policy rewrites the cache between steps"
+    policy = kv.get("policy")
+    if policy and policy.get("kind") != POLICY_SINK_WINDOW:
+        return f"the {policy.get('kind')} cache policy rewrites the cache between steps"
     if kv.get(PRUNED_FROM_LAYER) is not None:
         return (f"token_dropping: layers from {kv[PRUNED_FROM_LAYER]} on cache fewer tokens than earlier ones "
                 f"(GQA's one seqlens input serves every layer)")
@@ -61,7 +64,39 @@ def why_not(model: ir.Model, info, kv_cache: dict | None, target: str, prefill: 
     for layer in info.layers:
         if (why := _layer(model, layer.index)[1]) is not None:
             return f"layer {layer.index}: {why}"
+    if policy:
+        return _why_not_window(model, info, policy)
     return None
+
+
+def _why_not_window(model: ir.Model, info, policy: dict) -> str | None:
+    """sink_window on the fused path needs rotary tables that are plain rotations (angle = position
+    x a constant per pair), so the runtime can move a rotated key to a new slot; and a buffer of
+    sinks + window + slack slots within the tables."""
+    q_rope = _layer(model, info.layers[0].index)[0][0]
+    inv_freq = _inv_freq(model, q_rope, _window_positions(info, policy))
+    if inv_freq is None:
+        return ("sink_window: the rotary tables are not plain rotations (position x a fixed angle), so rotated keys "
+                "cannot be moved to new slots")
+    return None
+
+
+def _window_positions(info, policy: dict) -> int:
+    """Slots a fused sink_window buffer may use (the runtime's capacity stays within them)."""
+    return max(MIN_TABLE, 2 * (policy["sinks"] + policy["window"]), info.context or 0)
+
+
+def _inv_freq(model: ir.Model, q_rope: ir.Node, positions: int) -> list[float] | None:
+    """The rotary angle per position of each rotated pair, read from the graph's own tables, when
+    cos/sin at every position p < `positions` are cos(p * angle) / sin(p * angle); else None. (The
+    tolerance, 1e-5 + 4e-7 p, allows for the graph's float32 product of position and angle.)"""
+    cos, sin = (_rotary_table(model, q_rope.inputs[slot], positions).astype(np.float64) for slot in (1, 2))
+    angle = np.arctan2(sin[1], cos[1])
+    p = np.arange(positions, dtype=np.float64)[:, None]
+    err = np.maximum(np.abs(np.cos(p * angle) - cos), np.abs(np.sin(p * angle) - sin))
+    if (err > 1e-5 + 4e-7 * p).any():
+        return None
+    return [float(a) for a in angle]
 
 
 def _same(a: ir.Value, b: ir.Value) -> bool:
@@ -85,11 +120,20 @@ def _layer(model: ir.Model, i: int):
     if catk is None or catk.op_type != "Concat" or catv is None or catv.op_type != "Concat":
         return None, "the present keys/values are not Concat(past, new)"
     k_rope = catk.inputs[1].producer()
-    attn = [u for u, slot in pk.uses() if u.op_type == "Attention" and slot == 1]
+    keys, rotate_all = pk, None
+    if KEY_POSITION_IDS in {v.name for v in model.graph.inputs}:
+        # sink_window: the cache holds keys before RoPE and one RotaryEmbedding rotates the whole
+        # present key tensor by slot; GQA rotates each new key once, at its slot, instead
+        rotate_all = [u for u, slot in pk.uses() if u.op_type == "RotaryEmbedding" and slot == 0]
+        if len(rotate_all) != 1:
+            return None, "sink_window: no single RotaryEmbedding rotates the cached keys"
+        rotate_all = rotate_all[0]
+        keys, k_rope = rotate_all.outputs[0], rotate_all
+    attn = [u for u, slot in keys.uses() if u.op_type == "Attention" and slot == 1]
     if len(attn) != 1:
         return None, "no single Attention op reads the present keys"
     attn = attn[0]
-    others = {u.op_type for v in (pk, pv) for u, _ in v.uses() if u is not attn}
+    others = {u.op_type for v in (pk, pv) for u, _ in v.uses() if u is not attn and u is not rotate_all}
     if others:  # e.g. block_sparse's prefill branch gathers key blocks from the cache
         return None, f"the cache is read by more than one attention ({', '.join(sorted(others))})"
     q_rope = attn.inputs[0].producer()
@@ -102,7 +146,14 @@ def _layer(model: ir.Model, i: int):
             return None, "interleaved or partial rotary (GQA rotates the whole head, half-split)"
         if len(rope.inputs) > 3 and rope.inputs[3] is not None:
             return None, "the RotaryEmbedding takes its own position ids"
-    if not (_same(q_rope.inputs[1], k_rope.inputs[1]) and _same(q_rope.inputs[2], k_rope.inputs[2])):
+    if rotate_all is not None:
+        # (its cos/sin are a copy of the query's subgraph fed from the key positions)
+        def attrs(node):
+            return {k: a.value for k, a in node.attributes.items() if k != "num_heads"}
+
+        if attrs(rotate_all) != attrs(q_rope):
+            return None, "sink_window: the cached keys are rotated unlike the query"
+    elif not (_same(q_rope.inputs[1], k_rope.inputs[1]) and _same(q_rope.inputs[2], k_rope.inputs[2])):
         return None, "query and key are rotated with different cos/sin tables"
     if attn.attributes.get_float("softcap", 0.0) or attn.attributes.get_int("qk_matmul_output_mode", 0):
         return None, "the Attention op has a softcap or extra outputs"
@@ -243,15 +294,26 @@ def fuse_skip_rms_norm(model: ir.Model) -> int:
     return count
 
 
-def lower(model: ir.Model, info, context: int | None, log=print) -> dict:
-    """Rewrite every layer to GQA in place; returns the manifest's `kv_in_place` section."""
+def lower(model: ir.Model, info, context: int | None, log=print, kv_cache: dict | None = None) -> dict:
+    """Rewrite every layer to GQA in place; returns the manifest's `kv_in_place` section.
+
+    With a sink_window policy the keys are rotated by GQA at their slot in the runtime's bounded
+    buffer (its default: the row it writes), and an additive attention bias input lets the
+    runtime hide the rows the window has left until it compacts the buffer (runtime/cache/window.py)."""
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
     graph = model.graph
+    policy = (kv_cache or {}).get("policy")
     positions = min(MAX_TABLE, max(MIN_TABLE, 4 * (context or 0)))
+    inv_freq = bias = None
+    if policy:
+        positions = _window_positions(info, policy)
+        inv_freq = _inv_freq(model, _layer(model, info.layers[0].index)[0][0], positions)
+        bias = ir.Value(name=ATTENTION_BIAS_INPUT, shape=ir.Shape(["batch", 1, "sequence_length", "total_sequence_length"]),
+                        type=ir.TensorType(ir.DataType.FLOAT))
     seqlens = ir.Value(name=SEQLENS_INPUT, shape=ir.Shape(["batch"]), type=ir.TensorType(ir.DataType.INT32))
     total = ir.Value(name=TOTAL_INPUT, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT32))
-    graph.inputs.extend([seqlens, total])
+    graph.inputs.extend([seqlens, total] + ([bias] if bias is not None else []))
     tables: dict[int, tuple[ir.Value, ir.Value]] = {}
     packed_layers = 0
     for layer in info.layers:
@@ -267,11 +329,14 @@ def lower(model: ir.Model, info, context: int | None, log=print) -> dict:
             tables[key] = (cos, sin)
         cos, sin = tables[key]
         scale = attn.attributes.get_float("scale", info.head_dim ** -0.5)
-        q3, k3, v3 = (_to_bsh(graph, v, attn) for v in (q_rope.inputs[0], k_rope.inputs[0], catv.inputs[1]))
+        # (sink_window: the cache's Concat takes the key before RoPE; k_rope rotates the whole cache)
+        new_key = catk.inputs[1] if k_rope.inputs[0] is catk.outputs[0] else k_rope.inputs[0]
+        q3, k3, v3 = (_to_bsh(graph, v, attn) for v in (q_rope.inputs[0], new_key, catv.inputs[1]))
         packed = _packed_qkv(graph, q3, k3, v3, attn)
         qkv = [packed, None, None] if packed is not None else [q3, k3, v3]
         packed_layers += packed is not None
-        gqa = ir.node(FUSED_OP, [*qkv, catk.inputs[0], catv.inputs[0], seqlens, total, cos, sin],
+        extra = [None, bias] if bias is not None else []  # (position_ids: GQA's default, the row it writes)
+        gqa = ir.node(FUSED_OP, [*qkv, catk.inputs[0], catv.inputs[0], seqlens, total, cos, sin, *extra],
             attributes={"num_heads": info.num_heads, "kv_num_heads": info.kv_heads, "do_rotary": 1,
                         "rotary_interleaved": 0, "scale": float(scale)},
             domain="com.microsoft", num_outputs=3, name=f"optc_gqa_{layer.index}")
@@ -305,11 +370,17 @@ def lower(model: ir.Model, info, context: int | None, log=print) -> dict:
     # the Concats, Attentions, rotary and mask arithmetic, the unpacked projections are dead now
     RemoveUnusedNodesPass()(model)
     # and so are the mask and position inputs (GQA takes lengths): one less thing to feed a step
-    for v in [v for v in graph.inputs if v.name in (POSITION_IDS, ATTENTION_MASK) and not v.uses()]:
+    for v in [v for v in graph.inputs if v.name in (POSITION_IDS, ATTENTION_MASK, KEY_POSITION_IDS) and not v.uses()]:
         graph.inputs.remove(v)
     log(f"onnxruntime: {len(info.layers)} attention layer(s) lowered to com.microsoft.{FUSED_OP} (rotary inside, "
         f"cache written in place; rotary tables for {positions} positions); Q/K/V packed into one MatMul in "
         f"{packed_layers}, {skip_norms} residual Add + RMSNorm fused")
-    return {"op": f"com.microsoft.{FUSED_OP}", "seqlens_input": SEQLENS_INPUT, "total_input": TOTAL_INPUT,
-            "max_positions": positions,
-            "cache_inputs": [[past_name(i, "key"), past_name(i, "value")] for i in range(len(info.layers))]}
+    section = {"op": f"com.microsoft.{FUSED_OP}", "seqlens_input": SEQLENS_INPUT, "total_input": TOTAL_INPUT,
+               "max_positions": positions,
+               "cache_inputs": [[past_name(i, "key"), past_name(i, "value")] for i in range(len(info.layers))]}
+    if bias is not None:
+        log(f"onnxruntime: sink_window on the fused path: keys rotated once at their slot in a bounded buffer; the "
+            f"runtime hides rows that left the window (attention bias) and compacts the buffer in batches, moving "
+            f"the kept keys to their new slots")
+        section.update({"attention_bias_input": ATTENTION_BIAS_INPUT, "rotary_inv_freq": inv_freq})
+    return section

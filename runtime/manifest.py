@@ -360,18 +360,31 @@ class KvInPlace:
     """The fused path of an ONNX Runtime artifact (backends/onnxruntime_fused.py): the graph's
     attention op writes each step's keys/values into the cache buffer it reads (`cache_inputs`
     per layer; bound to the same memory as the `kv_outputs`), told the cache length through two
-    int32 inputs; its rotary tables cover `max_positions` positions."""
+    int32 inputs; its rotary tables cover `max_positions` positions. With a sink_window policy
+    (slot positions) the op also takes an additive `attention_bias_input` that hides the rows the
+    window has left until the runtime compacts the buffer, and `rotary_inv_freq` (one angle per
+    rotated pair, radians per position) lets the runtime move rotated keys down to their new slot
+    (runtime/cache/window.py)."""
 
     op: str
     seqlens_input: str
     total_input: str
     max_positions: int
     cache_inputs: list
+    attention_bias_input: str | None = None
+    rotary_inv_freq: list | None = None
 
     @classmethod
     def from_dict(cls, d: Any, n_layers: int, where: str) -> KvInPlace:
         d = _object(d, where)
-        _no_extra(d, {"op", "seqlens_input", "total_input", "max_positions", "cache_inputs"}, where)
+        _no_extra(d, {"op", "seqlens_input", "total_input", "max_positions", "cache_inputs", "attention_bias_input",
+                      "rotary_inv_freq"}, where)
+        bias = _need(d, "attention_bias_input", str, where, optional=True)
+        freq = _need(d, "rotary_inv_freq", list, where, optional=True)
+        if (bias is None) != (freq is None) or (freq is not None and (
+                not freq or not all(isinstance(f, float) and 0 <= f < 10 for f in freq))):
+            raise ManifestError(f"{where}: attention_bias_input and rotary_inv_freq (a list of angles per position) "
+                                f"go together")
         op = _need(d, "op", str, where)
         if op != "com.microsoft.GroupQueryAttention":
             raise ManifestError(f"{where}.op: 'com.microsoft.GroupQueryAttention', got {op!r}"[:300])
@@ -380,7 +393,7 @@ class KvInPlace:
                                              for p in pairs):
             raise ManifestError(f"{where}.cache_inputs: [key input, value input] for each of {n_layers} layers")
         return cls(op, _need(d, "seqlens_input", str, where), _need(d, "total_input", str, where),
-                   _count(d, "max_positions", where), pairs)
+                   _count(d, "max_positions", where), pairs, bias, freq)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import numpy as np
 from optc.errors import InvalidType, InvalidValue, PastContextWarning
 from optc.runtime.artifact import MANIFEST_NAME, ArtifactError, artifact_file, read_manifest
 from optc.runtime.cache import KVCache, make_cache
+from optc.runtime.cache.window import SlotWindow
 from optc.runtime.executors import make_executor
 from optc.runtime.manifest import KEY_POSITION_IDS, KVCacheSpec, ModelSpec, SinkWindowPolicy
 from optc.runtime.sampler import sample
@@ -75,9 +76,16 @@ class Model:
         # an executor that writes the cache in place needs the plain growable cache (the backend
         # lowers only such artifacts; a manifest that pairs it with another was edited)
         self._in_place = getattr(self.executor, "kv_in_place", None) is not None
-        if self._in_place and (type(self.cache) is not KVCache or kv_spec.policy is not None
-                               or kv_spec.pruned_from_layer is not None):
-            raise ArtifactError(f"{where}: backend.kv_in_place needs a float cache without a policy or pruned layers")
+        # sink_window on the fused path: a bounded buffer GQA writes, compacted in batches
+        windowed = self._in_place and self.executor.kv_in_place.attention_bias_input is not None
+        if self._in_place and (type(self.cache) is not KVCache or kv_spec.pruned_from_layer is not None
+                               or (kv_spec.policy is not None or windowed)
+                               != (windowed and isinstance(kv_spec.policy, SinkWindowPolicy))):
+            raise ArtifactError(f"{where}: backend.kv_in_place needs a float cache without pruned layers, and without "
+                                f"a policy (or sink_window, with the attention bias input)")
+        self._window = SlotWindow(kv_spec.policy.sinks, kv_spec.policy.window,
+                                  self.executor.kv_in_place.rotary_inv_freq, cfg.get("context"),
+                                  self.executor.kv_in_place.max_positions) if windowed else None
         # token_dropping (mode prefill): from this layer on, prefill caches (and returns logits
         # for) the kept prompt tokens only; each layer's cache keeps its own length
         self.pruned_from_layer = kv_spec.pruned_from_layer
@@ -89,7 +97,8 @@ class Model:
         self.policy = kv_spec.policy
         # sink_window: the cache holds sinks + window tokens at most
         self.sink_window = self.policy if isinstance(self.policy, SinkWindowPolicy) else None
-        self._context_limit = self.config.get("context") or float("inf")  # past it: one warning
+        # past it: one warning (sink_window's slots stay within it)
+        self._context_limit = (self.config.get("context") if self._window is None else None) or float("inf")
         self._tokenizer = None
         self.last_stats: dict = {}  # filled by generate(): prompt/new token counts, decode seconds
         self.reset()
@@ -112,6 +121,8 @@ class Model:
     # -- state -------------------------------------------------------------------------------
     def reset(self) -> None:
         self.cache.reset()
+        if self._window is not None:
+            self._window.reset()
         self.position = 0  # absolute position of the next token
         self._warned_past_context = False
 
@@ -175,11 +186,13 @@ class Model:
 
     def _step_in_place(self, ids: np.ndarray, n: int) -> np.ndarray:
         """_step on the fused path (a dense cache without policy: position = cache length)."""
+        bias = self._window.step(self.cache, n) if self._window is not None else None
         cached = self.cache.length
-        self._warn_past_context(cached + n - 1, stacklevel=5)  # (called from _step: one frame deeper)
+        if cached + n > self._context_limit:
+            self._warn_past_context(cached + n - 1, stacklevel=5)  # (called from _step: one frame deeper)
         input_ids = np.asarray(ids, dtype=np.int64).reshape(1, n)
         position_ids = np.arange(cached, cached + n, dtype=np.int64).reshape(1, n)
-        logits = self.executor.run_in_place(input_ids, position_ids, self.cache.buffers(n), cached)
+        logits = self.executor.run_in_place(input_ids, position_ids, self.cache.buffers(n), cached, bias)
         self.cache.advance(n)
         self.position += n
         return logits[0]
@@ -239,10 +252,11 @@ class Model:
         next step overwrites (the generate loop samples from them at once)."""
         if not 0 <= tok < self.vocab_size:
             raise InvalidValue(f"token id {tok} is outside the vocabulary (0..{self.vocab_size - 1})")
+        bias = self._window.step(self.cache, 1) if self._window is not None else None
         cached = self.cache.length
         if cached >= self._context_limit:
             self._warn_past_context(cached, stacklevel=4)
-        logits = self.executor.decode_in_place(tok, self.cache.buffers(1), cached, copy)
+        logits = self.executor.decode_in_place(tok, self.cache.buffers(1), cached, copy, bias)
         self.cache.advance(1)
         self.position += 1
         return logits

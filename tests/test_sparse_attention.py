@@ -62,22 +62,25 @@ def test_cache_stays_bounded_and_generation_stays_sane(tmp_path, exported_decode
 
     _compile(exported_decoder, tmp_path / "a", [dict(SW, sinks=4, window=60)], verify=False)
     m = load(tmp_path / "a")
+    # the fused ONNX Runtime path keeps up to `slack` rows that left the window in its buffer
+    # (hidden from attention) and compacts them in batches (runtime/cache/window.py)
+    rows = 64 + (m._window.slack if m._window is not None else 0)
     ids = m.encode((DATA_DIR / "stream.txt").read_text())[:600]
     m.reset()
     logits = m.prefill(ids[:200])  # chunked: 200 > window
-    assert m.cache.length <= 64
+    assert m.cache.length <= rows
     nll = []
     for t in ids[200:]:
         x = logits.astype(np.float64)
         nll.append(np.log(np.exp(x - x.max()).sum()) + x.max() - x[t])
         logits = m.decode(t)
-        assert m.cache.length <= 64
-    assert m.kv_bytes == 2 * 6 * 2 * 32 * 4 * 64
+        assert m.cache.length <= rows
+    assert 2 * 6 * 2 * 32 * 4 * 64 <= m.kv_bytes <= 2 * 6 * 2 * 32 * 4 * rows
     ppl = float(np.exp(np.mean(nll)))
     print(f"perplexity over 400 streamed tokens with a 64-token cache: {ppl:.1f}")
     assert ppl < 300  # the dense model is ~90 on held-out text; a broken cache gives thousands
     m.generate("def main(argv):", max_new_tokens=120, seed=0)  # longer than the cache
-    assert m.last_stats["prompt_tokens"] + m.last_stats["new_tokens"] > 64 and m.cache.length == 64
+    assert m.last_stats["prompt_tokens"] + m.last_stats["new_tokens"] > 64 and 64 <= m.cache.length <= rows
 
 
 @pytest.mark.parametrize("opts, needle", [

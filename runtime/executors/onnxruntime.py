@@ -79,7 +79,8 @@ class OnnxRuntimeExecutor:
         self.kv_in_place = backend.kv_in_place
         if self.kv_in_place is not None:
             p = self.kv_in_place
-            for name in (p.seqlens_input, p.total_input, *[n for pair in p.cache_inputs for n in pair]):
+            bias = [p.attention_bias_input] if p.attention_bias_input else []
+            for name in (p.seqlens_input, p.total_input, *bias, *[n for pair in p.cache_inputs for n in pair]):
                 if name not in self.input_names:
                     raise ArtifactError(f"{root / 'manifest.json'}: backend.kv_in_place: {name!r} is not an input "
                                         f"of {graph.name}")
@@ -131,7 +132,8 @@ class OnnxRuntimeExecutor:
             bind(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
             self._bound[name] = arr
 
-    def _bind_step(self, buffers: dict[str, np.ndarray], cached: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    def _bind_step(self, buffers: dict[str, np.ndarray], cached: int, n: int,
+                   bias: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Everything a step of `n` new tokens reads and writes, bound; returns the bound token ids
         and logits arrays. Rebinding happens only where something changed: the cache's buffer map
         when a buffer grew (KVCache.buffers returns the same dict until then), the ids and logits
@@ -160,28 +162,33 @@ class OnnxRuntimeExecutor:
             self._bind_array(LOGITS, logits, output=True)
         if self._needs_mask:  # (the lowering drops it where nothing reads it)
             self._io.bind_cpu_input(ATTENTION_MASK, np.ones((1, cached + n), np.int64))
+        if bias is not None:  # sink_window: its shape follows the cache, so it is bound every step
+            self._io.bind_input(p.attention_bias_input, "cpu", 0, bias.dtype, list(bias.shape), bias.ctypes.data)
+            self._bound[p.attention_bias_input] = bias
         return ids, logits
 
     def run_in_place(self, input_ids: np.ndarray, position_ids: np.ndarray, buffers: dict[str, np.ndarray],
-                     cached: int) -> np.ndarray:
+                     cached: int, bias: np.ndarray | None = None) -> np.ndarray:
         """One forward step on the fused path: `buffers` are the cache's whole per-layer arrays
         (KVCache.buffers), the first `cached` entries filled; the graph writes this step's keys and
         values after them, in place. Returns the logits [1, n, vocab] (the caller's to keep); the
-        caller advances the cache."""
+        caller advances the cache. `bias`: the sink_window artifact's attention bias
+        (runtime/cache/window.py)."""
         n = input_ids.shape[1]
-        ids, logits = self._bind_step(buffers, cached, n)
+        ids, logits = self._bind_step(buffers, cached, n, bias)
         ids[...] = input_ids
         if self._needs_positions:
             self._io.bind_cpu_input(POSITION_IDS, position_ids)
         self.session.run_with_iobinding(self._io)
         return logits.copy() if n == 1 else logits
 
-    def decode_in_place(self, token: int, buffers: dict[str, np.ndarray], cached: int, copy: bool = True) -> np.ndarray:
+    def decode_in_place(self, token: int, buffers: dict[str, np.ndarray], cached: int, copy: bool = True,
+                        bias: np.ndarray | None = None) -> np.ndarray:
         """One decode step of `token` on the fused path (see run_in_place): writes the token id
         and the two lengths into arrays bound once, runs, and returns the logits [vocab]. With
         copy=False they are the bound array itself, which the next step overwrites (for a caller
         that samples from them at once: the generate loop)."""
-        ids, logits = self._bind_step(buffers, cached, 1)
+        ids, logits = self._bind_step(buffers, cached, 1, bias)
         ids[0, 0] = token
         if self._needs_positions:
             self._io.bind_cpu_input(POSITION_IDS, np.array([[cached]], np.int64))
