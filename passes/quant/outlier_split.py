@@ -57,6 +57,7 @@ from optc.errors import OptcError
 from optc.passes.base import Contract, OptcPass, PassConfigError
 from optc.passes.quant.weight_quant import (WEIGHTS_QUANTIZED, _constant_weight, _rank_ok,
                                              apply_skip, check_skip_patterns)
+from optc.passes.rules.builders import replace_keeping_output
 
 OUTLIER_SPLIT = "weights.qdq_int8"
 QMAX = 127
@@ -364,13 +365,7 @@ class OutlierSplit(OptcPass):
             final = ir.Node("", "Add", [y, yo], name=self._unique(f"{base}/add"))
         else:
             final = y.producer()
-        out = node.outputs[0]
-        name, shape, typ = out.name, out.shape, out.type
-        if final.graph is None:
-            graph.insert_before(node, final)
-        ir.convenience.replace_all_uses_with(out, final.outputs[0], replace_graph_outputs=True)
-        graph.remove(node, safe=True)
-        final.outputs[0].name, final.outputs[0].shape, final.outputs[0].type = name, shape, typ
+        replace_keeping_output(graph, node, final, before=True)
 
 
 def format_report(report: dict) -> list[str]:

@@ -31,6 +31,7 @@ from pydantic import Field, field_validator
 from optc.config import PassOptions, no_float
 from optc.passes.base import Contract, OptcPass, PassConfigError
 from optc.passes.quant.blockwise import quantize_blockwise
+from optc.passes.rules.builders import replace_keeping_output
 from optc.runtime.manifest import LOGITS
 
 CONTRIB_DOMAIN = "com.microsoft"
@@ -117,7 +118,7 @@ class WeightQuant(OptcPass):
                                       ir.AttrInt64("block_size", o.block_size),
                                       ir.AttrInt64("accuracy_level", o.accuracy_level)],
                           name=f"{node.name}/weight_quant")
-            _replace(graph, node, new)
+            replace_keeping_output(graph, node, new)
             replaced.append(transpose_node)
         # the float weights (and a tied head's Transpose) go when nothing else reads them; an
         # embedding table stays for its Gather
@@ -148,17 +149,6 @@ class WeightQuant(OptcPass):
             graph.register_initializer(v)
             out.append(v)
         return tuple(out)
-
-
-def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
-    """`new` in place of `old`, its output taking over the name, type, shape and uses, including
-    as a graph output (the LM head's output is `logits`)."""
-    out = old.outputs[0]
-    name, shape, typ = out.name, out.shape, out.type
-    ir.convenience.replace_all_uses_with(out, new.outputs[0], replace_graph_outputs=True)
-    graph.insert_after(old, new)
-    graph.remove(old, safe=True)
-    new.outputs[0].name, new.outputs[0].shape, new.outputs[0].type = name, shape, typ
 
 
 def check_skip_patterns(v: list[str]) -> list[str]:

@@ -53,12 +53,14 @@ def clone_cone(value: ir.Value, source: ir.Value, replacement: ir.Value, graph: 
 
 def replace_keeping_output(graph: ir.Graph, old: ir.Node, new: ir.Node, *, before: bool = False) -> None:
     """Put `new` in place of `old`: its first output takes over the uses, name, shape and type of
-    `old`'s first output (so graph outputs and later passes see the same value name)."""
-    ir.convenience.replace_all_uses_with(old.outputs[0], new.outputs[0])
+    `old`'s first output, as a graph output too (the LM head's is `logits`), so graph outputs and
+    later passes see the same value name. `new` is inserted beside `old` unless already in a graph."""
+    ir.convenience.replace_all_uses_with(old.outputs[0], new.outputs[0], replace_graph_outputs=True)
     name, shape, typ = old.outputs[0].name, old.outputs[0].shape, old.outputs[0].type
-    if before:
-        graph.insert_before(old, new)
-    else:
-        graph.insert_after(old, new)
+    if new.graph is None:
+        if before:
+            graph.insert_before(old, new)
+        else:
+            graph.insert_after(old, new)
     graph.remove(old, safe=True)
     new.outputs[0].name, new.outputs[0].shape, new.outputs[0].type = name, shape, typ
