@@ -465,3 +465,49 @@ def test_a_partition_qnn_rejects_fails_the_compile(tmp_path):
         path = tmp_path / f"p{part.index}.onnx"
         path.write_bytes(proto.SerializeToString())
         _check_on_npu(path, part.index, "prefill", QNN, honest, npu_session, log=None)
+
+
+# -- outlier_split's activation_bits: 16 (A16W8, what QNN HTP pairs with 16-bit outputs) ------------
+
+def test_outlier_split_a16_units_are_uint16_and_more_accurate_than_a8():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_outlier_split import IDS, _run, _split, _tiny_model
+
+    ref = _run(_tiny_model(), IDS)
+    errors = {}
+    for bits in (8, 16):
+        model = _tiny_model()
+        _split(model, outlier_fraction=0.05, quantize_outputs=True, activation_bits=bits)
+        zps = [n.inputs[2].const_value.numpy() for n in model.graph if n.op_type == "QuantizeLinear"]
+        assert zps and all(z.dtype == (np.uint16 if bits == 16 else np.uint8) for z in zps)
+        assert all(int(z) == (32768 if bits == 16 else 128) for z in zps)
+        errors[bits] = np.linalg.norm(_run(model, IDS) - ref) / np.linalg.norm(ref)
+    assert errors[16] < errors[8] / 2, errors  # (measured 0.010 vs 0.033: int8 weights remain)
+    from optc.passes.quant.outlier_split import OutlierSplitOptions
+
+    with pytest.raises(ValueError, match="activation_bits: 16 needs activations: per_tensor"):
+        OutlierSplitOptions.model_validate({"activations": "per_token", "activation_bits": 16})
+    with pytest.raises(ValueError):
+        OutlierSplitOptions.model_validate({"activation_bits": 4})
+
+
+def test_roofline_estimate_counts_the_npu_matmuls_and_scales_with_the_profile():
+    from optc.backends.npu.estimate import estimate_step, figures_used
+    from optc.backends.npu.partition import partition
+
+    model = _synthetic()
+    htp = load_profile(DEFAULT_PROFILE)
+    plan = partition(model, htp)
+    est = estimate_step(model, plan, htp)
+    assert est["npu_int8_ops"] == 2 * 2 * (8 * 64 * 64)  # matmul1 and matmul2: [1,8,64] x [64,64]
+    assert est["npu_weight_bytes"] >= 2 * 64 * 64 and est["transfers"] == len(plan.transfers)
+    assert est["npu_seconds"] > 0 and est["handover_seconds"] > len(plan.transfers) * 49e-6
+    data = _raw()
+    data["memory"]["bandwidth_gb_s"]["value"] *= 10
+    data["compute"]["int8_tops"]["value"] *= 10
+    faster = estimate_step(model, plan, parse_profile(data, "fast.yaml"))
+    assert faster["npu_seconds"] == pytest.approx(est["npu_seconds"] / 10)
+    assert figures_used(htp)["compute.int8_tops"]["basis"] == "published"
+    assert figures_used(htp)["compute.efficiency"]["basis"] == "assumption"

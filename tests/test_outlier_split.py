@@ -239,7 +239,7 @@ def test_options_normal_form_budget_and_conflict_with_weight_quant(tmp_path, exp
     assert cfg.to_dict()["passes"] == [{
         "name": "outlier_split", "allow_noop": False, "weights": "int8", "activations": "per_tensor",
         "outlier_threshold": None, "outlier_fraction": 0.01, "skip": [], "quantize_outputs": False,
-        "calibration": {"text": None, "samples": 16, "length": 256}}]
+        "activation_bits": 8, "calibration": {"text": None, "samples": 16, "length": 256}}]
     assert reg.get("outlier_split").lossy
     assert reg.get("outlier_split").declared_perplexity_budget(cfg.passes[0].options) == 0.02
     err = config_error(tmp_path, exported_decoder, "passes:\n  - name: outlier_split\n  - name: weight_quant\n"

@@ -50,6 +50,15 @@ def make_static(model: ir.Model, info, tokens: int, max_cache: int) -> tuple[ir.
     if unknown:
         raise OptcError(f"--target npu: the graph takes {unknown[0]!r}, which static-shape prefill does not feed "
                         f"(the NPU target runs a plain float or QDQ decoder: no cache policy, no extra inputs)")
+    static = fix_shapes(model, dims)
+    logits = next(v for v in static.graph.outputs if v.name == LOGITS)
+    assert list(logits.shape)[:2] == [1, tokens], logits.shape
+    return static, kv_outputs
+
+
+def fix_shapes(model: ir.Model, dims: dict[str, list[int]]) -> ir.Model:
+    """`model` with its inputs fixed to `dims`, every shape inferred again and the shape
+    arithmetic folded; an OptcError names a tensor whose shape stays unknown."""
     for v in model.graph.inputs:
         v.shape = ir.Shape(dims[v.name])
     proto = ir.to_proto(model)
@@ -71,9 +80,7 @@ def make_static(model: ir.Model, info, tokens: int, max_cache: int) -> tuple[ir.
         name, shape = dynamic[0]
         raise OptcError(f"--target npu: {name!r} keeps a dynamic shape {shape} after folding the shape arithmetic "
                         f"({len(dynamic)} tensors; static NPU graphs need every shape known)")
-    logits = next(v for v in static.graph.outputs if v.name == LOGITS)
-    assert list(logits.shape)[:2] == [1, tokens], logits.shape
-    return static, kv_outputs
+    return static
 
 
 def _fold(model: ir.Model) -> None:

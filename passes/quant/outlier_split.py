@@ -66,6 +66,9 @@ QMAX = 127
 # int8 QuantizeLinear gives up on one read by several MatMuls: q/k/v stayed float), and QNN's HTP
 # prefers uint8 activations too.
 ACTIVATION_ZERO_POINT = 128
+# activation_bits: 8 as above; 16 as uint16 around 32768 (QNN HTP's A16W8)
+ACTIVATION_QMAX = {8: QMAX, 16: 32767}
+ACTIVATION_ZERO_POINTS = {8: np.asarray(ACTIVATION_ZERO_POINT, np.uint8), 16: np.asarray(32768, np.uint16)}
 # Neither option given: the top 1% of each activation's channels. Measured (docs/benchmarks.md):
 # LLM.int8()'s absolute threshold 6 sends 60-98% of pycoder-v2's MLP-down inputs to float (they are
 # large everywhere), which costs the speed; 1% met the accuracy goals on both reference models.
@@ -98,12 +101,17 @@ class OutlierSplitOptions(PassOptions):
     quantize_outputs: bool = Field(
         False, description="also quantise each int8 MatMul's output per tensor (calibrated scale): a whole QDQ "
                            "unit DQ -> MatMul -> Q, which NPU execution providers (QNN HTP) need to run it in int8")
+    activation_bits: Literal[8, 16] = Field(
+        8, description="per_tensor activation (and output) codes: 8 bits (uint8 around 128) or 16 (uint16 around "
+                       "32768: QNN HTP's A16W8 units, which keep encoders' wide output ranges)")
     calibration: CalibrationOptions = Field(CalibrationOptions(), description="text, samples, length")
 
     @model_validator(mode="after")
     def _one_selector(self):
         if self.outlier_threshold is not None and self.outlier_fraction is not None:
             raise ValueError("give outlier_threshold or outlier_fraction, not both")
+        if self.activation_bits != 8 and self.activations != "per_tensor":
+            raise ValueError("activation_bits: 16 needs activations: per_tensor (per_token codes are int8)")
         if self.quantize_outputs and self.activations != "per_tensor":
             raise ValueError("quantize_outputs needs activations: per_tensor (a per-token MatMul is not a QDQ unit)")
         return self
@@ -134,14 +142,15 @@ def quantize_weight(w: np.ndarray, outliers: np.ndarray) -> tuple[np.ndarray, np
     return codes, scale
 
 
-def activation_scale(absmax: np.ndarray, outliers: np.ndarray) -> np.float32:
+def activation_scale(absmax: np.ndarray, outliers: np.ndarray, qmax: int = QMAX) -> np.float32:
     keep = np.ones(len(absmax), bool)
     keep[outliers] = False
     amax = float(absmax[keep].max()) if keep.any() else 0.0
-    return np.float32(amax / QMAX if amax > 0 else 1.0)
+    return np.float32(amax / qmax if amax > 0 else 1.0)
 
 
-def simulate(x: np.ndarray, w: np.ndarray, outliers: np.ndarray, scale_a: np.float32 | None) -> np.ndarray:
+def simulate(x: np.ndarray, w: np.ndarray, outliers: np.ndarray, scale_a: np.float32 | None,
+             qmax: int = QMAX) -> np.ndarray:
     """What the rewritten MatMul computes on rows x [r, K] (numpy, for the report): per-tensor
     scale_a, or per-row scales when scale_a is None."""
     codes, sw = quantize_weight(w, outliers)
@@ -152,7 +161,7 @@ def simulate(x: np.ndarray, w: np.ndarray, outliers: np.ndarray, scale_a: np.flo
         sa = np.where(amax > 0, amax / QMAX, 1.0).astype(np.float32)
     else:
         sa = scale_a
-    qa = np.clip(np.round(x / sa), -QMAX, QMAX) * sa
+    qa = np.clip(np.round(x / sa), -qmax, qmax) * sa
     y = (qa * keep) @ (codes.astype(np.float32) * sw)
     if len(outliers):
         y = y + x[:, outliers] @ w[outliers]
@@ -216,11 +225,12 @@ class OutlierSplit(OptcPass):
         for a, users in groups.items():
             st = stats[a.name]
             outliers = outlier_channels(st.absmax, o.outlier_threshold, o.outlier_fraction)
-            scale_a = activation_scale(st.absmax, outliers)
+            qa = ACTIVATION_QMAX[o.activation_bits]
+            scale_a = activation_scale(st.absmax, outliers, qa)
             amax_all = float(st.absmax.max())
             entry = {"input": a.name, "channels": int(len(st.absmax)), "outlier_channels": outliers.tolist(),
                      "absmax": round(amax_all, 4),
-                     "absmax_without_outliers": round(float(scale_a) * QMAX, 4) if len(outliers) < len(st.absmax)
+                     "absmax_without_outliers": round(float(scale_a) * qa, 4) if len(outliers) < len(st.absmax)
                      else 0.0,
                      "matmuls": []}
             # their share of the range: how much of the per-tensor int8 range the outliers take
@@ -232,20 +242,20 @@ class OutlierSplit(OptcPass):
                 w = w.T if transposed else w
                 x = st.rows
                 ref = x @ w
-                naive_scale = np.float32(amax_all / QMAX if amax_all > 0 else 1.0)
+                naive_scale = np.float32(amax_all / qa if amax_all > 0 else 1.0)
                 none = np.zeros(0, np.int64)
-                err_split = relative_error(simulate(x, w, outliers, None if o.activations == "per_token" else scale_a),
-                                           ref)
-                err_naive = relative_error(simulate(x, w, none, None if o.activations == "per_token" else naive_scale),
-                                           ref)
+                err_split = relative_error(simulate(x, w, outliers, None if o.activations == "per_token" else scale_a,
+                                                    qa), ref)
+                err_naive = relative_error(simulate(x, w, none, None if o.activations == "per_token" else naive_scale,
+                                                    qa), ref)
                 entry["matmuls"].append({"node": node.name, "weight": source.name, "shape": list(w.shape),
                                          "rel_error_split": round(err_split, 6),
                                          "rel_error_naive": round(err_naive, 6)})
                 out_scale = None
                 if o.quantize_outputs:  # the int8 part's range: the calibrated output's, or more on the sample
-                    y_r = simulate(x, w, outliers, scale_a) - (x[:, outliers] @ w[outliers] if len(outliers) else 0)
+                    y_r = simulate(x, w, outliers, scale_a, qa) - (x[:, outliers] @ w[outliers] if len(outliers) else 0)
                     amax = max(float(stats[node.outputs[0].name].absmax.max()), float(np.abs(y_r).max(initial=0)))
-                    out_scale = np.float32(amax / QMAX if amax > 0 else 1.0)
+                    out_scale = np.float32(amax / qa if amax > 0 else 1.0)
                 self._rewrite(graph, node, w, source.name + (".T" if transposed else ""), outliers, shared, out_scale)
                 replaced_transposes.append(transpose_node)
                 sources.add(source.name)
@@ -303,7 +313,7 @@ class OutlierSplit(OptcPass):
         first = next(n for n in graph if any(v is a for v in n.inputs))
         if o.activations == "per_tensor":
             s = self._init(graph, f"{base}.scale", np.asarray(scale_a, np.float32))
-            zp = self._init(graph, f"{base}.zero_point", np.asarray(ACTIVATION_ZERO_POINT, np.uint8))
+            zp = self._init(graph, f"{base}.zero_point", ACTIVATION_ZERO_POINTS[o.activation_bits])
             out["q"] = self._node(graph, first, "QuantizeLinear", [a, s, zp], f"{base}/quantize")
             out["s"], out["zp"] = s, zp
         else:
@@ -349,7 +359,7 @@ class OutlierSplit(OptcPass):
             y = self._node(graph, node, "MatMul", [adq, wdq], f"{base}/int8_matmul")
             if out_scale is not None:
                 so = self._init(graph, f"{base}.output_scale", np.asarray(out_scale, np.float32))
-                zo = self._init(graph, f"{base}.output_zero_point", np.asarray(ACTIVATION_ZERO_POINT, np.uint8))
+                zo = self._init(graph, f"{base}.output_zero_point", ACTIVATION_ZERO_POINTS[o.activation_bits])
                 yq = self._node(graph, node, "QuantizeLinear", [y, so, zo], f"{base}/quantize_output")
                 y = self._node(graph, node, "DequantizeLinear", [yq, so, zo], f"{base}/dequantize_output")
         else:

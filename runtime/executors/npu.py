@@ -16,6 +16,7 @@ the CPU and `partition_providers` (and `provider`) say so.
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,38 @@ def cpu_session(path_or_bytes):
     return ort.InferenceSession(path_or_bytes, sess_options=so, providers=[CPU])
 
 
+class PartitionRunner:
+    """The partitions of one static graph, each in its own session, run in order on a dict of
+    named tensors. `seconds[i]` accumulates partition i's run time while `timed` is set."""
+
+    def __init__(self, parts: list, provider: str | None, provider_options: dict):
+        """`parts`: (path or serialised model, NpuPartition) pairs; NPU partitions go to
+        `provider` (None: the CPU EP, only where the caller allowed it)."""
+        self.parts, self.sessions, self.providers = [], [], []
+        for i, (path, part) in enumerate(parts):
+            ep = CPU if part.device == "cpu" or provider is None else provider
+            try:
+                s = cpu_session(path) if ep == CPU else npu_session(path, ep, provider_options)
+            except Exception as e:  # onnxruntime raises its own exception types
+                where = path if isinstance(path, str) else f"partition {i}"
+                raise ArtifactError(f"{where}: {ep} cannot load this {part.device.upper()} partition "
+                                    f"({str(e).splitlines()[0][:300]})") from None
+            self.parts.append(part)
+            self.sessions.append(s)
+            self.providers.append((i, part.device, ep))
+        self.timed = False
+        self.seconds = [0.0] * len(self.parts)
+
+    def run(self, env: dict) -> dict:
+        for i, (session, part) in enumerate(zip(self.sessions, self.parts)):
+            start = time.perf_counter() if self.timed else 0.0
+            out = session.run(part.outputs, {k: env[k] for k in part.inputs})
+            if self.timed:
+                self.seconds[i] += time.perf_counter() - start
+            env.update(zip(part.outputs, out))
+        return env
+
+
 class NpuExecutor:
     def __init__(self, root: Path, manifest: dict, spec: NpuBackend, model: ModelSpec):
         self.spec = spec
@@ -118,24 +151,15 @@ class NpuExecutor:
             raise ArtifactError(f"{root}: this NPU artifact needs an NPU execution provider and none is present "
                                 f"({INSTALL_HINT}); compile with --allow-cpu-fallback to run it on the CPU")
         self.npu_provider = provider
-        self.partition_providers: dict[str, list[tuple[int, str, str]]] = {}
-        self._sessions = {}
+        self.runners: dict[str, PartitionRunner] = {}
         for step, graph in (("prefill", spec.prefill), ("decode", spec.decode)):
-            sessions, used = [], []
-            for i, part in enumerate(graph.partitions):
-                path = str(artifact_file(root, manifest, part.file))
+            parts = []
+            for part in graph.partitions:
                 for w in part.weights:
                     artifact_file(root, manifest, w)  # (hash-checked like every file)
-                ep = CPU if part.device == "cpu" or provider is None else provider
-                try:
-                    s = cpu_session(path) if ep == CPU else npu_session(path, ep, spec.provider_options)
-                except Exception as e:  # onnxruntime raises its own exception types
-                    raise ArtifactError(f"{path}: {ep} cannot load this {part.device.upper()} partition "
-                                        f"({str(e).splitlines()[0][:300]})") from None
-                sessions.append((s, part))
-                used.append((i, part.device, ep))
-            self._sessions[step] = sessions
-            self.partition_providers[step] = used
+                parts.append((str(artifact_file(root, manifest, part.file)), part))
+            self.runners[step] = PartitionRunner(parts, provider, spec.provider_options)
+        self.partition_providers = {step: r.providers for step, r in self.runners.items()}
         self.input_names = {INPUT_IDS, POSITION_IDS, ATTENTION_MASK} | {
             past_name(i, k) for i in range(self.n_layers) for k in ("key", "value")}
         self.input_shapes = {past_name(i, k): [1, model.kv_heads, None, model.head_dim]
@@ -184,9 +208,7 @@ class NpuExecutor:
             buf = self._past[name]
             buf[:, :, :cached] = arr  # slots past `cached` hold stale values: masked out
             env[name] = buf
-        for session, part in self._sessions[step]:
-            out = session.run(part.outputs, {k: env[k] for k in part.inputs})
-            env.update(zip(part.outputs, out))
+        self.runners[step].run(env)
         logits = env[LOGITS][:, :n]
         new_k = [env[k][:, :, :n] for k, _ in self.kv_outputs]
         new_v = [env[v][:, :, :n] for _, v in self.kv_outputs]
