@@ -68,13 +68,16 @@ def npu_options(f):
         click.option("--allow-cpu-fallback", is_flag=True, default=None,
                      help="NPU: build and run without an NPU execution provider, NPU partitions on the CPU "
                           "(never done silently: the runtime names the provider of each partition)"),
+        click.option("--context-cache", is_flag=True, default=None,
+                     help="NPU: also store QNN's compiled context of each NPU partition (ORT EPContext), loaded "
+                          "without compiling (QNN writes a different file each build: not byte-identical)"),
     ]
     for opt in reversed(opts):
         f = opt(f)
     return f
 
 
-NPU_OPTIONS = ("chunk", "max_cache", "profile", "allow_cpu_fallback")
+NPU_OPTIONS = ("chunk", "max_cache", "profile", "allow_cpu_fallback", "context_cache")
 
 
 def _npu_options(target, given: dict) -> dict:

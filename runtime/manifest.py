@@ -532,16 +532,18 @@ class NpuPartition:
     nodes: int
     inputs: list
     outputs: list
+    context: str | None = None  # QNN's compiled context of the partition (ORT EPContext model)
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> NpuPartition:
         d = _object(d, where)
-        _no_extra(d, {"file", "weights", "device", "nodes", "inputs", "outputs"}, where)
+        _no_extra(d, {"file", "weights", "device", "nodes", "inputs", "outputs", "context"}, where)
         device = _need(d, "device", str, where)
         if device not in NPU_DEVICES:
             raise ManifestError(f"{where}.device: one of {', '.join(NPU_DEVICES)}, got {device!r}")
         return cls(_need(d, "file", str, where), _str_list(d, "weights", where, optional=True), device,
-                   _count(d, "nodes", where), _str_list(d, "inputs", where), _str_list(d, "outputs", where))
+                   _count(d, "nodes", where), _str_list(d, "inputs", where), _str_list(d, "outputs", where),
+                   _need(d, "context", str, where, optional=True))
 
 
 @dataclass(frozen=True)

@@ -511,3 +511,22 @@ def test_roofline_estimate_counts_the_npu_matmuls_and_scales_with_the_profile():
     assert faster["npu_seconds"] == pytest.approx(est["npu_seconds"] / 10)
     assert figures_used(htp)["compute.int8_tops"]["basis"] == "published"
     assert figures_used(htp)["compute.efficiency"]["basis"] == "assumption"
+
+
+@pytest.mark.npu
+def test_qnn_context_cache_loads_without_compiling_and_computes_the_same(tmp_path):
+    pytest.importorskip("onnxruntime_qnn")
+    import json
+
+    from optc.runtime.model import load_unpublished
+
+    _compile_npu(tmp_path / "plain", passes=QDQ_PASSES, chunk=8, max_cache=32)
+    _compile_npu(tmp_path / "ctx", passes=QDQ_PASSES, chunk=8, max_cache=32, context_cache=True)
+    backend = json.loads((tmp_path / "ctx" / "manifest.json").read_text())["backend"]
+    npu = [p for p in backend["graphs"]["prefill"]["partitions"] if p["device"] == "npu"]
+    assert npu and all((tmp_path / "ctx" / p["context"]).is_file() for p in npu)
+    m = load_unpublished(tmp_path / "ctx")
+    assert m.executor.runners["prefill"].from_context == len(npu)
+    ids = np.arange(11)
+    np.testing.assert_array_equal(m.prefill(ids, all_logits=True),
+                                  load_unpublished(tmp_path / "plain").prefill(ids, all_logits=True))

@@ -6,8 +6,10 @@ Options (CLI flags of `optc compile --target npu`): `chunk` (prefill tokens per 
 64), `max_cache` (cache slots of the static graphs; default the model's context), `profile` (a
 name in profiles/ or a YAML path; default qualcomm_htp_v73), `allow_cpu_fallback` (compile and
 run where no NPU provider is present, or with no NPU partition: NPU partitions then run on the
-CPU, and the runtime says so), `context_cache` (store QNN's compiled context in the artifact as
-ORT EPContext models, so a device loads them without compiling).
+CPU, and the runtime says so), `context_cache` (also store QNN's compiled context of each NPU
+partition as an ORT EPContext model, which the runtime loads without compiling when QNN runs
+it; QNN 2.7.0 writes a different context file each build, so such artifacts are not
+byte-identical across builds: opt-in).
 """
 
 from __future__ import annotations
@@ -136,6 +138,9 @@ def compile(model: ir.Model, info, out_dir: Path, target: str, *, kv_cache=None,
     if provider is None and not opts["allow_cpu_fallback"]:
         raise OptcError(f"--target npu: no NPU execution provider here: {INSTALL_HINT}, "
                         f"or pass --allow-cpu-fallback to build an artifact whose NPU partitions run on the CPU")
+    if opts["context_cache"] and provider != "QNNExecutionProvider":
+        raise OptcError(f"--context-cache: stores QNN's compiled context, and the QNN execution provider is not "
+                        f"present here ({INSTALL_HINT})")
     out_dir = Path(out_dir)
     graphs, report = {}, {}
     _, _, step_plans = plans(model, info, options)
@@ -153,10 +158,15 @@ def compile(model: ir.Model, info, out_dir: Path, target: str, *, kv_cache=None,
         for part, proto in zip(plan.partitions, partition_models(static, plan)):
             name = f"{step}.p{part.index}.{part.device}.onnx"
             files = save_model(ir.from_proto(proto), out_dir / name)
+            entry = {"file": name, "weights": [f.name for f in files[1:]], "device": part.device,
+                     "nodes": len(part.nodes), "inputs": part.inputs, "outputs": part.outputs}
             if part.device == NPU and provider is not None:
-                _check_on_npu(out_dir / name, part.index, step, provider, profile, npu_session, log)
-            parts.append({"file": name, "weights": [f.name for f in files[1:]], "device": part.device,
-                          "nodes": len(part.nodes), "inputs": part.inputs, "outputs": part.outputs})
+                context = f"{step}.p{part.index}.qnn_context.onnx" if opts["context_cache"] else None
+                _check_on_npu(out_dir / name, part.index, step, provider, profile, npu_session, log,
+                              context_file=out_dir / context if context else None)
+                if context:
+                    entry["context"] = context
+            parts.append(entry)
         graphs[step] = {"tokens": tokens, "partitions": parts}
         report[step] = {"partitions": len(plan.partitions), "npu_partitions": len(npu_parts),
                         "npu_nodes": sum(len(p.nodes) for p in npu_parts),
@@ -168,10 +178,13 @@ def compile(model: ir.Model, info, out_dir: Path, target: str, *, kv_cache=None,
             "partition_report": report}
 
 
-def _check_on_npu(path: Path, index: int, step: str, provider: str, profile: DeviceProfile, npu_session, log):
-    """Load the partition on the NPU provider with CPU fallback disabled: one it rejects fails here."""
+def _check_on_npu(path: Path, index: int, step: str, provider: str, profile: DeviceProfile, npu_session, log,
+                  context_file: Path | None = None):
+    """Load the partition on the NPU provider with CPU fallback disabled: one it rejects fails here.
+    With `context_file`, the provider's compiled context is written there (ORT EPContext model)."""
     try:
-        npu_session(str(path), provider, dict(profile.provider_options))
+        npu_session(str(path), provider, dict(profile.provider_options),
+                    context_file=str(context_file) if context_file else None)
     except Exception as e:  # onnxruntime raises its own exception types
         raise OptcError(f"--target npu: {provider} rejects {step} partition p{index} ({path.name}): "
                         f"{str(e).splitlines()[0][:300]}") from None

@@ -110,11 +110,15 @@ class PartitionRunner:
     named tensors. `seconds[i]` accumulates partition i's run time while `timed` is set."""
 
     def __init__(self, parts: list, provider: str | None, provider_options: dict):
-        """`parts`: (path or serialised model, NpuPartition) pairs; NPU partitions go to
-        `provider` (None: the CPU EP, only where the caller allowed it)."""
+        """`parts`: (path or serialised model, NpuPartition[, path of its QNN context]) tuples; NPU
+        partitions go to `provider` (None: the CPU EP, only where the caller allowed it)."""
         self.parts, self.sessions, self.providers = [], [], []
-        for i, (path, part) in enumerate(parts):
+        self.from_context = 0
+        for i, (path, part, *context) in enumerate(parts):
             ep = CPU if part.device == "cpu" or provider is None else provider
+            if ep == QNN and context and context[0]:  # QNN's compiled context: loads without compiling
+                path = context[0]
+                self.from_context += 1
             try:
                 s = cpu_session(path) if ep == CPU else npu_session(path, ep, provider_options)
             except Exception as e:  # onnxruntime raises its own exception types
@@ -157,7 +161,8 @@ class NpuExecutor:
             for part in graph.partitions:
                 for w in part.weights:
                     artifact_file(root, manifest, w)  # (hash-checked like every file)
-                parts.append((str(artifact_file(root, manifest, part.file)), part))
+                context = str(artifact_file(root, manifest, part.context)) if part.context else None
+                parts.append((str(artifact_file(root, manifest, part.file)), part, context))
             self.runners[step] = PartitionRunner(parts, provider, spec.provider_options)
         self.partition_providers = {step: r.providers for step, r in self.runners.items()}
         self.input_names = {INPUT_IDS, POSITION_IDS, ATTENTION_MASK} | {
