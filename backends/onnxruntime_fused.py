@@ -48,7 +48,11 @@ def why_not(model: ir.Model, info, kv_cache: dict | None, target: str, prefill: 
         return f"target {target} (the in-place cache binding is implemented for the CPU)"
     kv = kv_cache or {}
     if kv.get("layout", "float") != "float":
-        return f"the {kv.get('layout')} cache layout is stored by the runtime, not by GQA"
+        # GQA's quantised cache (ORT 1.32) takes fixed per-tensor / per-channel scales, not KIVI's
+        # per-group scales computed as tokens arrive, and on the CPU its int8 cache is slower than
+        # its float one (measured: docs/bench/fast_path_pycoder-v2.md)
+        return (f"the {kv.get('layout')} cache layout is stored by the runtime, not by GQA (its quantised cache takes "
+                f"fixed scales, and is slower than the float cache on the CPU)")
     policy = kv.get("policy")
     if policy and policy.get("kind") != POLICY_SINK_WINDOW:
         return f"the {policy.get('kind')} cache policy rewrites the cache between steps"

@@ -157,6 +157,19 @@ def test_sink_window_on_the_fused_path_equals_the_generic_artifact(slack, sink_w
     assert m.cache.capacity == 256 and m.cache.buffers(1) is m.executor._bound_buffers
 
 
+def test_sink_window_keeps_the_generic_path_where_keys_cannot_be_moved(tmp_path, exported_decoder, monkeypatch):
+    """The runtime moves rotated keys to new slots by rotating them back; rotary tables that are
+    not angle x position (checked on the graph's own tables) keep the generic path, saying why."""
+    from optc.backends import onnxruntime_fused
+
+    monkeypatch.setattr(onnxruntime_fused, "_inv_freq", lambda *_: None)
+    logs: list[str] = []
+    manifest = _compile(exported_decoder, tmp_path / "art", [{"name": "sink_window", "sinks": 4, "window": 60}],
+                        log=logs.append)
+    assert "kv_in_place" not in manifest["backend"]
+    assert any("generic attention path" in line and "not plain rotations" in line for line in logs), logs
+
+
 @pytest.mark.parametrize("passes, why", [
     ([{"name": "kv_cache_compression", "bits": 8}], "the kivi cache layout is stored by the runtime"),
     ([{"name": "kv_cache_compression", "eviction": {"ratio": 0.5}}], "the h2o cache policy rewrites the cache"),
