@@ -530,3 +530,22 @@ def test_qnn_context_cache_loads_without_compiling_and_computes_the_same(tmp_pat
     ids = np.arange(11)
     np.testing.assert_array_equal(m.prefill(ids, all_logits=True),
                                   load_unpublished(tmp_path / "plain").prefill(ids, all_logits=True))
+
+
+@pytest.mark.slow
+def test_compile_verifies_the_npu_artifact_on_the_cpu_ep_and_says_so(tmp_path):
+    """The accuracy budget of an NPU compile is checked on the artifact's own partition files
+    through the CPU EP (the simulator is too slow for 8 x 256 tokens), and the log says so."""
+    pytest.importorskip("onnxruntime_qnn")
+    from optc.compile import compile_model
+    from optc.config import parse_config
+    from optc.registry import default_registry
+
+    lines = []
+    cfg = parse_config({"passes": QDQ_PASSES}, default_registry())
+    manifest = compile_model(TINY, tmp_path / "a", config=cfg, tokenizer=TOKENIZER, target="npu", verify_length=64,
+                             backend_options={"chunk": 16, "max_cache": 64}, log=lines.append)
+    assert any("through ONNX Runtime's CPU EP" in line for line in lines)
+    assert any("NPU partitions on the CPU for compile-time verification" in line for line in lines)
+    assert manifest["verification"]["top1_agreement"] > 0.5 and manifest["backend"]["name"] == "npu"
+    assert manifest["backend"]["allow_cpu_fallback"] is False
