@@ -549,3 +549,11 @@ def test_compile_verifies_the_npu_artifact_on_the_cpu_ep_and_says_so(tmp_path):
     assert any("NPU partitions on the CPU for compile-time verification" in line for line in lines)
     assert manifest["verification"]["top1_agreement"] > 0.5 and manifest["backend"]["name"] == "npu"
     assert manifest["backend"]["allow_cpu_fallback"] is False
+
+
+def test_npu_artifacts_are_byte_identical_for_the_same_input(tmp_path):
+    from optc.runtime.artifact import artifact_id
+
+    for name in ("a", "b"):
+        _compile_npu(tmp_path / name, passes=QDQ_PASSES, chunk=8, max_cache=32, allow_cpu_fallback=True)
+    assert artifact_id(tmp_path / "a") == artifact_id(tmp_path / "b")
