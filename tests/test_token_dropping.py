@@ -216,8 +216,10 @@ def dense_model(exported_decoder, tmp_path_factory):
 def test_prefill_keep_all_is_exactly_dense(exported_decoder, dense_model, tmp_path):
     """keep 1.0: the rewritten graph (gathers, rebuilt rotary and mask) computes what the dense one does,
     through prefill and decode."""
-    model = _compile(exported_decoder, tmp_path / "keep1", keep=1.0, start_layer=2)
-    assert model.manifest["kv_cache"]["pruned_from_layer"] == 2
+    # (start_layer 1: the export reads every layer's past length from layer 1's keys; the early
+    # layers must then read layer 0's)
+    model = _compile(exported_decoder, tmp_path / "keep1", keep=1.0, start_layer=1)
+    assert model.manifest["kv_cache"]["pruned_from_layer"] == 1
     ids = _ids(PROMPT + 10)
     diffs = []
     for m in (model, dense_model):
@@ -296,3 +298,18 @@ def test_prefill_refusals_are_one_line(exported_decoder, tmp_path, capsys):
     with pytest.raises(InvalidValue, match="only the last token's logits") as e:
         model.prefill(_ids(40), all_logits=True)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_compile_verifies_the_continuation(exported_decoder, tmp_path):
+    """A prompt-dropping compile is judged on the 64 tokens after each prompt (prefill, then
+    teacher-forced decode) against ONNX Runtime on the original graph, within the declared +5%."""
+    from optc.compile import compile_model
+
+    config = parse_config({"passes": [{"name": "token_dropping", "mode": "prefill", "keep": 0.5}]}, REG)
+    manifest = compile_model(exported_decoder, tmp_path / "v", config=config, log=lambda *_: None)
+    report = manifest["verification"]
+    assert report["continuation_tokens_per_prompt"] == 64 and report["prompts"] == 8
+    assert manifest["verify_budget"]["max_perplexity_increase"] == 0.05
+    assert report["perplexity_increase"] <= 0.05 and report["top1_agreement"] > 0.8
+    assert report["max_abs_logit_diff"] > 0  # tokens were dropped: not the dense computation

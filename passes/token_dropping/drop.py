@@ -25,8 +25,8 @@ class TokenDroppingOptions(PassOptions):
                     "CLS attends to most (plus CLS/SEP)")
     keep: StrictFloat | StrictInt = Field(0.5, description="tokens kept from start_layer on: a ratio in (0, 1] "
                                                            "(0.5) or a count (64)")
-    start_layer: int = Field(2, ge=0, description="first layer that runs on the kept tokens only (prefill: >= 1; "
-                                                  "layer start_layer - 1 scores them)")
+    start_layer: int = Field(2, ge=0, description="first layer that runs on the kept tokens only (prefill: >= 1, "
+                                                  "and its attention scores the tokens)")
     sinks: int = Field(4, ge=0, description="prefill: first prompt tokens always kept (attention sinks)")
     recent: int = Field(16, ge=1, description="prefill: last prompt tokens always kept (the last one predicts the "
                                               "next token)")

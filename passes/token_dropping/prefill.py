@@ -5,9 +5,9 @@ The rewrite is structural, not a mask. At the input of layer `start_layer` (the 
 after layer `start_layer - 1`) the graph
 
   1. scores every new token: the attention probabilities that the last `query_window` rows of
-     layer `start_layer - 1` give it (recomputed for those rows only from the layer's rotated
-     queries and its cached keys, causal, summed over heads and rows), or a random or positional
-     score for the baselines;
+     layer `start_layer` give it, computed for those rows only from a copy of that layer's query
+     and key projections (with RoPE) over every token — causal, GQA-grouped, summed over heads
+     and rows — or a random or positional score for the baselines;
   2. forces the first `sinks` and the last `recent` tokens in;
   3. keeps the `k` best (TopK), in text order (a second TopK over the indices);
   4. gathers their hidden states (GatherND) and their position ids (GatherElements).
@@ -103,18 +103,17 @@ def rewrite_prefill(model: ir.Model, info, *, keep: float | int, start_layer: in
     n_layers = info.n_layers
     if not 1 <= start_layer < n_layers:
         raise PassConfigError("start_layer", f"start_layer ({start_layer}) must be 1..{n_layers - 1} for this "
-                                             f"{n_layers}-layer decoder (layer start_layer - 1 scores the tokens and "
-                                             f"at least one layer must see them all)")
+                                             f"{n_layers}-layer decoder (at least one layer sees every prompt token)")
     inputs = {v.name: v for v in graph.inputs}
     pos_in = inputs.get(POSITION_IDS)
     if pos_in is None:
         raise PassConfigError(None, f"mode prefill needs a {POSITION_IDS} graph input (kept tokens keep their "
                                     f"positions)")
     attns = _attention_nodes(graph, info)
-    prev, first = attns[start_layer - 1], attns[start_layer]
-    if prev.attributes.get_float("softcap", 0.0):
-        raise PassConfigError(None, f"layer {start_layer - 1}'s Attention has a softcap; the attention score "
-                                    f"does not model it")
+    first = attns[start_layer]
+    if score == "attention" and first.attributes.get_float("softcap", 0.0):
+        raise PassConfigError(None, f"layer {start_layer}'s Attention has a softcap; the attention score does not "
+                                    f"model it")
     h = _residual_input(first)
     if h is None or h.producer() is None:
         raise PassConfigError(None, f"layer {start_layer}: no residual hidden state found before its attention "
@@ -124,6 +123,7 @@ def rewrite_prefill(model: ir.Model, info, *, keep: float | int, start_layer: in
         raise PassConfigError(None, f"no {past_name(start_layer, 'key')} graph input")
 
     heads, kv_heads, head_dim = info.num_heads, info.kv_heads, info.head_dim
+    score_nodes: set[ir.Node] = set()
     t = tape.Tape()
     c = lambda x: t.op("Constant", [], {"value": ir.tensor(np.asarray(x))})  # noqa: E731
     i64 = lambda *xs: c(np.array(xs, np.int64))  # noqa: E731
@@ -133,8 +133,14 @@ def rewrite_prefill(model: ir.Model, info, *, keep: float | int, start_layer: in
     positions = t.op("Range", [c(np.int64(0)), scalar(seq), c(np.int64(1))])          # [S]
     pos_row = t.op("Unsqueeze", [positions, i64(0)])                                  # [1, S]
     if score == "attention":
-        q, keys = prev.inputs[0], prev.inputs[1]                                      # [B,h,S,D], [B,kv,T,D]
-        scale = prev.attributes.get_float("scale", 0.0) or float(1 / np.sqrt(head_dim))
+        # layer start_layer's own rotated queries and keys, computed on every token (a copy of
+        # its projections reading the full hidden state; the layer itself then reads the kept rows)
+        h_full = t.op("Identity", [h])
+        memo_full: dict = {}
+        q = clone_cone(first.inputs[0], h, h_full, graph, memo_full, "/score")        # [B,h,S,D]
+        keys = clone_cone(first.inputs[1], h, h_full, graph, memo_full, "/score")     # [B,kv,T,D]
+        score_nodes = {v.producer() for v in memo_full.values() if v.producer() is not None}
+        scale = first.attributes.get_float("scale", 0.0) or float(1 / np.sqrt(head_dim))
         q_last = t.op("Slice", [q, i64(-query_window), i64(np.iinfo(np.int64).max), i64(2)])  # [B,h,W,D]
         w = t.op("Shape", [q_last], {"start": 2, "end": 3})
         grouped = t.op("Reshape", [q_last, i64(0, kv_heads, -1, head_dim)])          # [B,kv,g*W,D]
@@ -197,12 +203,12 @@ def rewrite_prefill(model: ir.Model, info, *, keep: float | int, start_layer: in
 
     graph.insert_after(h.producer(), t.nodes)  # sorted topologically at the end
     for use in list(h.uses()):
-        if use.node is not h_kept.producer():
+        if use.node is not h_kept.producer() and use.node not in t.nodes:
             use.node.replace_input_with(use.idx, h_kept)
 
     region = _downstream([h_kept])
     in_region = {v for nd in region for v in nd.outputs} | {h_kept}
-    new_nodes = set(t.nodes)
+    new_nodes = set(t.nodes) | score_nodes
     late = attns[start_layer:]
     if any(a not in region for a in late):
         raise PassConfigError(None, f"the layers after {start_layer} do not all read layer {start_layer}'s hidden "
@@ -258,6 +264,17 @@ def rewrite_prefill(model: ir.Model, info, *, keep: float | int, start_layer: in
                 continue  # a computed scalar
             raise PassConfigError(None, f"node {node.name!r} in layer >= {start_layer} reads {x.name!r}, computed "
                                         f"over all the step's tokens; mode prefill cannot rewrite it")
+    # the early layers (and the mask they share) must not read a later layer's cache length (a
+    # dynamo export takes the past length from layer 1's keys): read layer 0's, which holds every token
+    for name in sorted(late_past):
+        for use in list(inputs[name].uses()) if name in inputs else []:
+            if use.node in region or use.node in new_nodes:
+                continue
+            if use.node.op_type != "Shape":
+                raise PassConfigError(None, f"node {use.node.name!r} before layer {start_layer} reads {name!r}; mode "
+                                            f"prefill cannot rewrite it")
+            kind = "key" if name.endswith(".key") else "value"
+            use.node.replace_input_with(use.idx, inputs[past_name(0, kind)])
     outputs = set(graph.outputs)
     for nd in region:
         for v in nd.outputs:
