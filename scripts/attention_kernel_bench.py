@@ -89,7 +89,7 @@ def onnxruntime_runner(model, arrays):
 
 def tvm_runner(model, arrays, fused: bool):
     from optc.backends.tvm import pipeline as tvm_backend
-    from optc.backends.tvm.kernels.attention import fuse_attention
+    from optc.backends.tvm.kernels.attention import FuseAttention
     from optc.backends.tvm.lowering import legalize, specialize
     from optc.backends.tvm.schedules.cpu import default_rules, legalizations
     from optc.ir import copy_model
@@ -103,10 +103,11 @@ def tvm_runner(model, arrays, fused: bool):
     proto = specialize(model, {k: a.shape for k, a in arrays.items()}, ["y"])
     func, inputs, _, _ = tvm_backend._import_bucket(proto, "attention", set())
     mod = tvm.IRModule({"attention": func})
-    if fused:
-        mod, count = fuse_attention(mod)
-        assert count["decode"] == 1, "the fused kernel did not match"
     target = tvm.target.Target(tvm_backend.cpu_target())
+    if fused:
+        fuse = FuseAttention(target)
+        mod = fuse(mod)
+        assert fuse.fused["decode"] == 1, f"the fused kernel did not match: {fuse.kept}"
     with target, tvm_backend.native_warnings_filtered():
         mod = relax.transform.LegalizeOps(customize_legalize_map=legalizations())(mod)
         mod = relax.get_pipeline("zero")(mod)

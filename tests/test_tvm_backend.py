@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -342,6 +343,7 @@ def test_prefill_attention_kernel_matches_softmax_attention(case):
     vary per query head or are added."""
     from optc.backends.tvm import pipeline as tvm_backend
     from optc.backends.tvm.kernels import prefill_attention as prefill
+    from optc.backends.tvm.schedules.cpu import cpu_facts
 
     tvm = tvm_backend.import_tvm()
     rng = np.random.default_rng(0)
@@ -365,17 +367,138 @@ def test_prefill_attention_kernel_matches_softmax_attention(case):
     else:
         mask = None
     tiles = prefill.plan(q.shape, (1, H, G, T, 32), N)
-    assert tiles is not None
+    assert isinstance(tiles, dict), tiles
     scale = 1 / np.sqrt(D)
     mask_info = None if mask is None else (mask.shape, additive)
-    func = prefill.build_kernel(q.shape, (1, H, G, T, 32), mask_info, scale, N, tiles, parallel=True)
     target = tvm.target.Target(tvm_backend.cpu_target())
+    lanes = cpu_facts(target).lanes
+    func = prefill.build_kernel(q.shape, (1, H, G, T, 32), mask_info, scale, N, tiles, parallel=True, lanes=lanes)
     lib = tvm.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
     out = tvm.runtime.tensor(np.zeros((1, H, G, T, 32), np.float32))
     args = [q] + ([mask] if mask is not None else []) + [kt, vp]
     lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
     expected = _attention_reference(q, kt, vp, mask, additive, scale)
     assert np.abs(out.numpy() - expected).max() < 1e-5, case
+
+
+def _one_attention(tokens: int, keys: int, outputs: int = 1, **attributes):
+    """An ONNX model of one opset-23 Attention (8 query heads over 2 KV heads, head dim 32, a
+    boolean mask), lowered and imported as the TVM backend does: a Relax module of one function."""
+    import onnx_ir as ir
+
+    from optc.backends.tvm import pipeline as tvm_backend
+    from optc.backends.tvm.lowering import legalize, specialize
+
+    tvm = tvm_backend.import_tvm()
+    f32 = ir.DataType.FLOAT
+    shapes = {"q": (1, 8, tokens, 32), "k": (1, 2, keys, 32), "v": (1, 2, keys, 32), "mask": (1, 1, tokens, keys)}
+    inputs = [ir.val(name, ir.DataType.BOOL if name == "mask" else f32, list(shape)) for name, shape in shapes.items()]
+    node = ir.node("Attention", inputs, {"q_num_heads": 8, "kv_num_heads": 2, **attributes}, num_outputs=outputs)
+    graph = ir.Graph(inputs, [], nodes=[node], opset_imports={"": 23}, name="attention")
+    names = ["y", "present_key", "present_value", "qk"][:outputs]
+    for value, name in zip(node.outputs, names):
+        value.name, value.type = name, ir.TensorType(f32)
+    graph.outputs.append(node.outputs[0])
+    if outputs == 4:
+        graph.outputs.append(node.outputs[3])
+    model = ir.Model(graph, ir_version=10)
+    legalize(model, types.SimpleNamespace(num_heads=8, kv_heads=2))
+    proto = specialize(model, shapes, [o.name for o in graph.outputs])
+    func, *_ = tvm_backend._import_bucket(proto, "decode_64", set())
+    return tvm.IRModule({"decode_64": func})
+
+
+def test_fused_attention_pass_says_why_an_attention_keeps_the_generic_path():
+    """FuseAttention (a TVM module pass) fuses the canonical attention, and for each one it leaves
+    alone records the reason the compile log prints (pipeline.kept_attention_lines)."""
+    from optc.backends.tvm import pipeline as tvm_backend
+    from optc.backends.tvm.kernels.attention import FuseAttention
+
+    tvm = tvm_backend.import_tvm()
+    target = tvm.target.Target(tvm_backend.cpu_target())
+    cases = {
+        "decode": (_one_attention(1, 64), {"decode": 1, "prefill": 0}, None),
+        "prefill": (_one_attention(32, 32), {"decode": 0, "prefill": 1}, None),
+        "softcap": (_one_attention(1, 64, softcap=30.0), {"decode": 0, "prefill": 0},
+                    "the tensor the scale multiplies is relax.tanh"),
+        # H2O: the attention probabilities are a graph output
+        "probabilities": (_one_attention(1, 64, outputs=4, qk_matmul_output_mode=3), {"decode": 0, "prefill": 0},
+                          "the softmax output (relax.nn.softmax) is read 2 times"),
+        "odd keys": (_one_attention(20, 20), {"decode": 0, "prefill": 0}, "20 keys is not a multiple of 16"),
+        # causality computed in the graph: where(mask, where(causal, MIN, scores), MIN)
+        "is_causal": (_one_attention(1, 64, is_causal=1), {"decode": 0, "prefill": 0},
+                      "the score tensor before the mask is relax.where, not relax.multiply"),
+    }
+    for name, (mod, fused, reason) in cases.items():
+        fuse = FuseAttention(target)
+        assert isinstance(fuse, tvm.transform.Pass)
+        out = fuse(mod)
+        assert fuse.fused == fused, (name, fuse.fused, fuse.kept)
+        if reason is None:
+            assert fuse.kept == [], (name, fuse.kept)
+            assert any(gv.name_hint.startswith("fused_") for gv in out.functions), name
+        else:
+            assert len(fuse.kept) == 1 and fuse.kept[0][:2] == ("decode_64", 0), (name, fuse.kept)
+            assert reason in fuse.kept[0][2], (name, fuse.kept)
+            tvm.ir.assert_structural_equal(out, mod)  # left as it was
+
+
+def test_kept_attention_lines_group_buckets_and_layers():
+    from optc.backends.tvm.pipeline import kept_attention_lines
+
+    why = "the softmax output (relax.nn.softmax) is read 2 times, not once"
+    kept = [(bucket, layer, why) for bucket in ("prefill_128", "decode_48") for layer in (0, 1, 2, 5)]
+    kept.append(("decode_48", 3, "mask shape (1, 1, 1, 1, 7) is not 5-D over 8 keys"))
+    assert kept_attention_lines(kept) == [
+        f"tvm: attention kept on the generic path (prefill_128, decode_48: layers 0-2, 5): {why}",
+        "tvm: attention kept on the generic path (decode_48: layer 3): mask shape (1, 1, 1, 1, 7) is not 5-D "
+        "over 8 keys"]
+
+
+@pytest.mark.parametrize("target_json, threads, lanes", [
+    ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4", "num-cores": 2}, 2, 8),  # AVX-512: 256 bits used
+    ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell", "num-cores": 8}, 8, 8),  # AVX2
+    ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "num-cores": 4}, 4, 4),  # baseline x86-64: SSE2
+    ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mattr": ["+avx2"]}, 1, 8),  # no num-cores: one thread
+    ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-n1", "num-cores": 4}, 4, 4),  # NEON
+])
+def test_cpu_schedules_take_threads_and_vector_width_from_the_target(target_json, threads, lanes):
+    """schedules/cpu.cpu_facts reads the TVM target, and the default matmul rule's vector loops
+    and GEMV column tiles follow it (a decode GEMV: 1 x 256 by 256 x 256)."""
+    from optc.backends.tvm import pipeline as tvm_backend
+    from optc.backends.tvm.schedules.cpu import CpuFacts, cpu_facts, cpu_matmul_rule
+
+    tvm = tvm_backend.import_tvm()
+    from tvm import te, tirx
+
+    target = tvm.target.Target(target_json)
+    assert cpu_facts(target) == CpuFacts(threads=threads, lanes=lanes)
+    a = te.placeholder((1, 256), name="a")
+    w = te.placeholder((256, 256), name="w")
+    k = te.reduce_axis((0, 256), name="k")
+    c = te.compute((1, 256), lambda i, j: te.sum(a[i, k] * w[j, k], axis=k), name="c")
+    with target:
+        sch = cpu_matmul_rule().apply(te.create_prim_func([a, w, c]), target, False)
+    assert sch is not None
+    from tvm.s_tir.dlight.analysis import get_root_block
+
+    vector, parallel, seen = [], [], []
+
+    def visit(block):
+        for loop in sch.get_loops(block):
+            stmt = sch.get(loop)
+            if any(stmt.same_as(x) for x in seen) or stmt.kind not in (tirx.ForKind.VECTORIZED,
+                                                                        tirx.ForKind.PARALLEL):
+                continue
+            seen.append(stmt)
+            (vector if stmt.kind == tirx.ForKind.VECTORIZED else parallel).append(int(stmt.extent))
+        for child in sch.get_child_blocks(block):
+            visit(child)
+
+    visit(get_root_block(sch))
+    assert vector and set(vector) == {lanes}, vector
+    # 256 columns in tiles of 64 when there are at least `threads` of them, else of 32
+    assert parallel == [256 // (64 if 256 // 64 >= threads else 32)], parallel
 
 
 # -- --target gpu (CUDA): compiled here without a GPU; run by scripts/gpu_check.sh on one ----------

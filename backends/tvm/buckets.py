@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from optc.backends.tvm.schedules.cpu import VECTOR_LANES  # a constant: importing it loads no TVM
 from optc.errors import OptcError
 from optc.runtime.manifest import (ATTENTION_MASK, INPUT_IDS, KEY_POSITION_IDS, KEY_QUANT_PER_CHANNEL, KV_KINDS,
                                    LAYOUT_FLOAT, LAYOUT_KIVI, POSITION_IDS, H2OPolicy, KVCacheSpec,
@@ -27,6 +26,11 @@ CONTINUATION_TOKENS = 64  # new tokens per step once the cache is not empty
 # sink_window: the few tokens left after the last half-window chunk of a prompt (8 of 512 with
 # the default window) ran as that many decode steps, ~2 ms each; one short step takes them
 SHORT_CONTINUATION_TOKENS = 16
+# An evicting cache's continuation rows of attention scores are padded to a multiple of this many
+# keys: a whole number of vectors for every CPU target the schedules know (4 or 8 float32 lanes,
+# schedules/cpu.cpu_facts). The plan does not depend on the target, so one manifest reads the same
+# everywhere.
+KEY_MULTIPLE = 8
 
 
 @dataclass(frozen=True)
@@ -92,8 +96,8 @@ def plan_buckets(kv_cache: dict, segments: list[Segment], *, prefill=DEFAULT_PRE
         # more (padding) so that a row of attention scores (bound + tokens keys) is a whole
         # number of vectors: 126 tokens over the default 256-token bound made 382-key rows that
         # the vectorised CPU schedules do not take (a scalar softmax was 16% of the step)
-        chunk = _round_up(bound + max(continuation, policy.window // 2), VECTOR_LANES) - bound
-        short = _round_up(bound + SHORT_CONTINUATION_TOKENS, VECTOR_LANES) - bound
+        chunk = _round_up(bound + max(continuation, policy.window // 2), KEY_MULTIPLE) - bound
+        short = _round_up(bound + SHORT_CONTINUATION_TOKENS, KEY_MULTIPLE) - bound
     elif isinstance(policy, H2OPolicy) and policy.budget:
         bound = policy.budget  # enforced after each step, so a step starts with at most this many
         capacities = [c for c in capacities if c < bound] + [bound]

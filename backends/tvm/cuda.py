@@ -117,7 +117,15 @@ def find_nvcc() -> str:
 
 
 def compile_fatbin(source: str, arch: str, log=print) -> bytes:
-    """nvcc: SASS for `arch` plus its PTX (so that newer GPUs can still JIT it)."""
+    """nvcc: SASS for `arch` plus its PTX (so that newer GPUs can still JIT it).
+
+    Not TVM's tvm.support.nvcc.compile_cuda(target_format="fatbin", compiler="nvcc"), which runs
+    the same nvcc with more flags: --use_fast_math by default (approximate expf, division and
+    square roots: other numerics than the CPU build the artifact is verified against), ptxas
+    --register-usage-level=10, and whatever TVM_CUDA_PTXAS_EXTRA_OPTS / TVM_KERNEL_DUMP say in the
+    environment, so the artifact would depend on the compiling shell. On this model's kernels it
+    gave another fatbin (347,960 bytes against 412,304 here), and still another with fast math
+    off (TVM_CUDA_NVCC_NO_FAST_MATH=1). Its failures are a RuntimeError holding the whole source."""
     nvcc = find_nvcc()
     number = ARCH_PATTERN.fullmatch(arch).group(1) + ("a" if arch.endswith("a") else "")
     with tempfile.TemporaryDirectory(prefix="optc-nvcc-") as tmp:

@@ -224,17 +224,52 @@ def _prepare(model, info, kv_cache: dict, options: dict, log, prefill: dict | No
         return mod, tvm_cuda.cuda_target(arch), buckets, weights, segments, kv_outputs, attention_outputs, {}
     target_json = cpu_target()
     tvm_target = tvm.target.Target(target_json)
-    from optc.backends.tvm.kernels.attention import fuse_attention
+    from optc.backends.tvm.kernels.attention import FuseAttention
     from optc.backends.tvm.schedules.cpu import legalizations
 
-    mod, fused = fuse_attention(mod)
+    fuse = FuseAttention(tvm_target)
+    with tvm_target, native_warnings_filtered():
+        mod = tvm.transform.Sequential([
+            fuse,
+            relax.transform.LegalizeOps(customize_legalize_map=legalizations()),
+            relax.get_pipeline("zero"),  # legalise the rest to TIR and fuse (no database yet)
+        ], name="optc.CpuPipeline")(mod)
+    fused = fuse.fused
     log(f"tvm: {fused['decode']} decode attention(s) fused into one kernel each (the cache read in place"
         f"{', dequantised in registers' if kv_cache.get('layout') == LAYOUT_KIVI else ''}); "
         f"{fused['prefill']} prefill attention(s) into flash-style kernels (masked key blocks skipped)")
-    with tvm_target, native_warnings_filtered():
-        mod = relax.transform.LegalizeOps(customize_legalize_map=legalizations())(mod)
-        mod = relax.get_pipeline("zero")(mod)  # legalise the rest to TIR and fuse (no database yet)
+    for line in kept_attention_lines(fuse.kept):
+        log(line)
     return mod, target_json, buckets, weights, segments, kv_outputs, attention_outputs, fused
+
+
+def kept_attention_lines(kept: list[tuple[str, int, str]]) -> list[str]:
+    """One line per reason an attention stayed on the generic path (FuseAttention's `kept`), naming
+    the buckets and layers it holds for: attentions are counted in graph order, one per layer."""
+    by_reason: dict[str, dict[str, list[int]]] = {}
+    for function, index, reason in kept:
+        by_reason.setdefault(reason, {}).setdefault(function, []).append(index)
+    lines = []
+    for reason, where in by_reason.items():
+        layer_sets: dict[tuple[int, ...], list[str]] = {}
+        for function, layers in where.items():
+            layer_sets.setdefault(tuple(layers), []).append(function)
+        places = "; ".join(f"{', '.join(functions)}: layer{'s' if len(layers) > 1 else ''} {_spans(layers)}"
+                           for layers, functions in layer_sets.items())
+        lines.append(f"tvm: attention kept on the generic path ({places}): {reason}")
+    return lines
+
+
+def _spans(numbers) -> str:
+    """0, 1, 2, 5 -> "0-2, 5"."""
+    out, start = [], None
+    for i, n in enumerate(numbers):
+        if start is None:
+            start = n
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            out.append(f"{start}-{n}" if n > start else f"{n}")
+            start = None
+    return ", ".join(out)
 
 
 def _tune(mod, target_json: dict, options: dict, log):

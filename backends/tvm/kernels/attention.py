@@ -7,8 +7,8 @@ cache of the kv_cache_compression pass, a third: the dequantised cache, material
 before it is concatenated. At 2,048 cached tokens those copies cost more than the rest of the
 step.
 
-This Relax pass finds that chain in each decode bucket (a few query rows per KV head) and replaces
-it by a call to one kernel built here:
+This TVM module pass (`FuseAttention(target)`) finds that chain in each decode bucket (a few query
+rows per KV head) and replaces it by a call to one kernel built here, scheduled for the target:
 - K and V stay in *segments* (the float cache, KIVI's quantised groups, its float residual, the new
   tokens). Each segment is read where it lies; there is no concatenated copy.
 - Element-wise producers of a segment (KIVI's Cast, Sub, Mul by the scales and the reshapes around
@@ -24,15 +24,18 @@ Matched shape (what lowering emits, as TVM's ONNX importer turns it into Relax):
     P = softmax(where(mask, S, MIN) | S + bias)
     O = matmul(P, expand_dims(concat(V...), 2))
 Anything else (softcap, causal masks computed in the graph, attention probabilities that are
-also outputs, as H2O reads them) keeps the generic path.
+also outputs, as H2O reads them) keeps the generic path, and `match` says why (a `Miss`), which
+the compile log prints per bucket and layer.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 MAX_QUERY_ROWS = 16  # G x T rows per KV head: decode (and short chunks); more go to kernels/prefill_attention
-KEY_BLOCK = 16  # keys per packed block: 2 AVX2 registers per query row
+KEY_BLOCK = 16  # keys per packed block: two 256-bit registers per query row
 ABSORBED_OPS = {"relax.astype", "relax.subtract", "relax.add", "relax.multiply", "relax.divide",
                 "relax.reshape", "relax.expand_dims", "relax.concat", "relax.bitwise_and",
                 "relax.right_shift", "relax.permute_dims", "relax.strided_slice"}
@@ -131,67 +134,115 @@ def _segments(chain: _Chain, concat_input, axis: int) -> list | None:
     return out
 
 
-def match(chain: _Chain, call) -> dict | None:
-    """The attention chain ending in `call` (the PV matmul), or None."""
+@dataclass(frozen=True)
+class Miss:
+    """Why a call is not fused: `reason` for the log. `attention` is False where the call is no
+    attention's output at all (not a matmul of softmax probabilities), which is not worth a word."""
+
+    reason: str
+    attention: bool = True
+
+
+def _describe(chain: _Chain, expr) -> str:
+    """What `expr` is, for a reason: the op it is bound to, a constant (its value if scalar), or a
+    function input."""
     from tvm import relax
 
+    bound = chain.value.get(expr) if isinstance(expr, relax.Var) else expr
+    if bound is None:
+        return "a function input"
+    if _is_constant(bound):
+        value = chain.scalar(expr)
+        return "a constant" if value is None else f"{value:g}"
+    return _op_name(bound) or type(bound).__name__
+
+
+def _find(chain: _Chain, expr, op: str, what: str):
+    """(the call `op(...)` that `expr` is bound to, None), or (None, the reason it is not)."""
+    from tvm import relax
+
+    call = chain.producer(expr, op, single_use=False)
+    if call is None:
+        return None, f"{what} is {_describe(chain, expr)}, not {op}"
+    if isinstance(expr, relax.Var) and chain.uses.get(expr, 0) != 1:
+        return None, f"{what} ({op}) is read {chain.uses.get(expr, 0)} times, not once"
+    return call, None
+
+
+def match(chain: _Chain, call) -> dict | Miss:
+    """The attention chain ending in `call` (the PV matmul), or the reason it is not one the
+    kernels take."""
     if _op_name(call) != "relax.matmul":
-        return None
+        return Miss("not a matmul", attention=False)
     probs, v5 = call.args
-    softmax = chain.producer(probs, "relax.nn.softmax")
-    if softmax is None or int(softmax.attrs.axis) not in (-1, 4):
-        return None
+    if chain.producer(probs, "relax.nn.softmax", single_use=False) is None:
+        return Miss("not softmax(...) @ V", attention=False)
+    softmax, why = _find(chain, probs, "relax.nn.softmax", "the softmax output")
+    if softmax is None:
+        return Miss(why + ": the probabilities are needed outside the attention (H2O's scores are a graph output)")
+    if int(softmax.attrs.axis) not in (-1, 4):
+        return Miss(f"softmax over axis {int(softmax.attrs.axis)}, not the key axis")
     masked = softmax.args[0]
     mask, additive = None, False
     where = chain.producer(masked, "relax.where")
     add = chain.producer(masked, "relax.add")
     if where is not None:
         if chain.scalar(where.args[2]) != _MIN:
-            return None
+            x, y = (_describe(chain, a) for a in where.args[1:])
+            return Miss(f"masked by where(c, {x}, {y}), not where(mask, scores, float32 min): a mask the graph "
+                        f"computes (is_causal, block-sparse's causality within its gathered blocks)")
         mask, scaled = where.args[0], where.args[1]
     elif add is not None:
         scaled, mask, additive = add.args[0], add.args[1], True
     else:
         scaled = masked
-    mul = chain.producer(scaled, "relax.multiply")
-    if mul is None or chain.scalar(mul.args[1]) is None:
-        return None
+    mul, why = _find(chain, scaled, "relax.multiply", "the score tensor before the mask")
+    if mul is None:
+        return Miss(why)
     scale = chain.scalar(mul.args[1])
-    qk = chain.producer(mul.args[0], "relax.matmul")
+    if scale is None:
+        return Miss(f"the scores are scaled by {_describe(chain, mul.args[1])}, not a scalar constant")
+    qk, why = _find(chain, mul.args[0], "relax.matmul", "the tensor the scale multiplies")
     if qk is None:
-        return None
+        return Miss(why)
     q5, kt = qk.args
-    perm = chain.producer(kt, "relax.permute_dims")
-    if perm is None or [int(a) for a in perm.attrs.axes] != [0, 1, 2, 4, 3]:
-        return None
-    k5 = chain.producer(perm.args[0], "relax.expand_dims")
-    v_exp = chain.producer(v5, "relax.expand_dims")
-    if k5 is None or v_exp is None or [int(a) for a in k5.attrs.axis] != [2] or \
-            [int(a) for a in v_exp.attrs.axis] != [2]:
-        return None
+    perm, why = _find(chain, kt, "relax.permute_dims", "the right operand of Q K^T")
+    if perm is None:
+        return Miss(why)
+    if [int(a) for a in perm.attrs.axes] != [0, 1, 2, 4, 3]:
+        return Miss(f"K^T permutes axes {[int(a) for a in perm.attrs.axes]}, not [0, 1, 2, 4, 3]")
+    k5, why = _find(chain, perm.args[0], "relax.expand_dims", "the transposed K")
+    if k5 is None:
+        return Miss(why)
+    v_exp, why = _find(chain, v5, "relax.expand_dims", "the right operand of P V")
+    if v_exp is None:
+        return Miss(why)
+    if [int(a) for a in k5.attrs.axis] != [2] or [int(a) for a in v_exp.attrs.axis] != [2]:
+        return Miss("K or V is not broadcast over the GQA group axis (expand_dims at axis 2)")
     q_shape, out_shape = _shape(q5), _shape(call)
     if q_shape is None or out_shape is None or len(q_shape) != 5 or q_shape[0] != 1:
-        return None
+        return Miss(f"query shape {q_shape} / output shape {out_shape}: not static [1, kv heads, group, tokens, dim]")
     # K and V each as the segments they are concatenated from (one segment where they are not)
     k_segs = _segments(chain, k5.args[0], 2) or [k5.args[0]]
     v_segs = _segments(chain, v_exp.args[0], 2) or [v_exp.args[0]]
     # every segment [1, kv heads, tokens, head dim] (V: its own head dim, the output's)
     k_shapes, v_shapes = [_shape(x) for x in k_segs], [_shape(x) for x in v_segs]
-    for shapes, dim in ((k_shapes, q_shape[4]), (v_shapes, out_shape[4])):
-        if any(sh is None or len(sh) != 4 or sh[0] != 1 or sh[1] != q_shape[1] or sh[3] != dim or sh[2] == 0
-               for sh in shapes):
-            return None
+    for kind, shapes, dim in (("K", k_shapes, q_shape[4]), ("V", v_shapes, out_shape[4])):
+        bad = [sh for sh in shapes if sh is None or len(sh) != 4 or sh[0] != 1 or sh[1] != q_shape[1]
+               or sh[3] != dim or sh[2] == 0]
+        if bad:
+            return Miss(f"a {kind} segment of shape {bad[0]} is not [1, {q_shape[1]}, tokens > 0, {dim}]")
     k_lens, v_lens = [sh[2] for sh in k_shapes], [sh[2] for sh in v_shapes]
     if sum(k_lens) != sum(v_lens):
-        return None
+        return Miss(f"{sum(k_lens)} keys but {sum(v_lens)} values")
     if mask is not None:
         m_shape = _shape(mask)
         if m_shape is None or len(m_shape) != 5 or m_shape[-1] != sum(k_lens):
-            return None
+            return Miss(f"mask shape {m_shape} is not 5-D over {sum(k_lens)} keys")
         if (str(mask.ty.dtype) == "bool") == additive:  # where() takes a boolean mask, add() a float bias
-            return None
+            return Miss(f"a {mask.ty.dtype} mask {'added to' if additive else 'selecting'} the scores")
         if any(m not in (1, full) for m, full in zip(m_shape[:4], (1, q_shape[1], q_shape[2], q_shape[3]))):
-            return None
+            return Miss(f"mask shape {m_shape} does not broadcast to the scores {q_shape[:4]}")
     return {"q": q5, "mask": mask, "additive": additive, "scale": scale, "k": k_segs, "v": v_segs,
             "out_shape": out_shape, "out_dtype": str(call.ty.dtype)}
 
@@ -321,7 +372,7 @@ def _aligned(k_segs: list, v_segs: list) -> tuple[list, list]:
     return cut(k_segs), cut(v_segs)
 
 
-def build_kernel(m: dict, chain: _Chain):
+def build_kernel(m: dict, chain: _Chain, facts):
     """The scheduled PrimFunc for one matched attention, and the Relax values it takes."""
     from tvm import te, tirx, topi
 
@@ -388,13 +439,16 @@ def build_kernel(m: dict, chain: _Chain):
 
     out = te.compute((B, H, G, T, Dv), combine, name="attention")
     func = te.create_prim_func(builder.placeholders + [out])
-    return schedule(func, lens, exp_names), builder.leaves
+    return schedule(func, lens, exp_names, facts), builder.leaves
 
 
-def schedule(func, lens: list[int], exp_names: list[str]):
+def schedule(func, lens: list[int], exp_names: list[str], facts):
+    """`facts`: the target's schedules.cpu.CpuFacts (vector lanes)."""
     from tvm import s_tir
 
-    from optc.backends.tvm.schedules.cpu import VECTOR_LANES, _lanes_innermost, _pick, _rfactor_lanes, parallel_if_worth
+    from optc.backends.tvm.schedules.cpu import _lanes_innermost, _pick, _rfactor_lanes, parallel_if_worth
+
+    lanes = facts.lanes
 
     sch = s_tir.Schedule(func)
     n_segments = len(lens)
@@ -420,9 +474,9 @@ def schedule(func, lens: list[int], exp_names: list[str]):
         [f"sum{i}" for i in reversed(range(n_segments))] + [exp_names[i] for i in reversed(range(n_segments))] + \
         ["row_max"] + [f"max{i}" for i in reversed(range(n_segments))] + \
         [f"scores{i}" for i in reversed(range(n_segments))]
-    # row maxima and sums in 8 vector lanes (rfactor), as the CPU row rule does: 3-6% of a decode
-    # step at 2,048 cached tokens, measured against scalar chains
-    partials = {name: _rfactor_lanes(sch, sch.get_sblock(name))
+    # row maxima and sums in vector lanes (rfactor), as the CPU row rule does: 3-6% of a decode
+    # step at 2,048 cached tokens, measured (8 lanes) against scalar chains
+    partials = {name: _rfactor_lanes(sch, sch.get_sblock(name), lanes)
                 for name in [f"{kind}{i}" for kind in ("max", "sum") for i in range(n_segments)]}
     for name in order[1:]:
         sch.compute_at(sch.get_sblock(name), head, preserve_unit_loops=True)
@@ -430,32 +484,32 @@ def schedule(func, lens: list[int], exp_names: list[str]):
             sch.compute_at(partials[name], head, preserve_unit_loops=True)
     for partial in partials.values():
         if partial is not None:
-            _lanes_innermost(sch, partial)
+            _lanes_innermost(sch, partial, lanes)
     for i, n in enumerate(lens):
         # scores: keys in blocks; each block dequantised + transposed once, then every query row
         blk = sch.get_sblock(f"scores{i}")
         *_, g, t, j, d = sch.get_loops(blk)
-        block_keys = _pick(n, (KEY_BLOCK, VECTOR_LANES, 4, 2))
+        block_keys = _pick(n, (KEY_BLOCK, lanes, 4, 2))
         jo, ji = sch.split(j, [None, block_keys])
         sch.reorder(jo, g, t, d, ji)
         packed = sch.get_sblock(f"k_packed{i}")
         sch.compute_at(packed, jo, preserve_unit_loops=True)
         pd, pj = sch.get_loops(packed)[-2:]
         sch.reorder(pj, pd)
-        if block_keys % VECTOR_LANES == 0:
+        if block_keys % lanes == 0:
             sch.vectorize(ji)
         sch.decompose_reduction(blk, d)
         # softmax pieces: vectorised exp
         e = sch.get_sblock(exp_names[i])
-        if n % VECTOR_LANES == 0:
-            _, vec = sch.split(sch.get_loops(e)[-1], [None, VECTOR_LANES])
+        if n % lanes == 0:
+            _, vec = sch.split(sch.get_loops(e)[-1], [None, lanes])
             sch.vectorize(vec)
         # PV: value rows streamed once, all query rows per value row, output columns vectorised
         pv = sch.get_sblock(f"pv{i}")
         *_, g, t, c, jj = sch.get_loops(pv)
         sch.reorder(jj, g, t, c)
-        if int(sch.get(c).extent) % VECTOR_LANES == 0:  # (before the init is split off, which copies it)
-            _, vec = sch.split(c, [None, VECTOR_LANES])
+        if int(sch.get(c).extent) % lanes == 0:  # (before the init is split off, which copies it)
+            _, vec = sch.split(c, [None, lanes])
             sch.vectorize(vec)
         sch.decompose_reduction(pv, jj)
     return finished_kernel(sch.mod["main"])
@@ -474,9 +528,9 @@ def _root(sch):
     return get_root_block(sch)
 
 
-def _prefill_call(builder, chain: _Chain, m: dict, visit):
+def _prefill_call(builder, chain: _Chain, m: dict, visit, facts):
     """The fused prefill attention (kernels/prefill_attention) of a matched attention with many
-    query rows, emitted into `builder`; None where that kernel does not apply."""
+    query rows, emitted into `builder`; a Miss where that kernel does not apply."""
     from tvm import relax
 
     from optc.backends.tvm.kernels import prefill_attention as prefill
@@ -485,15 +539,17 @@ def _prefill_call(builder, chain: _Chain, m: dict, visit):
     q_shape, out_shape = _shape(m["q"]), m["out_shape"]
     keys = sum(_shape(x)[2] for x in m["k"])
     tiles = prefill.plan(q_shape, out_shape, keys)
-    if tiles is None or m["out_dtype"] != "float32" or str(m["q"].ty.dtype) != "float32":
-        return None
+    if isinstance(tiles, Miss):
+        return tiles
+    if m["out_dtype"] != "float32" or str(m["q"].ty.dtype) != "float32":
+        return Miss(f"the prefill kernel computes in float32, not {m['q'].ty.dtype} -> {m['out_dtype']}")
     _, heads, groups, tokens, dim = q_shape
     packer = _TE(chain)
     pack = prefill.build_pack(m, packer, heads, keys)
     mask_info = None if m["mask"] is None else (_shape(m["mask"]), m["additive"])
     work = 2 * heads * groups * tokens * keys * dim
     kernel = prefill.build_kernel(q_shape, out_shape, mask_info, m["scale"], keys, tiles,
-                                  parallel=work >= PARALLEL_MIN_WORK)
+                                  parallel=work >= PARALLEL_MIN_WORK, lanes=facts.lanes)
     packed = builder.emit(relax.call_tir(
         builder.add_func(pack, "attention_pack"), [visit(x) for x in packer.leaves],
         [relax.TensorType((heads, dim, keys), "float32"), relax.TensorType((heads, keys, out_shape[-1]), "float32")]))
@@ -503,43 +559,69 @@ def _prefill_call(builder, chain: _Chain, m: dict, visit):
                           relax.TensorType(out_shape, "float32"))
 
 
-def fuse_attention(mod):
-    """Relax pass: every matched attention becomes a call to a fused kernel: the decode kernel
-    (here) for a few query rows per KV head, the prefill kernel (kernels/prefill_attention) for more.
-    Returns (module, {"decode": attentions fused, "prefill": attentions fused})."""
+def FuseAttention(target):  # noqa: N802 (named as TVM's pass constructors are: relax.transform.FuseOps())
+    """The Relax module pass: every matched attention becomes a call to a fused kernel, the decode
+    kernel (here) for a few query rows per KV head, the prefill kernel (kernels/prefill_attention)
+    for more; scheduled for `target` (its vector width, schedules.cpu.cpu_facts).
+
+    Once it has run, the pass object holds `fused` ({"decode": n, "prefill": n}) and `kept`:
+    one (function, index of the attention in it, reason) for each attention left on the generic
+    path. Attentions are indexed in graph order, which is layer order for a canonical decoder
+    (one Attention per layer)."""
+    import tvm
     from tvm import relax
 
-    fused = {"decode": 0, "prefill": 0}
+    from optc.backends.tvm.schedules.cpu import cpu_facts
+
+    facts = cpu_facts(tvm.target.Target(target) if isinstance(target, dict) else target)
 
     @relax.expr_functor.mutator
     class Fuser(relax.PyExprMutator):
-        def __init__(self, mod):
+        def __init__(self, mod, stats):
             super().__init__(mod)
+            self.stats = stats
             self.chain = None
+            self.function = ""
+            self.index = 0  # attentions seen in this function
 
         def visit_call_(self, call):
-            m = match(self.chain, call) if self.chain is not None else None
-            if m is None:
-                return super().visit_call_(call)
+            m = match(self.chain, call) if self.chain is not None else Miss("", attention=False)
+            if isinstance(m, Miss):
+                return self._keep(call, m)
             q_shape = _shape(m["q"])
             if q_shape[2] * q_shape[3] > MAX_QUERY_ROWS:
-                new = _prefill_call(self.builder_, self.chain, m, self.visit_expr)
-                if new is None:
-                    return super().visit_call_(call)
-                fused["prefill"] += 1
-                return new
-            func, leaves = build_kernel(m, self.chain)
-            gv = self.builder_.add_func(func, "fused_decode_attention")
-            fused["decode"] += 1
-            args = [self.visit_expr(x) for x in leaves]
-            return relax.call_tir(gv, args, relax.TensorType(m["out_shape"], m["out_dtype"]))
+                new = _prefill_call(self.builder_, self.chain, m, self.visit_expr, facts)
+                if isinstance(new, Miss):
+                    return self._keep(call, new)
+                kind = "prefill"
+            else:
+                func, leaves = build_kernel(m, self.chain, facts)
+                gv = self.builder_.add_func(func, "fused_decode_attention")
+                args = [self.visit_expr(x) for x in leaves]
+                new = relax.call_tir(gv, args, relax.TensorType(m["out_shape"], m["out_dtype"]))
+                kind = "decode"
+            self.stats["fused"][kind] += 1
+            self.index += 1
+            return new
 
-    fuser = Fuser(mod)
-    for gv, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            fuser.chain = _Chain(func)
-            new = fuser.visit_expr(func)
-            fuser.builder_.update_func(gv, new)
-    out = fuser.builder_.get()
-    out = relax.transform.DeadCodeElimination()(out)
-    return out, fused
+        def _keep(self, call, miss: Miss):
+            if miss.attention:
+                self.stats["kept"].append((self.function, self.index, miss.reason))
+                self.index += 1
+            return super().visit_call_(call)
+
+    @tvm.transform.module_pass(opt_level=0, name="optc.FuseAttention")
+    class FuseAttentionPass:
+        def __init__(self):
+            self.fused = {"decode": 0, "prefill": 0}
+            self.kept: list[tuple[str, int, str]] = []
+
+        def transform_module(self, mod, _ctx):
+            fuser = Fuser(mod, {"fused": self.fused, "kept": self.kept})
+            for gv, func in list(mod.functions.items()):
+                if isinstance(func, relax.Function):
+                    fuser.chain, fuser.function, fuser.index = _Chain(func), gv.name_hint, 0
+                    fuser.builder_.update_func(gv, fuser.visit_expr(func))
+            return relax.transform.DeadCodeElimination()(fuser.builder_.get())
+
+    return FuseAttentionPass()

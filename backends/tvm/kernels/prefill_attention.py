@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 ROW_TILE = 4  # query rows of a register tile
-COL_TILE = 16  # keys (QK) or value columns (PV) of a register tile: 2 AVX2 registers per row
+COL_TILE = 16  # keys (QK) or value columns (PV) of a register tile: two 256-bit registers per row
 QUERY_TOKENS = (8, 4, 2, 1)  # tokens per task, the first that divides the bucket's tokens
 KEY_BLOCKS = (64, 32, 16)  # keys per block, the first that divides the keys (measured: 64 best at 512 tokens)
 _MIN = float(np.finfo(np.float32).min)
@@ -54,15 +54,22 @@ def fast_exp(x):
     return (p * f * f + f + c(1.0)) * tirx.reinterpret(f32, (n.astype("int32") + 127) << 23)
 
 
-def plan(q_shape, out_shape, keys: int) -> dict | None:
-    """Tile sizes for this attention, or None where the kernel does not apply (the generic path
-    stays)."""
+def plan(q_shape, out_shape, keys: int):
+    """Tile sizes for this attention ({"tq": tokens per task, "nk": keys per block}), or the
+    kernels.attention.Miss saying why the kernel does not apply (the generic path stays)."""
+    from optc.backends.tvm.kernels.attention import Miss
+
     _, _, groups, tokens, _ = q_shape
     dv = out_shape[-1]
     tq = next((t for t in QUERY_TOKENS if tokens % t == 0 and groups * t % ROW_TILE == 0), None)
     nk = next((k for k in KEY_BLOCKS if keys % k == 0), None)
-    if tq is None or nk is None or dv % COL_TILE:
-        return None
+    if tq is None:
+        return Miss(f"prefill kernel: no task of {QUERY_TOKENS} tokens divides {tokens} tokens into "
+                    f"rows of {ROW_TILE} for {groups} query heads per KV head")
+    if nk is None:
+        return Miss(f"prefill kernel: {keys} keys is not a multiple of {KEY_BLOCKS[-1]}")
+    if dv % COL_TILE:
+        return Miss(f"prefill kernel: value head dim {dv} is not a multiple of {COL_TILE}")
     return {"tq": tq, "nk": nk}
 
 
@@ -91,9 +98,10 @@ def build_pack(m: dict, builder, heads: int, keys: int):
     return finished_kernel(sch.mod["main"])
 
 
-def build_kernel(q_shape, out_shape, mask_info, scale: float, keys: int, tiles: dict, parallel: bool):
+def build_kernel(q_shape, out_shape, mask_info, scale: float, keys: int, tiles: dict, parallel: bool, lanes: int):
     """The attention PrimFunc over the packed K^T and V (see the module docstring).
-    mask_info: None, or (shape, additive) of the 5-D mask [1, Hm, Gm, Tm, keys]."""
+    mask_info: None, or (shape, additive) of the 5-D mask [1, Hm, Gm, Tm, keys]; lanes: float32
+    lanes of the target's vectors (schedules.cpu.cpu_facts), which the row maxima and sums use."""
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -103,7 +111,9 @@ def build_kernel(q_shape, out_shape, mask_info, scale: float, keys: int, tiles: 
     Dv = out_shape[-1]
     TQ, NK = tiles["tq"], tiles["nk"]
     R, QB, NB = G * TQ, TT // TQ, keys // NK
-    MT, CT = ROW_TILE, COL_TILE
+    MT, CT, L = ROW_TILE, COL_TILE, lanes
+    if NK % L:
+        raise ValueError(f"prefill attention: {NK} keys per block is not a multiple of {L} lanes")
     mask_shape = tuple(mask_info[0]) if mask_info else (1, 1, 1, 1, keys)
     mask_dtype = "float32" if mask_info and mask_info[1] else "bool"
     additive, masked = bool(mask_info and mask_info[1]), mask_info is not None
@@ -140,7 +150,7 @@ def build_kernel(q_shape, out_shape, mask_info, scale: float, keys: int, tiles: 
             row_sum = T.alloc_local((R,))
             acc = T.alloc_local((R, Dv))
             live = T.alloc_local((1,), "int32")
-            lanes = T.alloc_local((8,))
+            lanes = T.alloc_local((L,))
             step = T.alloc_local((2,))  # (new row maximum, rescale factor of the earlier blocks)
             for r in range(R):
                 for d in T.vectorized(D):
@@ -170,25 +180,25 @@ def build_kernel(q_shape, out_shape, mask_info, scale: float, keys: int, tiles: 
                                     tile[ii, jj], mask, task // QB, (r4 * MT + ii) // TQ,
                                     task % QB * TQ + (r4 * MT + ii) % TQ, kb * NK + jb * CT + jj)
                     for r in range(R):
-                        # online softmax: the block's maximum in 8 lanes, then exp and the sum
-                        for v in T.vectorized(8):
+                        # online softmax: the block's maximum in L lanes, then exp and the sum
+                        for v in T.vectorized(L):
                             lanes[v] = s[r, v]
-                        for jb in range(1, NK // 8):
-                            for v in T.vectorized(8):
-                                lanes[v] = T.max(lanes[v], s[r, jb * 8 + v])
-                        for v in range(1, 8):
+                        for jb in range(1, NK // L):
+                            for v in T.vectorized(L):
+                                lanes[v] = T.max(lanes[v], s[r, jb * L + v])
+                        for v in range(1, L):
                             lanes[0] = T.max(lanes[0], lanes[v])
                         step[0] = T.max(row_max[r], lanes[0])
                         step[1] = fast_exp(row_max[r] - step[0])
                         row_max[r] = step[0]
                         for j in T.vectorized(NK):
                             s[r, j] = fast_exp(s[r, j] - step[0])
-                        for v in T.vectorized(8):
+                        for v in T.vectorized(L):
                             lanes[v] = s[r, v]
-                        for jb in range(1, NK // 8):
-                            for v in T.vectorized(8):
-                                lanes[v] = lanes[v] + s[r, jb * 8 + v]
-                        for v in range(1, 8):
+                        for jb in range(1, NK // L):
+                            for v in T.vectorized(L):
+                                lanes[v] = lanes[v] + s[r, jb * L + v]
+                        for v in range(1, L):
                             lanes[0] = lanes[0] + lanes[v]
                         row_sum[r] = row_sum[r] * step[1] + lanes[0]
                         for c in T.vectorized(Dv):
