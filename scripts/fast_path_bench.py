@@ -16,8 +16,9 @@ Two tables, from artifacts compiled here (`optc export` of the HF directory, the
    the generic path: its per-token/per-group scales are computed by the runtime as tokens arrive,
    which GroupQueryAttention's quantised cache, fixed per-tensor or per-channel scales, does not do).
 
-Engines take turns over --rounds rounds, each in its own fresh process; figures are medians
-over rounds with their range. 2 threads (the artifacts' session options: all cores of the
+Each round is one fresh process that runs every engine of a table interleaved (--block stream
+tokens, or one run of 32 decode steps, per engine in turn), so that the load of a shared machine
+hits every engine alike; figures are medians over --rounds rounds with their range. 2 threads (the artifacts' session options: all cores of the
 2-core machine these were measured on). Timings on a shared machine move; compare within a run.
 """
 
@@ -38,50 +39,57 @@ BIN = 256  # tokens per timing bin of the stream
 
 
 # ---------------------------------------------------------------------------- workers
-def stream_worker(artifact: str, job: dict) -> dict:
+# One process per round runs every engine, interleaved in small blocks, so that the load of a
+# shared machine, which moves over seconds, hits every engine alike.
+def stream_worker(artifacts: list[str], job: dict) -> list[dict]:
     import numpy as np
 
     import optc.runtime
 
     warnings.simplefilter("ignore")  # the dense model streams past its trained context on purpose
-    m = optc.runtime.load(artifact)
-    ids = job["stream_ids"]
-    prompt = job["prompt"]
-    m.reset()
-    logits = m.prefill(ids[:prompt])
-    times, nll = [], []
-    for t in ids[prompt:]:
-        x = logits.astype(np.float64)
-        nll.append(float(np.log(np.exp(x - x.max()).sum()) + x.max() - x[t]))
-        s = time.perf_counter()
-        logits = m.decode(t)
-        times.append((time.perf_counter() - s) * 1e3)
-    bins = {}
-    for at in job["positions"]:
-        lo = max(0, at - prompt - BIN // 2)
-        bins[str(at)] = statistics.median(times[lo:lo + BIN])
-    return {"decode_ms": bins, "perplexity": float(np.exp(np.mean(nll))), "cache_rows": m.cache.length}
+    ids, prompt = job["stream_ids"], job["prompt"]
+    models = [optc.runtime.load(a) for a in artifacts]
+    logits, times, nll = [], [[] for _ in models], [[] for _ in models]
+    for m in models:
+        m.reset()
+        logits.append(m.prefill(ids[:prompt]))
+    for start in range(prompt, len(ids), job["block"]):
+        for e, m in enumerate(models):
+            for t in ids[start:start + job["block"]]:
+                x = logits[e].astype(np.float64)
+                nll[e].append(float(np.log(np.exp(x - x.max()).sum()) + x.max() - x[t]))
+                s = time.perf_counter()
+                logits[e] = m.decode(t)
+                times[e].append((time.perf_counter() - s) * 1e3)
+    out = []
+    for e, m in enumerate(models):
+        bins = {}
+        for at in job["positions"]:
+            lo = max(0, at - prompt - BIN // 2)
+            bins[str(at)] = statistics.median(times[e][lo:lo + BIN])
+        out.append({"decode_ms": bins, "perplexity": float(np.exp(np.mean(nll[e]))), "cache_rows": m.cache.length})
+    return out
 
 
-def kv_worker(artifact: str, job: dict) -> dict:
+def kv_worker(artifacts: list[str], job: dict) -> list[dict]:
     import numpy as np
 
     import optc.runtime
 
-    m = optc.runtime.load(artifact)
     ids = job["stream_ids"]
-    out = {}
+    models = [optc.runtime.load(a) for a in artifacts]
+    runs = [{str(c): [] for c in job["contexts"]} for _ in models]
     for c in job["contexts"]:
-        runs = []
         for _ in range(job["repeats"]):
-            m.reset()
-            tok = int(np.argmax(m.prefill(ids[:c])))
-            s = time.perf_counter()
-            for _ in range(job["decode_tokens"]):
-                tok = int(np.argmax(m.decode(tok)))
-            runs.append((time.perf_counter() - s) * 1e3 / job["decode_tokens"])
-        out[str(c)] = statistics.median(runs)
-    return {"decode_ms": out, "kv_bytes": m.kv_bytes}
+            for e, m in enumerate(models):
+                m.reset()
+                tok = int(np.argmax(m.prefill(ids[:c])))
+                s = time.perf_counter()
+                for _ in range(job["decode_tokens"]):
+                    tok = int(np.argmax(m.decode(tok)))
+                runs[e][str(c)].append((time.perf_counter() - s) * 1e3 / job["decode_tokens"])
+    return [{"decode_ms": {c: statistics.median(v) for c, v in r.items()}, "kv_bytes": m.kv_bytes}
+            for r, m in zip(runs, models)]
 
 
 def gqa_cache_op(heads: int, kv_heads: int, head_dim: int, cached: int, rounds: int) -> str:
@@ -171,17 +179,16 @@ def _compile(onnx_path: Path, work: Path, variants: dict, log) -> dict[str, Path
 
 def _run(kind: str, engines: dict, job: dict, rounds: int, work: Path, log) -> dict:
     job_file = work / f"{kind}.json"
-    job_file.write_text(json.dumps(job))
+    job_file.write_text(json.dumps({**job, "artifacts": [str(a) for a in engines.values()]}))
     results: dict[str, list] = {name: [] for name in engines}
     for r in range(rounds):
-        for name, art in engines.items():
-            log(f"{kind} round {r + 1}/{rounds}: {name}")
-            proc = subprocess.run([sys.executable, __file__, "--worker", kind, str(art), str(job_file)],
-                                  capture_output=True, text=True)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if proc.returncode != 0 or line is None:
-                raise SystemExit(f"{name}: worker failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-            results[name].append(json.loads(line[len("RESULT "):]))
+        log(f"{kind} round {r + 1}/{rounds}: {', '.join(engines)}")
+        proc = subprocess.run([sys.executable, __file__, "--worker", kind, str(job_file)], capture_output=True, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            raise SystemExit(f"{kind} worker failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+        for name, got in zip(engines, json.loads(line[len("RESULT "):])):
+            results[name].append(got)
     return results
 
 
@@ -224,7 +231,8 @@ def main() -> None:
     ap.add_argument("--gqa-op", action="store_true", help="only time GroupQueryAttention alone with a float and an "
                                                           "int8 cache (the model's head shapes, --gqa-cached tokens)")
     ap.add_argument("--gqa-cached", type=int, default=2048)
-    ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--block", type=int, default=32, help="stream tokens each engine decodes in its turn")
+    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.gqa_op:
         cfg = json.loads((a.hf / "config.json").read_text())
@@ -237,9 +245,9 @@ def main() -> None:
             a.out.write_text(table)
         return
     if a.worker:
-        kind, target, job_file = a.worker
+        kind, job_file = a.worker
         job = json.loads(Path(job_file).read_text())
-        print("RESULT " + json.dumps((stream_worker if kind == "stream" else kv_worker)(target, job)))
+        print("RESULT " + json.dumps((stream_worker if kind == "stream" else kv_worker)(job["artifacts"], job)))
         return
 
     from tokenizers import Tokenizer
@@ -254,7 +262,8 @@ def main() -> None:
     if len(ids) < a.stream:
         raise SystemExit(f"stream.txt has {len(ids)} tokens, fewer than --stream {a.stream}")
     job = {"stream_ids": ids[:a.stream], "prompt": a.prompt, "positions": [int(p) for p in a.positions.split(",")],
-           "contexts": [int(c) for c in a.contexts.split(",")], "decode_tokens": a.decode_tokens, "repeats": a.repeats}
+           "contexts": [int(c) for c in a.contexts.split(",")], "decode_tokens": a.decode_tokens, "repeats": a.repeats,
+           "block": a.block}
     sw = [{"name": "sink_window", "sinks": a.sinks, "window": a.window}]
     with tempfile.TemporaryDirectory(prefix="optc-fast-path-bench-") as tmp:
         work = Path(tmp)

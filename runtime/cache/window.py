@@ -45,12 +45,17 @@ class SlotWindow:
         self.reset()
 
     def reset(self) -> None:
-        self._sink_keys = None  # [layers, kv_heads, sinks, head_dim]: the sinks' keys at their own slots
+        # per shift 0..slack: the sinks' keys rotated that far from their own slots,
+        # [slack + 1, layers, kv_heads, sinks, head_dim] (made once per sequence, when first needed)
+        self._sink_keys = None
         self._sink_shift = 0  # how far the sinks' keys in the buffer are rotated from those slots
 
-    def _rotate(self, k: np.ndarray, shift: int) -> np.ndarray:
-        """Half-split RoPE keys rotated by `shift` positions (negative: back)."""
-        cos, sin = (f(shift * self._angle).astype(np.float32) for f in (np.cos, np.sin))
+    def _rotate(self, k: np.ndarray, shift) -> np.ndarray:
+        """Half-split RoPE keys rotated by `shift` positions (negative: back); an array of shifts
+        [m] gives [m, *k.shape]."""
+        shift = np.asarray(shift, np.float64)
+        angle = np.multiply.outer(shift, self._angle).reshape(shift.shape + (1,) * (k.ndim - 1) + (-1,))
+        cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
         half = k.shape[-1] // 2
         x1, x2 = k[..., :half], k[..., half:]
         return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -64,8 +69,9 @@ class SlotWindow:
         shift = hidden_end - self.sinks
         if shift != self._sink_shift and self.sinks:
             if self._sink_keys is None:  # (first hidden row: the sinks are still at their slots)
-                self._sink_keys = np.stack([arr.data[0, :, :self.sinks] for arr in cache.keys])
-            rotated = self._rotate(self._sink_keys, shift)
+                own = np.stack([arr.data[0, :, :self.sinks] for arr in cache.keys])
+                self._sink_keys = self._rotate(own, np.arange(self.slack + 1))
+            rotated = self._sink_keys[shift]  # (shift <= slack: the buffer holds sinks + window + slack)
             for i, arr in enumerate(cache.keys):
                 arr.data[0, :, :self.sinks] = rotated[i]
             self._sink_shift = shift
