@@ -81,6 +81,7 @@ def npu_session(path_or_bytes, provider: str, provider_options: dict, *, context
 
     so = ort.SessionOptions()
     so.log_severity_level = 4  # (a rejected partition is our one-line error, not ORT's log line too)
+    _quiet_threads(so)
     so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     if context_file is not None:
         so.add_session_config_entry("ep.context_enable", "1")
@@ -96,12 +97,23 @@ def npu_session(path_or_bytes, provider: str, provider_options: dict, *, context
     raise ValueError(provider)
 
 
+def _quiet_threads(so) -> None:
+    """One thread per partition session, none spinning: an artifact holds dozens of sessions, and
+    ONNX Runtime's default per-session pools spin while waiting (measured on pycoder-v2's 67
+    sessions, 2 cores: a decode step 566 ms with default pools, 5.6 ms without spinning, 2.5 ms
+    with one thread)."""
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+
+
 def cpu_session(path_or_bytes):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    so.inter_op_num_threads = 1
+    _quiet_threads(so)
     return ort.InferenceSession(path_or_bytes, sess_options=so, providers=[CPU])
 
 
