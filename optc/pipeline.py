@@ -76,6 +76,11 @@ def _why_not(a: PlannedPass, b: PlannedPass) -> str | None:
     reasons = {EXCLUSIVE[f] for f in a.contract.ensures & b.contract.ensures & set(EXCLUSIVE)}
     for x, y in ((a, b), (b, a)):
         reasons |= {why for fact, why in x.contract.conflicts.items() if fact in y.contract.ensures}
+        needs, bound = x.contract.cache_needs, y.contract.cache_bound
+        if needs is not None and bound is not None and needs > bound:
+            reasons.add(f"the cache never holds more than {bound} tokens, but {x.pass_class.name} acts only once "
+                        f"{needs} are cached: it would never change anything (lower its residual/group_size, "
+                        f"or keep more tokens)")
     return "; ".join(sorted(reasons)) or None
 
 

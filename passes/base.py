@@ -52,6 +52,11 @@ class Contract:
     requires: frozenset[str] = frozenset()          # model facts that must hold
     ensures: frozenset[str] = frozenset()           # facts this pass establishes
     conflicts: dict[str, str] = field(default_factory=dict)  # another pass's fact -> why not together
+    # the most tokens the KV cache will ever hold under this pass (sink_window: sinks + window)
+    cache_bound: int | None = None
+    # the pass does nothing until the cache holds this many tokens (KIVI stores a group only once
+    # residual + group_size tokens are cached): paired with a smaller bound it would be a silent no-op
+    cache_needs: int | None = None
 
 
 @dataclass

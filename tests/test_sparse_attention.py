@@ -100,6 +100,29 @@ def test_unknown_mode_is_rejected_not_ignored(tmp_path, exported_decoder, capsys
     assert "passes[0].mode: Input should be 'sink_window' or 'block_sparse'" in err, err
 
 
+# KIVI stores a group once residual + group_size tokens are cached (32 + 64 by default): a sink_window
+# cache of 4 + 60 tokens never gets there, so the "int8" cache would stay float, silently
+@pytest.mark.parametrize("kv_first", [False, True])
+def test_kivi_that_a_sink_window_cache_never_fills_is_refused(tmp_path, exported_decoder, capsys, kv_first):
+    import yaml
+
+    kv = {"name": "kv_cache_compression", "bits": 8, "key_quant": "per_token"}
+    sw = dict(SW, sinks=4, window=60)
+    passes = [kv, sw] if kv_first else [sw, kv]
+    err = config_error(tmp_path, exported_decoder, yaml.safe_dump({"passes": passes}), capsys)
+    first, second = ("kv_cache_compression -> kv_quantize", "sparse_attention -> sink_window")[::1 if kv_first else -1]
+    assert (f"passes[0] ({first}) and passes[1] ({second}) cannot be combined: the cache never holds more than 64 "
+            f"tokens, but kv_quantize acts only once 96 are cached") in err, err
+    # groups that fit in the window pass the check (residual 16 + group 32 <= 64)
+    from optc.config import parse_config
+    from optc.pipeline import check_contracts, plan
+    from optc.registry import default_registry
+
+    reg = default_registry()
+    fits = [dict(kv, group_size=32, residual=16), sw]
+    check_contracts(plan(parse_config({"passes": fits}, reg), reg))
+
+
 @pytest.mark.parametrize("passes, needle", [
     ([dict(SW), {"name": "kv_cache_compression", "bits": 8}],
      "passes[0] (sparse_attention -> sink_window) and passes[1] (kv_cache_compression -> kv_quantize) cannot be "

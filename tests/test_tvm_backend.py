@@ -34,7 +34,11 @@ PIPELINES = {
     # blocks of 16 so that a 100-token prompt takes the sparse path and drops blocks
     "block_sparse": [{"name": "sparse_attention", "mode": "block_sparse", "block_size": 16, "budget_blocks": 4}],
     "sink_window_int8": [{"name": "sparse_attention", "mode": "sink_window", "sinks": 4, "window": 44},
-                         {"name": "kv_cache_compression", "bits": 8, "key_quant": "per_token"}],
+                         # groups small enough to be stored inside the 48-token cache (the defaults,
+                         # 32 + 64, are refused with this window: nothing would ever be quantised);
+                         # 16 + 16 keeps the cache slots a multiple of the prefill kernel's 16 keys
+                         {"name": "kv_cache_compression", "bits": 8, "key_quant": "per_token",
+                          "group_size": 16, "residual": 16}],
 }
 
 
@@ -103,7 +107,11 @@ def test_tvm_matches_onnxruntime_on_the_same_graph(name, exported_decoder, tmp_p
     # 100 tokens: past a quantised cache's residual (a stored group exists), past the H2O budget
     # and the sink_window bound (evictions happen), through prefill and continuation buckets
     top1, diff = _compare(ort, tvm, _prompts(2, 100))
-    assert top1 == 1.0 and diff <= 1e-3, (name, top1, diff)
+    # A quantised cache turns the backends' ~1e-5 float differences into an occasional int8 code one
+    # rounding step apart (measured: 16-24 of 2,048 codes per buffer from layer 1 on with
+    # sink_window_int8, max |Δlogit| 1.1e-2 at a 40-token prompt); a float cache stays within 1e-3.
+    tolerance = 3e-2 if name in ("int8_kv", "int4_kv", "sink_window_int8") else 1e-3
+    assert top1 == 1.0 and diff <= tolerance, (name, top1, diff)
     # decode steps ran optc's fused attention kernel (one per layer of the decode bucket), except
     # for H2O, whose attention probabilities are an output the kernel does not produce
     from optc.backends.tvm.kernels.attention import MAX_QUERY_ROWS
@@ -123,6 +131,10 @@ def test_tvm_matches_onnxruntime_on_the_same_graph(name, exported_decoder, tmp_p
         assert tvm.cache.length <= 48
     if name.startswith("sink_window"):
         assert tvm.cache.length <= 48
+    if name.endswith("_kv") or name == "sink_window_int8":  # the cache really holds quantised groups
+        m = model
+        fp32 = 2 * m["n_layers"] * m["kv_heads"] * tvm.cache.length * m["head_dim"] * 4
+        assert tvm.kv_bytes < 0.8 * fp32, (name, tvm.kv_bytes, fp32)  # a float cache is >= 1.0
     if name == "block_sparse":  # the prompts ran through the sparse variant of the prefill
         assert any(b["name"].endswith("_sparse") for b in manifest["backend"]["buckets"])
         assert tvm.executor._choose(100, [0])["name"] == "prefill_128_sparse"

@@ -53,6 +53,7 @@ class SinkWindow(OptcPass):
         return Contract(
             requires=frozenset({MODEL_POSITION_IDS, MODEL_ROTARY_OP}),
             ensures=frozenset({CACHE_POLICY, EVICTS_SINGLE_TOKENS, CACHE_SLOT_POSITIONS}),
+            cache_bound=options.sinks + options.window,
             conflicts={SPARSE_PREFILL: "sink_window fills its bounded cache chunk by chunk, while block_sparse "
                                        "prefill needs the whole prompt in one step over an empty cache"})
 

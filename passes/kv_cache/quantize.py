@@ -52,7 +52,9 @@ class KVQuantize(OptcPass):
             ensures.add(KEY_GROUPS_SPAN_TOKENS)
             conflicts[EVICTS_SINGLE_TOKENS] = ("one evicts single tokens, which the other's per-channel key groups "
                                                "cannot give up (set key_quant: per_token)")
-        return Contract(ensures=frozenset(ensures), conflicts=conflicts)
+        # the runtime quantises a group once the float residual reaches residual + group_size tokens
+        return Contract(ensures=frozenset(ensures), conflicts=conflicts,
+                        cache_needs=options.residual + options.group_size)
 
     @classmethod
     def declared_perplexity_budget(cls, options: KVQuantizeOptions) -> float | None:
