@@ -63,6 +63,29 @@ def test_optimum_export_takes_the_kv_quantisation_pass(family, tmp_path):
     assert manifest["verification"]["top1_agreement"] >= 0.9, manifest["verification"]
 
 
+@pytest.mark.parametrize("family", ["llama-gqa", "gptj"])
+def test_optimum_export_takes_h2o_eviction(family, tmp_path):
+    """H2O makes each Attention also output its probabilities. GPT-J's query has no declared shape
+    (an untyped Cast), where onnx's Attention shape inference gave that output rank 0 and the
+    checker refused the pass; the query is now annotated. Until the cache reaches the budget the
+    artifact is the export; afterwards the cache stays at the budget."""
+    import numpy as np
+
+    from optc.runtime import load
+
+    _compile(family, tmp_path / "dense")
+    h2o = {"name": "kv_cache_compression", "eviction": {"budget": 24, "sinks": 2, "recent": 4}}
+    manifest = _compile(family, tmp_path / "h2o", [h2o])
+    assert manifest["kv_cache"]["policy"]["kind"] == "h2o"
+    dense, evicting = load(tmp_path / "dense"), load(tmp_path / "h2o")
+    ids = list(range(5, 25))                      # 20 tokens: below the budget, nothing evicted
+    np.testing.assert_allclose(evicting.prefill(ids, all_logits=True), dense.prefill(ids, all_logits=True),
+                               atol=1e-4)
+    for t in range(30):
+        evicting.decode(40 + t)
+    assert evicting.cache.length == 24
+
+
 def test_decomposed_rotary_becomes_rotary_embedding_op():
     """optimum leaves RoPE as Sin/Cos/Slice/Neg/Concat arithmetic; every q and k rotation of every
     layer becomes one ONNX RotaryEmbedding, and nothing decomposed is left over."""

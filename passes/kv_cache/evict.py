@@ -86,6 +86,13 @@ class H2OEviction(OptcPass):
             old = nodes[layer.attention]
             attrs = [a for k, a in old.attributes.items() if k != "qk_matmul_output_mode"]
             attrs.append(ir.AttrInt64("qk_matmul_output_mode", 3))
+            query = old.inputs[0]
+            if query.shape is None and old.inputs[1].shape is not None and old.inputs[1].shape.rank() == 4:
+                # onnx's Attention shape inference gives the probabilities output rank 0 when the
+                # query's shape is unknown (GPT-J's exports: Q comes from an untyped Cast), which
+                # then clashes with the declared rank-4 output: the query is [batch, heads, seq, head_dim]
+                query.type = query.type or old.inputs[1].type
+                query.shape = ir.Shape(["batch", info.num_heads, "sequence_length", info.head_dim])
             new = ir.Node("", "Attention", list(old.inputs), attributes=attrs, num_outputs=4, name=old.name)
             replace_keeping_output(graph, old, new)
             new.outputs[3].name = attention_output(layer.index)
