@@ -144,6 +144,8 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
             "verify_budget": {**budget.model_dump(), "source": budget_source},
             "tokenizer": "tokenizer.json",
         }
+        if context.runtime.layer_routing is not None:  # which layers decode may skip (layer_routing)
+            manifest["layer_routing"] = context.runtime.layer_routing.to_dict()
         if context.reports:  # per-layer statistics passes report (outlier_split's outlier channels)
             manifest["pass_reports"] = context.reports
         write_manifest(staging, manifest, staging=True)  # the runtime needs it to verify the staged artifact

@@ -7,11 +7,11 @@
     quant/         weight_quant (weight-only int8/int4 MatMuls, ONNX Runtime MatMulNBits),
                    outlier_split (W8A8 QDQ MatMuls, activation-outlier channels in float)
     token_dropping/ token_dropping (tokens pruned inside the graph after start_layer)
+    layer_routing/ layer_routing (decode skips the layers that changed the prompt least)
     rules/         shared graph builders
 
 `kv_cache_compression` and `sparse_attention` are the earlier names: each config entry expands
-into the one-job passes above (docs/architecture.md, "Passes"). Families still to come (DESIGN.md):
-layer routing.
+into the one-job passes above (docs/architecture.md, "Passes").
 """
 
 from optc.config import PassOptions
@@ -21,6 +21,7 @@ from optc.passes.cleanup import EliminateCommonSubexpressions, EliminateIdentity
 from optc.passes.kv_cache import (H2OEviction, H2OEvictionOptions, KVCacheCompressionOptions, KVQuantize,
                                   KVQuantizeOptions, expand_kv_cache_compression)
 from optc.passes.quant import OutlierSplit, OutlierSplitOptions, WeightQuant, WeightQuantOptions
+from optc.passes.layer_routing import LayerRouting, LayerRoutingOptions
 from optc.passes.token_dropping import TokenDropping, TokenDroppingOptions
 from optc.registry import PassEntry
 
@@ -39,6 +40,7 @@ ALL_PASSES = [
     _entry(BlockSparse, BlockSparseOptions, lossy=True),
     _entry(WeightQuant, WeightQuantOptions, lossy=True),
     _entry(TokenDropping, TokenDroppingOptions, lossy=True),
+    _entry(LayerRouting, LayerRoutingOptions, lossy=True),
     _entry(OutlierSplit, OutlierSplitOptions, lossy=True),
     PassEntry("kv_cache_compression", None, KVCacheCompressionOptions,
               "KV-cache compression in one entry: bits -> kv_quantize, eviction -> h2o_eviction", lossy=True,

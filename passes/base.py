@@ -27,6 +27,7 @@ ATTENTION_PROBABILITIES = "attention.probabilities_output"  # every step outputs
 SPARSE_PREFILL = "attention.block_sparse_prefill"  # prefill attends to selected key blocks only
 CACHE_SLOT_POSITIONS = "positions.cache_slot"    # positions are cache slots, keys cached before RoPE
 TOKENS_DROPPED = "tokens.dropped"                # later layers run on a subset of the tokens
+LAYERS_ROUTED = "layers.routed"                  # decode skips layers chosen at run time (If per layer)
 
 EXCLUSIVE = {
     CACHE_POLICY: "both set the cache's eviction policy (a cache has one)",
@@ -34,6 +35,7 @@ EXCLUSIVE = {
     SPARSE_PREFILL: "both rewrite prefill attention",
     CACHE_SLOT_POSITIONS: "both re-position the cache",
     TOKENS_DROPPED: "both drop tokens",
+    LAYERS_ROUTED: "both route layers",
 }
 
 # What the canonical model offers (optc.pipeline.model_facts); passes may require these.

@@ -77,6 +77,9 @@ KEY_QUANT_PER_TOKEN = "per_token"
 # token_dropping (mode prefill): the kv_cache key naming the first layer whose cache holds only the
 # prompt tokens kept in prefill (earlier layers hold them all: per-layer cache lengths)
 PRUNED_FROM_LAYER = "pruned_from_layer"
+# layer_routing: the bool input saying which layers run this step, and the per-layer change output
+LAYERS_RUN_INPUT = "optc.layers_run"
+LAYER_CHANGE_OUTPUT = "optc.layer_change"
 
 
 
@@ -249,6 +252,41 @@ class KVCacheSpec:
         return cls(layout, positions, policy, kivi, pruned)
 
 
+@dataclass(frozen=True)
+class LayerRoutingSpec:
+    """The manifest's `layer_routing` section: the routable layers (in the order of the graph's
+    LAYER_CHANGE_OUTPUT entries), how many decode skips, and for mode static the fixed set (None:
+    chosen per prompt from the change output after the prompt's prefill)."""
+
+    layers: list
+    max_skip: int
+    static: list | None = None
+
+    def to_dict(self) -> dict:
+        return {"run_input": LAYERS_RUN_INPUT, "change_output": LAYER_CHANGE_OUTPUT, "layers": list(self.layers),
+                "max_skip": self.max_skip, "static": None if self.static is None else list(self.static)}
+
+    @classmethod
+    def from_dict(cls, d: Any, n_layers: int, where: str = "manifest.json: layer_routing") -> LayerRoutingSpec | None:
+        if d is None:
+            return None
+        if not isinstance(d, dict):
+            raise ManifestError(f"{where}: expected an object")
+        _no_extra(d, {"run_input", "change_output", "layers", "max_skip", "static"}, where)
+        if d.get("run_input") != LAYERS_RUN_INPUT or d.get("change_output") != LAYER_CHANGE_OUTPUT:
+            raise ManifestError(f"{where}: run_input/change_output must be {LAYERS_RUN_INPUT!r}/{LAYER_CHANGE_OUTPUT!r}")
+        layers = _need(d, "layers", list, where)
+        static = _need(d, "static", list, where, optional=True)
+        for key, xs in (("layers", layers), ("static", static or [])):
+            if any(isinstance(x, bool) or not isinstance(x, int) or not 1 <= x < n_layers for x in xs):
+                raise ManifestError(f"{where}.{key}: layer indices 1..{n_layers - 1} expected")
+        max_skip = _need(d, "max_skip", int, where)
+        if not 0 <= max_skip <= len(layers) or (static is not None and (len(static) != max_skip
+                                                                      or not set(static) <= set(layers))):
+            raise ManifestError(f"{where}: max_skip / static do not fit the routable layers")
+        return cls(layers, max_skip, static)
+
+
 @dataclass
 class RuntimeRequests:
     """What passes ask of the runtime while a pipeline runs (the compile turns it into manifest
@@ -257,6 +295,7 @@ class RuntimeRequests:
 
     kv_cache: KVCacheSpec = field(default_factory=KVCacheSpec)
     block_sparse_min_prefill: int | None = None
+    layer_routing: LayerRoutingSpec | None = None
 
     def update_cache(self, **fields) -> None:
         self.kv_cache = replace(self.kv_cache, **fields)

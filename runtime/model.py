@@ -14,7 +14,8 @@ from optc.runtime.artifact import MANIFEST_NAME, ArtifactError, artifact_file, r
 from optc.runtime.cache import KVCache, make_cache
 from optc.runtime.cache.window import SlotWindow
 from optc.runtime.executors import make_executor
-from optc.runtime.manifest import KEY_POSITION_IDS, KVCacheSpec, ModelSpec, SinkWindowPolicy
+from optc.runtime.manifest import (KEY_POSITION_IDS, LAYER_CHANGE_OUTPUT, LAYERS_RUN_INPUT, KVCacheSpec,
+                                   LayerRoutingSpec, ModelSpec, SinkWindowPolicy)
 from optc.runtime.sampler import sample
 
 
@@ -92,6 +93,13 @@ class Model:
         if self.pruned_from_layer is not None and self.pruned_from_layer >= spec.n_layers:
             raise ArtifactError(f"{where}: kv_cache.pruned_from_layer {self.pruned_from_layer} is not a layer of this "
                                 f"{spec.n_layers}-layer model")
+        # layer_routing: decode skips the layers the prompt's prefill changed least (or a static set)
+        self.routing = LayerRoutingSpec.from_dict(manifest.get("layer_routing"), spec.n_layers,
+                                                  f"{where}: layer_routing")
+        if self.routing is not None:
+            if self._in_place or not hasattr(self.executor, "fetch"):
+                raise ArtifactError(f"{where}: layer_routing needs the ONNX Runtime generic graph")
+            self.executor.fetch([LAYER_CHANGE_OUTPUT])
         # "cache_slot": tokens are positioned by their slot in the (evicting) cache, StreamingLLM-style
         self.slot_positions = kv_spec.slot_positions
         self.policy = kv_spec.policy
@@ -125,6 +133,10 @@ class Model:
             self._window.reset()
         self.position = 0  # absolute position of the next token
         self._warned_past_context = False
+        # layer_routing: which layers run (all until the prompt's prefill has ranked them)
+        self.layers_run = np.ones(int(self.config["n_layers"]), bool)
+        self.skipped_layers: list[int] = []
+        self.layer_change: dict[int, float] = {}
 
     @property
     def kv_bytes(self) -> int:
@@ -165,13 +177,29 @@ class Model:
         attention_mask = np.ones((1, cached + n), dtype=np.int64)
         if self.slot_positions:
             feeds[KEY_POSITION_IDS] = np.arange(cached + n, dtype=np.int64).reshape(1, -1)
+        if self.routing is not None:
+            feeds[LAYERS_RUN_INPUT] = self.layers_run
         logits, new_k, new_v, attention = self.executor.run(input_ids, position_ids, attention_mask, feeds)
+        if self.routing is not None and self.position == 0:  # the prompt's prefill: choose what decode skips
+            self._route(self.executor.extra[LAYER_CHANGE_OUTPUT])
         self.cache.append(new_k, new_v)
         self.position += n
         if attention is not None:  # a scoring policy (H2O): score cached tokens, then evict
             self.cache.observe(attention)
             self.cache.enforce_budget(tokens_seen=self.position)
         return logits[0]
+
+    def _route(self, change: np.ndarray) -> None:
+        """layer_routing: turn off, for the rest of this sequence, the `max_skip` routable layers
+        whose change of the prompt's last hidden states was smallest (or the static set)."""
+        r = self.routing
+        self.layer_change = {layer: float(c) for layer, c in zip(r.layers, change)}
+        if r.static is not None:
+            skip = list(r.static)
+        else:
+            skip = [r.layers[j] for j in np.argsort(np.asarray(change), kind="stable")[:r.max_skip]]
+        self.skipped_layers = sorted(int(i) for i in skip)
+        self.layers_run[self.skipped_layers] = False
 
     def _warn_past_context(self, last: int, stacklevel: int) -> None:
         """Once per sequence: position `last` is past the trained context (the warning points

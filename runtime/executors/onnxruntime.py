@@ -61,6 +61,8 @@ class OnnxRuntimeExecutor:
         self.kv_outputs = backend.kv_outputs  # per layer: [new key output, new value output]
         self._attention = backend.attention_outputs
         self._outputs = [LOGITS] + [name for pair in self.kv_outputs for name in pair] + self._attention
+        self._extra: list[str] = []  # fetch(): outputs read by a runtime feature, in self.extra after a step
+        self.extra: dict[str, np.ndarray] = {}
         graph_outputs = {o.name for o in self.session.get_outputs()}
         missing = [name for name in self._outputs if name not in graph_outputs]
         if missing:
@@ -106,6 +108,14 @@ class OnnxRuntimeExecutor:
     def provider(self) -> str:
         return self.providers[0]
 
+    def fetch(self, names: list[str]) -> None:
+        """Also fetch these graph outputs at every step; `self.extra` holds them after it."""
+        have = {o.name for o in self.session.get_outputs()}
+        missing = [n for n in names if n not in have]
+        if missing:
+            raise ArtifactError(f"the graph has no output {missing[0]!r}")
+        self._extra = list(names)
+
     def step_limit(self, cache_feeds, n=None) -> None:
         """ONNX Runtime takes any number of new tokens in one step."""
         return None
@@ -119,7 +129,10 @@ class OnnxRuntimeExecutor:
         for name, arr in cache_feeds.items():
             # ORT needs dense inputs; cache views are dense only when kv_heads == 1 or the buffer is full.
             feeds[name] = np.ascontiguousarray(arr)
-        out = self.session.run(self._outputs, feeds)
+        out = self.session.run(self._outputs + self._extra, feeds)
+        if self._extra:  # outputs a runtime feature reads after the step (layer_routing's change)
+            self.extra = dict(zip(self._extra, out[len(self._outputs):]))
+            out = out[:len(self._outputs)]
         n_kv = 2 * len(self.kv_outputs)
         logits, kv, attention = out[0], out[1:1 + n_kv], out[1 + n_kv:]
         return logits, kv[0::2], kv[1::2], attention or None

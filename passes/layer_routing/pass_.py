@@ -1,0 +1,109 @@
+"""layer_routing: options, contract, the static mode's calibration (route.py does the rewrite)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+from pydantic import Field, model_validator
+
+from optc.config import PassOptions
+from optc.errors import OptcError
+from optc.passes.base import (CACHE_POLICY, CACHE_QUANTIZED, LAYERS_ROUTED, SPARSE_PREFILL, TOKENS_DROPPED, Contract,
+                              OptcPass, PassConfigError)
+from optc.passes.layer_routing.route import rewrite_routing
+from optc.runtime.manifest import LAYER_CHANGE_OUTPUT, LAYERS_RUN_INPUT, LayerRoutingSpec
+
+CALIBRATION_SAMPLES, CALIBRATION_LENGTH = 16, 256
+
+
+class LayerRoutingOptions(PassOptions):
+    mode: Literal["per_prompt", "static"] = Field(
+        "per_prompt", description="per_prompt: the layers to skip are chosen from each prompt at run time; static: "
+                                  "once, on calibration text (the baseline)")
+    max_skip: int = Field(description="layers decode skips (0: every layer runs)", ge=0)
+    protect_first: int = Field(1, ge=1, description="first layers never skipped (layer 0 always runs)")
+    protect_last: int = Field(1, ge=1, description="last layers never skipped")
+    window: int = Field(16, ge=1, description="last prompt tokens whose hidden-state change ranks the layers")
+    calibration_text: str | None = Field(None, description="static: text to choose the layers on (.jsonl with "
+                                                           "'text'); default models/data/calibration.jsonl")
+
+    @model_validator(mode="after")
+    def _keys_match(self):
+        if self.calibration_text is not None and self.mode != "static":
+            raise ValueError("calibration_text applies to mode static only")
+        return self
+
+
+class LayerRouting(OptcPass):
+    """Layer routing: decode skips the layers that changed the prompt's hidden states least (If per layer)."""
+
+    name = "layer_routing"
+
+    @classmethod
+    def contract(cls, options) -> Contract:
+        one_length = "the runtime's {} keeps one cache length for every layer, and a skipped layer's cache stops growing"
+        return Contract(ensures=frozenset({LAYERS_ROUTED}),
+                        conflicts={CACHE_POLICY: one_length.format("cache policy (sink_window, H2O)"),
+                                   CACHE_QUANTIZED: one_length.format("KIVI store"),
+                                   SPARSE_PREFILL: "block_sparse wraps each layer's Attention in an If of its own, "
+                                                   "which layer_routing cannot move into its per-layer If yet",
+                                   TOKENS_DROPPED: "token_dropping's later layers read their cache length from layer "
+                                                   "start_layer's past, which a skipped layer stops extending"})
+
+    @classmethod
+    def declared_perplexity_budget(cls, options) -> float | None:
+        return 0.05 if getattr(options, "max_skip", 0) else None
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        o: LayerRoutingOptions = self.options
+        info = self.context.decoder
+        if info is None:
+            raise PassConfigError("mode", "layer_routing needs a decoder (canonicalised by optc compile)")
+        n = info.n_layers
+        routable = list(range(o.protect_first, n - o.protect_last))
+        if o.max_skip > len(routable):
+            raise PassConfigError("max_skip", f"max_skip ({o.max_skip}) is more than the {len(routable)} layers this "
+                                              f"{n}-layer decoder can skip with protect_first {o.protect_first} and "
+                                              f"protect_last {o.protect_last}")
+        if not routable:
+            raise PassConfigError("protect_first", f"protect_first + protect_last leave no layer of {n} to route")
+        changed = rewrite_routing(model, info, routable=routable, window=o.window)
+        if not changed:
+            return ir.passes.PassResult(model, False)
+        static = None
+        if o.mode == "static":
+            change = self._calibrate(model)
+            static = sorted(routable[j] for j in np.argsort(change, kind="stable")[:o.max_skip])
+            self.context.log(f"  layer_routing static: skips layers {static} (mean change on calibration text: "
+                             + ", ".join(f"{i}: {c:.4f}" for i, c in zip(routable, change)) + ")")
+        self.context.runtime.layer_routing = LayerRoutingSpec(layers=routable, max_skip=o.max_skip, static=static)
+        return ir.passes.PassResult(model, True)
+
+    def _calibrate(self, model: ir.Model) -> np.ndarray:
+        """Mean change per routable layer, every layer running, over calibration windows."""
+        import onnxruntime as ort
+
+        from optc.calibration import feeds_for, read_calibration_texts, token_windows
+
+        o: LayerRoutingOptions = self.options
+        if self.context.tokenizer is None:
+            raise OptcError("layer_routing mode static: calibration needs a tokenizer (tokenizer.json beside the model)")
+        if o.calibration_text is not None and not Path(o.calibration_text).is_file():
+            raise PassConfigError("calibration_text", f"{o.calibration_text}: no such file")
+        texts = read_calibration_texts(Path(o.calibration_text) if o.calibration_text else None)
+        windows = token_windows(self.context.tokenizer, texts, samples=CALIBRATION_SAMPLES, length=CALIBRATION_LENGTH,
+                                bos=self.context.bos_token_id)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), sess_options=opts,
+                                       providers=["CPUExecutionProvider"])
+        inputs = [v for v in model.graph.inputs if v.name != LAYERS_RUN_INPUT]
+        run_all = np.ones(self.context.decoder.n_layers, bool)
+        total = 0.0
+        for ids in windows:
+            feeds = {**feeds_for(inputs, ids), LAYERS_RUN_INPUT: run_all}
+            total = total + session.run([LAYER_CHANGE_OUTPUT], feeds)[0]
+        return total / len(windows)

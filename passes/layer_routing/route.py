@@ -1,0 +1,148 @@
+"""layer_routing: decode skips the layers that changed the prompt's hidden state least (FiRST /
+SkipDecode style, decided per prompt at run time), or a fixed set chosen on calibration text.
+
+The rewrite wraps each routable layer (not among the first `protect_first` or last `protect_last`)
+in an `If` on `optc.layers_run[i]` (a bool input of one entry per layer, fed by the runtime):
+
+    then: the layer as exported -> (h_out, new keys, new values, present keys, present values)
+    else: (h_in, no new keys, no new values, the past as it is)
+
+so a skipped layer runs none of its kernels, and its cache is not extended (the runtime appends
+zero rows). Every step also outputs `optc.layer_change` [routable layers]: 1 - cosine(h_in,
+h_out) of each routable layer, averaged over the step's last `window` tokens; the runtime reads it
+after the prompt's prefill (every layer runs) and turns the `max_skip` smallest off for the rest
+of the generation (`LayerRoutingSpec`, runtime/model.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir import tape
+
+from optc.passes.base import PassConfigError
+from optc.passes.rules.builders import name_nodes
+from optc.passes.token_dropping.prefill import _attention_nodes, _residual_input
+from optc.runtime.manifest import LAYER_CHANGE_OUTPUT, LAYERS_RUN_INPUT, past_name, present_name
+
+
+def _downstream_nodes(v: ir.Value) -> set[ir.Node]:
+    seen: set[ir.Node] = set()
+    todo = [v]
+    while todo:
+        x = todo.pop()
+        for use in x.uses():
+            if use.node not in seen:
+                seen.add(use.node)
+                todo.extend(use.node.outputs)
+    return seen
+
+
+def _upstream_nodes(v: ir.Value) -> set[ir.Node]:
+    seen: set[ir.Node] = set()
+    todo = [v]
+    while todo:
+        node = todo.pop().producer()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo.extend(x for x in node.inputs if x is not None)
+    return seen
+
+
+def rewrite_routing(model: ir.Model, info, *, routable: list[int], window: int) -> bool:
+    graph = model.graph
+    if any(v.name == LAYERS_RUN_INPUT for v in graph.inputs):
+        return False
+    n = info.n_layers
+    attns = _attention_nodes(graph, info)
+    hs = [_residual_input(a) for a in attns]
+    for i in routable + [r + 1 for r in routable]:
+        if hs[i] is None:
+            raise PassConfigError(None, f"layer {i}: no residual hidden state found before its attention "
+                                        f"(a pre-norm decoder layer: h + o_proj(Attention(...)))")
+    inputs = {v.name: v for v in graph.inputs}
+    run_in = ir.Value(name=LAYERS_RUN_INPUT, type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([n]))
+    graph.inputs.append(run_in)
+    # the shared mask reads the cache length from some layer's past (dynamo: layer 1's); a
+    # skipped layer's cache stops growing, layer 0 (never skipped) has every token
+    for i in range(1, n):
+        for kind in ("key", "value"):
+            v = inputs.get(past_name(i, kind))
+            for use in list(v.uses()) if v is not None else []:
+                if use.node.op_type == "Shape":
+                    use.node.replace_input_with(use.idx, inputs[past_name(0, kind)])
+    outputs = {v.name: v for v in graph.outputs}
+    changes = []
+    for i in routable:
+        h_in, h_out = hs[i], hs[i + 1]
+        body = _downstream_nodes(h_in) & _upstream_nodes(h_out)
+        layer = info.layers[i]
+        values = {v.name: v for nd in body for v in nd.outputs}
+        pk, pv = outputs.get(present_name(i, "key")), outputs.get(present_name(i, "value"))
+        nk, nv = values.get(layer.new_key), values.get(layer.new_value)
+        if pk is None or pv is None or nk is None or nv is None or pk.producer() not in body:
+            raise PassConfigError(None, f"layer {i}: its new and present keys/values are not computed inside the "
+                                        f"layer's residual block")
+        escaping = [h_out, nk, nv, pk, pv]
+        for nd in body:
+            for v in nd.outputs:
+                if v in escaping:
+                    continue
+                if v in graph.outputs or any(u.node not in body for u in v.uses()):
+                    raise PassConfigError(None, f"layer {i}: {v.name!r} is computed in the layer and read outside it; "
+                                                f"layer_routing cannot wrap the layer")
+        order = [nd for nd in graph if nd in body]
+        # the else branch: the layer as if it were not there
+        past_k, past_v = inputs[past_name(i, "key")], inputs[past_name(i, "value")]
+        te = tape.Tape()
+        i64 = lambda *xs: te.op("Constant", [], {"value": ir.tensor(np.array(xs, np.int64))})  # noqa: E731
+        skip_outs = [te.op("Identity", [h_in]),
+                     te.op("Slice", [past_k, i64(0), i64(0), i64(2)]),
+                     te.op("Slice", [past_v, i64(0), i64(0), i64(2)]),
+                     te.op("Identity", [past_k]), te.op("Identity", [past_v])]
+        name_nodes(te.nodes, f"optc/layer_routing/layer{i}/skip")
+        t = tape.Tape()
+        cond = t.op("Gather", [run_in, t.op("Constant", [], {"value": ir.tensor(np.array(i, np.int64))})],
+                    {"axis": 0})
+        name_nodes(t.nodes, f"optc/layer_routing/layer{i}/cond")
+        for nd in order:
+            graph.remove(nd, safe=False)
+        wrapped = ir.Node("", "If", [cond], num_outputs=len(escaping), name=f"optc/layer_routing/layer{i}/if")
+        for inner, outer in zip(escaping, wrapped.outputs):
+            for use in list(inner.uses()):
+                if use.node not in body:
+                    use.node.replace_input_with(use.idx, outer)
+            if inner in graph.outputs:
+                graph.outputs[graph.outputs.index(inner)] = outer
+            outer.name, outer.type, outer.shape = inner.name, inner.type, inner.shape
+            inner.name = f"{inner.name}/run"
+        run = ir.Graph([], escaping, nodes=order, name=f"optc_layer{i}_run")
+        skip = ir.Graph([], skip_outs, nodes=te.nodes, name=f"optc_layer{i}_skip")
+        wrapped.attributes["then_branch"] = ir.AttrGraph("then_branch", run)
+        wrapped.attributes["else_branch"] = ir.AttrGraph("else_branch", skip)
+        graph.extend(t.nodes)
+        graph.append(wrapped)
+        hs[i + 1] = wrapped.outputs[0]  # the next layer reads the If's output
+        # how much the layer changed the last `window` tokens' hidden state (0 when skipped)
+        tc = tape.Tape()
+        c64 = lambda *xs: tc.op("Constant", [], {"value": ir.tensor(np.array(xs, np.int64))})  # noqa: E731
+        a = tc.op("Slice", [h_in, c64(-window), c64(np.iinfo(np.int64).max), c64(1)])
+        b = tc.op("Slice", [wrapped.outputs[0], c64(-window), c64(np.iinfo(np.int64).max), c64(1)])
+        dot = tc.op("ReduceSum", [tc.op("Mul", [a, b]), c64(-1)], {"keepdims": 0})
+        norms = tc.op("Mul", [tc.op("ReduceL2", [a, c64(-1)], {"keepdims": 0}),
+                              tc.op("ReduceL2", [b, c64(-1)], {"keepdims": 0})])
+        cos = tc.op("Div", [dot, tc.op("Max", [norms, tc.op("Constant", [], {"value": ir.tensor(np.float32(1e-12))})])])
+        change = tc.op("Sub", [tc.op("Constant", [], {"value": ir.tensor(np.float32(1))}),
+                               tc.op("ReduceMean", [cos], {"keepdims": 0})])
+        changes.append(tc.op("Unsqueeze", [change, c64(0)]))
+        name_nodes(tc.nodes, f"optc/layer_routing/layer{i}/change")
+        graph.extend(tc.nodes)
+    tf = tape.Tape()
+    out = tf.op("Concat", changes, {"axis": 0})
+    name_nodes(tf.nodes, "optc/layer_routing/changes")
+    graph.extend(tf.nodes)
+    out.name = LAYER_CHANGE_OUTPUT
+    out.type, out.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape([len(routable)])
+    graph.outputs.append(out)
+    ir.passes.common.TopologicalSortPass()(model)
+    return True

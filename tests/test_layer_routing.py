@@ -1,0 +1,164 @@
+"""Issue 18 part 2: layer_routing. Options and contracts in the fast tier; the rewrite through
+the runtime on pycoder-5m (slow: export and compiles)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from optc.config import parse_config
+from optc.errors import OptcError
+from optc.registry import default_registry
+
+REG = default_registry()
+
+
+def _cfg(**opts):
+    return parse_config({"passes": [{"name": "layer_routing", **opts}]}, REG)
+
+
+@pytest.mark.parametrize("opts, message", [
+    ({}, r"passes\[0\]\.max_skip: Field required"),
+    ({"max_skip": -1}, r"passes\[0\]\.max_skip"),
+    ({"max_skip": 1, "protect_first": 0}, r"passes\[0\]\.protect_first"),
+    ({"max_skip": 1, "protect_last": 0}, r"passes\[0\]\.protect_last"),
+    ({"max_skip": 1, "window": 0}, r"passes\[0\]\.window"),
+    ({"max_skip": 1, "mode": "learned"}, r"passes\[0\]\.mode"),
+    ({"max_skip": 1, "calibration_text": "x.jsonl"}, r"calibration_text applies to mode static only"),
+    ({"max_skip": 1, "bogus": 1}, r"passes\[0\]\.bogus: unknown key"),
+])
+def test_bad_options_are_one_line_errors(opts, message):
+    with pytest.raises(OptcError, match=message) as e:
+        _cfg(**opts)
+    assert "\n" not in str(e.value)
+
+
+def test_listed_with_every_option(capsys):
+    from conftest import run_cli
+
+    entry = REG.get("layer_routing")
+    keys = {"mode", "max_skip", "protect_first", "protect_last", "window", "calibration_text", "allow_noop"}
+    assert keys <= set(entry.options_model.model_fields) and entry.lossy
+    code, out, _ = run_cli(["passes"], capsys)
+    row = out[out.index("layer_routing"):]
+    assert code == 0 and all(k in row for k in keys)
+
+
+@pytest.mark.parametrize("other, why", [
+    ({"name": "sink_window"}, "cache policy"),
+    ({"name": "h2o_eviction", "ratio": 0.5}, "cache policy"),
+    ({"name": "kv_quantize", "bits": 8}, "KIVI store"),
+    ({"name": "block_sparse"}, "block_sparse wraps"),
+    ({"name": "token_dropping", "mode": "prefill"}, "token_dropping's later layers"),
+])
+def test_refuses_what_the_runtime_cannot_combine(other, why):
+    from optc.pipeline import check_contracts, plan
+
+    mine = {"name": "layer_routing", "max_skip": 1}
+    for passes in ([mine, other], [other, mine]):
+        with pytest.raises(OptcError, match="cannot be combined: .*" + why) as e:
+            check_contracts(plan(parse_config({"passes": passes}, REG), REG))
+        assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------ pycoder-5m through the runtime (slow)
+def _compile(exported_decoder, out, **opts):
+    from optc.compile import compile_model
+    from optc.runtime import load
+
+    config = parse_config({"passes": [{"name": "layer_routing", **opts}]} if opts else {}, REG)
+    compile_model(exported_decoder, out, config=config, verify=False, log=lambda *_: None)
+    return load(out)
+
+
+def _ids(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(1, 4096, n)
+
+
+@pytest.fixture(scope="module")
+def dense_model(exported_decoder, tmp_path_factory):
+    return _compile(exported_decoder, tmp_path_factory.mktemp("lr") / "dense")
+
+
+@pytest.mark.slow
+def test_max_skip_0_is_exactly_dense(exported_decoder, dense_model, tmp_path):
+    model = _compile(exported_decoder, tmp_path / "m0", max_skip=0)
+    ids = _ids(70)
+    model.reset()
+    dense_model.reset()
+    diffs = [np.abs(model.prefill(ids[:60]) - dense_model.prefill(ids[:60])).max()]
+    assert model.skipped_layers == [] and set(model.layer_change) == {1, 2, 3, 4}
+    for t in ids[60:]:
+        diffs.append(np.abs(model.decode(int(t)) - dense_model.decode(int(t))).max())
+    assert max(diffs) < 1e-4, diffs
+    assert model.cache.layer_lengths == [70] * 6
+
+
+@pytest.mark.slow
+def test_per_prompt_skips_the_least_changing_layers_and_their_cache_stops(exported_decoder, tmp_path):
+    model = _compile(exported_decoder, tmp_path / "m2", max_skip=2)
+    routing = model.manifest["layer_routing"]
+    assert routing["layers"] == [1, 2, 3, 4] and routing["static"] is None
+    chosen = set()
+    for seed in range(4):
+        ids = _ids(80, seed)
+        model.reset()
+        model.prefill(ids[:64])
+        change = model.layer_change
+        want = sorted(sorted(change, key=change.get)[:2])
+        assert model.skipped_layers == want
+        chosen.add(tuple(want))
+        for t in ids[64:]:
+            model.decode(int(t))
+        lengths = model.cache.layer_lengths
+        assert all(lengths[i] == 64 for i in want), lengths            # not extended after the prompt
+        assert all(lengths[i] == 80 for i in range(6) if i not in want), lengths
+    print("layers skipped per prompt:", chosen)
+
+
+@pytest.mark.slow
+def test_a_skipped_layer_runs_no_kernel(exported_decoder, tmp_path):
+    """Counted with ONNX Runtime's profiler: a decode step with layer 2 off runs none of the
+    nodes of layer 2's run branch; with it on, it runs all of them."""
+    import onnx
+    import onnxruntime as ort
+
+    _compile(exported_decoder, tmp_path / "m1", max_skip=1)
+    path = tmp_path / "m1" / "model.onnx"
+    graph = onnx.load(str(path), load_external_data=False).graph
+    wrapped = next(n for n in graph.node if n.op_type == "If" and n.name.endswith("layer2/if"))
+    run_branch = next(a.g for a in wrapped.attribute if a.name == "then_branch")
+    body = {n.name for n in run_branch.node}
+    assert len(body) > 20
+
+    def kernels(run_layer_2: bool) -> int:
+        opts = ort.SessionOptions()
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(tmp_path / f"prof{int(run_layer_2)}")
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        s = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        past = 5
+        feeds = {"input_ids": np.array([[7]]), "attention_mask": np.ones((1, past + 1), np.int64),
+                 "position_ids": np.array([[past]]), "optc.layers_run": np.array([1, 1, run_layer_2, 1, 1, 1], bool)}
+        for i in range(6):
+            for kind in ("key", "value"):
+                feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, 2, past, 32), np.float32)
+        s.run(None, feeds)
+        events = json.loads(open(s.end_profiling()).read())
+        return sum(1 for e in events if e.get("cat") == "Node" and e["name"].removesuffix("_kernel_time") in body)
+
+    assert kernels(False) == 0
+    assert kernels(True) >= len(body) - 5  # (constants folded by ORT run no kernel either)
+
+
+@pytest.mark.slow
+def test_static_mode_skips_the_calibrated_set(exported_decoder, tmp_path):
+    model = _compile(exported_decoder, tmp_path / "s", max_skip=2, mode="static")
+    static = model.manifest["layer_routing"]["static"]
+    assert len(static) == 2 and set(static) <= {1, 2, 3, 4}
+    for seed in range(2):
+        model.reset()
+        model.prefill(_ids(50, seed))
+        assert model.skipped_layers == static
