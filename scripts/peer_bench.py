@@ -12,10 +12,12 @@ artifacts are compiled here from `optc export` of that directory: fp32 on the fu
 (GroupQueryAttention, cache written in place), fp32 on the generic path, and weight_quant int8 and
 int4 (block 32; int4 also with the LM head kept in float) on the fused path.
 
-Every engine runs in its own fresh process, one after the other. Measured: time to first token
-(prefill of a prompt, logits out) and decode ms/token after C tokens of context (greedy, 32
-tokens). Engines take turns over --rounds rounds of --repeats runs each; each figure is the
-median of all its runs, with their range. Perplexity is teacher-forced
+Every engine runs in its own process, all loaded at once and each idle until asked. Measured: time
+to first token (prefill of a prompt, logits out) and decode ms/token after C tokens of context
+(greedy, 32 tokens). The engines take turns run by run (one prefill or one 32-token decode run
+each, the first engine changing from turn to turn), --repeats runs per figure in each of --rounds
+rounds, so that the load of a shared machine, which moves over seconds, hits every engine alike;
+each figure is the median of all its runs, with their range. Perplexity is teacher-forced
 over held-out windows (models/data/heldout.jsonl) in one prefill per window, the same windows for
 every engine. Timings on a shared machine move; compare engines within one run.
 """
@@ -37,27 +39,32 @@ THREADS = 2
 
 
 # ---------------------------------------------------------------------------- workers
-def _time_engine(prefill, decode_step, reset, ids, prompt_lengths, contexts, decode_tokens, repeats) -> dict:
-    out = {"ttft_ms": {}, "decode_ms": {}}
-    for n in prompt_lengths:
-        runs = []
-        for _ in range(repeats):
+def _serve(prefill, decode_step, reset, perplexity, job: dict) -> None:
+    """Answer the driver's measurement requests, one per stdin line, until EOF: `ttft N` (ms to
+    prefill the first N stream tokens), `decode C` (ms/token over the decode steps after C
+    tokens), `perplexity`. Every engine's worker stays loaded while the driver asks each in turn,
+    so the load of a shared machine, which moves over seconds, hits every engine alike."""
+    ids = job["ids"]
+    print("READY", flush=True)
+    for line in sys.stdin:
+        what, _, arg = line.strip().partition(" ")
+        if what == "ttft":
             reset()
             t = time.perf_counter()
-            prefill(ids[:n])
-            runs.append((time.perf_counter() - t) * 1e3)
-        out["ttft_ms"][n] = runs
-    for c in contexts:
-        runs = []
-        for _ in range(repeats):
+            prefill(ids[:int(arg)])
+            value = (time.perf_counter() - t) * 1e3
+        elif what == "decode":
             reset()
-            tok = prefill(ids[:c])
+            tok = prefill(ids[:int(arg)])
             t = time.perf_counter()
-            for _ in range(decode_tokens):
+            for _ in range(job["decode_tokens"]):
                 tok = decode_step(tok)
-            runs.append((time.perf_counter() - t) * 1e3 / decode_tokens)
-        out["decode_ms"][c] = runs
-    return out
+            value = (time.perf_counter() - t) * 1e3 / job["decode_tokens"]
+        elif what == "perplexity":
+            value = perplexity()
+        else:
+            raise SystemExit(f"unknown request {line!r}")
+        print(f"RESULT {value!r}", flush=True)
 
 
 def optc_worker(artifact: str, job: dict) -> dict:
@@ -73,18 +80,18 @@ def optc_worker(artifact: str, job: dict) -> dict:
     def decode_step(tok):
         return int(np.argmax(m.decode(tok)))
 
-    result = _time_engine(prefill, decode_step, m.reset, job["ids"], job["prompt_lengths"], job["contexts"],
-                          job["decode_tokens"], job["repeats"])
-    nll, count = 0.0, 0
-    for window in job["windows"]:
-        m.reset()
-        logits = m.prefill(window, all_logits=True).astype(np.float64)
-        logp = logits - logits.max(-1, keepdims=True)
-        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-        nll -= logp[np.arange(len(window) - 1), window[1:]].sum()
-        count += len(window) - 1
-    result["perplexity"] = float(np.exp(nll / count))
-    return result
+    def perplexity() -> float:
+        nll, count = 0.0, 0
+        for window in job["windows"]:
+            m.reset()
+            logits = m.prefill(window, all_logits=True).astype(np.float64)
+            logp = logits - logits.max(-1, keepdims=True)
+            logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+            nll -= logp[np.arange(len(window) - 1), window[1:]].sum()
+            count += len(window) - 1
+        return float(np.exp(nll / count))
+
+    _serve(prefill, decode_step, m.reset, perplexity, job)
 
 
 def genai_worker(model_dir: str, job: dict) -> dict:
@@ -110,29 +117,29 @@ def genai_worker(model_dir: str, job: dict) -> dict:
         state["g"].generate_next_token()  # greedy: picks from the last logits, then runs that token
         return None
 
-    result = _time_engine(prefill, decode_step, reset, job["ids"], job["prompt_lengths"], job["contexts"],
-                          job["decode_tokens"], job["repeats"])
-    # perplexity: the builder's graph run directly by ONNX Runtime, one prefill per window
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = THREADS
-    opts.log_severity_level = 3
-    s = ort.InferenceSession(str(Path(model_dir) / "model.onnx"), opts, providers=["CPUExecutionProvider"])
-    kv_heads = {i.name: i.shape[1] for i in s.get_inputs() if i.name.startswith("past_key_values.")}
-    cfg = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["decoder"]
-    head_dim = cfg["head_size"]
-    nll, count = 0.0, 0
-    for window in job["windows"]:
-        n = len(window)
-        feeds = {"input_ids": np.asarray(window, np.int64).reshape(1, n), "attention_mask": np.ones((1, n), np.int64)}
-        for name, heads in kv_heads.items():
-            feeds[name] = np.zeros((1, heads, 0, head_dim), np.float32)
-        logits = s.run(["logits"], feeds)[0][0].astype(np.float64)
-        logp = logits - logits.max(-1, keepdims=True)
-        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-        nll -= logp[np.arange(n - 1), window[1:]].sum()
-        count += n - 1
-    result["perplexity"] = float(np.exp(nll / count))
-    return result
+    def perplexity() -> float:  # the builder's graph run directly by ONNX Runtime, one prefill per window
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = THREADS
+        opts.log_severity_level = 3
+        s = ort.InferenceSession(str(Path(model_dir) / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        kv_heads = {i.name: i.shape[1] for i in s.get_inputs() if i.name.startswith("past_key_values.")}
+        cfg = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["decoder"]
+        head_dim = cfg["head_size"]
+        nll, count = 0.0, 0
+        for window in job["windows"]:
+            n = len(window)
+            feeds = {"input_ids": np.asarray(window, np.int64).reshape(1, n),
+                     "attention_mask": np.ones((1, n), np.int64)}
+            for name, heads in kv_heads.items():
+                feeds[name] = np.zeros((1, heads, 0, head_dim), np.float32)
+            logits = s.run(["logits"], feeds)[0][0].astype(np.float64)
+            logp = logits - logits.max(-1, keepdims=True)
+            logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+            nll -= logp[np.arange(n - 1), window[1:]].sum()
+            count += n - 1
+        return float(np.exp(nll / count))
+
+    _serve(prefill, decode_step, reset, perplexity, job)
 
 
 # ---------------------------------------------------------------------------- driver
@@ -196,6 +203,21 @@ def _build_genai(genai_python: str, hf: Path, work: Path, log) -> dict[str, Path
     return out
 
 
+def _ask(proc: subprocess.Popen, name: str, request: str | None) -> float | None:
+    """Send one request to a worker and read its answer (None: wait for it to be loaded)."""
+    if request is not None:
+        proc.stdin.write(request + "\n")
+        proc.stdin.flush()
+    for line in proc.stdout:
+        if line.startswith("READY") and request is None:
+            return None
+        if line.startswith("RESULT "):
+            return float(line[len("RESULT "):])
+    proc.wait()
+    err = Path(proc.err_path).read_text().strip().splitlines()
+    raise SystemExit(f"{name}: worker failed: {(err or ['?'])[-1]}")
+
+
 def _stats(runs: list[float]) -> str:
     return f"{statistics.median(runs):.2f} ({min(runs):.2f}–{max(runs):.2f})"
 
@@ -219,9 +241,10 @@ def main() -> None:
     ap.add_argument("--prompt-lengths", default="128,512")
     ap.add_argument("--contexts", default="128,448,1900")
     ap.add_argument("--decode-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3, help="runs per figure within one worker")
-    ap.add_argument("--rounds", type=int, default=3, help="times every engine is measured, in turn; figures "
-                                                          "are medians over rounds x repeats")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per figure and round")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds; in each, every figure is measured --repeats "
+                                                          "times on every engine, the engines taking turns run by "
+                                                          "run; figures are medians over rounds x repeats")
     ap.add_argument("--windows", type=int, default=8, help="held-out windows of 512 tokens for perplexity")
     ap.add_argument("--out", type=Path, help="write the table (markdown) here and its JSON beside it")
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
@@ -229,8 +252,7 @@ def main() -> None:
     if a.worker:
         kind, target, job_file = a.worker
         job = json.loads(Path(job_file).read_text())
-        result = (optc_worker if kind == "optc" else genai_worker)(target, job)
-        print("RESULT " + json.dumps(result))
+        (optc_worker if kind == "optc" else genai_worker)(target, job)
         return
 
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
@@ -246,22 +268,35 @@ def main() -> None:
         job_file.write_text(json.dumps(job))
         engines = [("optc", k, v) for k, v in _compile_optc(a.hf, work, log).items()]
         engines += [("genai", k, v) for k, v in _build_genai(a.genai_python, a.hf, work, log).items()]
-        for r in range(a.rounds):  # engines take turns, so a change in the machine's load hits all alike
-            for kind, name, path in engines:
-                log(f"round {r + 1}/{a.rounds}: measuring {name}")
-                python = sys.executable if kind == "optc" else a.genai_python
-                proc = subprocess.run([python, __file__, "--worker", kind, str(path), str(job_file)],
-                                      capture_output=True, text=True)
-                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-                if proc.returncode != 0 or line is None:
-                    raise SystemExit(f"{name}: worker failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-                got = json.loads(line[len("RESULT "):])
-                if name not in results:
-                    results[name] = got
-                    continue
-                for kind_ in ("ttft_ms", "decode_ms"):
-                    for k, runs in got[kind_].items():
-                        results[name][kind_][k] += runs
+        workers = {}
+        for i, (kind, name, path) in enumerate(engines):  # every engine loaded at once, idle until asked
+            python = sys.executable if kind == "optc" else a.genai_python
+            with open(work / f"worker{i}.err", "w") as err:  # (a file: a full stderr pipe would block it)
+                proc = subprocess.Popen([python, __file__, "--worker", kind, str(path), str(job_file)], text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, bufsize=1)
+            proc.err_path = err.name
+            workers[name] = proc
+            _ask(proc, name, None)
+            _ask(proc, name, f"decode {job['contexts'][0]}")  # warm-up, not counted
+
+        results = {name: {"ttft_ms": {str(n): [] for n in job["prompt_lengths"]},
+                          "decode_ms": {str(c): [] for c in job["contexts"]}} for name in workers}
+        requests = [("ttft_ms", "ttft", n) for n in job["prompt_lengths"]]
+        requests += [("decode_ms", "decode", c) for c in job["contexts"]]
+        names = list(workers)
+        for r in range(a.rounds):
+            log(f"round {r + 1}/{a.rounds}")
+            for key, what, arg in requests:
+                for rep in range(a.repeats):
+                    # engines take turns run by run, starting with a different one each time
+                    shift = (r * a.repeats + rep) % len(names)
+                    for name in names[shift:] + names[:shift]:
+                        results[name][key][str(arg)].append(_ask(workers[name], name, f"{what} {arg}"))
+        for name, proc in workers.items():
+            log(f"perplexity: {name}")
+            results[name]["perplexity"] = _ask(proc, name, "perplexity")
+            proc.stdin.close()
+            proc.wait()
         shutil.rmtree(work / "export", ignore_errors=True)
     table = markdown(results, job)
     print(table)
