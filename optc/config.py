@@ -81,7 +81,7 @@ def _loc(prefix: str, loc: tuple) -> str:
     return path
 
 
-def _first_error(e: ValidationError, prefix: str) -> str:
+def first_error(e: ValidationError, prefix: str) -> str:
     err = e.errors()[0]
     where = _loc(prefix, tuple(err["loc"]))
     msg = "unknown key" if err["type"] == "extra_forbidden" else " ".join(err["msg"].split())
@@ -115,12 +115,12 @@ def parse_config(data: Any, registry, source: str = "<config>") -> PipelineConfi
         try:
             options = entry.options_model.model_validate(raw)
         except ValidationError as e:
-            raise OptcError(f"{source}: {_first_error(e, where)}") from None
+            raise OptcError(f"{source}: {first_error(e, where)}") from None
         specs.append(PassSpec(name=name, options=options))
     try:
         verify = VerifyBudget.model_validate(data.get("verify") or {})
     except ValidationError as e:
-        raise OptcError(f"{source}: {_first_error(e, 'verify')}") from None
+        raise OptcError(f"{source}: {first_error(e, 'verify')}") from None
     return PipelineConfig(passes=specs, verify=verify)
 
 

@@ -16,7 +16,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from optc.config import Strict, _first_error
+from optc.config import Strict, first_error
 from optc.errors import OptcError
 
 DType = Literal["float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint16", "uint8", "bool"]
@@ -112,7 +112,7 @@ def parse_profile(data, source: str) -> DeviceProfile:
     try:
         return DeviceProfile.model_validate(data)
     except ValidationError as e:
-        raise OptcError(f"{source}: {_first_error(e, '')}") from None
+        raise OptcError(f"{source}: {first_error(e, '')}") from None
 
 
 def load_profile(name_or_path: str | Path | None = None) -> DeviceProfile:

@@ -446,7 +446,7 @@ def schedule(func, lens: list[int], exp_names: list[str], facts):
     """`facts`: the target's schedules.cpu.CpuFacts (vector lanes)."""
     from tvm import s_tir
 
-    from optc.backends.tvm.schedules.cpu import _lanes_innermost, _pick, _rfactor_lanes, parallel_if_worth
+    from optc.backends.tvm.schedules.cpu import lanes_innermost, pick_divisor, rfactor_lanes, parallel_if_worth
 
     lanes = facts.lanes
 
@@ -476,7 +476,7 @@ def schedule(func, lens: list[int], exp_names: list[str], facts):
         [f"scores{i}" for i in reversed(range(n_segments))]
     # row maxima and sums in vector lanes (rfactor), as the CPU row rule does: 3-6% of a decode
     # step at 2,048 cached tokens, measured (8 lanes) against scalar chains
-    partials = {name: _rfactor_lanes(sch, sch.get_sblock(name), lanes)
+    partials = {name: rfactor_lanes(sch, sch.get_sblock(name), lanes)
                 for name in [f"{kind}{i}" for kind in ("max", "sum") for i in range(n_segments)]}
     for name in order[1:]:
         sch.compute_at(sch.get_sblock(name), head, preserve_unit_loops=True)
@@ -484,12 +484,12 @@ def schedule(func, lens: list[int], exp_names: list[str], facts):
             sch.compute_at(partials[name], head, preserve_unit_loops=True)
     for partial in partials.values():
         if partial is not None:
-            _lanes_innermost(sch, partial, lanes)
+            lanes_innermost(sch, partial, lanes)
     for i, n in enumerate(lens):
         # scores: keys in blocks; each block dequantised + transposed once, then every query row
         blk = sch.get_sblock(f"scores{i}")
         *_, g, t, j, d = sch.get_loops(blk)
-        block_keys = _pick(n, (KEY_BLOCK, lanes, 4, 2))
+        block_keys = pick_divisor(n, (KEY_BLOCK, lanes, 4, 2))
         jo, ji = sch.split(j, [None, block_keys])
         sch.reorder(jo, g, t, d, ji)
         packed = sch.get_sblock(f"k_packed{i}")

@@ -72,7 +72,7 @@ def parallel_if_worth(sch, loop, work: int) -> None:
         sch.parallel(loop)
 
 
-def _pick(extent: int, candidates) -> int:
+def pick_divisor(extent: int, candidates) -> int:
     for c in candidates:
         if extent % c == 0:
             return c
@@ -136,7 +136,7 @@ def _vectorize_inner(sch, loop, lanes: int) -> None:
         sch.vectorize(vec)
 
 
-def _rfactor_lanes(sch, block, lanes: int):
+def rfactor_lanes(sch, block, lanes: int):
     """Split a row's max or sum into `lanes` partial results (rfactor): the loop over the
     row then runs as vector instructions instead of one scalar chain paying an add's latency
     per element. Returns the partial-result block, or None where the row is too short."""
@@ -148,7 +148,7 @@ def _rfactor_lanes(sch, block, lanes: int):
     return sch.rfactor(inner, factor_axis=len(sch.get(block).iter_vars) - 1)
 
 
-def _lanes_innermost(sch, partial, lanes: int) -> None:
+def lanes_innermost(sch, partial, lanes: int) -> None:
     """Vectorise a partial-result block over its lanes. compute_at under the row loop puts the
     lane loop first (a scalar chain per lane, striding through the row: measured 5 ns per element
     of a 512-wide softmax); the lanes go innermost instead, the loop over the row outside."""
@@ -182,7 +182,7 @@ def cpu_row_rule():
                 # Element-wise stages stay stored: inlining softmax's exp into the sum and the
                 # normalisation measured 2.6x slower. Partial-result blocks come first: rfactor
                 # wants the reduction alone in its loop nest.
-                partials = [_rfactor_lanes(sch, b, lanes) for b in blocks if not _spatial_only(sch, b)]
+                partials = [rfactor_lanes(sch, b, lanes) for b in blocks if not _spatial_only(sch, b)]
                 blocks = sch.get_child_blocks(get_root_block(sch))
                 loops = sch.get_loops(blocks[-1])
                 if len(loops) < 2:
@@ -197,7 +197,7 @@ def cpu_row_rule():
                         _vectorize_inner(sch, sch.get_loops(block)[-1], lanes)
                 for partial in partials:
                     if partial is not None:
-                        _lanes_innermost(sch, partial, lanes)
+                        lanes_innermost(sch, partial, lanes)
                 return sch
             except Exception:  # not row-wise after all
                 return None
@@ -302,11 +302,11 @@ def cpu_matmul_rule():
                 # least one per thread of the target
                 mi = m
                 nj = next((c for c in (64, 32) if n % c == 0 and n // c >= facts.threads), 0) or \
-                    _pick(n, (4 * lanes, 2 * lanes, lanes, 4, 2))
+                    pick_divisor(n, (4 * lanes, 2 * lanes, lanes, 4, 2))
             else:
                 # GEMM: a 4 x 16 tile of C in registers (8 256-bit accumulators; 4 x 32 spills)
-                nj = _pick(n, (2 * lanes, lanes, 4, 2))
-                mi = _pick(m, (4, 2)) if nj >= lanes else _pick(m, (8, 4, 2))
+                nj = pick_divisor(n, (2 * lanes, lanes, 4, 2))
+                mi = pick_divisor(m, (4, 2)) if nj >= lanes else pick_divisor(m, (8, 4, 2))
             work = m * n * int(sch.get(k).extent)
             jo, ji = sch.split(j, [None, nj])
             if rows is None:
