@@ -135,6 +135,17 @@ def _inspect_npu(model_path, model, info, config_path, tokenizer, npu_opts, side
     for step, (static, plan, _) in step_plans.items():
         for line in report_lines(static, plan, step):
             console.print(line, markup=False)
+    from optc.backends.npu.estimate import estimate_step
+
+    basis = ", ".join(f"{k.split('.')[-1]} {f.value:g} ({f.label()})" for k, f in profile.figures().items()
+                      if k in ("compute.int8_tops", "compute.efficiency", "memory.bandwidth_gb_s",
+                               "memory.transfer_latency_us"))
+    console.print(f"roofline ESTIMATE on {profile.name} ({basis}); the CPU partitions are not included:", markup=False)
+    for step, (static, plan, _) in step_plans.items():
+        e = estimate_step(static, plan, profile)
+        console.print(f"  {step} step: NPU partitions {e['npu_seconds'] * 1e3:.3f} ms ({e['npu_int8_ops'] / 1e9:.2f} "
+                      f"G int8 ops, {e['npu_weight_bytes']:,} B of weights), handovers "
+                      f"{e['handover_seconds'] * 1e3:.3f} ms ({e['transfers']} transfers)", markup=False)
 
 
 @cli.command()

@@ -402,6 +402,8 @@ def test_inspect_target_npu_prints_the_partition(tmp_path, capsys):
     assert "NPU partition for profile qualcomm_htp_v73" in out and "prefill chunk 8 tokens, cache 64 slots" in out
     assert "prefill: " in out and "decode: " in out and "NPU<->CPU transfers" in out and "bytes moved per step" in out
     assert " NPU " in out and "MatMul" in out and "uint8" in out
+    assert "roofline ESTIMATE on qualcomm_htp_v73" in out and "int8_tops 45 (published)" in out
+    assert "efficiency 0.3 (assumption)" in out and "decode step: NPU partitions" in out
     code, _, err = run_cli(["inspect", TINY, "--chunk", "8"], capsys)
     assert code == 2 and "--chunk: only for --target npu" in err
 
