@@ -1,0 +1,117 @@
+"""layer_routing on a decoder (pycoder-v2), measured. Prints Markdown tables.
+
+    flock /tmp/optc-bench.lock .venv/bin/python scripts/layer_routing_bench.py [--hf models/pycoder-v2]
+        [--onnx PATH] [--prompt 1984] [--windows 12] [--rounds 3]
+
+Every row is a compiled artifact run by optc.runtime (ONNX Runtime CPU). Each held-out window
+(models/data/heldout_2k.jsonl) is a prompt plus the 64 tokens after it: the artifact prefills the
+prompt (every layer runs, and per_prompt routing ranks the layers there), then decodes the 64
+tokens teacher-forced with its layers skipped; perplexity of those tokens against the dense
+artifact on the same windows. Decode speed: ms per decode step over the 64 steps after a prompt,
+median over interleaved rounds; against the dense artifact optc ships (the fused
+GroupQueryAttention path) and the generic graph that routed artifacts run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from token_dropping_bench import CONTINUATION, _nll, continuation_rows
+
+SKIPS = (0, 1, 2, 3, 4)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hf", type=Path, default=Path("models/pycoder-v2"))
+    ap.add_argument("--onnx", type=Path, help="its `optc export` (exported into a temporary folder if not given)")
+    ap.add_argument("--prompt", type=int, default=1984)
+    ap.add_argument("--windows", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--timed", type=int, default=2, help="prompts whose decode is timed per setting and round")
+    args = ap.parse_args()
+
+    from optc.compile import compile_model
+    from optc.config import parse_config
+    from optc.data import DATA_DIR, read_texts
+    from optc.export import export_decoder
+    from optc.registry import default_registry
+    from optc.runtime import load
+    from optc.verify import token_windows
+
+    registry = default_registry()
+    quiet = lambda *_: None  # noqa: E731
+    with tempfile.TemporaryDirectory(prefix="optc-lr-bench-") as tmp:
+        tmp = Path(tmp)
+        onnx_path = args.onnx or export_decoder(args.hf, tmp / "export" / "model.onnx", log=quiet)
+
+        def build(name, passes=(), **backend):
+            out = tmp / name
+            compile_model(onnx_path, out, config=parse_config({"passes": list(passes)}, registry), verify=False,
+                          backend_options=backend or None, log=quiet)
+            return load(out)
+
+        dense = build("dense")
+        generic = build("generic", fused_attention=False)
+        models = {}
+        for mode in ("per_prompt", "static"):
+            for k in SKIPS:
+                if mode == "static" and k == 0:
+                    continue
+                models[(mode, k)] = build(f"{mode}_{k}", [{"name": "layer_routing", "mode": mode, "max_skip": k}])
+        windows = token_windows(dense.tokenizer, read_texts(DATA_DIR / "heldout_2k.jsonl"),
+                                dense.config.get("bos_token_id"), count=args.windows, length=args.prompt + CONTINUATION)
+        targets = [w[args.prompt:] for w in windows]
+        ref = [continuation_rows(dense, w) for w in windows]
+        nll_ref = np.concatenate([_nll(r, t) for r, t in zip(ref, targets)])
+        ppl_ref = float(np.exp(nll_ref.mean()))
+        acc, chosen = {}, {}
+        for key, m in models.items():
+            rows, sets = [], collections.Counter()
+            for w in windows:
+                rows.append(continuation_rows(m, w))
+                sets[tuple(m.skipped_layers)] += 1
+            nll = np.concatenate([_nll(r, t) for r, t in zip(rows, targets)])
+            agree = np.mean(np.concatenate([r.argmax(1) == q.argmax(1) for r, q in zip(rows, ref)]))
+            acc[key], chosen[key] = (float(np.exp(nll.mean())), float(agree)), sets
+        # decode speed: the CONTINUATION steps after each timed prompt, every artifact in every round
+        timed = {"dense": dense, "generic": generic, **models}
+        per_step = {k: [] for k in timed}
+        for _ in range(args.rounds):
+            for key, m in timed.items():
+                for w in windows[:args.timed]:
+                    m.reset()
+                    m.prefill(w[:args.prompt])
+                    t0 = time.perf_counter()
+                    for t in w[args.prompt:-1]:
+                        m.decode(int(t))
+                    per_step[key].append((time.perf_counter() - t0) / (CONTINUATION - 1))
+        ms = {k: 1000 * float(np.median(v)) for k, v in per_step.items()}
+        print(f"{args.hf.name}: {len(windows)} held-out windows of {args.prompt} prompt + {CONTINUATION} continuation "
+              f"tokens; dense continuation perplexity {ppl_ref:.4f}; decode = ms per step over the {CONTINUATION - 1} "
+              f"steps after a prompt, median of {args.rounds} rounds x {args.timed} prompts (all artifacts interleaved "
+              f"per round); dense {ms['dense']:.2f} ms (fused GQA path), {ms['generic']:.2f} ms (generic graph)")
+        print()
+        print("| mode | max_skip | decode ms/step | speed-up vs dense | vs dense generic | continuation ppl | Δppl | "
+              "top-1 agreement | layers skipped (windows) |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        print(f"| dense | - | {ms['dense']:.2f} | 1.00x | {ms['generic'] / ms['dense']:.2f}x | {ppl_ref:.4f} | - | "
+              f"100.0% | - |")
+        for key in sorted(models, key=lambda k: (k[1], k[0])):
+            mode, k = key
+            ppl, agree = acc[key]
+            sets = ", ".join(f"{list(s)}: {c}" for s, c in chosen[key].most_common(4))
+            more = len(chosen[key]) - 4
+            sets += f" (+{more} more sets)" if more > 0 else ""
+            print(f"| {mode} | {k} | {ms[key]:.2f} | {ms['dense'] / ms[key]:.2f}x | {ms['generic'] / ms[key]:.2f}x | "
+                  f"{ppl:.4f} | {ppl / ppl_ref - 1:+.2%} | {agree:.1%} | {sets} |")
+
+
+if __name__ == "__main__":
+    main()
