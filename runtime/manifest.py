@@ -32,6 +32,8 @@ _ATTENTION_OUTPUT_PREFIX = "optc.attn."
 # token_dropping (mode encoder): which input tokens the shortened hidden states are, and their mask
 KEPT_TOKEN_INDICES = "optc.kept_token_indices"
 KEPT_ATTENTION_MASK = "optc.kept_attention_mask"
+# token_dropping reduce merge: how many input tokens each kept row stands for (the pooling weights)
+KEPT_TOKEN_SIZES = "optc.kept_token_sizes"
 
 KV_KINDS = ("key", "value")
 

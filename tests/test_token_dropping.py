@@ -35,6 +35,11 @@ def _cfg(**opts):
     ({"mode": "bogus"}, r"passes\[0\]\.mode"),
     ({"keep": 0.5}, r"passes\[0\]\.mode: Field required"),
     ({"mode": "encoder", "bogus": 1}, r"passes\[0\]\.bogus: unknown key"),
+    ({"mode": "encoder", "reduce": "fold"}, r"passes\[0\]\.reduce: Input should be 'drop' or 'merge'"),
+    ({"mode": "encoder", "merge_by": "query"}, r"passes\[0\]\.merge_by"),
+    ({"mode": "encoder", "reduce": "drop", "merge_by": "key"}, r"merge_by applies to reduce merge only"),
+    ({"mode": "prefill", "reduce": "merge"}, r"reduce applies to mode encoder only"),
+    ({"mode": "prefill", "merge_by": "key"}, r"merge_by applies to mode encoder only"),
 ])
 def test_bad_options_are_one_line_errors(opts, message):
     with pytest.raises(OptcError, match=message) as e:
@@ -45,7 +50,7 @@ def test_bad_options_are_one_line_errors(opts, message):
 def test_listed_with_every_option():
     entry = REG.get("token_dropping")
     assert {"mode", "keep", "start_layer", "sinks", "recent", "query_window", "score", "query", "seed",
-            "allow_noop"} <= set(entry.options_model.model_fields)
+            "reduce", "merge_by", "allow_noop"} <= set(entry.options_model.model_fields)
     assert entry.lossy
 
 
@@ -55,7 +60,8 @@ def test_cli_lists_every_option(capsys):
     code, out, _ = run_cli(["passes"], capsys)
     assert code == 0
     row = out[out.index("token_dropping"):]
-    for key in ("mode", "keep", "start_layer", "sinks", "recent", "query_window", "score", "seed"):
+    for key in ("mode", "keep", "start_layer", "sinks", "recent", "query_window", "score", "seed", "reduce",
+                "merge_by"):
         assert key in row
 
 
@@ -131,13 +137,16 @@ def _full(path, feeds):
 
 
 @pytest.mark.slow
-def test_keep_all_is_exactly_dense(minilm, tmp_path):
+@pytest.mark.parametrize("reduce", ["drop", "merge"])
+def test_keep_all_is_exactly_dense(minilm, tmp_path, reduce):
     path, feeds = minilm
-    _, _, (h, idx, kept_mask) = _run(path, feeds, tmp_path, keep=1.0, start_layer=2)
+    _, _, (h, idx, kept_mask, *sizes) = _run(path, feeds, tmp_path, keep=1.0, start_layer=2, reduce=reduce)
     ref = _full(path, feeds)
     assert h.shape == ref.shape
     assert (idx == np.arange(ref.shape[1])).all() and (kept_mask == feeds["attention_mask"]).all()
     assert np.abs(h - ref).max() < 1e-4
+    if reduce == "merge":  # every real token stands for itself alone
+        assert (sizes[0] == feeds["attention_mask"]).all()
 
 
 @pytest.mark.slow
@@ -147,7 +156,7 @@ def test_later_layers_run_on_kept_tokens_only(minilm, tmp_path):
     path, feeds = minilm
     mask = feeds["attention_mask"]
     S = mask.shape[1]
-    m, records, (h, idx, kept_mask) = _run(path, feeds, tmp_path, keep=0.5, start_layer=2)
+    m, records, (h, idx, kept_mask) = _run(path, feeds, tmp_path, keep=0.5, start_layer=2, reduce="drop")
     assert records[0].modified
     k = int(np.ceil(0.5 * S))
     assert h.shape == (mask.shape[0], k, 384) and idx.shape == (mask.shape[0], k)
@@ -167,10 +176,48 @@ def test_later_layers_run_on_kept_tokens_only(minilm, tmp_path):
         return (e * f).sum(1) / np.linalg.norm(e, axis=1) / np.linalg.norm(f, axis=1)
 
     c_att = cos(h, kept_mask)
-    _, _, (hr, _, mr) = _run(path, feeds, tmp_path, keep=0.5, start_layer=2, score="random", seed=1)
+    _, _, (hr, _, mr) = _run(path, feeds, tmp_path, keep=0.5, start_layer=2, score="random", seed=1,
+                             reduce="drop")
     c_rand = cos(hr, mr)
     print(f"pooled cosine to full, keep 0.5 from layer 2: attention {c_att.mean():.4f}, random {c_rand.mean():.4f}")
     assert c_att.mean() > c_rand.mean() and c_att.min() > 0.85
+
+
+def _pooled_cosine(ref, mask, h, weights):
+    e = (h * weights[..., None]).sum(1) / weights.sum(1, keepdims=True)
+    f = (ref * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+    return (e * f).sum(1) / np.linalg.norm(e, axis=1) / np.linalg.norm(f, axis=1)
+
+
+@pytest.mark.slow
+def test_merge_keeps_every_token_in_the_pooling(minilm, tmp_path):
+    """reduce merge: a graph rewrite (ArgMax + one-hot MatMul at the cut, k rows after it); each kept
+    row's size counts the real tokens merged into it (the sizes sum to the real tokens, padding has
+    size 0), and the size-weighted pooling is closer to the full model than drop's, for the attention
+    score and for the random baseline."""
+    path, feeds = minilm
+    mask = feeds["attention_mask"]
+    k = int(np.ceil(0.5 * mask.shape[1]))
+    ref = _full(path, feeds)
+    m, records, (h, idx, kept_mask, sizes) = _run(path, feeds, tmp_path, keep=0.5, start_layer=2, reduce="merge")
+    assert records[0].modified and h.shape == (mask.shape[0], k, 384) and sizes.shape == (mask.shape[0], k)
+    assert {"TopK", "GatherND", "ArgMax"} <= {n.op_type for n in m.graph}
+    assert (sizes.sum(1) == mask.sum(1)).all()
+    assert (sizes[kept_mask == 1] >= 1).all() and (sizes[kept_mask == 0] == 0).all()
+    assert (sizes == np.round(sizes)).all()
+    for score, extra in (("attention", {}), ("random", {"seed": 1})):
+        _, _, (hm, _, _, sm) = _run(path, feeds, tmp_path, keep=0.5, start_layer=2, score=score, reduce="merge",
+                                    **extra)
+        _, _, (hd, _, md) = _run(path, feeds, tmp_path, keep=0.5, start_layer=2, score=score, reduce="drop", **extra)
+        c_merge, c_drop = _pooled_cosine(ref, mask, hm, sm), _pooled_cosine(ref, mask, hd, md)
+        print(f"score {score}, keep 0.5 from layer 2: pooled cosine merge {c_merge.mean():.4f}, "
+              f"drop {c_drop.mean():.4f}")
+        assert c_merge.mean() > c_drop.mean()
+    # the ToMe-style key metric runs too, and needs a layer before the cut
+    _, _, (_, _, _, sk) = _run(path, feeds, tmp_path, keep=0.5, start_layer=2, merge_by="key")
+    assert (sk.sum(1) == mask.sum(1)).all()
+    with pytest.raises(OptcError, match=r"passes\[0\]\.start_layer: merge_by key needs start_layer >= 1"):
+        _run(path, feeds, tmp_path, keep=0.5, start_layer=0, score="recent", merge_by="key")
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from optc.passes.token_dropping.prefill import rewrite_prefill
 # what mode prefill may cost, relative continuation perplexity (the goal at keep 0.5)
 PREFILL_PERPLEXITY_BUDGET = 0.05
 PREFILL_ONLY = ("sinks", "recent", "query_window")
+ENCODER_ONLY = ("reduce", "merge_by")
 
 
 class TokenDroppingOptions(PassOptions):
@@ -37,6 +38,14 @@ class TokenDroppingOptions(PassOptions):
     query: Literal["cls", "all"] = Field("cls", description="encoder: whose attention scores tokens (CLS's row "
                                                              "or every real query)")
     seed: int = Field(0, ge=0, description="seed of score random")
+    reduce: Literal["drop", "merge"] = Field(
+        "merge", description="encoder: what becomes of a token that is not kept: merge (ToMe-style: added into the "
+                             "most similar kept token, whose size then weights later attention and the pooling; "
+                             "measured better) or drop")
+    merge_by: Literal["hidden", "key"] = Field(
+        "hidden", description="encoder, reduce merge: what picks the kept token a token merges into: cosine of the "
+                              "hidden states at the cut (measured better) or of the previous layer's keys, "
+                              "head-averaged (as ToMe matches)")
 
     @field_validator("keep")
     @classmethod
@@ -55,8 +64,12 @@ class TokenDroppingOptions(PassOptions):
             extra = [k for k in PREFILL_ONLY if k in self.model_fields_set]
             if extra:
                 raise ValueError(f"{extra[0]} applies to mode prefill only")
+            if "merge_by" in self.model_fields_set and self.reduce != "merge":
+                raise ValueError(f"merge_by applies to reduce merge only (reduce is {self.reduce})")
         elif "query" in self.model_fields_set:
             raise ValueError("query applies to mode encoder only (mode prefill scores by the last query_window rows)")
+        elif extra := [k for k in ENCODER_ONLY if k in self.model_fields_set]:
+            raise ValueError(f"{extra[0]} applies to mode encoder only")
         return self
 
 
@@ -100,5 +113,5 @@ class TokenDropping(OptcPass):
         if self.context.decoder is not None:
             raise PassConfigError("mode", "mode encoder needs a BERT-style encoder, and this model is a decoder")
         changed = rewrite_encoder(model, keep=o.keep, start_layer=o.start_layer, score=o.score, query=o.query,
-                                  seed=o.seed)
+                                  seed=o.seed, reduce=o.reduce, merge_by=o.merge_by)
         return ir.passes.PassResult(model, changed)

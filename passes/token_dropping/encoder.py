@@ -15,6 +15,14 @@ from the kept mask entries, and every Reshape there whose target shape read the 
 length reads `k` instead. The output `last_hidden_state` has `k` rows; two new outputs say which
 tokens they are (`optc.kept_token_indices`) and which are padding (`optc.kept_attention_mask`),
 so that mean pooling runs on the kept tokens only.
+
+With `reduce="merge"` (ToMe, Bolya et al. 2023) the tokens that are not kept are merged rather
+than discarded: each real token goes to the kept token most similar to it (cosine of the hidden
+states at the cut, or of the previous layer's keys averaged over heads), by ArgMax over a [S, k]
+similarity MatMul; a one-hot [k, S] MatMul sums the states, divided by each kept row's size (the
+tokens it stands for). Later layers add log(size) to every key's attention logits (proportional
+attention), and the sizes are a third output (`optc.kept_token_sizes`), the weights of the mean
+pooling, which therefore still averages every real token.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from onnx_ir import tape
 
 from optc.passes.base import PassConfigError
 from optc.passes.rules.builders import name_nodes
-from optc.runtime.manifest import ATTENTION_MASK, KEPT_ATTENTION_MASK, KEPT_TOKEN_INDICES
+from optc.runtime.manifest import ATTENTION_MASK, KEPT_ATTENTION_MASK, KEPT_TOKEN_INDICES, KEPT_TOKEN_SIZES
 
 _THROUGH = {"Transpose", "Reshape", "Add", "Mul", "Div", "Cast"}
 BIG = np.float32(1e30)
@@ -111,8 +119,16 @@ def _downstream(start: ir.Value) -> set[ir.Node]:
     return seen
 
 
+def _keys_transposed(layer: EncoderLayer) -> ir.Value:
+    """Kᵀ of a layer's attention, [B, heads, head_dim, S]: the second input of the scores' MatMul."""
+    qk = layer.mask_add.inputs[1 - layer.mask_slot]
+    while qk.producer() is not None and qk.producer().op_type in ("Mul", "Div"):
+        qk = qk.producer().inputs[0]
+    return qk.producer().inputs[1]
+
+
 def rewrite_encoder(model: ir.Model, *, keep: float | int, start_layer: int, score: str, query: str,
-                    seed: int) -> bool:
+                    seed: int, reduce: str = "drop", merge_by: str = "hidden") -> bool:
     """Rewrite in place; False when the graph already drops tokens."""
     graph = model.graph
     if any(v.name == KEPT_TOKEN_INDICES for v in graph.outputs):
@@ -125,6 +141,9 @@ def rewrite_encoder(model: ir.Model, *, keep: float | int, start_layer: int, sco
     if score == "attention" and start_layer < 1:
         raise PassConfigError("start_layer", "score attention needs start_layer >= 1 (tokens are scored by the "
                                              "attention of the layer before start_layer)")
+    if reduce == "merge" and merge_by == "key" and start_layer < 1:
+        raise PassConfigError("start_layer", "merge_by key needs start_layer >= 1 (tokens are matched by the keys "
+                                             "of the layer before start_layer)")
     mask_in = next((v for v in graph.inputs if v.name == ATTENTION_MASK), None)
     if mask_in is None:
         raise PassConfigError(None, f"mode encoder needs an {ATTENTION_MASK} graph input")
@@ -169,17 +188,52 @@ def rewrite_encoder(model: ir.Model, *, keep: float | int, start_layer: int, sco
         k = t.op("Min", [seq, i64(keep)])
     _, chosen = t.op_multi_out("TopK", [ranked, k], {"axis": -1, "largest": 1, "sorted": 0}, num_outputs=2)
     kept, _ = t.op_multi_out("TopK", [chosen, k], {"axis": -1, "largest": 0, "sorted": 1}, num_outputs=2)
-    h_kept = t.op("GatherND", [h, t.op("Unsqueeze", [kept, i64(-1)])], {"batch_dims": 1})  # [B, k, H]
+    kept_col = t.op("Unsqueeze", [kept, i64(-1)])                                     # [B, k, 1]
+    h_kept = t.op("GatherND", [h, kept_col], {"batch_dims": 1})                       # [B, k, H]
     mask_kept = t.op("GatherElements", [mask_in, kept], {"axis": 1})                  # [B, k]
     pad_kept = t.op("Unsqueeze", [t.op("Equal", [mask_kept, i64(0)]), i64(1, 2)])      # [B, 1, 1, k]
     additive = t.op("Where", [pad_kept, c(np.float32(np.finfo(np.float32).min)), c(np.float32(0))])
+    sizes = None
+    if reduce == "merge":
+        # ToMe-style: every real token that is not kept is added into the kept token it is most
+        # similar to (cosine of the metric at the cut); a kept row becomes the mean of the tokens it
+        # stands for, and its size (how many) weights it in later attention and in pooling.
+        if merge_by == "key":  # the previous layer's keys, averaged over heads (as ToMe matches)
+            kt = t.op("ReduceMean", [_keys_transposed(layers[start_layer - 1]), i64(1)], {"keepdims": 0})
+            metric = t.op("Transpose", [kt], {"perm": [0, 2, 1]})                    # [B, S, d]
+        else:
+            metric = h                                                                # [B, S, H]
+        norm = t.op("Max", [t.op("ReduceL2", [metric, i64(-1)], {"keepdims": 1}), c(np.float32(1e-12))])
+        unit = t.op("Div", [metric, norm])
+        dest = t.op("GatherND", [unit, kept_col], {"batch_dims": 1})                  # [B, k, d]
+        sim = t.op("MatMul", [unit, t.op("Transpose", [dest], {"perm": [0, 2, 1]})])  # [B, S, k]
+        own = t.op("Equal", [t.op("Unsqueeze", [positions, i64(0, 2)]),              # [B, S, k]: a kept token
+                             t.op("Unsqueeze", [kept, i64(1)])])                      # goes to its own row
+        dest_ok = t.op("Unsqueeze", [t.op("Cast", [mask_kept], {"to": ir.DataType.BOOL}), i64(1)])  # not padding
+        sim = t.op("Where", [own, c(BIG), t.op("Where", [dest_ok, sim, c(-BIG)])])
+        assign = t.op("ArgMax", [sim], {"axis": 2, "keepdims": 1})                   # [B, S, 1]
+        slots = t.op("Range", [c(np.int64(0)), t.op("Squeeze", [k, i64(0)]), c(np.int64(1))])  # [k]
+        onehot = t.op("Mul", [t.op("Cast", [t.op("Equal", [assign, slots])], {"to": ir.DataType.FLOAT}),
+                              t.op("Unsqueeze", [mask_f, i64(-1)])])                  # [B, S, k], real only
+        sizes = t.op("ReduceSum", [onehot, i64(1)], {"keepdims": 0})                  # [B, k]
+        summed = t.op("MatMul", [t.op("Transpose", [onehot], {"perm": [0, 2, 1]}), h])  # [B, k, H]
+        size_col = t.op("Unsqueeze", [sizes, i64(-1)])
+        merged = t.op("Div", [summed, t.op("Max", [size_col, c(np.float32(1))])])
+        # padding rows (size 0) keep their own state, so that keep 1.0 is the dense graph exactly
+        h_kept = t.op("Where", [t.op("Greater", [size_col, c(np.float32(0))]), merged, h_kept])
+        # proportional attention: a key standing for n tokens gets log(n) added to its logits
+        log_size = t.op("Log", [t.op("Max", [sizes, c(np.float32(1))])])
+        additive = t.op("Add", [additive, t.op("Unsqueeze", [log_size, i64(1, 2)])])
     name_nodes(t.nodes, f"optc/token_dropping/layer{start_layer}")
     kept.name, mask_kept.name = KEPT_TOKEN_INDICES, KEPT_ATTENTION_MASK
+    if sizes is not None:
+        sizes.name = KEPT_TOKEN_SIZES
     h_kept.name = f"{h.name}.kept"
 
     graph.insert_after(h.producer(), t.nodes)  # sorted topologically at the end
+    reads_h = {nd for nd in t.nodes if h in nd.inputs}
     for use in list(h.uses()):
-        if use.node is not h_kept.producer():
+        if use.node not in reads_h:
             use.node.replace_input_with(use.idx, h_kept)
 
     region = _downstream(h_kept)
@@ -219,7 +273,10 @@ def rewrite_encoder(model: ir.Model, *, keep: float | int, start_layer: int, sco
                 v.shape = None
     out.shape = ir.Shape([out.shape[0] if out.shape else "batch", "optc_kept_tokens", *(out.shape[2:] if out.shape
                                                                                          else [])])
-    for v, dtype in ((kept, ir.DataType.INT64), (mask_kept, ir.DataType.INT64)):
+    extra = [(kept, ir.DataType.INT64), (mask_kept, ir.DataType.INT64)]
+    if sizes is not None:
+        extra.append((sizes, ir.DataType.FLOAT))
+    for v, dtype in extra:
         v.type = ir.TensorType(dtype)
         v.shape = ir.Shape([out.shape[0], "optc_kept_tokens"])
         graph.outputs.append(v)
