@@ -11,7 +11,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from optc.backends import onnxruntime_fused
+from optc.backends import onnxruntime_fused, onnxruntime_int8
 from optc.backends.base import attention_outputs, expose_new_kv
 from optc.errors import OptcError
 from optc.ir import save_model
@@ -43,6 +43,8 @@ def compile(model: ir.Model, info, out_dir: Path, target: str, *, kv_cache=None,
         log(f"onnxruntime: generic attention path (Concat + Attention per step): {why}")
         kv_in_place = None
         kv_outputs = expose_new_kv(model, info)
+    if target == "cpu":  # outlier_split's int8 MatMuls that share an input, stacked (onnxruntime_int8.py)
+        onnxruntime_int8.lower(model, log=log)
     files = save_model(model, Path(out_dir) / GRAPH_FILE)
     section = {
         "name": "onnxruntime",

@@ -11,7 +11,14 @@ pycoder-v2 (the trained reference decoder): every variant is compiled by `optc c
 verification (8 held-out prompts x 256 tokens, the worse of a long prefill and 224 decoded steps)
 gives perplexity, top-1 agreement and max |Δlogit| against ONNX Runtime on the original graph.
 Decode speed: `optc.bench.measure` in a subprocess per artifact (ONNX Runtime CPU EP, the
-runtime's own KV cache), rounds interleaved over the artifacts; medians over the rounds.
+runtime's own KV cache), at 128 and 512 tokens of context, rounds interleaved over the artifacts;
+medians over the rounds.
+
+The ONNX Runtime backend stacks the int8 MatMuls that share an input (Q/K/V, gate/up) and their
+outlier branches (backends/onnxruntime_int8.py); the "unstacked" rows are compiled with that
+lowering turned off, i.e. the graphs as they ran before it. `--all` adds threshold 6 and per_token.
+`--profile` prints, per artifact, where a decode step's time goes (ONNX Runtime's profiler:
+kernel time per op type over 32 steps at 128 context, and the kernels run per step).
 """
 
 from __future__ import annotations
@@ -38,15 +45,25 @@ MINILM_VARIANTS = [
     ("outlier_split, fraction 0.01, per_token", {"outlier_fraction": 0.01, "activations": "per_token"}),
 ]
 RELAXED = {"max_perplexity_increase": 10.0}  # variants measured, not budgeted (naive W8A8 is far over)
+NAIVE = [{"name": "outlier_split", "outlier_fraction": 0}]
+SPLIT = [{"name": "outlier_split"}]
+# (label, passes, stack the int8 MatMuls on the ONNX Runtime backend; only with --all)
 DECODER_VARIANTS = [
-    ("fp32 (identity)", []),
-    ("naive W8A8 (outlier_fraction 0)", [{"name": "outlier_split", "outlier_fraction": 0}]),
-    ("outlier_split, threshold 6 (LLM.int8())", [{"name": "outlier_split", "outlier_threshold": 6}]),
-    ("outlier_split, fraction 0.01 (default)", [{"name": "outlier_split"}]),
+    ("fp32 (identity)", [], True, False),
+    ("naive W8A8 (outlier_fraction 0), unstacked", NAIVE, False, False),
+    ("naive W8A8 (outlier_fraction 0), stacked", NAIVE, True, False),
+    ("outlier_split, fraction 0.01 (default), unstacked", SPLIT, False, False),
+    ("outlier_split, fraction 0.01 (default), stacked", SPLIT, True, False),
+    ("outlier_split, fraction 0.01, min_range_share 0.2, stacked",
+     [{"name": "outlier_split", "min_range_share": 0.2}], True, False),
+    ("outlier_split, fraction 0.01, min_range_share 0.35, stacked",
+     [{"name": "outlier_split", "min_range_share": 0.35}], True, False),
+    ("outlier_split, threshold 6 (LLM.int8())", [{"name": "outlier_split", "outlier_threshold": 6}], True, True),
     ("outlier_split, fraction 0.01, per_token", [{"name": "outlier_split", "outlier_fraction": 0.01,
-                                                  "activations": "per_token"}]),
-    ("weight_quant int8 (MatMulNBits, for comparison)", [{"name": "weight_quant", "bits": 8}]),
+                                                  "activations": "per_token"}], True, True),
+    ("weight_quant int8 (MatMulNBits, for comparison)", [{"name": "weight_quant", "bits": 8}], True, False),
 ]
+CONTEXTS = [128, 512]
 
 
 def log(msg: str) -> None:
@@ -119,9 +136,55 @@ def minilm(out: Path) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- decoder --
-def decoder(out: Path, rounds: int, decode_tokens: int) -> list[dict]:
-    import yaml
+def _profile(label: str, art: Path, ids: list[int], steps: int = 32, ctx: int = 128) -> dict:
+    """ONNX Runtime's profiler over `steps` decode steps at `ctx` tokens of context: kernel time
+    (us per step) and kernels per step, by op type."""
+    import onnxruntime as ort
 
+    from optc.runtime import load
+
+    plain = ort.InferenceSession
+
+    class Profiled(plain):
+        def __init__(self, path, sess_options=None, **kw):
+            sess_options = sess_options or ort.SessionOptions()
+            sess_options.enable_profiling = True
+            sess_options.profile_file_prefix = str(art.parent / f"profile_{art.name}")
+            super().__init__(path, sess_options=sess_options, **kw)
+
+    ort.InferenceSession = Profiled
+    try:
+        m = load(art)
+    finally:
+        ort.InferenceSession = plain
+    m.reset()
+    m.prefill(ids[:ctx])
+    m.decode(ids[ctx])
+    for t in ids[ctx + 1:ctx + 1 + steps]:
+        m.decode(t)
+    trace = Path(m.executor.session.end_profiling())
+    events = json.loads(trace.read_text())
+    trace.unlink()
+    runs = [e for e in events if e.get("name") == "model_run"][-steps:]
+    t0 = runs[0]["ts"]
+    ops: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= t0:
+            ops.setdefault(e["args"]["op_name"], []).append(e["dur"])
+    out = {"variant": label, "run_us": round(sum(r["dur"] for r in runs) / steps, 1),
+           "kernel_us": round(sum(sum(v) for v in ops.values()) / steps, 1),
+           "kernels": round(sum(len(v) for v in ops.values()) / steps),
+           "ops": {op: {"us": round(sum(v) / steps, 1), "n": round(len(v) / steps)}
+                   for op, v in sorted(ops.items(), key=lambda kv: -sum(kv[1]))}}
+    print(f"\n{label}: decode step at {ctx} context under ONNX Runtime's profiler: session run {out['run_us']:.0f} us, "
+          f"kernels {out['kernel_us']:.0f} us, {out['kernels']} kernels per step")
+    print(table(["op type", "us/step", "kernels/step", "us/kernel"],
+                [[op, f"{d['us']:.1f}", str(d["n"]), f"{d['us'] / max(d['n'], 1):.1f}"] for op, d in out["ops"].items()]))
+    return out
+
+
+def decoder(out: Path, rounds: int, decode_tokens: int, everything: bool = False, profile: bool = False) -> list[dict]:
+    from optc.backends import onnxruntime_int8
     from optc.bench import STREAM, _run_worker
     from optc.compile import compile_model
     from optc.config import parse_config
@@ -133,40 +196,57 @@ def decoder(out: Path, rounds: int, decode_tokens: int) -> list[dict]:
     if not onnx_path.is_file():
         export_decoder(ROOT / "models" / "pycoder-v2", onnx_path, log=log)
     arts = []
-    for label, passes in DECODER_VARIANTS:
-        art = out / ("v2-" + label.split(" (")[0].replace(" ", "_").replace(",", ""))
+    stack = onnxruntime_int8.lower
+    for label, passes, stacked, extra in DECODER_VARIANTS:
+        if extra and not everything:
+            continue
+        art = out / ("v2-" + label.split(" (")[0].replace(" ", "_").replace(",", "") +
+                     ("-unstacked" if not stacked else ""))
         cfg = parse_config({"passes": passes, "verify": RELAXED if passes else {}}, default_registry())
         if not (art / "manifest.json").is_file():
             log(f"compiling {label}")
-            compile_model(onnx_path, art, config=cfg, force=True, log=lambda m: None)
+            onnxruntime_int8.lower = stack if stacked else (lambda model, log=None: 0)
+            try:
+                compile_model(onnx_path, art, config=cfg, force=True, log=lambda m: None)
+            finally:
+                onnxruntime_int8.lower = stack
         arts.append((label, art))
+    if rounds == 0:  # --rounds 0: compile only (outside a benchmark lock)
+        return []
     m = load(arts[0][1])
     ids = m.encode(STREAM.read_text(encoding="utf-8"))[:1024]
     del m
-    times: dict[str, list[float]] = {label: [] for label, _ in arts}
+    profiles = [_profile(label, art, ids) for label, art in arts] if profile else []
+    times: dict[str, dict[int, list[float]]] = {label: {c: [] for c in CONTEXTS} for label, _ in arts}
     ttft: dict[str, list[float]] = {label: [] for label, _ in arts}
     with tempfile.TemporaryDirectory() as tmp:
         ids_file = Path(tmp) / "ids.json"
         ids_file.write_text(json.dumps(ids))
         for r in range(rounds):
-            for label, art in arts:
-                res = _run_worker("artifact", art, ids_file, [128], decode_tokens, [128], lambda *_: None)
-                times[label].append(res["decode_ms_per_token"]["128"])
+            order = arts[r % len(arts):] + arts[:r % len(arts)]  # the first artifact rotates
+            for label, art in order:
+                res = _run_worker("artifact", art, ids_file, [128], decode_tokens, CONTEXTS, lambda *_: None)
+                for c in CONTEXTS:
+                    times[label][c].append(res["decode_ms_per_token"][str(c)])
                 ttft[label].append(res["ttft_ms"]["128"])
             log(f"  round {r + 1}/{rounds} done")
     results = []
-    base = statistics.median(times[arts[0][0]])
+    base = {c: statistics.median(times[arts[0][0]][c]) for c in CONTEXTS}
     for label, art in arts:
         man = json.loads((art / "manifest.json").read_text())
         v = man.get("verification", {})
         size = sum(f.stat().st_size for f in art.iterdir() if f.is_file())
-        med = statistics.median(times[label])
-        results.append({"variant": label, "perplexity_increase": v.get("perplexity_increase"),
-                        "top1_agreement": v.get("top1_agreement"), "max_abs_logit_diff": v.get("max_abs_logit_diff"),
-                        "artifact_mb": round(size / 1e6, 1), "ttft_128_ms": round(statistics.median(ttft[label]), 2),
-                        "decode_ms_per_token_128": round(med, 3),
-                        "decode_range": [min(times[label]), max(times[label])],
-                        "decode_speedup_vs_fp32": round(base / med, 2)})
+        row = {"variant": label, "perplexity_increase": v.get("perplexity_increase"),
+               "top1_agreement": v.get("top1_agreement"), "max_abs_logit_diff": v.get("max_abs_logit_diff"),
+               "artifact_mb": round(size / 1e6, 1), "ttft_128_ms": round(statistics.median(ttft[label]), 2)}
+        for c in CONTEXTS:
+            med = statistics.median(times[label][c])
+            row[f"decode_ms_per_token_{c}"] = round(med, 3)
+            row[f"decode_range_{c}"] = [min(times[label][c]), max(times[label][c])]
+            row[f"decode_speedup_vs_fp32_{c}"] = round(base[c] / med, 2)
+        results.append(row)
+    if profiles:
+        results.append({"profiles": profiles})
     return results
 
 
@@ -177,6 +257,8 @@ def main(argv=None) -> None:
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--only", choices=["minilm", "decoder"])
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--all", action="store_true", help="also threshold 6 and per_token (slow)")
+    ap.add_argument("--profile", action="store_true", help="where a decode step's time goes, per op type")
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     report = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rounds": a.rounds}
@@ -188,16 +270,20 @@ def main(argv=None) -> None:
                       f"{r['outlier_channels']}/{r['channels']}" if "channels" in r else "-"]
                      for r in report["minilm"]]))
     if a.only in (None, "decoder"):
-        report["decoder"] = decoder(a.out, a.rounds, a.decode_tokens)
-        print(f"\npycoder-v2: compile verification vs the original graph; decode at 128 tokens of context "
-              f"(median of {a.rounds} rounds, ONNX Runtime CPU EP)")
-        print(table(["variant", "ppl Δ", "top-1", "max |Δlogit|", "MB", "TTFT@128 ms", "decode ms/tok",
-                     "range", "vs fp32"],
+        report["decoder"] = decoder(a.out, a.rounds, a.decode_tokens, a.all, a.profile)
+        rows = [r for r in report["decoder"] if "variant" in r]
+        if not rows:
+            return
+        print(f"\npycoder-v2: compile verification vs the original graph; decode ms/token at 128 and 512 tokens "
+              f"of context (median of {a.rounds} rounds, ONNX Runtime CPU EP)")
+        print(table(["variant", "ppl Δ", "top-1", "max |Δlogit|", "MB", "TTFT@128 ms"] +
+                    [h for c in CONTEXTS for h in (f"decode@{c}", "range", "vs fp32")],
                     [[r["variant"], f"{r['perplexity_increase']:+.2%}", f"{r['top1_agreement']:.2%}",
-                      f"{r['max_abs_logit_diff']:.3g}", f"{r['artifact_mb']}", f"{r['ttft_128_ms']:.1f}",
-                      f"{r['decode_ms_per_token_128']:.2f}",
-                      f"{r['decode_range'][0]:.2f}-{r['decode_range'][1]:.2f}",
-                      f"{r['decode_speedup_vs_fp32']:.2f}x"] for r in report["decoder"]]))
+                      f"{r['max_abs_logit_diff']:.3g}", f"{r['artifact_mb']}", f"{r['ttft_128_ms']:.1f}"] +
+                     [x for c in CONTEXTS for x in (
+                         f"{r[f'decode_ms_per_token_{c}']:.2f}",
+                         f"{r[f'decode_range_{c}'][0]:.2f}-{r[f'decode_range_{c}'][1]:.2f}",
+                         f"{r[f'decode_speedup_vs_fp32_{c}']:.2f}x")] for r in rows]))
     if a.json:
         a.json.write_text(json.dumps(report, indent=2) + "\n")
         log(f"wrote {a.json}")

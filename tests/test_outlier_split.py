@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -171,6 +174,58 @@ def test_quantize_outputs_makes_whole_qdq_units():
     assert np.abs(a - b).max() < 0.05 * np.abs(ref).max()
 
 
+def test_min_range_share_splits_only_activations_whose_outliers_take_that_much_range():
+    """x's planted outliers take > 80% of its range and stay split; r's top channels take less than
+    min_range_share of its range, so r's MatMul is naive W8A8 (no Gather, no float branch), and the
+    report says which channels were kept in int8."""
+    full, ctx_full = _split(_tiny_model(), outlier_fraction=0.05)
+    shares = {e["input"]: e["outlier_range_share"] for e in ctx_full.reports["outlier_split"][0]["layers"]}
+    assert shares["x"] > 0.8 and shares["r"] < 0.8
+    model = _tiny_model()
+    _, ctx = _split(model, outlier_fraction=0.05, min_range_share=0.8)
+    layers = {e["input"]: e for e in ctx.reports["outlier_split"][0]["layers"]}
+    assert layers["x"]["outlier_channels"] and "kept_in_int8" not in layers["x"]
+    assert layers["r"]["outlier_channels"] == [] and len(layers["r"]["kept_in_int8"]) == 5
+    assert layers["r"]["matmuls"][0]["rel_error_split"] == layers["r"]["matmuls"][0]["rel_error_naive"]
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("Gather") == 2 and ops.count("Add") == 2  # embedding + x's outliers; linear1, linear3
+    ref = _run(_tiny_model(), IDS)
+    naive, _ = _split(_tiny_model(), outlier_fraction=0)
+    err = {label: np.linalg.norm(_run(m, IDS) - ref) / np.linalg.norm(ref)
+           for label, m in (("full", full.model), ("partial", model), ("naive", naive.model))}
+    assert err["full"] < err["partial"] < err["naive"], err
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0])
+def test_onnxruntime_lowering_stacks_matmuls_sharing_an_input_exactly(fraction):
+    """backends/onnxruntime_int8.py: linear1 and linear3 read x, so their int8 MatMuls (and outlier
+    branches) become one, split back by columns; ONNX Runtime then runs one MatMulIntegerToFloat
+    fewer, and the logits are those of the unstacked graph."""
+    import onnxruntime as ort
+
+    from optc.backends import onnxruntime_int8
+
+    model = _tiny_model()
+    _split(model, outlier_fraction=fraction)
+    before = _run(model, IDS)
+    assert onnxruntime_int8.lower(model, log=lambda *_: None) == 1
+    nodes = list(model.graph)
+    branches = [n for n in nodes if onnxruntime_int8.FLOAT_BRANCH_KEY in n.metadata_props]
+    assert [n.op_type for n in nodes].count("Split") == 1 and len(branches) == (2 if fraction else 0)
+    assert sum(n.name.endswith("/stacked_int8_matmul") for n in nodes) == 1
+    np.testing.assert_allclose(_run(model, IDS), before, rtol=1e-5, atol=1e-5 * np.abs(before).max())
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.optimized_model_filepath = str(Path(tempfile.mkdtemp()) / "optimized.onnx")
+    ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+    assert fused.count("MatMulIntegerToFloat") == 2 and fused.count("MatMul") == (2 if fraction else 0)
+    # nothing left to stack; whole QDQ units (quantize_outputs, for NPUs) and float graphs are left alone
+    assert onnxruntime_int8.lower(model, log=lambda *_: None) == 0
+    for graph in (_tiny_model(), _split(_tiny_model(), outlier_fraction=0.05, quantize_outputs=True)[0].model):
+        assert onnxruntime_int8.lower(graph, log=lambda *_: None) == 0
+
+
 def test_selection_and_weight_codes():
     absmax = np.array([1.0, 9.0, 0.5, 7.0, 6.0])
     assert outlier_channels(absmax, 6.0, None).tolist() == [1, 3]           # LLM.int8()'s threshold: > 6
@@ -223,6 +278,7 @@ def test_missing_tokenizer_and_unknown_input_are_one_line_errors():
     ("calibration: {txt: a.jsonl}", "passes[0].calibration.txt: unknown key"),
     ("skip: ['']", "passes[0].skip: Value error, an empty entry matches nothing"),
     ("threshold: 6", "passes[0].threshold: unknown key"),
+    ("min_range_share: 1", "passes[0].min_range_share: Input should be less than 1"),
     ("activations: per_token\n    quantize_outputs: true", "passes[0]: Value error, quantize_outputs needs "
                                                            "activations: per_tensor"),
 ])
@@ -238,7 +294,8 @@ def test_options_normal_form_budget_and_conflict_with_weight_quant(tmp_path, exp
     cfg = parse_config({"passes": [{"name": "outlier_split", "outlier_fraction": 0.01}]}, reg)
     assert cfg.to_dict()["passes"] == [{
         "name": "outlier_split", "allow_noop": False, "weights": "int8", "activations": "per_tensor",
-        "outlier_threshold": None, "outlier_fraction": 0.01, "skip": [], "quantize_outputs": False,
+        "outlier_threshold": None, "outlier_fraction": 0.01, "min_range_share": 0.0, "skip": [],
+        "quantize_outputs": False,
         "activation_bits": 8, "calibration": {"text": None, "samples": 16, "length": 256}}]
     assert reg.get("outlier_split").lossy
     assert reg.get("outlier_split").declared_perplexity_budget(cfg.passes[0].options) == 0.02
@@ -273,8 +330,12 @@ def test_decoder_compiles_within_budget_and_reports_per_layer(tmp_path, exported
                                     "calibration": {"samples": 8}}],
                         "verify": {"min_top1_agreement": 0.9}}, default_registry())
     out = tmp_path / "art"
-    compile_model(exported_decoder, out, config=cfg, log=lambda *_: None)
+    logs = []
+    compile_model(exported_decoder, out, config=cfg, log=logs.append)
     man = json.loads((out / "manifest.json").read_text())
+    # the ONNX Runtime backend stacked Q/K/V (into GQA's packed query) and gate/up of every layer
+    assert any("int8 MatMuls (outlier_split) stacked into 12 by shared input (6 as GroupQueryAttention" in line
+               for line in logs), [line for line in logs if "onnxruntime" in line]
     assert man["verification"]["perplexity_increase"] <= 0.02
     layers = man["pass_reports"]["outlier_split"][0]["layers"]
     assert sum(len(e["matmuls"]) for e in layers) == 6 * 7 + 1

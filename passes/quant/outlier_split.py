@@ -9,7 +9,9 @@ channels, and every other channel loses its precision. Split them off:
                +  A[..., O] @ W[O, :]   (float: the few outlier channels, a separate branch)
 
 `O` are the channels whose calibrated absmax exceeds `outlier_threshold`, or the top
-`outlier_fraction` of them by absmax (default: the top 1%); `R` the rest. Calibration runs the graph on shipped text
+`outlier_fraction` of them by absmax (default: the top 1%); `R` the rest. With `min_range_share`,
+only activations whose outliers take at least that share of the calibrated range are split (the
+others are naive W8A8: on the CPU each float branch costs kernels per decode step). Calibration runs the graph on shipped text
 (`optc.calibration`) and records every quantised MatMul input's per-channel absmax.
 
 The int8 part is in the standard QDQ form that ONNX Runtime's CPU EP and NPU execution providers
@@ -96,6 +98,10 @@ class OutlierSplitOptions(PassOptions):
         None, ge=0, le=1, description=f"or: this fraction of each activation's channels, largest absmax first, "
                                       f"runs in float (0 = naive W8A8, no split; default {DEFAULT_FRACTION} when "
                                       f"neither is given)")
+    min_range_share: float = Field(
+        0.0, ge=0, lt=1, description="split an activation only where its outlier channels take at least this share "
+                                     "of its calibrated range (fewer float branches: each costs kernels per step on "
+                                     "the CPU); the others are naive W8A8. 0 = split every activation")
     skip: list[str] = Field([], description="MatMuls to keep in float: 'lm_head' or fnmatch globs on node or "
                                             "weight names")
     quantize_outputs: bool = Field(
@@ -234,8 +240,13 @@ class OutlierSplit(OptcPass):
                      else 0.0,
                      "matmuls": []}
             # their share of the range: how much of the per-tensor int8 range the outliers take
-            entry["outlier_range_share"] = round(1.0 - entry["absmax_without_outliers"] / amax_all, 4) \
-                if amax_all > 0 and len(outliers) else 0.0
+            share = 1.0 - float(scale_a) * qa / amax_all if amax_all > 0 and len(outliers) < len(st.absmax) else 1.0
+            entry["outlier_range_share"] = round(share, 4) if amax_all > 0 and len(outliers) else 0.0
+            if len(outliers) and share < o.min_range_share:  # not worth a float branch: naive W8A8 here
+                entry["kept_in_int8"] = entry.pop("outlier_channels")
+                entry["outlier_channels"] = []
+                outliers = np.zeros(0, np.int64)
+                scale_a = activation_scale(st.absmax, outliers, qa)
             shared = self._activation_nodes(graph, a, len(st.absmax), outliers, scale_a)
             for node, (source, transposed, transpose_node) in users:
                 w = source.const_value.numpy().astype(np.float32)
@@ -387,6 +398,8 @@ def format_report(report: dict) -> list[str]:
         shown = ",".join(map(str, chans[:8])) + (",..." if len(chans) > 8 else "")
         errs = "; ".join(f"{m['node'].rsplit('/', 1)[-1] or m['node']} {m['rel_error_split']:.2e} vs "
                          f"{m['rel_error_naive']:.2e}" for m in e["matmuls"])
+        if e.get("kept_in_int8"):
+            shown = "not split: below min_range_share"
         lines.append(f"    {e['input']}: {len(chans)}/{e['channels']} [{shown}] | {e['outlier_range_share']:.0%} | "
                      f"{errs}")
     return lines
