@@ -25,7 +25,7 @@ test-fast: $(STAMP)
 
 # the long property-based fuzzing run (marker `fuzz`; minutes): config, manifest and token input
 test-fuzz: $(STAMP)
-	OPTC_FUZZ_LONG=1 $(PY) -m pytest -q -m fuzz tests/test_fuzz.py
+	OPTC_FUZZ_LONG=1 $(PY) -m pytest -q -m fuzz tests/optc/test_fuzz.py
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py

@@ -27,7 +27,7 @@ verbatim in pycoder-v2's training stream (`models/data/train_overlap_v2.json`). 
 are also reported on the *clean* files (under 5%), and the goals are judged there.
 
 Writes `<model>/eval.json` and `<model>/perplexity_by_position.png`. Per-window numbers are kept so
-that tests/test_reference_models.py can recompute a few of them from the shipped weights.
+that tests/models/test_reference_models.py can recompute a few of them from the shipped weights.
 """
 
 from __future__ import annotations

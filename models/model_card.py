@@ -70,7 +70,7 @@ attention patterns and a meaningful perplexity. It is a test subject, not a usef
 | pycoder-5m | **{r['heldout_ppl']:.2f}** |
 | unigram baseline (add-one, fitted on train tokens) | {r['unigram_ppl']:.2f} |
 
-The held-out text is `models/data/heldout.jsonl`; `tests/test_reference_models.py` recomputes the
+The held-out text is `models/data/heldout.jsonl`; `tests/models/test_reference_models.py` recomputes the
 perplexity from the shipped weights.
 
 ## Samples (temperature 0.8, top-k 40, top-p 0.95, 64 new tokens)

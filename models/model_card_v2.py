@@ -161,7 +161,7 @@ that uses its context. It is a test subject, not a useful code model. pycoder-5m
 
 ![loss curve](loss_curve.png)
 
-## Evaluation (held-out files; `models/eval_reference.py`, recomputed in part by tests/test_reference_models.py)
+## Evaluation (held-out files; `models/eval_reference.py`, recomputed in part by tests/models/test_reference_models.py)
 
 | measure | pycoder-v2 | pycoder-5m | goal |
 |---|---|---|---|

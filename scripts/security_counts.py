@@ -24,7 +24,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ["tests/test_security.py", "tests/test_bad_input.py", "tests/test_fuzz.py"]
+MODULES = ["tests/optc/test_security.py", "tests/optc/test_bad_input.py", "tests/optc/test_fuzz.py"]
 
 TRAVERSAL = "CVE-2022-25882 / CVE-2024-27318: a path that leaves its folder (`../`, `a/../../`, absolute)"
 LINKS = "CVE-2026-27489: a symbolic link that leaves its folder"

@@ -19,7 +19,7 @@ The op computes Y = A @ W with W [K, N] given as:
 
 The quantiser is ONNX Runtime's own (MLAS `MlasQuantizeBlockwise`, what its
 `matmul_nbits_quantizer` calls), restated in numpy because passes do not import onnxruntime
-(DESIGN.md) and must be deterministic; tests/test_weight_quant.py checks the bytes against it:
+(DESIGN.md) and must be deterministic; tests/passes/test_weight_quant.py checks the bytes against it:
 
     symmetric:  scale = v / -2^(bits-1), v the block's element of largest magnitude (so that
                 element lands exactly on the lowest code and the full code range is used);

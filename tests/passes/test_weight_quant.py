@@ -349,7 +349,7 @@ def test_int4_with_int8_kv_within_the_summed_budget(tmp_path, exported_decoder):
     assert manifest["verification"]["top1_agreement"] >= 0.8, manifest["verification"]
 
 
-PEER = Path(__file__).parent / "peer_exports" / "llama-gqa" / "model.onnx"
+PEER = Path(__file__).resolve().parents[1] / "peer_exports" / "llama-gqa" / "model.onnx"
 
 
 def test_torchscript_export_without_intermediate_shapes():
