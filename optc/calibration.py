@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+from pydantic import Field, field_validator
 
+from optc.config import Strict, no_float
 from optc.data import DATA_DIR, read_texts
 from optc.errors import OptcError
 from optc.runtime.manifest import ATTENTION_MASK, INPUT_IDS, POSITION_IDS
@@ -27,6 +29,17 @@ DEFAULT_CALIBRATION_TEXT = DATA_DIR / "calibration.jsonl"
 TOKEN_TYPE_IDS = "token_type_ids"
 PAST_PREFIX = "past_key_values."
 SAMPLE_ROWS = 512  # activation rows kept per value (spread over all windows) for error estimates
+
+
+class CalibrationOptions(Strict):
+    """The `calibration:` option of the passes that calibrate (outlier_split, weight_quant awq)."""
+
+    text: str | None = Field(None, description="calibration text (.jsonl with 'text', or .txt one sample per "
+                                               "line); default models/data/calibration.jsonl")
+    samples: int = Field(16, ge=1, le=4096, description="documents (windows) to run")
+    samples_is_an_integer = field_validator("samples", mode="before")(no_float)
+    length: int = Field(256, ge=2, le=65536, description="tokens per window at most")
+    length_is_an_integer = field_validator("length", mode="before")(no_float)
 
 
 def read_calibration_texts(path: Path | None) -> list[str]:
@@ -94,13 +107,15 @@ class ChannelStats:
     absmax: np.ndarray      # [K] float32: max |x| per channel
     rows: np.ndarray        # [r, K] float32: a sample of rows (tokens) for error estimates
     tokens: int             # rows seen in all
+    absmean: np.ndarray | None = None  # [K] float32: mean |x| per channel over every row seen
 
 
 def channel_stats(model: ir.Model, names: list[str], windows: list[np.ndarray], *, progress: bool = True,
-                  label: str = "calibrating", sample: set[str] | None = None) -> dict[str, ChannelStats]:
+                  label: str = "calibrating", sample: set[str] | None = None,
+                  sample_rows: int = SAMPLE_ROWS) -> dict[str, ChannelStats]:
     """Run `model` on each window and return, per value name, its per-last-axis-channel absmax
-    and, for the names in `sample` (default: all), a sample of its rows (every k-th row, k chosen
-    so that about SAMPLE_ROWS are kept; other names get an empty sample)."""
+    and mean |x|, and, for the names in `sample` (default: all), a sample of its rows (every k-th
+    row, k chosen so that about `sample_rows` are kept; other names get an empty sample)."""
     import onnx
     import onnxruntime as ort
     from tqdm import tqdm
@@ -120,8 +135,9 @@ def channel_stats(model: ir.Model, names: list[str], windows: list[np.ndarray], 
     except Exception as e:  # onnxruntime raises its own exception types
         raise OptcError(f"calibration: ONNX Runtime cannot load the graph ({str(e).splitlines()[0][:200]})") from None
     total = sum(len(w) for w in windows)
-    stride = max(1, total // SAMPLE_ROWS)
+    stride = max(1, total // sample_rows)
     absmax: dict[str, np.ndarray] = {}
+    abssum: dict[str, np.ndarray] = {}
     sample = set(names) if sample is None else sample
     rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
     seen = 0
@@ -130,12 +146,16 @@ def channel_stats(model: ir.Model, names: list[str], windows: list[np.ndarray], 
         outs = session.run(names, feeds_for(model.graph.inputs, ids))
         for name, x in zip(names, outs):
             x = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
-            m = np.abs(x).max(axis=0)
+            ax = np.abs(x)
+            m = ax.max(axis=0)
             absmax[name] = m if name not in absmax else np.maximum(absmax[name], m)
+            t = ax.sum(axis=0, dtype=np.float64)
+            abssum[name] = t if name not in abssum else abssum[name] + t
             if name in sample:
                 rows[name].append(x[np.arange((-seen) % stride, len(x), stride)])
         seen += len(ids)
     bar.close()
     return {n: ChannelStats(absmax[n], np.concatenate(rows[n]) if rows[n] else np.zeros((0, len(absmax[n])),
-                                                                                         np.float32), seen)
+                                                                                         np.float32), seen,
+                            (abssum[n] / max(seen, 1)).astype(np.float32))
             for n in names}

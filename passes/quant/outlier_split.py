@@ -54,7 +54,8 @@ import numpy as np
 import onnx_ir as ir
 from pydantic import Field, field_validator, model_validator
 
-from optc.config import PassOptions, Strict, no_float
+from optc.calibration import CalibrationOptions
+from optc.config import PassOptions, no_float
 from optc.errors import OptcError
 from optc.passes.base import Contract, OptcPass, PassConfigError
 from optc.passes.quant.weight_quant import (WEIGHTS_QUANTIZED, _constant_weight, _rank_ok,
@@ -76,15 +77,6 @@ ACTIVATION_ZERO_POINTS = {8: np.asarray(ACTIVATION_ZERO_POINT, np.uint8), 16: np
 # large everywhere), which costs the speed; 1% met the accuracy goals on both reference models.
 DEFAULT_FRACTION = 0.01
 FLOAT_BRANCH_KEY = "optc.outlier_split"  # node metadata marking an outlier branch's float MatMul
-
-
-class CalibrationOptions(Strict):
-    text: str | None = Field(None, description="calibration text (.jsonl with 'text', or .txt one sample per "
-                                               "line); default models/data/calibration.jsonl")
-    samples: int = Field(16, ge=1, le=4096, description="documents (windows) to run")
-    samples_is_an_integer = field_validator("samples", mode="before")(no_float)
-    length: int = Field(256, ge=2, le=65536, description="tokens per window at most")
-    length_is_an_integer = field_validator("length", mode="before")(no_float)
 
 
 class OutlierSplitOptions(PassOptions):

@@ -16,20 +16,30 @@ its own quantised copy, so the float table stays for the Gather), MatMuls betwee
 A skip entry that matches nothing is an error (a typo must not silently quantise what it meant to
 keep), and a pass that quantises nothing fails the compile like every other pass.
 
+`method: awq` scales each quantised MatMul's input channels by calibrated activation magnitudes
+before rounding and folds the inverse into the op before it (AWQ; `awq.py`: the search, the folds,
+the per-activation report that goes into the manifest's `pass_reports`). `method: rtn`, the
+default, is the plain round-to-nearest above; its options and artifacts are as before AWQ existed
+(the awq-only keys are left out of its normal form).
+
 The result runs on ONNX Runtime only: MatMulNBits is a contrib op, and the TVM backend refuses it.
 """
 
 from __future__ import annotations
 
 import fnmatch
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_serializer, model_validator
 
+from optc.calibration import CalibrationOptions
 from optc.config import PassOptions, no_float
+from optc.errors import OptcError
 from optc.passes.base import Contract, OptcPass, PassConfigError
+from optc.passes.quant.awq import DEFAULT_ALPHAS
 from optc.passes.quant.blockwise import quantize_blockwise
 from optc.passes.rules.builders import replace_keeping_output
 from optc.runtime.manifest import LOGITS
@@ -68,6 +78,56 @@ class WeightQuantOptions(PassOptions):
     accuracy_level_is_an_integer = field_validator("accuracy_level", mode="before")(no_float)
     skip: list[str] = Field([], description="MatMuls to keep in float: 'lm_head' (the one producing the "
                                             "logits) or fnmatch globs on node or weight names")
+    method: Literal["rtn", "awq"] = Field(
+        "rtn", description="rtn: round-to-nearest, no calibration; awq: per-input-channel scales from calibrated "
+                           "activations (AWQ), alpha searched per activation, 1/s folded into the op before")
+    alphas: list[float] | None = Field(
+        None, description="awq only: the alpha grid searched per activation, s = mean|x|^alpha (each in [0, 1]; "
+                          "0 is round-to-nearest); default 0, 0.05, ..., 0.95")
+    calibration: CalibrationOptions | None = Field(
+        None, description="awq only: text, samples, length (default: models/data/calibration.jsonl, 16, 256)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _awq_defaults(cls, data):
+        if isinstance(data, dict) and data.get("method") == "awq":
+            data = dict(data)
+            if data.get("alphas") is None:
+                data["alphas"] = list(DEFAULT_ALPHAS)
+            if data.get("calibration") is None:
+                data["calibration"] = {}
+        return data
+
+    @model_validator(mode="after")
+    def _awq_only(self):
+        if self.method != "awq":
+            for key in ("alphas", "calibration"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} is an option of method: awq (method is {self.method})")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _normal_form(self, handler):
+        # round-to-nearest prints (and records in manifests) exactly the keys it had before awq
+        d = handler(self)
+        if self.method == "rtn":
+            for key in ("method", "alphas", "calibration"):
+                d.pop(key, None)
+        return d
+
+    @field_validator("alphas")
+    @classmethod
+    def _alphas(cls, v: list[float] | None) -> list[float] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("an empty grid searches nothing")
+        bad = [a for a in v if not 0 <= a <= 1]
+        if bad:
+            raise ValueError(f"each alpha must be in [0, 1], got {bad[0]!r}")
+        if len(set(v)) != len(v):
+            raise ValueError("an alpha is given twice")
+        return v
 
     @field_validator("block_size")
     @classmethod
@@ -125,20 +185,25 @@ class WeightQuant(OptcPass):
         for t in replaced:
             if t is not None and t.graph is graph and not t.outputs[0].uses():
                 graph.remove(t, safe=True)
-        for name in {source for source, _ in packed}:
+        for name in {key[0] for key in packed}:
             v = graph.initializers[name]
             if not v.uses() and v not in graph.outputs:
                 del graph.initializers[name]
         model.opset_imports.setdefault(CONTRIB_DOMAIN, 1)
         return ir.passes.PassResult(model, True)
 
-    def _pack(self, graph: ir.Graph, source: ir.Value, transposed: bool) -> tuple[ir.Value, ...]:
+    def _pack(self, graph: ir.Graph, source: ir.Value, transposed: bool,
+              row_scale: np.ndarray | None = None) -> tuple[ir.Value, ...]:
         o: WeightQuantOptions = self.options
         w = source.const_value.numpy()
         w = w.T if transposed else w  # [K, N]
-        B, scales, zero_points = quantize_blockwise(np.asarray(w, FLOAT_TYPES[source.dtype]), o.bits,
-                                                    o.block_size, o.symmetric)
+        w = np.asarray(w, FLOAT_TYPES[source.dtype])
+        if row_scale is not None:  # awq: diag(s) W (the input is divided by s before it)
+            w = (w * row_scale.astype(w.dtype)[:, None]).astype(w.dtype)
+        B, scales, zero_points = quantize_blockwise(w, o.bits, o.block_size, o.symmetric)
         base = f"{source.name}{'.T' if transposed else ''}.q{o.bits}b{o.block_size}"
+        while base in graph.initializers:  # a weight shared by MatMuls that awq scaled differently
+            base += ".awq"
         out = []
         for suffix, arr in (("", B), (".scales", scales), (".zero_points", zero_points)):
             if arr is None:
@@ -150,6 +215,88 @@ class WeightQuant(OptcPass):
             out.append(v)
         return tuple(out)
 
+
+    def select(self, graph: ir.Graph) -> list:
+        """The (MatMul, (weight, transposed, Transpose node)) pairs this pass quantises."""
+        candidates = [(n, w) for n in graph if n.op_type == "MatMul" and n.domain == ""
+                      and (w := _constant_weight(graph, n)) is not None and _rank_ok(n.inputs[0])]
+        return apply_skip(graph, candidates, self.options.skip, "constant-weight MatMul (node or weight names; this "
+                                                                "pass quantises MatMul weights only, never the "
+                                                                "embedding Gather)")
+
+    def awq_scales(self, model: ir.Model, todo: list) -> dict[ir.Node, np.ndarray]:
+        """Calibrate, search alpha per activation and fold 1/s into the graph (awq.py); returns
+        each MatMul's s where it is not 1 (its weight is then quantised as diag(s) W). Without
+        the quantisation that follows, the graph with diag(s) W in float computes what it did."""
+        from optc.calibration import channel_stats, read_calibration_texts, token_windows
+        from optc.passes.quant import awq
+
+        o: WeightQuantOptions = self.options
+        graph = model.graph
+        tok = self.context.tokenizer
+        if tok is None:
+            raise OptcError("weight_quant: method awq calibrates on text and needs a tokenizer (tokenizer.json "
+                            "beside the model, or --tokenizer)")
+        cal = o.calibration
+        if cal.text is not None and not Path(cal.text).is_file():
+            raise PassConfigError("calibration.text", f"{cal.text}: no such file")
+        texts = read_calibration_texts(Path(cal.text) if cal.text else None)
+        windows = token_windows(Path(tok), texts, samples=cal.samples, length=cal.length,
+                                bos=self.context.bos_token_id)
+        groups: dict[ir.Value, awq.Group] = {}
+        for node, weight in todo:
+            groups.setdefault(node.inputs[0], awq.Group(node.inputs[0], [])).members.append((node, weight))
+        taken = {v.name for v in graph.inputs} | set(graph.initializers) | \
+            {v.name for n in graph for v in n.outputs if v.name} | {n.name for n in graph if n.name}
+
+        def unique(name: str) -> str:
+            out, n = name, 1
+            while out in taken:
+                n += 1
+                out = f"{name}.{n}"
+            taken.add(out)
+            return out
+
+        for i, a in enumerate(groups):
+            if not a.name:
+                a.name = unique(f"optc.weight_quant.input.{i}")
+        tokens = sum(len(w) for w in windows)
+        self.context.log(f"  weight_quant awq: calibrating {len(groups)} activations on {len(windows)} windows "
+                         f"({tokens:,} tokens)")
+        stats = channel_stats(model, [a.name for a in groups], windows, label="weight_quant awq calibration",
+                              sample_rows=awq.SAMPLE_ROWS)
+        report = {"method": "awq", "calibration_tokens": tokens, "rows": int(next(iter(stats.values())).rows.shape[0]),
+                  "alphas": list(o.alphas), "groups": []}
+        weights = {}
+        for a, g in groups.items():
+            st = stats[a.name]
+            K = st.absmax.shape[0]
+            awq.find_fold(graph, g, K, self.context.decoder)
+            ws = []
+            for node, (source, transposed, _) in g.members:
+                w = source.const_value.numpy().astype(np.float32)
+                ws.append(w.T if transposed else w)
+            alpha, s, e0, e1 = awq.search(st.rows, st.absmean, ws, o.alphas, g.tie, bits=o.bits,
+                                          block_size=o.block_size, symmetric=o.symmetric,
+                                          accuracy_level=o.accuracy_level)
+            g.scale = None if alpha == 0 else s
+            report["groups"].append({
+                "input": a.name, "matmuls": [n.name for n, _ in g.members], "fold": g.fold if alpha else "none",
+                "target": g.target.name if alpha and g.target is not None else "", "alpha": alpha,
+                "rel_error_rtn": round(e0, 6), "rel_error_awq": round(e1, 6),
+                "error_reduction": round(1 - e1 / e0, 4) if e0 > 0 else 0.0})
+            weights[a] = ws
+        # folds after every search: a fold changes W_v / W_up, which their own group searched as exported
+        scales = {}
+        for g in groups.values():
+            if g.scale is not None:
+                awq.apply_fold(graph, g, unique)
+                for node, _ in g.members:
+                    scales[node] = g.scale
+        self.context.reports.setdefault(self.name, []).append(report)
+        for line in awq.format_report(report):
+            self.context.log(line)
+        return scales
 
 def check_skip_patterns(v: list[str]) -> list[str]:
     """A `skip` option's entries (the quantisation passes share them): none empty, none twice."""
