@@ -158,19 +158,18 @@ class WeightQuant(OptcPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         o: WeightQuantOptions = self.options
         graph = model.graph
-        candidates = [(n, w) for n in graph if n.op_type == "MatMul" and n.domain == ""
-                      and (w := _constant_weight(graph, n)) is not None and _rank_ok(n.inputs[0])]
-        todo = apply_skip(graph, candidates, o.skip, "constant-weight MatMul (node or weight names; this pass "
-                                                     "quantises MatMul weights only, never the embedding Gather)")
+        todo = self.select(graph)
         if not todo:
             return ir.passes.PassResult(model, False)
 
-        packed: dict[tuple[str, bool], tuple[ir.Value, ...]] = {}  # a weight shared by MatMuls is packed once
+        scales: dict[ir.Node, np.ndarray] = self.awq_scales(model, todo) if o.method == "awq" else {}
+        packed: dict[tuple, tuple[ir.Value, ...]] = {}  # a weight shared by MatMuls is packed once
         replaced = []
         for node, (source, transposed, transpose_node) in todo:
-            key = (source.name, transposed)
+            s = scales.get(node)
+            key = (source.name, transposed) if s is None else (source.name, transposed, node.name)
             if key not in packed:
-                packed[key] = self._pack(graph, source, transposed)
+                packed[key] = self._pack(graph, source, transposed, s)
             w = source.const_value.numpy()
             K, N = (w.shape[1], w.shape[0]) if transposed else w.shape
             new = ir.Node(CONTRIB_DOMAIN, OP, [node.inputs[0], *packed[key]],
