@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from optc.ir import take_over
 from optc.runtime.manifest import (ATTENTION_MASK, KEY_POSITION_IDS, POLICY_SINK_WINDOW, POSITION_IDS,
                                    PRUNED_FROM_LAYER, past_name, present_name)
 
@@ -363,12 +364,8 @@ def lower(model: ir.Model, info, context: int | None, log=print, kv_cache: dict 
             t = ir.node("Transpose", [r.outputs[0]], attributes={"perm": [0, 2, 1, 3]})
             graph.insert_before(attn, [r, t])
             ir.convenience.replace_all_uses_with(attn.outputs[0], t.outputs[0])
-        for kind, old, new in (("key", catk.outputs[0], new_k), ("value", catv.outputs[0], new_v)):
-            name = present_name(layer.index, kind)
-            graph.outputs[graph.outputs.index(old)] = new
-            ir.convenience.replace_all_uses_with(old, new)
-            old.name, new.name = f"{name}.unfused", name
-            new.type, new.shape = old.type, old.shape
+        for old, new in ((catk.outputs[0], new_k), (catv.outputs[0], new_v)):
+            take_over(old, new)  # the present key/value output, by the manifest's name
     model.opset_imports.setdefault("com.microsoft", 1)
     skip_norms = fuse_skip_rms_norm(model)
     # the Concats, Attentions, rotary and mask arithmetic, the unpacked projections are dead now

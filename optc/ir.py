@@ -1,4 +1,6 @@
-"""Loading and saving ONNX models as onnx-ir Models, with the input checks users need.
+"""Loading and saving ONNX models as onnx-ir Models, with the input checks users need, and the
+few graph edits that passes and backends both make (constants on a tape, a value taking over
+another's place).
 
 Every failure is an OptcError naming the file: missing, truncated or not ONNX, external-data
 locations that escape the model's directory or point at missing/short files.
@@ -9,8 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
+import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx_ir import tape
 
 from optc.errors import OptcError
 
@@ -144,3 +148,22 @@ def embedding_table(model: ir.Model, input_name: str) -> str | None:
 def copy_model(model: ir.Model) -> ir.Model:
     """A deep copy (passes and backends rewrite graphs in place)."""
     return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+def const(t: tape.Tape, value) -> ir.Value:
+    """A Constant node on the tape holding `value` (numpy keeps its dtype)."""
+    return t.op("Constant", [], {"value": ir.tensor(np.asarray(value))})
+
+
+def ints(t: tape.Tape, *xs: int) -> ir.Value:
+    """A Constant node on the tape holding the int64 vector `xs` (shapes, axes, slice bounds)."""
+    return const(t, np.array(xs, np.int64))
+
+
+def take_over(old: ir.Value, new: ir.Value) -> None:
+    """`new` takes `old`'s place: every use (a graph output too), its name, shape and type, so
+    graph outputs and later rewrites see the same value name (the LM head's stays `logits`)."""
+    name, shape, typ = old.name, old.shape, old.type
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+    old.name = f"{name}.replaced"  # names stay unique while `old` is still in the graph
+    new.name, new.shape, new.type = name, shape, typ

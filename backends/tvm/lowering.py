@@ -23,23 +23,19 @@ import onnx_ir as ir
 from onnx_ir import tape
 
 from optc.errors import OptcError
-from optc.ir import copy_model
+from optc.ir import const, copy_model, ints, take_over
 
 # Ops this lowering rewrites; everything else must be in TVM's ONNX convert map.
 LEGALIZED = ("Attention", "RotaryEmbedding")
 _NEG = float(np.finfo(np.float32).min)
 
 
-def _i64(t: tape.Tape, *xs) -> ir.Value:
-    return t.op("Constant", [], {"value": ir.tensor(np.array(xs, np.int64))})
-
-
 def _scalar(t: tape.Tape, x: int) -> ir.Value:
-    return t.op("Constant", [], {"value": ir.tensor(np.int64(x))})
+    return const(t, np.int64(x))
 
 
 def _f32(t: tape.Tape, x: float) -> ir.Value:
-    return t.op("Constant", [], {"value": ir.tensor(np.array(x, np.float32))})
+    return const(t, np.float32(x))
 
 
 def _replace(graph: ir.Graph, node: ir.Node, t: tape.Tape, outputs: list[ir.Value | None]) -> None:
@@ -55,10 +51,7 @@ def _replace(graph: ir.Graph, node: ir.Node, t: tape.Tape, outputs: list[ir.Valu
                 raise OptcError(f"tvm lowering: {node.op_type} node {node.name!r}: output {old.name!r} is used "
                                 f"but this lowering cannot produce it")
             continue
-        name, shape, typ = old.name, old.shape, old.type
-        ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
-        old.name = None
-        new.name, new.shape, new.type = name, shape, typ
+        take_over(old, new)
     graph.remove(node, safe=True)
 
 
@@ -85,9 +78,9 @@ def _lower_attention(graph: ir.Graph, node: ir.Node, q_heads: int, kv_heads: int
     scale = scale or 1.0 / float(np.sqrt(head_dim))
     # GQA without copying K/V: group the query heads by the KV head they share (head h uses
     # KV head h // rep, as the op specifies) and broadcast K/V over the group axis.
-    q5 = t.op("Reshape", [q, _i64(t, 0, kv_heads, rep, -1, head_dim)])
-    k5 = t.op("Unsqueeze", [k, _i64(t, 2)])
-    v5 = t.op("Unsqueeze", [v, _i64(t, 2)])
+    q5 = t.op("Reshape", [q, ints(t, 0, kv_heads, rep, -1, head_dim)])
+    k5 = t.op("Unsqueeze", [k, ints(t, 2)])
+    v5 = t.op("Unsqueeze", [v, ints(t, 2)])
     scores = t.op("MatMul", [q5, t.op("Transpose", [k5], {"perm": [0, 1, 2, 4, 3]})])
     scores = t.op("Mul", [scores, _f32(t, scale)])                                   # [B,Hkv,r,S,T]
     raw = scores
@@ -95,7 +88,7 @@ def _lower_attention(graph: ir.Graph, node: ir.Node, q_heads: int, kv_heads: int
         one, zero = _scalar(t, 1), _scalar(t, 0)
         s_len = t.op("Squeeze", [t.op("Shape", [scores], {"start": 3, "end": 4})])
         t_len = t.op("Squeeze", [t.op("Shape", [scores], {"start": 4, "end": 5})])
-        qi = t.op("Unsqueeze", [t.op("Range", [t.op("Sub", [t_len, s_len]), t_len, one]), _i64(t, 1)])
+        qi = t.op("Unsqueeze", [t.op("Range", [t.op("Sub", [t_len, s_len]), t_len, one]), ints(t, 1)])
         kj = t.op("Range", [zero, t_len, one])
         scores = t.op("Where", [t.op("Greater", [kj, qi]), _f32(t, _NEG), scores])
     if mask is not None:
@@ -103,7 +96,7 @@ def _lower_attention(graph: ir.Graph, node: ir.Node, q_heads: int, kv_heads: int
         if rank == 4:
             if mask.shape[1] != 1:
                 raise OptcError(f"{where}: a per-head attention mask is not supported (mask shape {mask.shape})")
-            mask5 = t.op("Unsqueeze", [mask, _i64(t, 1)])
+            mask5 = t.op("Unsqueeze", [mask, ints(t, 1)])
         elif rank in (2, 3):
             mask5 = mask
         else:
@@ -118,13 +111,13 @@ def _lower_attention(graph: ir.Graph, node: ir.Node, q_heads: int, kv_heads: int
     capped = scores
     probs = t.op("Softmax", [scores], {"axis": -1})
     y5 = t.op("MatMul", [probs, v5])                                                 # [B,Hkv,r,S,Dv]
-    y = t.op("Reshape", [y5, t.op("Concat", [_i64(t, 0, q_heads), t.op("Shape", [y5], {"start": 3})], {"axis": 0})])
+    y = t.op("Reshape", [y5, t.op("Concat", [ints(t, 0, q_heads), t.op("Shape", [y5], {"start": 3})], {"axis": 0})])
     outputs: list[ir.Value | None] = [y, k if len(node.outputs) > 1 else None, v if len(node.outputs) > 2 else None]
     if len(node.outputs) > 3:
         qk = {0: raw, 1: masked, 2: capped, 3: probs}.get(mode)
         if qk is None:
             raise OptcError(f"{where}: qk_matmul_output_mode {mode} is not supported")
-        outputs.append(t.op("Reshape", [qk, t.op("Concat", [_i64(t, 0, q_heads), t.op("Shape", [qk], {"start": 3})],
+        outputs.append(t.op("Reshape", [qk, t.op("Concat", [ints(t, 0, q_heads), t.op("Shape", [qk], {"start": 3})],
                                                  {"axis": 0})]))
     # present_key/value without a past input are K and V themselves
     for j in (1, 2):
@@ -149,7 +142,7 @@ def _lower_rotary(graph: ir.Graph, node: ir.Node) -> None:
     if len(x.shape) == 3:  # [B,S,H*D] -> [B,S,H,D]
         if not num_heads:
             raise OptcError(f"{where}: 3-D input without num_heads")
-        x4 = t.op("Reshape", [x, _i64(t, 0, 0, num_heads, x.shape[-1] // num_heads)])
+        x4 = t.op("Reshape", [x, ints(t, 0, 0, num_heads, x.shape[-1] // num_heads)])
         head_axis_for_cos = 2
         d = x.shape[-1] // num_heads
     else:  # [B,H,S,D]
@@ -158,28 +151,28 @@ def _lower_rotary(graph: ir.Graph, node: ir.Node) -> None:
     rot = rot or d
     if pos is not None:
         cos, sin = t.op("Gather", [cos, pos]), t.op("Gather", [sin, pos])           # [B,S,rot/2]
-    cos = t.op("Unsqueeze", [cos, _i64(t, head_axis_for_cos)])
-    sin = t.op("Unsqueeze", [sin, _i64(t, head_axis_for_cos)])
+    cos = t.op("Unsqueeze", [cos, ints(t, head_axis_for_cos)])
+    sin = t.op("Unsqueeze", [sin, ints(t, head_axis_for_cos)])
     half = rot // 2
     if interleaved:
-        x1 = t.op("Slice", [x4, _i64(t, 0), _i64(t, rot), _i64(t, -1), _i64(t, 2)])
-        x2 = t.op("Slice", [x4, _i64(t, 1), _i64(t, rot), _i64(t, -1), _i64(t, 2)])
+        x1 = t.op("Slice", [x4, ints(t, 0), ints(t, rot), ints(t, -1), ints(t, 2)])
+        x2 = t.op("Slice", [x4, ints(t, 1), ints(t, rot), ints(t, -1), ints(t, 2)])
     else:
-        x1 = t.op("Slice", [x4, _i64(t, 0), _i64(t, half), _i64(t, -1)])
-        x2 = t.op("Slice", [x4, _i64(t, half), _i64(t, rot), _i64(t, -1)])
+        x1 = t.op("Slice", [x4, ints(t, 0), ints(t, half), ints(t, -1)])
+        x2 = t.op("Slice", [x4, ints(t, half), ints(t, rot), ints(t, -1)])
     real = t.op("Sub", [t.op("Mul", [x1, cos]), t.op("Mul", [x2, sin])])
     imag = t.op("Add", [t.op("Mul", [x2, cos]), t.op("Mul", [x1, sin])])
     if interleaved:
-        pairs = t.op("Concat", [t.op("Unsqueeze", [real, _i64(t, -1)]), t.op("Unsqueeze", [imag, _i64(t, -1)])],
+        pairs = t.op("Concat", [t.op("Unsqueeze", [real, ints(t, -1)]), t.op("Unsqueeze", [imag, ints(t, -1)])],
                      {"axis": -1})
-        rotated = t.op("Reshape", [pairs, t.op("Concat", [t.op("Shape", [real], {"end": -1}), _i64(t, rot)], {"axis": 0})])
+        rotated = t.op("Reshape", [pairs, t.op("Concat", [t.op("Shape", [real], {"end": -1}), ints(t, rot)], {"axis": 0})])
     else:
         rotated = t.op("Concat", [real, imag], {"axis": -1})
     if rot < d:
-        rotated = t.op("Concat", [rotated, t.op("Slice", [x4, _i64(t, rot), _i64(t, d), _i64(t, -1)])], {"axis": -1})
+        rotated = t.op("Concat", [rotated, t.op("Slice", [x4, ints(t, rot), ints(t, d), ints(t, -1)])], {"axis": -1})
     out = rotated
     if len(x.shape) == 3:
-        out = t.op("Reshape", [rotated, _i64(t, 0, 0, x.shape[-1])])
+        out = t.op("Reshape", [rotated, ints(t, 0, 0, x.shape[-1])])
     _replace(graph, node, t, [out])
 
 

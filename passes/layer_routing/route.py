@@ -21,8 +21,8 @@ import onnx_ir as ir
 from onnx_ir import tape
 
 from optc.passes.base import PassConfigError
-from optc.passes.rules.builders import name_nodes
-from optc.passes.token_dropping.prefill import _attention_nodes, _residual_input
+from optc.passes.rules.builders import const, ints, name_nodes
+from optc.passes.rules.layers import attention_nodes, residual_input
 from optc.runtime.manifest import LAYER_CHANGE_OUTPUT, LAYERS_RUN_INPUT, past_name, present_name
 
 
@@ -54,8 +54,8 @@ def rewrite_routing(model: ir.Model, info, *, routable: list[int], window: int) 
     if any(v.name == LAYERS_RUN_INPUT for v in graph.inputs):
         return False
     n = info.n_layers
-    attns = _attention_nodes(graph, info)
-    hs = [_residual_input(a) for a in attns]
+    attns = attention_nodes(graph, info)
+    hs = [residual_input(a) for a in attns]
     for i in routable + [r + 1 for r in routable]:
         if hs[i] is None:
             raise PassConfigError(None, f"layer {i}: no residual hidden state found before its attention "
@@ -95,14 +95,14 @@ def rewrite_routing(model: ir.Model, info, *, routable: list[int], window: int) 
         # the else branch: the layer as if it were not there
         past_k, past_v = inputs[past_name(i, "key")], inputs[past_name(i, "value")]
         te = tape.Tape()
-        i64 = lambda *xs: te.op("Constant", [], {"value": ir.tensor(np.array(xs, np.int64))})  # noqa: E731
+        i64 = lambda *xs: ints(te, *xs)  # noqa: E731
         skip_outs = [te.op("Identity", [h_in]),
                      te.op("Slice", [past_k, i64(0), i64(0), i64(2)]),
                      te.op("Slice", [past_v, i64(0), i64(0), i64(2)]),
                      te.op("Identity", [past_k]), te.op("Identity", [past_v])]
         name_nodes(te.nodes, f"optc/layer_routing/layer{i}/skip")
         t = tape.Tape()
-        cond = t.op("Gather", [run_in, t.op("Constant", [], {"value": ir.tensor(np.array(i, np.int64))})],
+        cond = t.op("Gather", [run_in, const(t, np.int64(i))],
                     {"axis": 0})
         name_nodes(t.nodes, f"optc/layer_routing/layer{i}/cond")
         for nd in order:
@@ -125,14 +125,14 @@ def rewrite_routing(model: ir.Model, info, *, routable: list[int], window: int) 
         hs[i + 1] = wrapped.outputs[0]  # the next layer reads the If's output
         # how much the layer changed the last `window` tokens' hidden state (0 when skipped)
         tc = tape.Tape()
-        c64 = lambda *xs: tc.op("Constant", [], {"value": ir.tensor(np.array(xs, np.int64))})  # noqa: E731
+        c64 = lambda *xs: ints(tc, *xs)  # noqa: E731
         a = tc.op("Slice", [h_in, c64(-window), c64(np.iinfo(np.int64).max), c64(1)])
         b = tc.op("Slice", [wrapped.outputs[0], c64(-window), c64(np.iinfo(np.int64).max), c64(1)])
         dot = tc.op("ReduceSum", [tc.op("Mul", [a, b]), c64(-1)], {"keepdims": 0})
         norms = tc.op("Mul", [tc.op("ReduceL2", [a, c64(-1)], {"keepdims": 0}),
                               tc.op("ReduceL2", [b, c64(-1)], {"keepdims": 0})])
-        cos = tc.op("Div", [dot, tc.op("Max", [norms, tc.op("Constant", [], {"value": ir.tensor(np.float32(1e-12))})])])
-        change = tc.op("Sub", [tc.op("Constant", [], {"value": ir.tensor(np.float32(1))}),
+        cos = tc.op("Div", [dot, tc.op("Max", [norms, const(tc, np.float32(1e-12))])])
+        change = tc.op("Sub", [const(tc, np.float32(1)),
                                tc.op("ReduceMean", [cos], {"keepdims": 0})])
         changes.append(tc.op("Unsqueeze", [change, c64(0)]))
         name_nodes(tc.nodes, f"optc/layer_routing/layer{i}/change")

@@ -1,22 +1,12 @@
-"""Small graph builders every pass family uses: constants on a tape (any value, int64 vectors),
-unique node names, copying a computation onto another input, and replacing a node while its
-outputs keep their names."""
+"""Small graph builders every pass family uses: constants on a tape (any value, int64 vectors;
+defined in optc.ir, which the backends share), unique node names, copying a computation onto
+another input, and replacing a node while its outputs keep their names."""
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
-from onnx_ir import tape
 
-
-def const(t: tape.Tape, value) -> ir.Value:
-    """A Constant node on the tape holding `value` (numpy keeps its dtype)."""
-    return t.op("Constant", [], {"value": ir.tensor(np.asarray(value))})
-
-
-def ints(t: tape.Tape, *xs: int) -> ir.Value:
-    """A Constant node on the tape holding the int64 vector `xs` (shapes, axes, slice bounds)."""
-    return const(t, np.array(xs, np.int64))
+from optc.ir import const, ints, take_over  # noqa: F401  (re-exported: the passes' builders)
 
 
 def name_nodes(nodes, prefix: str) -> None:
@@ -55,12 +45,10 @@ def replace_keeping_output(graph: ir.Graph, old: ir.Node, new: ir.Node, *, befor
     """Put `new` in place of `old`: its first output takes over the uses, name, shape and type of
     `old`'s first output, as a graph output too (the LM head's is `logits`), so graph outputs and
     later passes see the same value name. `new` is inserted beside `old` unless already in a graph."""
-    ir.convenience.replace_all_uses_with(old.outputs[0], new.outputs[0], replace_graph_outputs=True)
-    name, shape, typ = old.outputs[0].name, old.outputs[0].shape, old.outputs[0].type
     if new.graph is None:
         if before:
             graph.insert_before(old, new)
         else:
             graph.insert_after(old, new)
+    take_over(old.outputs[0], new.outputs[0])  # after the insertion, which names the new output
     graph.remove(old, safe=True)
-    new.outputs[0].name, new.outputs[0].shape, new.outputs[0].type = name, shape, typ

@@ -34,7 +34,8 @@ import onnx_ir as ir
 from onnx_ir import tape
 
 from optc.passes.base import PassConfigError
-from optc.passes.rules.builders import name_nodes
+from optc.passes.rules.builders import const, ints, name_nodes
+from optc.passes.rules.layers import downstream, is_weight, reshape_rows_to
 from optc.runtime.manifest import ATTENTION_MASK, KEPT_ATTENTION_MASK, KEPT_TOKEN_INDICES, KEPT_TOKEN_SIZES
 
 _THROUGH = {"Transpose", "Reshape", "Add", "Mul", "Div", "Cast"}
@@ -51,11 +52,6 @@ class EncoderLayer:
     mask_slot: int         # which input of mask_add is the mask
 
 
-def _is_weight(v: ir.Value | None) -> bool:
-    return v is not None and (v.const_value is not None or v.is_initializer()
-                              or (v.producer() is not None and v.producer().op_type == "Constant"))
-
-
 def _projection_input(v: ir.Value) -> ir.Value | None:
     """Walk back from a query/key tensor through reshapes, transposes and bias adds to the MatMul
     with a weight; its activation input is the layer's hidden state."""
@@ -63,12 +59,12 @@ def _projection_input(v: ir.Value) -> ir.Value | None:
         node = v.producer()
         if node is None:
             return None
-        if node.op_type == "MatMul" and _is_weight(node.inputs[1]):
+        if node.op_type == "MatMul" and is_weight(node.inputs[1]):
             return node.inputs[0]
         if node.op_type not in _THROUGH:
             return None
         acts = [x for x in node.inputs[:1 if node.op_type in ("Reshape", "Transpose", "Cast") else 2]
-                if x is not None and not _is_weight(x)]
+                if x is not None and not is_weight(x)]
         if len(acts) != 1:
             return None
         v = acts[0]
@@ -104,19 +100,6 @@ def find_encoder_layers(graph: ir.Graph) -> list[EncoderLayer]:
         raise PassConfigError(None, "no encoder attention found (Softmax over Add(scaled Q·Kᵀ, mask)); "
                                     "mode encoder expects a BERT-style export such as `optc export` writes")
     return layers
-
-
-def _downstream(start: ir.Value) -> set[ir.Node]:
-    seen: set[ir.Node] = set()
-    todo = [start]
-    while todo:
-        v = todo.pop()
-        for use in v.uses():
-            node = use.node
-            if node not in seen:
-                seen.add(node)
-                todo.extend(node.outputs)
-    return seen
 
 
 def _keys_transposed(layer: EncoderLayer) -> ir.Value:
@@ -155,8 +138,8 @@ def rewrite_encoder(model: ir.Model, *, keep: float | int, start_layer: int, sco
     h = layer.hidden
 
     t = tape.Tape()
-    c = lambda x: t.op("Constant", [], {"value": ir.tensor(np.asarray(x))})  # noqa: E731
-    i64 = lambda *xs: c(np.array(xs, np.int64))  # noqa: E731
+    c = lambda x: const(t, x)  # noqa: E731
+    i64 = lambda *xs: ints(t, *xs)  # noqa: E731
     mask_f = t.op("Cast", [mask_in], {"to": ir.DataType.FLOAT})                       # [B, S]
     real = t.op("Cast", [mask_in], {"to": ir.DataType.BOOL})
     seq = t.op("Shape", [mask_in], {"start": 1, "end": 2})                            # [1]
@@ -236,30 +219,19 @@ def rewrite_encoder(model: ir.Model, *, keep: float | int, start_layer: int, sco
         if use.node not in reads_h:
             use.node.replace_input_with(use.idx, h_kept)
 
-    region = _downstream(h_kept)
+    region = downstream(graph, [h_kept])
     in_region = {v for nd in region for v in nd.outputs} | {h_kept}
     # later layers: the mask over kept tokens, Reshapes to k rows
     for lay in layers[start_layer:]:
         lay.mask_add.replace_input_with(lay.mask_slot, additive)
-    shape_memo: dict[ir.Value, ir.Value] = {}
-    for node in list(region):
-        if node.op_type == "Reshape" and node.inputs[1] not in in_region and not _is_weight(node.inputs[1]):
-            old = node.inputs[1]
-            if old not in shape_memo:
-                t2 = tape.Tape()
-                head = t2.op("Slice", [old, _i64(t2, 0), _i64(t2, 1)])
-                tail = t2.op("Slice", [old, _i64(t2, 2), _i64(t2, np.iinfo(np.int64).max)])
-                shape_memo[old] = t2.op("Concat", [head, k, tail], {"axis": 0})
-                name_nodes(t2.nodes, f"optc/token_dropping/shape_{len(shape_memo)}")
-                graph.insert_before(node, t2.nodes)
-            node.replace_input_with(1, shape_memo[old])
+    added = reshape_rows_to(graph, region, in_region, k, "optc/token_dropping")
     # anything else in the region that still reads a sequence-length-derived value is unsupported
-    new_nodes = {v.producer() for v in shape_memo.values()} | set(t.nodes)
+    new_nodes = added | set(t.nodes)
     for node in region:
         if node.op_type == "Reshape" or node in new_nodes:
             continue
         for x in node.inputs:
-            if x is None or x in in_region or _is_weight(x) or x is additive:
+            if x is None or x in in_region or is_weight(x) or x is additive:
                 continue
             if x.producer() is not None and x.producer() in new_nodes:
                 continue
@@ -283,7 +255,3 @@ def rewrite_encoder(model: ir.Model, *, keep: float | int, start_layer: int, sco
     ir.passes.common.RemoveUnusedNodesPass()(model)
     ir.passes.common.TopologicalSortPass()(model)
     return True
-
-
-def _i64(t: tape.Tape, x) -> ir.Value:
-    return t.op("Constant", [], {"value": ir.tensor(np.array([x], np.int64))})

@@ -30,16 +30,11 @@ import onnx_ir as ir
 from onnx_ir import tape
 
 from optc.passes.base import PassConfigError
-from optc.passes.rules.builders import clone_cone, name_nodes
+from optc.passes.rules.builders import clone_cone, const, ints, name_nodes
+from optc.passes.rules.layers import attention_nodes, downstream, is_weight, reshape_rows_to, residual_input
 from optc.runtime.manifest import POSITION_IDS, past_name
 
 BIG = np.float32(1e30)
-_THROUGH = ("Transpose", "Reshape", "MatMul", "Cast")
-
-
-def _is_weight(v: ir.Value | None) -> bool:
-    return v is not None and (v.const_value is not None or v.is_initializer()
-                              or (v.producer() is not None and v.producer().op_type == "Constant"))
 
 
 def _reads_inputs(v: ir.Value, memo: dict) -> bool:
@@ -50,48 +45,6 @@ def _reads_inputs(v: ir.Value, memo: dict) -> bool:
     memo[v] = v.is_graph_input() if node is None else any(
         _reads_inputs(x, memo) for x in node.inputs if x is not None)
     return memo[v]
-
-
-def _downstream(starts) -> set[ir.Node]:
-    seen: set[ir.Node] = set()
-    todo = list(starts)
-    while todo:
-        v = todo.pop()
-        for use in v.uses():
-            if use.node not in seen:
-                seen.add(use.node)
-                todo.extend(use.node.outputs)
-    return seen
-
-
-def _residual_input(attn: ir.Node) -> ir.Value | None:
-    """The hidden state a pre-norm layer adds its attention output to: walk from the Attention
-    output through Transpose/Reshape/o_proj to the residual Add; its other input."""
-    v = attn.outputs[0]
-    for _ in range(8):
-        uses = list(v.uses())
-        if len(uses) != 1:
-            return None
-        node = uses[0].node
-        if node.op_type == "Add":
-            other = node.inputs[1 - uses[0].idx]
-            if not _is_weight(other):
-                return other
-            v = node.outputs[0]  # a bias
-            continue
-        if node.op_type not in _THROUGH or (node.op_type == "MatMul" and not _is_weight(node.inputs[1])):
-            return None
-        v = node.outputs[0]
-    return None
-
-
-def _attention_nodes(graph: ir.Graph, info) -> list[ir.Node]:
-    by_name = {n.name: n for n in graph if n.op_type == "Attention"}
-    nodes = [by_name.get(layer.attention) for layer in info.layers]
-    if any(n is None for n in nodes):
-        raise PassConfigError(None, "mode prefill: a layer's Attention op (from the canonicaliser) is no longer in "
-                                    "the graph (did an earlier pass replace it?)")
-    return nodes
 
 
 def rewrite_prefill(model: ir.Model, info, *, keep: float | int, start_layer: int, sinks: int, recent: int,
@@ -109,12 +62,12 @@ def rewrite_prefill(model: ir.Model, info, *, keep: float | int, start_layer: in
     if pos_in is None:
         raise PassConfigError(None, f"mode prefill needs a {POSITION_IDS} graph input (kept tokens keep their "
                                     f"positions)")
-    attns = _attention_nodes(graph, info)
+    attns = attention_nodes(graph, info)
     first = attns[start_layer]
     if score == "attention" and first.attributes.get_float("softcap", 0.0):
         raise PassConfigError(None, f"layer {start_layer}'s Attention has a softcap; the attention score does not "
                                     f"model it")
-    h = _residual_input(first)
+    h = residual_input(first)
     if h is None or h.producer() is None:
         raise PassConfigError(None, f"layer {start_layer}: no residual hidden state found before its attention "
                                     f"(a pre-norm decoder layer: h + o_proj(Attention(...)))")
@@ -125,8 +78,8 @@ def rewrite_prefill(model: ir.Model, info, *, keep: float | int, start_layer: in
     heads, kv_heads, head_dim = info.num_heads, info.kv_heads, info.head_dim
     score_nodes: set[ir.Node] = set()
     t = tape.Tape()
-    c = lambda x: t.op("Constant", [], {"value": ir.tensor(np.asarray(x))})  # noqa: E731
-    i64 = lambda *xs: c(np.array(xs, np.int64))  # noqa: E731
+    c = lambda x: const(t, x)  # noqa: E731
+    i64 = lambda *xs: ints(t, *xs)  # noqa: E731
     scalar = lambda v: t.op("Squeeze", [v, i64(0)])  # noqa: E731
     seq = t.op("Shape", [pos_in], {"start": 1, "end": 2})                             # [1] new tokens
     past_len = t.op("Shape", [past_k], {"start": 2, "end": 3})                       # [1] cached (late layers)
@@ -206,7 +159,7 @@ def rewrite_prefill(model: ir.Model, info, *, keep: float | int, start_layer: in
         if use.node is not h_kept.producer() and use.node not in t.nodes:
             use.node.replace_input_with(use.idx, h_kept)
 
-    region = _downstream([h_kept])
+    region = downstream(graph, [h_kept])
     in_region = {v for nd in region for v in nd.outputs} | {h_kept}
     new_nodes = set(t.nodes) | score_nodes
     late = attns[start_layer:]
@@ -218,7 +171,7 @@ def rewrite_prefill(model: ir.Model, info, *, keep: float | int, start_layer: in
     # rotary: the later layers' cos/sin from the kept tokens' own positions
     memo: dict = {}
     added: list[ir.Node] = []
-    for node in list(region):
+    for node in region:
         if node.op_type != "RotaryEmbedding":
             continue
         if len(node.inputs) > 3 and node.inputs[3] is not None:
@@ -233,20 +186,7 @@ def rewrite_prefill(model: ir.Model, info, *, keep: float | int, start_layer: in
     new_nodes |= set(added)
     in_region |= {v for nd in added for v in nd.outputs}
     # Reshapes in the later layers: k rows where the shape read the step's token count (axis 1)
-    shape_memo: dict[ir.Value, ir.Value] = {}
-    for node in list(region):
-        if node.op_type == "Reshape" and node.inputs[1] not in in_region and not _is_weight(node.inputs[1]):
-            old = node.inputs[1]
-            if old not in shape_memo:
-                t2 = tape.Tape()
-                big = np.iinfo(np.int64).max
-                head = t2.op("Slice", [old, _i64(t2, 0), _i64(t2, 1)])
-                tail = t2.op("Slice", [old, _i64(t2, 2), _i64(t2, big)])
-                shape_memo[old] = t2.op("Concat", [head, k, tail], {"axis": 0})
-                name_nodes(t2.nodes, f"{prefix}/shape_{len(shape_memo)}")
-                graph.insert_before(node, t2.nodes)
-                new_nodes |= set(t2.nodes)
-            node.replace_input_with(1, shape_memo[old])
+    new_nodes |= reshape_rows_to(graph, region, in_region, k, prefix)
     # anything else in the later layers that reads a value computed over all the step's tokens
     late_past = {past_name(i, kind) for i in range(start_layer, n_layers) for kind in ("key", "value")}
     reads: dict = {}
@@ -288,6 +228,3 @@ def rewrite_prefill(model: ir.Model, info, *, keep: float | int, start_layer: in
     ir.passes.common.TopologicalSortPass()(model)
     return True
 
-
-def _i64(t: tape.Tape, x) -> ir.Value:
-    return t.op("Constant", [], {"value": ir.tensor(np.array([x], np.int64))})

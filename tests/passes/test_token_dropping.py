@@ -88,7 +88,7 @@ def test_prefill_mode_needs_position_ids():
     from optc.pipeline import check_contracts, plan
 
     with pytest.raises(OptcError, match=r"passes\[0\] \(token_dropping\) needs a position_ids graph input"):
-        check_contracts(plan(_cfg(mode="prefill"), REG), facts=set())
+        check_contracts(plan(_cfg(mode="prefill"), REG), facts={"model.decoder"})
 
 
 # ------------------------------------------------------------------ the real encoder (slow)
@@ -360,3 +360,23 @@ def test_compile_verifies_the_continuation(exported_decoder, tmp_path):
     assert manifest["verify_budget"]["max_perplexity_increase"] == 0.05
     assert report["perplexity_increase"] <= 0.05 and report["top1_agreement"] > 0.8
     assert report["max_abs_logit_diff"] > 0  # tokens were dropped: not the dense computation
+
+
+@pytest.mark.slow
+def test_prefill_artifact_is_byte_identical_across_processes(exported_decoder, tmp_path):
+    """The rewrite once walked a set of nodes, so the names it gave depended on object ids and two
+    processes wrote different model.onnx bytes for the same input and config."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from pathlib import Path; from optc.compile import compile_model; "
+              "from optc.config import parse_config; from optc.registry import default_registry; "
+              "reg = default_registry(); cfg = parse_config({'passes': [{'name': 'token_dropping', "
+              "'mode': 'prefill', 'keep': 0.5, 'start_layer': 2}]}, reg); "
+              "compile_model(Path(sys.argv[1]), Path(sys.argv[2]), config=cfg, verify=False, log=lambda *_: None)")
+    outs = [tmp_path / f"run{i}" for i in range(2)]
+    for out in outs:
+        subprocess.run([sys.executable, "-c", script, str(exported_decoder), str(out)], check=True)
+    files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.is_file())
+    assert files and files == sorted(p.relative_to(outs[1]) for p in outs[1].rglob("*") if p.is_file())
+    assert [f for f in files if (outs[0] / f).read_bytes() != (outs[1] / f).read_bytes()] == []
