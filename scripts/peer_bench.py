@@ -20,6 +20,15 @@ rounds, so that the load of a shared machine, which moves over seconds, hits eve
 each figure is the median of all its runs, with their range. Perplexity is teacher-forced
 over held-out windows (models/data/heldout.jsonl) in one prefill per window, the same windows for
 every engine. Timings on a shared machine move; compare engines within one run.
+
+`--perplexity-only` times nothing: it compiles the weight-quantisation variants (round-to-nearest,
+AWQ and AWQ with its clip search, int4 at block 32 and 128 with and without the LM head in float,
+int8; `QUALITY_VARIANTS`),
+builds genai's fp32 and int4 models (unless --no-genai), and gives each one's perplexity on the
+same held-out windows, one engine after the other:
+
+    .venv/bin/python scripts/peer_bench.py --hf models/pycoder-v2 --perplexity-only \
+        --out docs/bench/weight_quant_awq_pycoder-v2.md
 """
 
 from __future__ import annotations
@@ -159,14 +168,44 @@ def _held_out_ids(tokenizer_path: Path, bos, length: int, windows: int) -> tuple
     return stream, wins
 
 
-def _compile_optc(hf: Path, work: Path, log) -> dict[str, Path]:
+def _wq(bits: int, block: int, method: str = "rtn", head: bool = True) -> list[dict]:
+    opts = {"name": "weight_quant", "bits": bits, "block_size": block}
+    if method != "rtn":  # "awq" or "awq+clip"
+        opts["method"] = "awq"
+        opts["clip"] = method == "awq+clip"
+    if not head:
+        opts["skip"] = ["lm_head"]
+    return [opts]
+
+
+# --perplexity-only: weight-only quantisation, round-to-nearest against AWQ (calibrated on
+# models/data/calibration.jsonl, the pass's default: 16 documents x 256 tokens, not the held-out text)
+QUALITY_VARIANTS = {
+    "optc fp32": ([], {}),
+    "optc int8 rtn b32": (_wq(8, 32), {}),
+    "optc int4 rtn b32": (_wq(4, 32), {}),
+    "optc int4 awq b32": (_wq(4, 32, "awq"), {}),
+    "optc int4 rtn b32, LM head fp32": (_wq(4, 32, head=False), {}),
+    "optc int4 awq b32, LM head fp32": (_wq(4, 32, "awq", head=False), {}),
+    "optc int4 rtn b128": (_wq(4, 128), {}),
+    "optc int4 awq b128": (_wq(4, 128, "awq"), {}),
+    "optc int4 rtn b128, LM head fp32": (_wq(4, 128, head=False), {}),
+    "optc int4 awq b128, LM head fp32": (_wq(4, 128, "awq", head=False), {}),
+    "optc int4 awq+clip b32": (_wq(4, 32, "awq+clip"), {}),
+    "optc int4 awq+clip b32, LM head fp32": (_wq(4, 32, "awq+clip", head=False), {}),
+    "optc int4 awq+clip b128": (_wq(4, 128, "awq+clip"), {}),
+    "optc int4 awq+clip b128, LM head fp32": (_wq(4, 128, "awq+clip", head=False), {}),
+}
+
+
+def _compile_optc(hf: Path, work: Path, log, variants: dict | None = None) -> dict[str, Path]:
     from optc.compile import compile_model
     from optc.config import parse_config
     from optc.export import export_decoder
     from optc.registry import default_registry
 
     onnx_path = export_decoder(hf, work / "export" / "model.onnx", log=lambda *_: None)
-    variants = {
+    variants = variants or {
         "optc fp32 (GQA in place)": ([], {}),
         "optc fp32 (generic graph)": ([], {"fused_attention": False}),
         "optc int8 weights b32": ([{"name": "weight_quant", "bits": 8, "block_size": 32}], {}),
@@ -247,6 +286,9 @@ def main() -> None:
                                                           "run; figures are medians over rounds x repeats")
     ap.add_argument("--windows", type=int, default=8, help="held-out windows of 512 tokens for perplexity")
     ap.add_argument("--out", type=Path, help="write the table (markdown) here and its JSON beside it")
+    ap.add_argument("--perplexity-only", action="store_true",
+                    help="no timings: perplexity of the weight-quantisation variants (QUALITY_VARIANTS) and genai's")
+    ap.add_argument("--no-genai", action="store_true", help="--perplexity-only without building genai's models")
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -261,6 +303,8 @@ def main() -> None:
     job = {"ids": ids, "windows": windows, "prompt_lengths": [int(x) for x in a.prompt_lengths.split(",")],
            "contexts": [int(x) for x in a.contexts.split(",")], "decode_tokens": a.decode_tokens,
            "repeats": a.repeats}
+    if a.perplexity_only:
+        return _perplexity_only(a, job, log)
     results = {}
     with tempfile.TemporaryDirectory(prefix="optc-peer-bench-") as tmp:
         work = Path(tmp)
@@ -307,6 +351,47 @@ def main() -> None:
                                                           "results": results, **{k: job[k] for k in (
                                                               "prompt_lengths", "contexts", "decode_tokens",
                                                               "repeats")}, "rounds": a.rounds}, indent=1) + "\n")
+
+
+def _perplexity_only(a, job: dict, log) -> None:
+    """Each variant's held-out perplexity (no timings), one worker at a time, and the table."""
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="optc-peer-bench-") as tmp:
+        work = Path(tmp)
+        job_file = work / "job.json"
+        job_file.write_text(json.dumps(job))
+        engines = [("optc", k, v) for k, v in _compile_optc(a.hf, work, log, QUALITY_VARIANTS).items()]
+        if not a.no_genai:
+            engines += [("genai", k, v) for k, v in _build_genai(a.genai_python, a.hf, work, log).items()]
+        for i, (kind, name, path) in enumerate(engines):
+            python = sys.executable if kind == "optc" else a.genai_python
+            with open(work / f"worker{i}.err", "w") as err:
+                proc = subprocess.Popen([python, __file__, "--worker", kind, str(path), str(job_file)], text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, bufsize=1)
+            proc.err_path = err.name
+            _ask(proc, name, None)
+            log(f"perplexity: {name}")
+            results[name] = {"perplexity": _ask(proc, name, "perplexity")}
+            if kind == "optc":  # what awq chose, per activation (the compile's report)
+                manifest = json.loads((path / "manifest.json").read_text())
+                results[name]["passes"] = manifest["passes"]
+                results[name]["pass_reports"] = manifest.get("pass_reports", {})
+            proc.stdin.close()
+            proc.wait()
+    base = {"optc": results["optc fp32"]["perplexity"]}
+    if "onnxruntime-genai fp32" in results:
+        base["genai"] = results["onnxruntime-genai fp32"]["perplexity"]
+    lines = ["| engine | perplexity | vs its fp32 |", "|---|---|---|"]
+    for name, r in results.items():
+        ref = base["genai" if name.startswith("onnxruntime-genai") else "optc"]
+        lines.append(f"| {name} | {r['perplexity']:.3f} | {r['perplexity'] / ref - 1:+.2%} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(table)
+        a.out.with_suffix(".json").write_text(json.dumps({"model": str(a.hf), "windows": len(job["windows"]),
+                                                          "window_tokens": 512, "results": results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -227,6 +227,50 @@ def search(x: np.ndarray, absmean: np.ndarray, weights: list[np.ndarray], alphas
     return best
 
 
+# AWQ's auto-clip grid: each block's range shrunk to r * max|w| (1.0 = not clipped)
+CLIP_RATIOS = [round(1 - i / 20, 2) for i in range(10)]  # 1.0, 0.95, ..., 0.55
+CLIP_ROWS = 512  # calibration rows the clip search runs on
+
+
+def _blocks(a: np.ndarray, block_size: int, axis: int) -> np.ndarray:
+    """Pad axis (K) with zeros to whole blocks and split it: [.., kb, block_size, ..]."""
+    K = a.shape[axis]
+    kb = -(-K // block_size)
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (0, kb * block_size - K)
+    a = np.pad(a, pad)
+    return a.reshape(a.shape[:axis] + (kb, block_size) + a.shape[axis + 1:])
+
+
+def clip_to(w: np.ndarray, ratios: np.ndarray, block_size: int) -> np.ndarray:
+    """W [K, N] with each block (along K) of each column clipped to ratios[j, n] * its max |w|."""
+    K, N = w.shape
+    wb = _blocks(w, block_size, 0)  # [kb, bs, N]
+    lim = (np.abs(wb).max(axis=1) * ratios)[:, None, :]
+    return np.clip(wb, -lim, lim).reshape(-1, N)[:K].astype(w.dtype)
+
+
+def clip_search(x: np.ndarray, w: np.ndarray, *, bits: int, block_size: int, symmetric: bool) -> np.ndarray:
+    """AWQ's auto-clip: per block and output column, the ratio of CLIP_RATIOS whose clipped,
+    quantised block gives the least error of that block's part of the output, x[:, blk] @ w[blk, n],
+    on rows x [r, K] (x the MatMul's input as quantised: divided by s). Returns ratios [kb, N].
+    The choice does not change when a column is scaled afterwards (a fold into W_v / W_up):
+    the clip limit and the error scale with it."""
+    xb = _blocks(x, block_size, 1).transpose(1, 0, 2)  # [kb, r, bs]
+    wb = _blocks(w, block_size, 0)  # [kb, bs, N]
+    best_err, best = None, None
+    for r in CLIP_RATIOS:
+        ratios = np.full((wb.shape[0], w.shape[1]), r, np.float32)
+        d = _blocks(quantized(clip_to(w, ratios, block_size), bits, block_size, symmetric) - w, block_size, 0)
+        err = np.sum(np.matmul(xb, d).astype(np.float64) ** 2, axis=1)  # [kb, N]
+        if best is None:
+            best_err, best = err, ratios
+        else:
+            better = err < best_err
+            best_err, best = np.where(better, err, best_err), np.where(better, ratios, best)
+    return best
+
+
 # ---------------------------------------------------------------------------- applying it
 def apply_fold(graph: ir.Graph, group: Group, unique) -> ir.Value | None:
     """Put 1/s into the group's fold target (or a new Mul, returned: the group's MatMuls read it)."""
@@ -266,10 +310,25 @@ def _tied(group: Group) -> np.ndarray:
 
 
 def format_report(report: dict) -> list[str]:
+    clip = report.get("clip", False)
     lines = [f"  weight_quant awq ({report['calibration_tokens']:,} calibration tokens, {report['rows']} rows per "
-             f"activation): input | MatMuls | 1/s into | alpha | rel. output error rtn -> awq"]
+             f"activation): input | MatMuls | 1/s into | alpha | rel. output error rtn -> awq"
+             + (" -> clipped (mean clip ratio)" if clip else "")]
     for e in report["groups"]:
+        tail = f" -> {e['rel_error_clip']:.4e} ({e['clip_ratio_mean']:.3f})" if clip else ""
         lines.append(f"    {e['input']}: {len(e['matmuls'])} | {e['fold']}{' ' + e['target'] if e['target'] else ''} "
-                     f"| {e['alpha']:.2f} | {e['rel_error_rtn']:.4e} -> {e['rel_error_awq']:.4e} "
+                     f"| {e['alpha']:.2f} | {e['rel_error_rtn']:.4e} -> {e['rel_error_awq']:.4e}{tail} "
                      f"({e['error_reduction']:+.1%})")
     return lines
+
+
+def group_error(x: np.ndarray, weights: list[np.ndarray], quantised: list[np.ndarray], s: np.ndarray, *,
+                block_size: int, accuracy_level: int) -> float:
+    """Relative output error of a group: sim(x / s) @ Wq against x @ W, over its MatMuls."""
+    xs = simulate_activation(x / s, block_size, accuracy_level)
+    num = den = 0.0
+    for w, q in zip(weights, quantised):
+        ref = x @ w
+        num += float(np.sum((xs @ q - ref).astype(np.float64) ** 2))
+        den += float(np.sum(ref.astype(np.float64) ** 2))
+    return float(np.sqrt(num / (den or 1.0)))

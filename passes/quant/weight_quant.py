@@ -39,7 +39,7 @@ from optc.calibration import CalibrationOptions
 from optc.config import PassOptions, no_float
 from optc.errors import OptcError
 from optc.passes.base import Contract, OptcPass, PassConfigError
-from optc.passes.quant.awq import DEFAULT_ALPHAS
+from optc.passes.quant.awq import DEFAULT_ALPHAS, clip_to
 from optc.passes.quant.blockwise import quantize_blockwise
 from optc.passes.rules.builders import replace_keeping_output
 from optc.runtime.manifest import LOGITS
@@ -84,6 +84,9 @@ class WeightQuantOptions(PassOptions):
     alphas: list[float] | None = Field(
         None, description="awq only: the alpha grid searched per activation, s = mean|x|^alpha (each in [0, 1]; "
                           "0 is round-to-nearest); default 0, 0.05, ..., 0.95")
+    clip: bool | None = Field(
+        None, description="awq only: also search, per block and output column, how far to shrink the block's range "
+                          "before rounding (AWQ's auto-clip; ratios 1.0 down to 0.55); default false")
     calibration: CalibrationOptions | None = Field(
         None, description="awq only: text, samples, length (default: models/data/calibration.jsonl, 16, 256)")
 
@@ -96,12 +99,14 @@ class WeightQuantOptions(PassOptions):
                 data["alphas"] = list(DEFAULT_ALPHAS)
             if data.get("calibration") is None:
                 data["calibration"] = {}
+            if data.get("clip") is None:
+                data["clip"] = False
         return data
 
     @model_validator(mode="after")
     def _awq_only(self):
         if self.method != "awq":
-            for key in ("alphas", "calibration"):
+            for key in ("alphas", "clip", "calibration"):
                 if getattr(self, key) is not None:
                     raise ValueError(f"{key} is an option of method: awq (method is {self.method})")
         return self
@@ -111,7 +116,7 @@ class WeightQuantOptions(PassOptions):
         # round-to-nearest prints (and records in manifests) exactly the keys it had before awq
         d = handler(self)
         if self.method == "rtn":
-            for key in ("method", "alphas", "calibration"):
+            for key in ("method", "alphas", "clip", "calibration"):
                 d.pop(key, None)
         return d
 
@@ -162,14 +167,16 @@ class WeightQuant(OptcPass):
         if not todo:
             return ir.passes.PassResult(model, False)
 
+        self._clip: dict[ir.Node, np.ndarray] = {}  # awq clip: ratios [k_blocks, N] per MatMul
         scales: dict[ir.Node, np.ndarray] = self.awq_scales(model, todo) if o.method == "awq" else {}
         packed: dict[tuple, tuple[ir.Value, ...]] = {}  # a weight shared by MatMuls is packed once
         replaced = []
         for node, (source, transposed, transpose_node) in todo:
             s = scales.get(node)
-            key = (source.name, transposed) if s is None else (source.name, transposed, node.name)
+            own = s is not None or node in self._clip
+            key = (source.name, transposed, node.name) if own else (source.name, transposed)
             if key not in packed:
-                packed[key] = self._pack(graph, source, transposed, s)
+                packed[key] = self._pack(graph, source, transposed, s, self._clip.get(node))
             w = source.const_value.numpy()
             K, N = (w.shape[1], w.shape[0]) if transposed else w.shape
             new = ir.Node(CONTRIB_DOMAIN, OP, [node.inputs[0], *packed[key]],
@@ -192,13 +199,15 @@ class WeightQuant(OptcPass):
         return ir.passes.PassResult(model, True)
 
     def _pack(self, graph: ir.Graph, source: ir.Value, transposed: bool,
-              row_scale: np.ndarray | None = None) -> tuple[ir.Value, ...]:
+              row_scale: np.ndarray | None = None, clip: np.ndarray | None = None) -> tuple[ir.Value, ...]:
         o: WeightQuantOptions = self.options
         w = source.const_value.numpy()
         w = w.T if transposed else w  # [K, N]
         w = np.asarray(w, FLOAT_TYPES[source.dtype])
         if row_scale is not None:  # awq: diag(s) W (the input is divided by s before it)
             w = (w * row_scale.astype(w.dtype)[:, None]).astype(w.dtype)
+        if clip is not None:  # awq clip: each block's range shrunk to the searched ratio of its max |w|
+            w = clip_to(w, clip, o.block_size)
         B, scales, zero_points = quantize_blockwise(w, o.bits, o.block_size, o.symmetric)
         base = f"{source.name}{'.T' if transposed else ''}.q{o.bits}b{o.block_size}"
         while base in graph.initializers:  # a weight shared by MatMuls that awq scaled differently
@@ -264,9 +273,8 @@ class WeightQuant(OptcPass):
                          f"({tokens:,} tokens)")
         stats = channel_stats(model, [a.name for a in groups], windows, label="weight_quant awq calibration",
                               sample_rows=awq.SAMPLE_ROWS)
-        report = {"method": "awq", "calibration_tokens": tokens, "rows": int(next(iter(stats.values())).rows.shape[0]),
-                  "alphas": list(o.alphas), "groups": []}
-        weights = {}
+        report = {"method": "awq", "clip": o.clip, "calibration_tokens": tokens,
+                  "rows": int(next(iter(stats.values())).rows.shape[0]), "alphas": list(o.alphas), "groups": []}
         for a, g in groups.items():
             st = stats[a.name]
             K = st.absmax.shape[0]
@@ -279,12 +287,25 @@ class WeightQuant(OptcPass):
                                           block_size=o.block_size, symmetric=o.symmetric,
                                           accuracy_level=o.accuracy_level)
             g.scale = None if alpha == 0 else s
-            report["groups"].append({
-                "input": a.name, "matmuls": [n.name for n, _ in g.members], "fold": g.fold if alpha else "none",
-                "target": g.target.name if alpha and g.target is not None else "", "alpha": alpha,
-                "rel_error_rtn": round(e0, 6), "rel_error_awq": round(e1, 6),
-                "error_reduction": round(1 - e1 / e0, 4) if e0 > 0 else 0.0})
-            weights[a] = ws
+            entry = {"input": a.name, "matmuls": [n.name for n, _ in g.members], "fold": g.fold if alpha else "none",
+                     "target": g.target.name if alpha and g.target is not None else "", "alpha": alpha,
+                     "rel_error_rtn": round(e0, 6), "rel_error_awq": round(e1, 6)}
+            final = e1
+            if o.clip:  # per block and column, on the weights as scaled and the input as divided
+                x = st.rows[np.linspace(0, len(st.rows) - 1, min(len(st.rows), awq.CLIP_ROWS)).astype(int)] / s
+                qs, means = [], []
+                for (node, _), w in zip(g.members, ws):
+                    ratios = awq.clip_search(x, w * s[:, None], bits=o.bits, block_size=o.block_size,
+                                             symmetric=o.symmetric)
+                    self._clip[node] = ratios
+                    means.append(float(ratios.mean()))
+                    qs.append(awq.quantized(awq.clip_to(w * s[:, None], ratios, o.block_size), o.bits, o.block_size,
+                                            o.symmetric))
+                final = awq.group_error(st.rows, ws, qs, s, block_size=o.block_size, accuracy_level=o.accuracy_level)
+                entry["rel_error_clip"] = round(final, 6)
+                entry["clip_ratio_mean"] = round(float(np.mean(means)), 4)
+            entry["error_reduction"] = round(1 - final / e0, 4) if e0 > 0 else 0.0
+            report["groups"].append(entry)
         # folds after every search: a fold changes W_v / W_up, which their own group searched as exported
         scales = {}
         for g in groups.values():
@@ -296,6 +317,7 @@ class WeightQuant(OptcPass):
         for line in awq.format_report(report):
             self.context.log(line)
         return scales
+
 
 def check_skip_patterns(v: list[str]) -> list[str]:
     """A `skip` option's entries (the quantisation passes share them): none empty, none twice."""

@@ -27,7 +27,9 @@ FAST_CALIBRATION = {"samples": 3, "length": 64}
     ("method: awq\n    calibration: {samples: 0}", "passes[0].calibration.samples: Input should be greater than or "
                                                     "equal to 1"),
     ("method: awq\n    calibration: {samples: 2.0}", "passes[0].calibration.samples: Value error, expected an integer"),
-    ("method: awq\n    clip: true", "passes[0].clip: unknown key"),
+    ("clip: true", "passes[0]: Value error, clip is an option of method: awq (method is rtn)"),
+    ("method: awq\n    clip: maybe", "passes[0].clip: Input should be a valid boolean"),
+    ("method: awq\n    clip_ratios: [1]", "passes[0].clip_ratios: unknown key"),
 ])
 def test_bad_awq_options_are_one_line(tmp_path, capsys, options, message):
     err = config_error(tmp_path, tmp_path / "model.onnx",
@@ -46,13 +48,37 @@ def test_normal_form_rtn_unchanged_awq_filled_in(capsys):
     awq = parse_config({"passes": [{"name": "weight_quant", "bits": 4, "method": "awq"}]}, reg)
     d = awq.to_dict()["passes"][0]
     assert d["method"] == "awq" and d["alphas"] == [i / 20 for i in range(20)]
-    assert d["calibration"] == {"text": None, "samples": 16, "length": 256}
+    assert d["calibration"] == {"text": None, "samples": 16, "length": 256} and d["clip"] is False
     # the normal form reads back as the same config
     assert parse_config(awq.to_dict(), reg).to_dict() == awq.to_dict()
     code, out, _ = run_cli(["passes"], capsys)
     block = out.split("weight_quant", 1)[1].split("\n\n")[0]
     assert code == 0 and "method: Literal['rtn', 'awq'] = 'rtn'" in block and "alphas:" in block
     assert "calibration: " in block and "awq only: text, samples, length" in block
+
+
+def test_clip_search_never_worse_per_block_than_no_clip():
+    """auto-clip picks, per block and column, the ratio with the least error of that block's part
+    of the output; ratio 1.0 (no clip) is in the grid, so no block gets worse, and a weight with one
+    far outlier per block gets clipped."""
+    from optc.passes.quant import awq
+
+    rng = np.random.default_rng(1)
+    K, N, bs = 96, 8, 32
+    x = rng.standard_normal((64, K)).astype(np.float32)
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    w[::bs] *= 12  # one outlier per block: round-to-nearest spends the range on it
+    np.testing.assert_array_equal(awq.clip_to(w, np.ones((K // bs, N), np.float32), bs), w)
+    ratios = awq.clip_search(x, w, bits=4, block_size=bs, symmetric=False)
+    assert ratios.shape == (K // bs, N) and set(np.unique(ratios)) <= set(np.float32(awq.CLIP_RATIOS))
+
+    def block_errors(q):
+        d = (q - w).reshape(K // bs, bs, N)
+        return np.sum(np.matmul(x.reshape(-1, K // bs, bs).transpose(1, 0, 2), d) ** 2, axis=1)
+
+    plain = block_errors(awq.quantized(w, 4, bs, False))
+    clipped = block_errors(awq.quantized(awq.clip_to(w, ratios, bs), 4, bs, False))
+    assert np.all(clipped <= plain * (1 + 1e-6)) and clipped.sum() < plain.sum() and ratios.min() < 1
 
 
 def _compile(model, out, passes, **kw):
