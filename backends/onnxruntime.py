@@ -22,6 +22,7 @@ PROVIDERS = {
     "gpu": ["CUDAExecutionProvider", "CPUExecutionProvider"],
 }
 GRAPH_FILE = "model.onnx"
+MODEL_KINDS = ("decoder", "encoder")  # what this backend lowers (optc.compile refuses the others in one line)
 
 
 def compile(model: ir.Model, info, out_dir: Path, target: str, *, kv_cache=None, prefill=None, options=None,
@@ -60,3 +61,28 @@ def compile(model: ir.Model, info, out_dir: Path, target: str, *, kv_cache=None,
     if kv_in_place is not None:  # kv_outputs are then the present buffers GQA writes in place
         section["kv_in_place"] = kv_in_place
     return section
+
+
+def compile_encoder(model: ir.Model, info, out_dir: Path, target: str, *, options=None, log=print) -> dict:
+    """A BERT-style encoder: the graph as the passes left it (no cache, no attention lowering), plus
+    on the CPU outlier_split's int8 units that share an activation stacked (onnxruntime_int8.py)."""
+    if target not in PROVIDERS:
+        raise OptcError(f"--target {target}: the onnxruntime backend compiles encoders for {', '.join(PROVIDERS)}")
+    options = dict(options or {})
+    options.pop("fused_attention", None)  # (a decoder's cache lowering: nothing to fuse in an encoder)
+    if options:
+        raise OptcError(f"--backend onnxruntime takes no backend options for an encoder (got "
+                        f"{', '.join(sorted(options))})")
+    if target == "cpu":
+        onnxruntime_int8.lower(model, log=log)
+    files = save_model(model, Path(out_dir) / GRAPH_FILE)
+    return {
+        "name": "onnxruntime",
+        "graph": GRAPH_FILE,
+        "weights": [f.name for f in files[1:]],
+        "providers": PROVIDERS[target],
+        "session_options": {"graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_num_threads": 0,
+                            "inter_op_num_threads": 1},
+        "kv_outputs": [],         # no KV cache
+        "attention_outputs": [],
+    }

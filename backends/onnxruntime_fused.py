@@ -25,7 +25,7 @@ import onnx_ir as ir
 
 from optc.ir import take_over
 from optc.runtime.manifest import (ATTENTION_MASK, KEY_POSITION_IDS, POLICY_SINK_WINDOW, POSITION_IDS,
-                                   PRUNED_FROM_LAYER, past_name, present_name)
+                                   PRUNED_FROM_LAYER, is_attention_output, past_name, present_name)
 
 FUSED_OP = "GroupQueryAttention"
 SEQLENS_INPUT = "seqlens_k"  # per sequence: tokens in the cache after this step, minus one (int32)
@@ -60,7 +60,7 @@ def why_not(model: ir.Model, info, kv_cache: dict | None, target: str, prefill: 
     if kv.get(PRUNED_FROM_LAYER) is not None:
         return (f"token_dropping: layers from {kv[PRUNED_FROM_LAYER]} on cache fewer tokens than earlier ones "
                 f"(GQA's one seqlens input serves every layer)")
-    if any(v.name.startswith("optc.attention.") for v in model.graph.outputs):
+    if any(is_attention_output(v.name) for v in model.graph.outputs):
         return "a cache policy reads the attention probabilities"
     if info.head_dim % 16:
         return f"head_dim {info.head_dim} (ONNX Runtime's CPU GroupQueryAttention takes multiples of 16)"

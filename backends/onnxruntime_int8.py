@@ -30,7 +30,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-FLOAT_BRANCH_KEY = "optc.outlier_split"  # (passes/quant/outlier_split.py marks its float MatMuls so)
+from optc.runtime.manifest import FLOAT_BRANCH_KEY
+
 GQA = ("com.microsoft", "GroupQueryAttention")
 
 

@@ -236,3 +236,108 @@ def canonicalize(model: ir.Model) -> DecoderInfo:
 
     RemoveUnusedNodesPass()(model)
     return info
+
+
+# ---------------------------------------------------------------- encoders
+MODEL_KIND_DECODER, MODEL_KIND_ENCODER = "decoder", "encoder"
+ENCODER_TOKEN_INPUTS = (INPUT_IDS, ATTENTION_MASK, "token_type_ids")
+
+
+def model_kind(model: ir.Model) -> str | None:
+    """'decoder' (a KV cache or logits), 'encoder' (token inputs -> one [batch, seq, hidden]
+    output, no cache), or None when the graph is neither."""
+    inputs = {v.name for v in model.graph.inputs}
+    outputs = list(model.graph.outputs)
+    if any(_PAST.match(n) for n in inputs) or any(v.name == "logits" for v in outputs):
+        return MODEL_KIND_DECODER
+    if INPUT_IDS in inputs and outputs and outputs[0].shape is not None and len(outputs[0].shape) == 3:
+        return MODEL_KIND_ENCODER
+    return None
+
+
+@dataclass
+class EncoderInfo:
+    """A BERT-style encoder as the canonicaliser found it (the manifest's `model` section,
+    runtime/manifest.py EncoderSpec)."""
+
+    n_layers: int
+    num_heads: int
+    hidden_size: int
+    vocab_size: int
+    context: int | None
+    norm: str
+    mlp: str
+    inputs: list[str]
+    output: str
+    rewrites: dict[str, int] = field(default_factory=dict)
+    kind: str = MODEL_KIND_ENCODER
+
+    def summary(self) -> dict:
+        return asdict(self)
+
+
+def analyze_encoder(model: ir.Model) -> EncoderInfo:
+    """Find a BERT-style encoder: token inputs (input_ids, attention_mask, optional token_type_ids)
+    -> one hidden-state output [batch, seq, hidden], one attention (Softmax over Add(scaled Q·Kᵀ,
+    mask)) per layer. Anything else is a CanonicalizationError naming what and where."""
+    from optc.passes.base import PassConfigError
+    from optc.passes.token_dropping.encoder import find_encoder_layers
+
+    g = model.graph
+    names = [v.name for v in g.inputs]
+    for required in (INPUT_IDS, ATTENTION_MASK):
+        if required not in names:
+            raise CanonicalizationError(f"encoder: graph input {required!r} not found (inputs: {', '.join(names[:6])})")
+    extra = [n for n in names if n not in ENCODER_TOKEN_INPUTS]
+    if extra:
+        raise CanonicalizationError(f"encoder: graph input {extra[0]!r} is not one optc feeds (an encoder takes "
+                                    f"{', '.join(ENCODER_TOKEN_INPUTS)})")
+    if len(g.outputs) != 1:
+        raise CanonicalizationError(f"encoder: expected one output (the hidden states), found {len(g.outputs)} "
+                                    f"({', '.join(v.name for v in g.outputs)[:120]})")
+    out = g.outputs[0]
+    dims = _dims(out)
+    if len(dims) != 3 or dims[2] is None or out.dtype != ir.DataType.FLOAT:
+        raise CanonicalizationError(f"encoder: output {out.name!r} is not float32 [batch, sequence, hidden] "
+                                    f"(shape {out.shape}, type {out.dtype})")
+    try:
+        layers = find_encoder_layers(g)
+    except PassConfigError as e:
+        raise CanonicalizationError(f"encoder: {e}") from None
+    embed = _embedding_table(g, next(v for v in g.inputs if v.name == INPUT_IDS))
+    if embed is None:
+        raise CanonicalizationError("encoder: no embedding Gather reads input_ids (cannot tell the vocabulary)")
+    vocab, hidden = embed
+    if hidden != dims[2]:
+        raise CanonicalizationError(f"encoder: output {out.name!r} has {dims[2]} features, the embedding {hidden}")
+    probs = _dims(layers[0].softmax.outputs[0])
+    num_heads = probs[1] if len(probs) == 4 and probs[1] else None
+    if num_heads is None:
+        raise CanonicalizationError(f"encoder: Softmax {layers[0].softmax.name!r}: cannot tell the number of heads "
+                                    f"(its output has no static [batch, heads, seq, seq] shape)")
+    ops = {n.op_type for n in g}
+    norm = "LayerNormalization" if "LayerNormalization" in ops else "decomposed (Pow/ReduceMean)" \
+        if {"Pow", "ReduceMean"} <= ops else "none found"
+    mlp = "GELU" if "Gelu" in ops else "GELU (Erf)" if "Erf" in ops else "unknown"
+    meta = model.metadata_props.get(CONTEXT_METADATA_KEY)
+    context = int(meta) if meta and meta.isdigit() else None
+    return EncoderInfo(n_layers=len(layers), num_heads=num_heads, hidden_size=hidden, vocab_size=vocab,
+                       context=context, norm=norm, mlp=mlp, inputs=names, output=out.name)
+
+
+def canonicalize_any(model: ir.Model) -> DecoderInfo | EncoderInfo:
+    """The compile's entry: a decoder (canonicalize) or a BERT-style encoder (analyze_encoder),
+    by what the graph is; neither is one line saying what was looked for."""
+    kind = model_kind(model)
+    if kind == MODEL_KIND_ENCODER:
+        return analyze_encoder(model)
+    if kind == MODEL_KIND_DECODER:
+        return canonicalize(model)
+    g = model.graph
+    if not any(v.name == INPUT_IDS for v in g.inputs):
+        raise CanonicalizationError(f"graph input {INPUT_IDS!r} not found (inputs: "
+                                    f"{', '.join(v.name for v in g.inputs)[:80]}): neither a decoder nor an encoder")
+    raise CanonicalizationError(
+        f"neither a decoder (no past_key_values.N.key inputs, no 'logits' output) nor an encoder (input_ids -> one "
+        f"[batch, sequence, hidden] output): inputs {', '.join(v.name for v in g.inputs)[:80]}; outputs "
+        f"{', '.join(f'{v.name} {list(v.shape) if v.shape is not None else []}' for v in g.outputs)[:80]}")

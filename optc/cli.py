@@ -32,6 +32,12 @@ def cli():
       optc compile build/model.onnx --config passes.yaml -o build/artifact
       optc run build/artifact --prompt "def f(" --max-new-tokens 64
       optc bench build/artifact
+
+    \b
+    Encoders (BERT-style, e.g. all-MiniLM-L6-v2):
+      optc export --hf MINILM_DIR -o build/minilm/model.onnx
+      optc compile build/minilm/model.onnx -c configs/encoder_token_dropping.yaml -o build/minilm-art
+      optc embed build/minilm-art "a sentence" "another one"
     """
 
 
@@ -97,9 +103,9 @@ def _npu_options(target, given: dict) -> dict:
               help="--target npu: tokenizer.json for the passes' calibration (default: beside MODEL)")
 @npu_options
 def inspect(model, target, config_path, tokenizer, **npu_opts):
-    """Print the decoder structure the canonicaliser finds in MODEL."""
-    from optc.canonical import canonicalize
-    from optc.compile import side_config
+    """Print the decoder (or encoder) structure the canonicaliser finds in MODEL."""
+    from optc.canonical import analyze_encoder, canonicalize, model_kind
+    from optc.compile import ENCODER_REFUSALS, side_config
     from optc.ir import load_model
 
     npu_opts = _npu_options(target, npu_opts)
@@ -107,6 +113,17 @@ def inspect(model, target, config_path, tokenizer, **npu_opts):
         if given is not None and target != "npu":
             raise OptcError(f"{flag}: only with --target npu (inspect prints the graph as exported otherwise)")
     loaded = load_model(model)
+    if model_kind(loaded) == "encoder":  # a BERT-style encoder: what optc compile will record
+        if target == "npu":
+            raise OptcError(ENCODER_REFUSALS["npu"])
+        enc = analyze_encoder(loaded)
+        rows = [("kind", "encoder"), ("layers", enc.n_layers), ("attention heads", enc.num_heads),
+                ("hidden size", enc.hidden_size), ("vocab", enc.vocab_size), ("context", enc.context or "not recorded"),
+                ("attention", f"{enc.n_layers} × Softmax(Add(scaled Q·Kᵀ, mask))"), ("norm", enc.norm),
+                ("MLP", enc.mlp), ("inputs → output", f"{', '.join(enc.inputs)} → {enc.output}")]
+        for k, v in rows:
+            console.print(f"{k:>20}  {v}")
+        return
     info = canonicalize(loaded)
     side_ctx = side_config(model).get("context")
     rows = [("layers", info.n_layers), ("attention heads", info.num_heads), ("KV heads", info.kv_heads),
@@ -247,7 +264,9 @@ def _backend_options(backend, **given):
 @click.option("--force", is_flag=True, help="replace an existing output directory")
 @click.option("--dump-ir", type=click.Path(path_type=Path), help="write the IR after each pass into DIR")
 @click.option("--eval-text", type=click.Path(path_type=Path),
-              help="held-out text for verification (.jsonl with 'text' or .txt); default models/data/heldout.jsonl")
+              help="held-out text for verification: decoders .jsonl with 'text' or .txt (default "
+                   "models/data/heldout.jsonl); encoders .jsonl with 'query' and 'document' (default "
+                   "models/data/encoder_pairs.jsonl)")
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="tokenizer.json (default: beside MODEL)")
 @click.option("--verify-length", default=256, show_default=True,
               help="tokens per verification prompt (longer prompts exercise prefill-side passes such as block_sparse)")
@@ -258,7 +277,12 @@ def _backend_options(backend, **given):
 @npu_options
 def compile(model, config_path, output, backend, target, force, dump_ir, eval_text, tokenizer, verify_length,
             fused_attention, **tvm_opts):
-    """Compile MODEL (ONNX) through the configured passes into an artifact, verifying accuracy."""
+    """Compile MODEL (ONNX) through the configured passes into an artifact, verifying accuracy.
+
+    MODEL is a decoder (KV-cache layout; verified on held-out perplexity and top-1 agreement) or a
+    BERT-style encoder (e.g. `optc export` of all-MiniLM-L6-v2; verified on pooled-embedding cosine
+    and retrieval agreement; passes that need a decoder are refused before any runs; backend
+    onnxruntime only). The kind is detected from the graph and recorded in the manifest."""
     from optc.compile import compile_model
 
     npu = _npu_options(target, tvm_opts)
@@ -314,6 +338,39 @@ def sign(artifact, key):
                   f"trusted_keys=[<{key}.pub>] or optc run --trusted-key {key}.pub")
 
 
+def _artifact_kind(artifact: Path) -> str | None:
+    """model.kind of an artifact's manifest as written (for a one-line refusal; load() verifies)."""
+    import json
+
+    try:
+        return (json.loads((Path(artifact) / "manifest.json").read_text()).get("model") or {}).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("texts", nargs=-1, required=True)
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--expect", default=None, help="the artifact id to pin (sha256:...; optc compile prints it)")
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path),
+              help="an Ed25519 public key file one of which must have signed the artifact (repeatable)")
+def embed(artifact, texts, batch_size, expect, trusted_keys):
+    """Embed TEXTS with an encoder ARTIFACT: one JSON array (the pooled embedding) per line."""
+    import json
+
+    from optc.runtime import load
+
+    if expect is not None and not expect.startswith("sha256:"):
+        raise OptcError(f"--expect {expect!r}: an artifact id such as sha256:<64 hex digits>")
+    m = load(artifact, expect=expect, trusted_keys=list(trusted_keys) or None)
+    if getattr(m, "kind", None) != "encoder":
+        raise OptcError(f"{artifact}: a decoder artifact generates text (optc run); optc embed takes an encoder")
+    for row in m.embed(list(texts), batch_size=batch_size):
+        sys.stdout.write(json.dumps([round(float(x), 6) for x in row]) + "\n")
+    err_console.print(f"[dim]{len(texts)} text(s), {m.dim} dimensions, provider {m.provider}[/]")
+
+
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--prompt", required=True)
@@ -332,6 +389,9 @@ def run(artifact, prompt, max_new_tokens, temperature, top_k, top_p, seed, expec
     if expect is not None and not expect.startswith("sha256:"):
         raise OptcError(f"--expect {expect!r}: an artifact id such as sha256:<64 hex digits>")
     m = load(artifact, expect=expect, trusted_keys=list(trusted_keys) or None)
+    if getattr(m, "kind", None) == "encoder":
+        raise OptcError(f"{artifact}: an encoder artifact embeds text, it does not generate: optc embed {artifact} "
+                        f"TEXT..., or optc.runtime.load(path).embed([...])")
     sys.stdout.write(prompt)
     for piece in m.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed, stream=True):
@@ -357,6 +417,10 @@ def run(artifact, prompt, max_new_tokens, temperature, top_k, top_p, seed, expec
 def bench(artifact, original, baseline, hf_dir, json_path, plot, prompt_lengths, decode_tokens, decode_contexts):
     """Benchmark ARTIFACT: TTFT, decode tokens/s, KV bytes, peak RSS (vs the original model)."""
     from optc.bench import run_bench
+
+    if _artifact_kind(artifact) == "encoder":
+        raise OptcError(f"{artifact}: optc bench measures decoders (TTFT, decode); for an encoder's speed and "
+                        f"accuracy see scripts/token_dropping_bench.py and scripts/outlier_split_bench.py")
 
     def ints(text, option):
         try:

@@ -12,9 +12,9 @@ import numpy as np
 from optc import __version__
 from optc.artifact import check_output_dir, publish, staging_dir, write_manifest
 from optc.backends import get_backend
-from optc.canonical import canonicalize
+from optc.canonical import MODEL_KIND_ENCODER, EncoderInfo, canonicalize, canonicalize_any, model_kind
 from optc.config import PipelineConfig, VerifyBudget, load_config
-from optc.data import read_texts
+from optc.data import DATA_DIR, read_texts
 from optc.errors import OptcError, VerificationError
 from optc.ir import copy_model, embedding_table, load_model
 from optc.passes.base import PassContext
@@ -99,9 +99,17 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
     log(f"loading {model_path}")
     model = load_model(model_path)
     check_token_inputs(model, model_path)
-    info = canonicalize(model)
+    if model_kind(model) == MODEL_KIND_ENCODER and "encoder" not in getattr(backend_mod, "MODEL_KINDS", ("decoder",)):
+        raise OptcError(ENCODER_REFUSALS.get("npu" if target == "npu" else backend,
+                                             f"--backend {backend}: lowers decoders only"))
+    info = canonicalize_any(model)  # a decoder in canonical form, or a BERT-style encoder
     tok_path = Path(tokenizer) if tokenizer else model_path.parent / "tokenizer.json"
     _check_tokenizer(tok_path)
+    if isinstance(info, EncoderInfo):
+        return compile_encoder(model, info, model_path, out, config=config, registry=registry, backend=backend,
+                               backend_mod=backend_mod, target=target, force=force, dump_ir=dump_ir,
+                               eval_text=eval_text, tok_path=tok_path, verify=verify,
+                               backend_options=backend_options, log=log)
     texts = read_texts(eval_text) if verify else []
     side = side_config(model_path)
     if info.context is None and "context" in side:
@@ -135,7 +143,7 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
         manifest = {
             "optc_version": __version__,
             "source": {"file": model_path.name, "sha256": sha256_file(model_path)},
-            "model": {**info.summary(), "bos_token_id": side.get("bos_token_id"),
+            "model": {"kind": "decoder", **info.summary(), "bos_token_id": side.get("bos_token_id"),
                       "eos_token_id": side.get("eos_token_id"), "embedding": embedding},
             "target": target,
             "backend": backend_section,
@@ -326,3 +334,139 @@ def format_report(r: dict) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "verification:\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+# ---------------------------------------------------------------- encoders
+# Why a backend or target that does not lower encoders refuses one (before any pass runs)
+ENCODER_REFUSALS = {
+    "tvm": "--backend tvm lowers decoders only (prefill/decode shape buckets over a KV cache); it has no encoder "
+           "lowering: compile encoders with --backend onnxruntime",
+    "npu": "--target npu builds static prefill-chunk and decode graphs over a KV cache; it has no static encoder "
+           "graph: compile encoders for --target cpu (or gpu)",
+}
+ENCODER_SIDE_DEFAULT_MAX_LENGTH = 512
+
+
+def encoder_side_config(model_path: Path, tok_path: Path, info: EncoderInfo) -> dict:
+    """How the runtime tokenizes and pools, from the sentence-transformers files `optc export`
+    copies beside the ONNX (sentence_bert_config.json: max_seq_length; modules.json: a Normalize
+    module) and the tokenizer (its padding id); otherwise the model's context, no normalisation."""
+    out = {"max_length": info.context or ENCODER_SIDE_DEFAULT_MAX_LENGTH, "normalize": False, "pad_token_id": 0}
+    d = model_path.parent
+    for name in ("sentence_bert_config.json", "modules.json"):
+        p = d / name
+        if not p.is_file():
+            continue
+        try:
+            data = json.loads(p.read_text())
+        except ValueError:
+            raise OptcError(f"{p}: invalid JSON") from None
+        if name == "modules.json" and isinstance(data, list):
+            out["normalize"] = any(isinstance(m, dict) and str(m.get("type", "")).endswith(".Normalize") for m in data)
+        elif isinstance(data, dict) and isinstance(data.get("max_seq_length"), int) and data["max_seq_length"] > 0:
+            out["max_length"] = data["max_seq_length"]
+    if info.context is not None:
+        out["max_length"] = min(out["max_length"], info.context)
+    try:
+        tok = json.loads(tok_path.read_text())
+        pad = (tok.get("padding") or {}).get("pad_id")
+        if isinstance(pad, int) and 0 <= pad < info.vocab_size:
+            out["pad_token_id"] = pad
+    except ValueError:
+        pass  # (_check_tokenizer has read it)
+    return out
+
+
+def effective_encoder_budget(config: PipelineConfig, planned) -> tuple[VerifyBudget, str]:
+    """An encoder's budget: the config's min_embedding_cosine / min_retrieval_agreement, or what
+    the pipeline's lossy passes declare (losses add: 1 - Σ(1 - declared)). A decoder's budget key
+    in the config is refused: an encoder has no logits."""
+    v = config.verify
+    for key in ("max_perplexity_increase", "min_top1_agreement", "max_abs_logit_diff"):
+        if getattr(v, key) is not None:
+            raise OptcError(f"verify.{key}: an encoder has no logits; its budget is verify.min_embedding_cosine / "
+                            f"verify.min_retrieval_agreement")
+    if v.min_embedding_cosine is not None or v.min_retrieval_agreement is not None:
+        return v, "config"
+    declared = [d for p in planned if (d := p.pass_class.declared_embedding_budget(p.options))]
+    if not declared:
+        return v, "config"
+    update = {}
+    for key in ("min_embedding_cosine", "min_retrieval_agreement"):
+        losses = [1 - d[key] for d in declared if key in d]
+        if losses:
+            update[key] = round(max(0.0, 1 - sum(losses)), 6)
+    return v.model_copy(update=update), "declared by passes"
+
+
+def compile_encoder(model, info: EncoderInfo, model_path: Path, out: Path, *, config: PipelineConfig, registry,
+                    backend: str, backend_mod, target: str, force: bool, dump_ir, eval_text, tok_path: Path,
+                    verify: bool, backend_options: dict | None, log) -> dict:
+    """`optc compile` of a BERT-style encoder: passes (decoder-only ones refused by their contract),
+    the ONNX Runtime backend, verification of pooled embeddings against the original graph on
+    held-out query/document pairs, and an artifact the runtime loads as an EncoderModel."""
+    from optc.pipeline import plan
+    from optc.verify import read_pairs
+
+    log(f"canonical encoder: {info.n_layers} layers, {info.num_heads} heads, hidden {info.hidden_size}, "
+        f"vocab {info.vocab_size}, inputs {', '.join(info.inputs)} -> {info.output}")
+    budget, budget_source = effective_encoder_budget(config, plan(config, registry))
+    if budget_source != "config":
+        log(f"accuracy budget: pooled-embedding cosine ≥ {budget.min_embedding_cosine}, retrieval top-1 agreement "
+            f"≥ {budget.min_retrieval_agreement} ({budget_source})")
+    pairs = read_pairs(eval_text) if verify else []
+    side = encoder_side_config(model_path, tok_path, info)
+    context = PassContext(target=target, decoder=None, tokenizer=tok_path, log=log)
+    log(f"pipeline: {len(config.passes)} pass(es)" + ("" if config.passes else " (identity)"))
+    records = run_pipeline(model, config, registry, context, dump_dir=Path(dump_ir) if dump_ir else None, log=log)
+    embedding = embedding_table(model, INPUT_IDS)
+    with staging_dir(out) as staging:
+        backend_section = backend_mod.compile_encoder(model, info, staging, target, options=backend_options, log=log)
+        shutil.copyfile(tok_path, staging / "tokenizer.json")
+        from optc.runtime.manifest import EncoderSpec
+
+        spec = EncoderSpec(**{k: v for k, v in info.summary().items() if k != "kind"}, **side, pooling="mean",
+                           pooling_weights=context.runtime.pooling_weights, embedding=embedding)
+        manifest = {
+            "optc_version": __version__,
+            "source": {"file": model_path.name, "sha256": sha256_file(model_path)},
+            "model": spec.to_dict(),
+            "target": target,
+            "backend": backend_section,
+            "passes": config.to_dict()["passes"],
+            "verify_budget": {**budget.model_dump(), "source": budget_source},
+            "tokenizer": "tokenizer.json",
+        }
+        if context.reports:
+            manifest["pass_reports"] = context.reports
+        write_manifest(staging, manifest, staging=True)
+        if verify:
+            manifest["verification"] = _verify_encoder(staging, model_path, pairs, budget, log)
+        full = write_manifest(staging, manifest)
+        publish(staging, out, force)
+    total = sum(r.seconds for r in records)
+    log(f"wrote {out} ({len(full['files'])} files; passes took {total:.2f}s)")
+    log(f"artifact id {artifact_id(out)} (pin it: optc.runtime.load(path, expect=ID))")
+    return full
+
+
+def _verify_encoder(staging: Path, model_path: Path, pairs, budget: VerifyBudget, log) -> dict:
+    from optc.runtime.model import load_unpublished
+    from optc.verify import EncoderReference, check_encoder_budget, compare_embeddings, format_encoder_report
+
+    artifact = load_unpublished(staging)
+    log(f"verifying pooled embeddings on {len(pairs)} held-out query/document pairs against ONNX Runtime on the "
+        f"original graph (provider {artifact.provider})")
+    short = [t for t in (DATA_DIR / "sentences.txt").read_text(encoding="utf-8").splitlines() if t.strip()] \
+        if (DATA_DIR / "sentences.txt").is_file() else None
+    report = compare_embeddings(artifact, EncoderReference(model_path), pairs, short_texts=short)
+    report["provider"] = artifact.provider
+    log(format_encoder_report(report, budget))
+    if short and budget.min_embedding_cosine is not None and report["short_cosine_mean"] < budget.min_embedding_cosine:
+        log(f"[yellow]warning[/]: on short sentences the pooled-embedding cosine is {report['short_cosine_mean']:.4f}, "
+            f"below the {budget.min_embedding_cosine:.4f} the held-out passages are held to (token dropping keeps a "
+            f"share of each input: verify with --eval-text pairs like your inputs)")
+    failures = check_encoder_budget(report, budget)
+    if failures:
+        raise VerificationError("accuracy budget exceeded: " + "; ".join(failures) + " (artifact not written)")
+    return report

@@ -47,6 +47,11 @@ class VerifyBudget(Strict):
         None, ge=0, description="relative held-out perplexity increase allowed (0.05 = +5%)")
     min_top1_agreement: float | None = Field(None, ge=0, le=1, description="next-token top-1 agreement floor")
     max_abs_logit_diff: float | None = Field(None, ge=0, description="max |Δlogit| allowed")
+    # encoders (no logits): pooled embeddings against the original graph on held-out text pairs
+    min_embedding_cosine: float | None = Field(
+        None, ge=-1, le=1, description="encoders: mean cosine of pooled embeddings to the original graph's")
+    min_retrieval_agreement: float | None = Field(
+        None, ge=0, le=1, description="encoders: share of queries whose top-1 document is the original graph's")
 
 
 class PassSpec(Strict):

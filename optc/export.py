@@ -27,7 +27,9 @@ SUPPORTED_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
 ENCODER_ARCHS = {"BertModel"}
 OPSET = 23
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json")
-ENCODER_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "config.json", "vocab.txt")
+# (sentence-transformers' files tell optc compile the max sequence length and whether embeddings are normalised)
+ENCODER_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "config.json", "vocab.txt",
+                      "sentence_bert_config.json", "modules.json")
 
 
 def hf_architectures(hf_dir: Path) -> set[str]:

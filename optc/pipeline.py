@@ -23,8 +23,8 @@ import onnx_ir as ir
 from optc.config import PipelineConfig
 from optc.errors import OptcError
 from optc.ir import to_checked_proto
-from optc.passes.base import (EXCLUSIVE, MODEL_FACTS_TEXT, MODEL_POSITION_IDS, MODEL_ROTARY_OP, Contract,
-                              PassConfigError, PassContext)
+from optc.passes.base import (EXCLUSIVE, MODEL_DECODER, MODEL_ENCODER, MODEL_FACTS_TEXT, MODEL_KIND_FACTS,
+                              MODEL_POSITION_IDS, MODEL_ROTARY_OP, Contract, PassConfigError, PassContext)
 from optc.runtime.manifest import POSITION_IDS
 
 
@@ -63,7 +63,14 @@ def plan(config: PipelineConfig, registry) -> list[PlannedPass]:
 
 def model_facts(model: ir.Model, info) -> set[str]:
     """What the canonical model offers that a pass may require."""
+    from optc.canonical import MODEL_KIND_DECODER, MODEL_KIND_ENCODER, model_kind
+
     facts = set()
+    kind = model_kind(model)  # from the graph itself: a decoder has a KV cache, an encoder none
+    if kind == MODEL_KIND_DECODER:
+        facts.add(MODEL_DECODER)
+    elif kind == MODEL_KIND_ENCODER:
+        facts.add(MODEL_ENCODER)
     if any(v.name == POSITION_IDS for v in model.graph.inputs):
         facts.add(MODEL_POSITION_IDS)
     if getattr(info, "rotary", None) == "RotaryEmbedding":
@@ -84,12 +91,18 @@ def _why_not(a: PlannedPass, b: PlannedPass) -> str | None:
     return "; ".join(sorted(reasons)) or None
 
 
-def missing_fact_details(info) -> dict[str, str]:
+def missing_fact_details(info, kind: str | None = None) -> dict[str, str]:
     """Why the canonical model lacks a fact, where the canonicaliser knows (e.g. the rotary rule's
     reason for not matching), for the refusal's one line."""
     details = {MODEL_POSITION_IDS: "the export takes no position_ids input, and the graph computes no "
                                    "arange(past_len, past_len + seq) feeding the rotary tables that optc could "
                                    "expose as one"}
+    if (kind or getattr(info, "kind", None)) == "encoder":
+        details[MODEL_DECODER] = ("it is a BERT-style encoder: no KV cache, no decode, no causal prefill; encoders take "
+                                  "token_dropping mode encoder, outlier_split, weight_quant and the clean-ups")
+    else:
+        details[MODEL_ENCODER] = ("it is a decoder with a KV cache; for a decoder's prompt use token_dropping mode "
+                                  "prefill")
     rotary = getattr(info, "rotary", None)
     if rotary == "none found":  # GPT-2 style: positions are learned embeddings added to the input
         details[MODEL_ROTARY_OP] = ("no rotary position embedding in the graph (no RotaryEmbedding, no Sin/Cos): "
@@ -106,7 +119,9 @@ def check_contracts(planned: list[PlannedPass], facts: set[str] | None = None,
     that cannot be combined (in either order). `facts=None` skips the model check."""
     if facts is not None:
         for p in planned:
-            missing = sorted(p.contract.requires - facts)
+            # the model's kind first: a decoder-only pass on an encoder is refused for that, not for
+            # the position_ids input an encoder also lacks
+            missing = sorted(p.contract.requires - facts, key=lambda f: (f not in MODEL_KIND_FACTS, f))
             if missing:
                 detail = (details or {}).get(missing[0])
                 raise OptcError(f"passes[{p.index}] ({p.label}) needs {MODEL_FACTS_TEXT[missing[0]]}, "
@@ -131,7 +146,10 @@ def dump_ir(model: ir.Model, directory: Path, step: int, label: str) -> Path:
 def run_pipeline(model: ir.Model, config: PipelineConfig, registry, context: PassContext, *,
                  dump_dir: Path | None = None, check: bool = True, log=print) -> list[PassRecord]:
     planned = plan(config, registry)
-    check_contracts(planned, model_facts(model, context.decoder), missing_fact_details(context.decoder))
+    from optc.canonical import model_kind
+
+    check_contracts(planned, model_facts(model, context.decoder),
+                    missing_fact_details(context.decoder, model_kind(model)))
     if dump_dir is not None:
         dump_ir(model, dump_dir, 0, "canonical")
     records = []

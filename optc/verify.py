@@ -152,3 +152,132 @@ def check_budget(report: dict, budget: VerifyBudget) -> list[str]:
     if budget.max_abs_logit_diff is not None and report["max_abs_logit_diff"] > budget.max_abs_logit_diff:
         failures.append(f"max |Δlogit| {report['max_abs_logit_diff']:.3g} > budget {budget.max_abs_logit_diff:.3g}")
     return failures
+
+
+# ---------------------------------------------------------------- encoders
+ENCODER_BATCH = 8  # texts per batch (the bench's size: with token dropping, a batch's padded length sets k)
+
+
+def read_pairs(path) -> list[tuple[str, str]]:
+    """(query, document) pairs from a .jsonl file ({"query": ..., "document": ...} per line):
+    an encoder's held-out verification set (default models/data/encoder_pairs.jsonl)."""
+    import json
+
+    from optc.data import DATA_DIR
+    from optc.errors import OptcError
+
+    path = Path(path) if path else DATA_DIR / "encoder_pairs.jsonl"
+    if not path.is_file():
+        raise OptcError(f"{path}: encoder evaluation pairs not found (pass --eval-text FILE.jsonl with 'query' and "
+                        f"'document' per line)")
+    pairs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            q, d = row["query"], row["document"]
+        except (ValueError, KeyError, TypeError):
+            raise OptcError(f"{path}:{n}: expected a JSON object with 'query' and 'document' (an encoder is "
+                            f"verified on query/document pairs)") from None
+        if not isinstance(q, str) or not isinstance(d, str):
+            raise OptcError(f"{path}:{n}: 'query' and 'document' must be text")
+        pairs.append((q, d))
+    if len(pairs) < 2:
+        raise OptcError(f"{path}: at least two query/document pairs are needed (retrieval ranks the documents)")
+    return pairs
+
+
+class EncoderReference:
+    """ONNX Runtime on the original encoder graph; mean pooling over the attention mask."""
+
+    def __init__(self, onnx_path: Path):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
+        self.inputs = {i.name for i in self.session.get_inputs()}
+
+    def embed_ids(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        feeds = {INPUT_IDS: ids, ATTENTION_MASK: mask}
+        if "token_type_ids" in self.inputs:
+            feeds["token_type_ids"] = np.zeros_like(ids)
+        h = self.session.run(None, feeds)[0]
+        m = mask[..., None].astype(np.float32)
+        return ((h * m).sum(1) / np.maximum(m.sum(1), 1e-9)).astype(np.float32)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def compare_embeddings(model, reference: EncoderReference, pairs: list[tuple[str, str]],
+                       batch: int = ENCODER_BATCH, short_texts: list[str] | None = None) -> dict:
+    """Pooled-embedding cosine of the artifact (the runtime's EncoderModel) to the original graph
+    on every query and document, and retrieval: each query ranks every document by cosine; the
+    agreement is how often the artifact's top-1 document is the original's. `short_texts` (one
+    sentence each, embedded one at a time) are reported beside, unbudgeted: token dropping keeps a
+    share of each input's tokens, which costs short inputs far more than the passages."""
+    def both(texts):
+        got, ref = [], []
+        for i in range(0, len(texts), batch):
+            ids, mask = model.tokenize(texts[i:i + batch])  # the same tokens for both
+            got.append(model.embed_ids(ids, mask, normalize=True))
+            ref.append(_unit(reference.embed_ids(ids, mask)))
+        return np.concatenate(got), np.concatenate(ref)
+
+    qa, qr = both([q for q, _ in pairs])
+    da, dr = both([d for _, d in pairs])
+    cos = np.concatenate([(qa * qr).sum(1), (da * dr).sum(1)])
+    top_a, top_r = (qa @ da.T).argmax(1), (qr @ dr.T).argmax(1)
+    truth = np.arange(len(pairs))
+    short = {}
+    if short_texts:
+        sa, sr = zip(*(both([t]) for t in short_texts))
+        c = (np.concatenate(sa) * np.concatenate(sr)).sum(1)
+        short = {"short_texts": len(short_texts), "short_cosine_mean": _round(float(c.mean())),
+                 "short_cosine_min": _round(float(c.min()))}
+    return {
+        "pairs": len(pairs),
+        "texts": 2 * len(pairs),
+        "batch": batch,
+        "embedding_cosine_mean": _round(float(cos.mean())),
+        "embedding_cosine_min": _round(float(cos.min())),
+        "retrieval_agreement": _round(float((top_a == top_r).mean())),
+        "retrieval_top1_original": _round(float((top_r == truth).mean())),
+        "retrieval_top1_artifact": _round(float((top_a == truth).mean())),
+        **short,
+    }
+
+
+def check_encoder_budget(report: dict, budget: VerifyBudget) -> list[str]:
+    failures = []
+    if budget.min_embedding_cosine is not None and report["embedding_cosine_mean"] < budget.min_embedding_cosine:
+        failures.append(f"pooled-embedding cosine {report['embedding_cosine_mean']:.4f} < budget "
+                        f"{budget.min_embedding_cosine:.4f}")
+    if budget.min_retrieval_agreement is not None and report["retrieval_agreement"] < budget.min_retrieval_agreement:
+        failures.append(f"retrieval top-1 agreement {report['retrieval_agreement']:.2%} < budget "
+                        f"{budget.min_retrieval_agreement:.2%}")
+    return failures
+
+
+def format_encoder_report(r: dict, budget: VerifyBudget | None = None) -> str:
+    def limit(v, fmt):
+        return f"   (budget ≥ {fmt.format(v)})" if v is not None else ""
+
+    b = budget or VerifyBudget()
+    rows = [
+        ("pooled-embedding cosine, mean", f"{r['embedding_cosine_mean']:.4f}"
+                                          + limit(b.min_embedding_cosine, "{:.4f}")),
+        ("pooled-embedding cosine, min", f"{r['embedding_cosine_min']:.4f}"),
+        ("retrieval top-1 agreement", f"{r['retrieval_agreement']:.2%}" + limit(b.min_retrieval_agreement, "{:.2%}")),
+        ("retrieval top-1 (original → artifact)", f"{r['retrieval_top1_original']:.2%} → "
+                                                  f"{r['retrieval_top1_artifact']:.2%}"),
+    ]
+    if "short_cosine_mean" in r:
+        rows.append((f"short sentences ({r['short_texts']}, one at a time), cosine mean / min",
+                     f"{r['short_cosine_mean']:.4f} / {r['short_cosine_min']:.4f}   (reported, not budgeted)"))
+    width = max(len(k) for k, _ in rows)
+    return (f"verification ({r['pairs']} query/document pairs, {r['texts']} texts, batches of {r['batch']}):\n"
+            + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows))

@@ -41,9 +41,17 @@ EXCLUSIVE = {
 # What the canonical model offers (optc.pipeline.model_facts); passes may require these.
 MODEL_POSITION_IDS = "model.position_ids_input"
 MODEL_ROTARY_OP = "model.rotary_embedding_op"
+# The model's kind (optc.canonical.model_kind): a decoder with a KV cache, or a BERT-style encoder.
+# Passes that rewrite the cache, decode or causal prefill require the first; encoder rewrites the
+# second; a pass meaningful for both (weight_quant, outlier_split, clean-ups) requires neither.
+MODEL_DECODER = "model.decoder"
+MODEL_ENCODER = "model.encoder"
+MODEL_KIND_FACTS = (MODEL_DECODER, MODEL_ENCODER)
 MODEL_FACTS_TEXT = {
     MODEL_POSITION_IDS: "a position_ids graph input",
     MODEL_ROTARY_OP: "RoPE as ONNX RotaryEmbedding ops",
+    MODEL_DECODER: "a decoder with a KV cache",
+    MODEL_ENCODER: "a BERT-style encoder",
 }
 
 
@@ -105,4 +113,11 @@ class OptcPass(ir.passes.InPlacePass):
     def declared_perplexity_budget(cls, options: PassOptions) -> float | None:
         """A lossy pass declares the relative perplexity increase it may cost with these options;
         compile enforces the sum when the config's `verify:` sets no perplexity budget itself."""
+        return None
+
+    @classmethod
+    def declared_embedding_budget(cls, options: PassOptions) -> dict[str, float] | None:
+        """On an encoder, a lossy pass declares what it may cost the pooled embeddings:
+        {"min_embedding_cosine": c, "min_retrieval_agreement": a} (either may be absent). Compile
+        enforces them (losses add: 1 - Σ(1 - c)) where the config's `verify:` sets neither."""
         return None

@@ -21,6 +21,7 @@ from optc.runtime.artifact import ArtifactError, shown_key
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
+TOKEN_TYPE_IDS = "token_type_ids"  # an encoder's segment ids (optc feeds zeros: one segment)
 LOGITS = "logits"
 # sink_window: every cached key's slot in the bounded cache, fed at every step
 KEY_POSITION_IDS = "optc.key_position_ids"
@@ -36,6 +37,20 @@ KEPT_ATTENTION_MASK = "optc.kept_attention_mask"
 KEPT_TOKEN_SIZES = "optc.kept_token_sizes"
 
 KV_KINDS = ("key", "value")
+# node metadata: outlier_split marks the float MatMul of each outlier branch with this key, so a
+# rerun does not quantise it and the backends (int8 stacking, NPU partitioning) keep it in float
+FLOAT_BRANCH_KEY = "optc.outlier_split"
+
+# ---------------------------------------------------------------- model kinds
+# The manifest's `model.kind`: a decoder (ModelSpec: prefill/decode over a KV cache) or a
+# BERT-style encoder (EncoderSpec: text -> pooled embedding). Absent in artifacts written before
+# encoders compiled: a decoder.
+MODEL_KIND_DECODER = "decoder"
+MODEL_KIND_ENCODER = "encoder"
+MODEL_KINDS = (MODEL_KIND_DECODER, MODEL_KIND_ENCODER)
+ENCODER_INPUTS = (INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS)
+# what weights an encoder's mean pooling: the graph output a pass adds, or (None) the input mask
+POOLING_WEIGHT_OUTPUTS = (KEPT_TOKEN_SIZES, KEPT_ATTENTION_MASK)
 
 
 def past_name(layer: int, kind: str) -> str:
@@ -298,6 +313,9 @@ class RuntimeRequests:
     kv_cache: KVCacheSpec = field(default_factory=KVCacheSpec)
     block_sparse_min_prefill: int | None = None
     layer_routing: LayerRoutingSpec | None = None
+    # encoders: the graph output that weights each hidden-state row in the mean pooling
+    # (token_dropping mode encoder: the kept rows' sizes or mask); None: the input attention mask
+    pooling_weights: str | None = None
 
     def update_cache(self, **fields) -> None:
         self.kv_cache = replace(self.kv_cache, **fields)
@@ -358,13 +376,18 @@ class ModelSpec:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     embedding: str | None = None
+    kind: str = MODEL_KIND_DECODER
 
     KEYS = ("n_layers", "num_heads", "kv_heads", "head_dim", "hidden_size", "vocab_size", "context", "rotary",
-            "norm", "mlp", "rewrites", "bos_token_id", "eos_token_id", "embedding")
+            "norm", "mlp", "rewrites", "bos_token_id", "eos_token_id", "embedding", "kind")
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "manifest.json: model") -> ModelSpec:
         d = _object(d, where)
+        kind = model_kind(d, where)
+        if kind != MODEL_KIND_DECODER:
+            raise ManifestError(f"{where}.kind: {kind!r}, not a decoder (optc.runtime.load returns an EncoderModel "
+                                f"for an encoder artifact)")
         _no_extra(d, set(cls.KEYS), where)
         sizes = {k: _count(d, k, where) for k in cls.KEYS[:6]}
         if sizes["num_heads"] % sizes["kv_heads"]:
@@ -384,6 +407,85 @@ class ModelSpec:
                    rotary=_need(d, "rotary", str, where), norm=_need(d, "norm", str, where),
                    mlp=_need(d, "mlp", str, where), rewrites=rewrites, **special,
                    embedding=_need(d, "embedding", str, where, optional=True))
+
+
+def model_kind(d: Any, where: str = "manifest.json: model") -> str:
+    """The `model` section's kind ('decoder' where absent: artifacts from before encoders)."""
+    d = _object(d, where)
+    kind = _need(d, "kind", str, where, optional=True) or MODEL_KIND_DECODER
+    if kind not in MODEL_KINDS:
+        raise ManifestError(f"{where}.kind: one of {', '.join(MODEL_KINDS)}, got {kind!r}"[:300])
+    return kind
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """The manifest's `model` section for a BERT-style encoder (kind 'encoder'): what the
+    canonicaliser found, the token inputs the graph takes and its hidden-state output, and how the
+    runtime turns that into one embedding per text: truncate to `max_length` tokens, pad with
+    `pad_token_id`, mean-pool the output rows weighted by `pooling_weights` (a graph output a pass
+    added, e.g. token_dropping's kept-token sizes; None: the input attention mask), L2-normalise
+    when `normalize` (sentence-transformers' Normalize module)."""
+
+    n_layers: int
+    num_heads: int
+    hidden_size: int
+    vocab_size: int
+    context: int | None
+    norm: str
+    mlp: str
+    inputs: list
+    output: str
+    rewrites: dict
+    max_length: int
+    pad_token_id: int
+    pooling: str
+    pooling_weights: str | None
+    normalize: bool
+    embedding: str | None = None
+    kind: str = MODEL_KIND_ENCODER
+
+    KEYS = ("kind", "n_layers", "num_heads", "hidden_size", "vocab_size", "context", "norm", "mlp", "inputs",
+            "output", "rewrites", "max_length", "pad_token_id", "pooling", "pooling_weights", "normalize",
+            "embedding")
+    POOLINGS = ("mean",)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "manifest.json: model") -> EncoderSpec:
+        d = _object(d, where)
+        if model_kind(d, where) != MODEL_KIND_ENCODER:
+            raise ManifestError(f"{where}.kind: not an encoder")
+        _no_extra(d, set(cls.KEYS), where)
+        sizes = {k: _count(d, k, where) for k in ("n_layers", "num_heads", "hidden_size", "vocab_size")}
+        context = _count(d, "context", where, optional=True)
+        inputs = _str_list(d, "inputs", where)
+        if not {INPUT_IDS, ATTENTION_MASK} <= set(inputs) or not set(inputs) <= set(ENCODER_INPUTS) \
+                or len(set(inputs)) != len(inputs):
+            raise ManifestError(f"{where}.inputs: input_ids and attention_mask, optionally token_type_ids, "
+                                f"got {inputs!r}"[:300])
+        rewrites = _object(_need(d, "rewrites", dict, where), f"{where}.rewrites")
+        max_length = _count(d, "max_length", where)
+        if context is not None and max_length > context:
+            raise ManifestError(f"{where}.max_length: {max_length} is past the model's context ({context})")
+        pad = _count(d, "pad_token_id", where, lo=0)
+        if pad >= sizes["vocab_size"]:
+            raise ManifestError(f"{where}.pad_token_id: {pad} is outside the vocabulary")
+        pooling = _need(d, "pooling", str, where)
+        if pooling not in cls.POOLINGS:
+            raise ManifestError(f"{where}.pooling: one of {', '.join(cls.POOLINGS)}, got {pooling!r}"[:300])
+        weights = _need(d, "pooling_weights", str, where, optional=True)
+        if weights is not None and weights not in POOLING_WEIGHT_OUTPUTS:
+            raise ManifestError(f"{where}.pooling_weights: one of {', '.join(POOLING_WEIGHT_OUTPUTS)} or null, "
+                                f"got {weights!r}"[:300])
+        return cls(**sizes, context=context, norm=_need(d, "norm", str, where), mlp=_need(d, "mlp", str, where),
+                   inputs=inputs, output=_need(d, "output", str, where), rewrites=rewrites, max_length=max_length,
+                   pad_token_id=pad, pooling=pooling, pooling_weights=weights,
+                   normalize=_need(d, "normalize", bool, where),
+                   embedding=_need(d, "embedding", str, where, optional=True))
+
+    def to_dict(self) -> dict:
+        """The section in one fixed key order."""
+        return {k: getattr(self, k) for k in self.KEYS}
 
 
 def _kv_outputs(d: dict, where: str, n_layers: int) -> list:

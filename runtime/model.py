@@ -6,6 +6,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -14,9 +15,12 @@ from optc.runtime.artifact import MANIFEST_NAME, ArtifactError, artifact_file, r
 from optc.runtime.cache import KVCache, make_cache
 from optc.runtime.cache.window import SlotWindow
 from optc.runtime.executors import make_executor
-from optc.runtime.manifest import (KEY_POSITION_IDS, LAYER_CHANGE_OUTPUT, LAYERS_RUN_INPUT, KVCacheSpec,
-                                   LayerRoutingSpec, ModelSpec, SinkWindowPolicy)
+from optc.runtime.manifest import (KEY_POSITION_IDS, LAYER_CHANGE_OUTPUT, LAYERS_RUN_INPUT, MODEL_KIND_ENCODER,
+                                   KVCacheSpec, LayerRoutingSpec, ModelSpec, SinkWindowPolicy, model_kind)
 from optc.runtime.sampler import sample
+
+if TYPE_CHECKING:
+    from optc.runtime.encoder import EncoderModel
 
 
 def _token_ids(ids) -> np.ndarray:
@@ -337,8 +341,9 @@ class Model:
             yield tail[len(emitted):]
 
 
-def load(path, *, expect: str | None = None, trusted_keys=None) -> Model:
+def load(path, *, expect: str | None = None, trusted_keys=None) -> Model | EncoderModel:
     """Load an artifact directory: verifies every file's sha256 and refuses paths outside it.
+    A decoder artifact gives a Model, an encoder artifact (`model.kind: encoder`) an EncoderModel.
 
     `expect`: the artifact id to pin (`optc compile` prints it; `optc.runtime.artifact_id(path)`
     computes it): the manifest's digest must match before anything is loaded. `trusted_keys`:
@@ -346,10 +351,20 @@ def load(path, *, expect: str | None = None, trusted_keys=None) -> Model:
     manifest (`optc sign`). A TVM artifact is native code that runs when loaded: pin or verify
     what you load from anywhere you do not trust (docs/security.md)."""
     root = Path(path)
-    return Model(root, read_manifest(root, expect=expect, trusted_keys=trusted_keys))
+    return _open(root, read_manifest(root, expect=expect, trusted_keys=trusted_keys))
 
 
-def load_unpublished(path) -> Model:
+def load_unpublished(path) -> Model | EncoderModel:
     """The compiler's own use: load an artifact it is still building (to verify it)."""
     root = Path(path)
-    return Model(root, read_manifest(root, allow_staging=True))
+    return _open(root, read_manifest(root, allow_staging=True))
+
+
+def _open(root: Path, manifest: dict):
+    """A decoder's Model, or an encoder's EncoderModel (runtime/encoder.py), by the manifest's
+    `model.kind`; the manifest (hashes, paths, id, signature) is already verified either way."""
+    if model_kind(manifest.get("model"), f"{root / MANIFEST_NAME}: model") == MODEL_KIND_ENCODER:
+        from optc.runtime.encoder import EncoderModel
+
+        return EncoderModel(root, manifest)
+    return Model(root, manifest)

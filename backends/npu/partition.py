@@ -32,11 +32,11 @@ import networkx as nx
 import onnx_ir as ir
 
 from optc.backends.npu.profile import DeviceProfile
+from optc.runtime.manifest import FLOAT_BRANCH_KEY
 
 NPU, CPU = "npu", "cpu"
 HOST = "host"  # graph inputs come from, and outputs go to, host (CPU) memory
 QDQ = {"QuantizeLinear", "DequantizeLinear"}
-OUTLIER_BRANCH_KEY = "optc.outlier_split"  # outlier_split marks its float MatMuls with this metadata key
 
 _DTYPES = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16",
            ir.DataType.INT64: "int64", ir.DataType.INT32: "int32", ir.DataType.INT16: "int16",
@@ -145,7 +145,7 @@ def capability(node: ir.Node, profile: DeviceProfile, float_ok: bool) -> tuple[b
     """Whether the profile's device can run `node` (and why not)."""
     if node.domain not in ("", "ai.onnx"):
         return False, f"{node.domain}::{node.op_type} is a custom op"
-    if OUTLIER_BRANCH_KEY in node.metadata_props:
+    if FLOAT_BRANCH_KEY in node.metadata_props:
         return False, "outlier branch (float, by design on the CPU)"
     values = list(_data_values(node))
     dtypes = []

@@ -26,7 +26,7 @@ from onnx_ir import tape
 from pydantic import Field, field_validator
 
 from optc.config import PassOptions
-from optc.passes.base import ATTENTION_PROBABILITIES, SPARSE_PREFILL, Contract, OptcPass
+from optc.passes.base import ATTENTION_PROBABILITIES, MODEL_DECODER, SPARSE_PREFILL, Contract, OptcPass
 from optc.passes.rules.builders import const as _c
 from optc.passes.rules.builders import ints, name_nodes, replace_keeping_output
 from optc.runtime.manifest import ATTENTION_MASK, BLOCK_SPARSE_IF_SUFFIX
@@ -59,7 +59,7 @@ class BlockSparse(OptcPass):
 
     @classmethod
     def contract(cls, options) -> Contract:
-        return Contract(ensures=frozenset({SPARSE_PREFILL}),
+        return Contract(requires=frozenset({MODEL_DECODER}), ensures=frozenset({SPARSE_PREFILL}),
                         conflicts={ATTENTION_PROBABILITIES: "block_sparse prefill cannot report the attention "
                                                             "scores that H2O eviction needs"})
 

@@ -19,8 +19,9 @@ import onnx_ir as ir
 from pydantic import Field, field_validator
 
 from optc.config import PassOptions
-from optc.passes.base import (CACHE_POLICY, CACHE_SLOT_POSITIONS, EVICTS_SINGLE_TOKENS, MODEL_POSITION_IDS,
-                              MODEL_ROTARY_OP, SPARSE_PREFILL, Contract, OptcPass, PassConfigError)
+from optc.passes.base import (CACHE_POLICY, CACHE_SLOT_POSITIONS, EVICTS_SINGLE_TOKENS, MODEL_DECODER,
+                              MODEL_POSITION_IDS, MODEL_ROTARY_OP, SPARSE_PREFILL, Contract, OptcPass,
+                              PassConfigError)
 from optc.passes.rules.builders import clone_cone
 from optc.runtime.manifest import (KEY_POSITION_IDS, POSITION_IDS, POSITIONS_CACHE_SLOT, SinkWindowPolicy,
                                    present_name)
@@ -51,7 +52,7 @@ class SinkWindow(OptcPass):
     @classmethod
     def contract(cls, options) -> Contract:
         return Contract(
-            requires=frozenset({MODEL_POSITION_IDS, MODEL_ROTARY_OP}),
+            requires=frozenset({MODEL_DECODER, MODEL_POSITION_IDS, MODEL_ROTARY_OP}),
             ensures=frozenset({CACHE_POLICY, EVICTS_SINGLE_TOKENS, CACHE_SLOT_POSITIONS}),
             cache_bound=options.sinks + options.window,
             conflicts={SPARSE_PREFILL: "sink_window fills its bounded cache chunk by chunk, while block_sparse "

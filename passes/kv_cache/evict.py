@@ -15,7 +15,7 @@ from pydantic import Field, field_validator, model_validator
 
 from optc.config import PassOptions, Strict
 from optc.passes.base import (ATTENTION_PROBABILITIES, CACHE_POLICY, CACHE_QUANTIZED, EVICTS_SINGLE_TOKENS,
-                              SPARSE_PREFILL, Contract, OptcPass, PassConfigError)
+                              MODEL_DECODER, SPARSE_PREFILL, Contract, OptcPass, PassConfigError)
 from optc.passes.rules.builders import replace_keeping_output
 from optc.runtime.manifest import H2OPolicy, attention_output
 
@@ -59,6 +59,7 @@ class H2OEviction(OptcPass):
     @classmethod
     def contract(cls, options) -> Contract:
         return Contract(
+            requires=frozenset({MODEL_DECODER}),
             ensures=frozenset({CACHE_POLICY, EVICTS_SINGLE_TOKENS, ATTENTION_PROBABILITIES}),
             conflicts={CACHE_QUANTIZED: "eviction over a quantised cache is not supported yet",
                        SPARSE_PREFILL: "block_sparse prefill cannot report the attention scores that H2O eviction "

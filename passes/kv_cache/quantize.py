@@ -17,8 +17,8 @@ from onnx_ir import tape
 from pydantic import Field, field_validator
 
 from optc.config import PassOptions, no_float
-from optc.passes.base import (CACHE_QUANTIZED, EVICTS_SINGLE_TOKENS, KEY_GROUPS_SPAN_TOKENS, Contract, OptcPass,
-                              PassConfigError)
+from optc.passes.base import (CACHE_QUANTIZED, EVICTS_SINGLE_TOKENS, KEY_GROUPS_SPAN_TOKENS, MODEL_DECODER, Contract,
+                              OptcPass, PassConfigError)
 from optc.passes.rules.builders import const
 from optc.runtime.manifest import (KEY_QUANT_PER_CHANNEL, KV_KINDS, LAYOUT_KIVI, KiviSpec,
                                    kivi_input, past_name)
@@ -53,7 +53,7 @@ class KVQuantize(OptcPass):
             conflicts[EVICTS_SINGLE_TOKENS] = ("one evicts single tokens, which the other's per-channel key groups "
                                                "cannot give up (set key_quant: per_token)")
         # the runtime quantises a group once the float residual reaches residual + group_size tokens
-        return Contract(ensures=frozenset(ensures), conflicts=conflicts,
+        return Contract(requires=frozenset({MODEL_DECODER}), ensures=frozenset(ensures), conflicts=conflicts,
                         cache_needs=options.residual + options.group_size)
 
     @classmethod

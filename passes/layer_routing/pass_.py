@@ -11,8 +11,8 @@ from pydantic import Field, model_validator
 
 from optc.config import PassOptions
 from optc.errors import OptcError
-from optc.passes.base import (CACHE_POLICY, CACHE_QUANTIZED, LAYERS_ROUTED, SPARSE_PREFILL, TOKENS_DROPPED, Contract,
-                              OptcPass, PassConfigError)
+from optc.passes.base import (CACHE_POLICY, CACHE_QUANTIZED, LAYERS_ROUTED, MODEL_DECODER, SPARSE_PREFILL, TOKENS_DROPPED,
+                              Contract, OptcPass, PassConfigError)
 from optc.passes.layer_routing.route import rewrite_routing
 from optc.runtime.manifest import LAYER_CHANGE_OUTPUT, LAYERS_RUN_INPUT, LayerRoutingSpec
 
@@ -45,7 +45,7 @@ class LayerRouting(OptcPass):
     @classmethod
     def contract(cls, options) -> Contract:
         one_length = "the runtime's {} keeps one cache length for every layer, and a skipped layer's cache stops growing"
-        return Contract(ensures=frozenset({LAYERS_ROUTED}),
+        return Contract(requires=frozenset({MODEL_DECODER}), ensures=frozenset({LAYERS_ROUTED}),
                         conflicts={CACHE_POLICY: one_length.format("cache policy (sink_window, H2O)"),
                                    CACHE_QUANTIZED: one_length.format("KIVI store"),
                                    SPARSE_PREFILL: "block_sparse wraps each layer's Attention in an If of its own, "

@@ -61,6 +61,7 @@ from optc.passes.base import Contract, OptcPass, PassConfigError
 from optc.passes.quant.weight_quant import (WEIGHTS_QUANTIZED, _constant_weight, _rank_ok,
                                              apply_skip, check_skip_patterns)
 from optc.passes.rules.builders import replace_keeping_output
+from optc.runtime.manifest import FLOAT_BRANCH_KEY
 
 OUTLIER_SPLIT = "weights.qdq_int8"
 QMAX = 127
@@ -76,7 +77,6 @@ ACTIVATION_ZERO_POINTS = {8: np.asarray(ACTIVATION_ZERO_POINT, np.uint8), 16: np
 # LLM.int8()'s absolute threshold 6 sends 60-98% of pycoder-v2's MLP-down inputs to float (they are
 # large everywhere), which costs the speed; 1% met the accuracy goals on both reference models.
 DEFAULT_FRACTION = 0.01
-FLOAT_BRANCH_KEY = "optc.outlier_split"  # node metadata marking an outlier branch's float MatMul
 
 
 class OutlierSplitOptions(PassOptions):
@@ -184,6 +184,10 @@ class OutlierSplit(OptcPass):
     @classmethod
     def declared_perplexity_budget(cls, options: OutlierSplitOptions) -> float | None:
         return 0.02
+
+    @classmethod
+    def declared_embedding_budget(cls, options: OutlierSplitOptions) -> dict[str, float] | None:
+        return {"min_embedding_cosine": 0.995, "min_retrieval_agreement": 0.95}  # issue 19's MiniLM goal
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         from optc.calibration import channel_stats, read_calibration_texts, token_windows

@@ -160,6 +160,13 @@ class WeightQuant(OptcPass):
     def declared_perplexity_budget(cls, options: WeightQuantOptions) -> float | None:
         return perplexity_budget(options.bits, options.block_size)
 
+    @classmethod
+    def declared_embedding_budget(cls, options: WeightQuantOptions) -> dict[str, float] | None:
+        """On an encoder (pooled-embedding cosine, retrieval agreement; docs/benchmarks.md)."""
+        if options.bits == 8:
+            return {"min_embedding_cosine": 0.995, "min_retrieval_agreement": 0.95}
+        return {"min_embedding_cosine": 0.98, "min_retrieval_agreement": 0.9}
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         o: WeightQuantOptions = self.options
         graph = model.graph

@@ -8,13 +8,17 @@ import onnx_ir as ir
 from pydantic import Field, StrictFloat, StrictInt, field_validator, model_validator
 
 from optc.config import PassOptions
-from optc.passes.base import (CACHE_POLICY, CACHE_QUANTIZED, MODEL_POSITION_IDS, SPARSE_PREFILL, TOKENS_DROPPED,
-                              Contract, OptcPass, PassConfigError)
+from optc.passes.base import (CACHE_POLICY, CACHE_QUANTIZED, MODEL_DECODER, MODEL_ENCODER, MODEL_POSITION_IDS,
+                              SPARSE_PREFILL, TOKENS_DROPPED, Contract, OptcPass, PassConfigError)
 from optc.passes.token_dropping.encoder import rewrite_encoder
 from optc.passes.token_dropping.prefill import rewrite_prefill
+from optc.runtime.manifest import KEPT_ATTENTION_MASK, KEPT_TOKEN_SIZES
 
 # what mode prefill may cost, relative continuation perplexity (the issue's goal at keep 0.5)
 PREFILL_PERPLEXITY_BUDGET = 0.05
+# what mode encoder may cost (issue 18's goals): pooled-embedding cosine to the full model and
+# retrieval top-1 agreement on held-out query/document pairs (optc.verify.compare_embeddings)
+ENCODER_EMBEDDING_BUDGET = {"min_embedding_cosine": 0.98, "min_retrieval_agreement": 0.95}
 PREFILL_ONLY = ("sinks", "recent", "query_window")
 ENCODER_ONLY = ("reduce", "merge_by")
 
@@ -81,10 +85,10 @@ class TokenDropping(OptcPass):
     @classmethod
     def contract(cls, options) -> Contract:
         if getattr(options, "mode", None) == "encoder":  # (`optc passes` asks without a mode: prefill's)
-            return Contract(ensures=frozenset({TOKENS_DROPPED}))
+            return Contract(requires=frozenset({MODEL_ENCODER}), ensures=frozenset({TOKENS_DROPPED}))
         # the runtime keeps per-layer cache lengths for a plain float cache; its policies and the
         # KIVI store keep one length for every layer
-        return Contract(requires=frozenset({MODEL_POSITION_IDS}), ensures=frozenset({TOKENS_DROPPED}),
+        return Contract(requires=frozenset({MODEL_DECODER, MODEL_POSITION_IDS}), ensures=frozenset({TOKENS_DROPPED}),
                         conflicts={CACHE_POLICY: "token_dropping's later layers cache only the kept prompt tokens, "
                                                  "and the runtime's cache policies (sink_window, H2O) evict over one "
                                                  "cache length for every layer",
@@ -97,7 +101,13 @@ class TokenDropping(OptcPass):
     def declared_perplexity_budget(cls, options) -> float | None:
         if getattr(options, "mode", None) == "prefill":
             return PREFILL_PERPLEXITY_BUDGET  # judged on the 64 tokens after the prompt (optc.verify)
-        return None  # an encoder has no perplexity: judged by pooled-embedding cosine (docs/benchmarks.md)
+        return None  # an encoder has no perplexity: judged by pooled-embedding cosine (declared below)
+
+    @classmethod
+    def declared_embedding_budget(cls, options) -> dict[str, float] | None:
+        if getattr(options, "mode", None) == "encoder":  # issue 18's goals for encoder dropping
+            return dict(ENCODER_EMBEDDING_BUDGET)
+        return None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         o: TokenDroppingOptions = self.options
@@ -114,4 +124,6 @@ class TokenDropping(OptcPass):
             raise PassConfigError("mode", "mode encoder needs a BERT-style encoder, and this model is a decoder")
         changed = rewrite_encoder(model, keep=o.keep, start_layer=o.start_layer, score=o.score, query=o.query,
                                   seed=o.seed, reduce=o.reduce, merge_by=o.merge_by)
+        if changed:  # the runtime's mean pooling weights the kept rows by their sizes (merge) or mask (drop)
+            self.context.runtime.pooling_weights = KEPT_TOKEN_SIZES if o.reduce == "merge" else KEPT_ATTENTION_MASK
         return ir.passes.PassResult(model, changed)

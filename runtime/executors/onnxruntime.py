@@ -36,27 +36,35 @@ def _session_options(so, root: Path) -> dict:
     return out
 
 
+def open_session(root: Path, manifest: dict, backend: OnnxRuntimeBackend):
+    """(ONNX Runtime session, graph path) of an artifact's graph: the file the manifest lists (hence
+    hash-checked, inside the artifact), its session options type-checked, its providers the first
+    of those requested that this machine has. Decoder and encoder executors share it."""
+    import onnxruntime as ort
+
+    graph = artifact_file(root, manifest, backend.graph)
+    opts = ort.SessionOptions()
+    so = _session_options(backend.session_options, root)
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, so["graph_optimization_level"])
+    opts.intra_op_num_threads = so["intra_op_num_threads"]
+    opts.inter_op_num_threads = so["inter_op_num_threads"]
+    opts.log_severity_level = 3
+    requested = backend.providers
+    available = set(ort.get_available_providers())
+    providers = [p for p in requested if p in available]
+    if not providers:
+        raise ArtifactError(f"{graph}: none of the execution providers {requested} is available here "
+                            f"(available: {sorted(available)})")
+    try:
+        session = ort.InferenceSession(str(graph), sess_options=opts, providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise ArtifactError(f"{graph}: ONNX Runtime cannot load the graph ({str(e).splitlines()[0]})") from None
+    return session, graph
+
+
 class OnnxRuntimeExecutor:
     def __init__(self, root: Path, manifest: dict, backend: OnnxRuntimeBackend):
-        import onnxruntime as ort
-
-        graph = artifact_file(root, manifest, backend.graph)
-        opts = ort.SessionOptions()
-        so = _session_options(backend.session_options, root)
-        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, so["graph_optimization_level"])
-        opts.intra_op_num_threads = so["intra_op_num_threads"]
-        opts.inter_op_num_threads = so["inter_op_num_threads"]
-        opts.log_severity_level = 3
-        requested = backend.providers
-        available = set(ort.get_available_providers())
-        providers = [p for p in requested if p in available]
-        if not providers:
-            raise ArtifactError(f"{graph}: none of the execution providers {requested} is available here "
-                                f"(available: {sorted(available)})")
-        try:
-            self.session = ort.InferenceSession(str(graph), sess_options=opts, providers=providers)
-        except Exception as e:  # onnxruntime raises its own exception types
-            raise ArtifactError(f"{graph}: ONNX Runtime cannot load the graph ({str(e).splitlines()[0]})") from None
+        self.session, graph = open_session(root, manifest, backend)
         self.providers = self.session.get_providers()
         self.kv_outputs = backend.kv_outputs  # per layer: [new key output, new value output]
         self._attention = backend.attention_outputs

@@ -179,7 +179,7 @@ def test_a_requirement_the_model_lacks_is_refused_before_running():
 
     with pytest.raises(OptcError, match=r"passes\[0\] \(sparse_attention -> sink_window\) needs a position_ids "
                                         r"graph input, which the model does not have"):
-        check_contracts(_plan([{"name": "sparse_attention", "mode": "sink_window"}]), facts=set())
+        check_contracts(_plan([{"name": "sparse_attention", "mode": "sink_window"}]), facts={"model.decoder"})
 
 
 def test_earlier_config_names_expand_into_one_job_passes():

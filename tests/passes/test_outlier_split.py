@@ -13,6 +13,7 @@ import pytest
 from optc.config import parse_config
 from optc.passes.quant.outlier_split import (ACTIVATION_ZERO_POINT, OutlierSplit, OutlierSplitOptions,
                                              outlier_channels, quantize_weight, simulate)
+from optc.runtime.manifest import FLOAT_BRANCH_KEY
 
 from conftest import DECODER_DIR, config_error, run_cli
 
@@ -210,7 +211,7 @@ def test_onnxruntime_lowering_stacks_matmuls_sharing_an_input_exactly(fraction):
     before = _run(model, IDS)
     assert onnxruntime_int8.lower(model, log=lambda *_: None) == 1
     nodes = list(model.graph)
-    branches = [n for n in nodes if onnxruntime_int8.FLOAT_BRANCH_KEY in n.metadata_props]
+    branches = [n for n in nodes if FLOAT_BRANCH_KEY in n.metadata_props]
     assert [n.op_type for n in nodes].count("Split") == 1 and len(branches) == (2 if fraction else 0)
     assert sum(n.name.endswith("/stacked_int8_matmul") for n in nodes) == 1
     np.testing.assert_allclose(_run(model, IDS), before, rtol=1e-5, atol=1e-5 * np.abs(before).max())
