@@ -463,9 +463,10 @@ def _verify_encoder(staging: Path, model_path: Path, pairs, budget: VerifyBudget
     report["provider"] = artifact.provider
     log(format_encoder_report(report, budget))
     if short and budget.min_embedding_cosine is not None and report["short_cosine_mean"] < budget.min_embedding_cosine:
+        why = "token dropping keeps a share of each input's tokens; " if artifact.spec.pooling_weights else ""
         log(f"[yellow]warning[/]: on short sentences the pooled-embedding cosine is {report['short_cosine_mean']:.4f}, "
-            f"below the {budget.min_embedding_cosine:.4f} the held-out passages are held to (token dropping keeps a "
-            f"share of each input: verify with --eval-text pairs like your inputs)")
+            f"below the {budget.min_embedding_cosine:.4f} the held-out passages are held to ({why}verify with "
+            f"--eval-text pairs like your inputs)")
     failures = check_encoder_budget(report, budget)
     if failures:
         raise VerificationError("accuracy budget exceeded: " + "; ".join(failures) + " (artifact not written)")

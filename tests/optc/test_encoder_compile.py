@@ -333,3 +333,12 @@ def test_cli_embeds_with_an_encoder_and_run_refuses_it(tiny, tmp_path, capsys):
     assert code == 0 and len(rows) == 2 and all(len(r) == 8 for r in rows)
     code, _, err = run_cli(["run", tmp_path / "a", "--prompt", "x"], capsys)
     assert code == 2 and "an encoder artifact embeds text, it does not generate" in err
+
+
+def test_inspect_prints_the_encoder(tiny, capsys):
+    model, _ = tiny
+    code, out, err = run_cli(["inspect", model], capsys)
+    assert code == 0, err
+    assert "kind  encoder" in out and "attention heads  2" in out and "last_hidden_state" in out
+    code, _, err = run_cli(["inspect", model, "--target", "npu"], capsys)
+    assert code == 2 and "--target npu builds static prefill-chunk and decode graphs" in err
