@@ -39,6 +39,10 @@ def plot_loss(out: Path, report: dict) -> None:
     if ind:   # logged by runs since the induction monitor was added
         ax.plot([t for t, _ in ind], [v for _, v in ind], "s-", ms=3,
                 label="induction: repeat of a random span 1,000 tokens later")
+    cc = [(e["tokens"] / 1e6, e["code_copy_nll"]) for e in log if "code_copy_nll" in e]
+    if cc:    # logged by --repeat-share runs
+        ax.plot([t for t, _ in cc], [v for _, v in cc], "^-", ms=3,
+                label="copy: repeat of a held-out code span 1,000 tokens later")
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(f"{out.name} training ({report['device']}, {report['precision']})")
@@ -53,6 +57,28 @@ def plot_loss(out: Path, report: dict) -> None:
 def _row(label: str, new, old, fmt: str, goal: str = "") -> str:
     o = "—" if old is None else format(old, fmt)
     return f"| {label} | **{format(new, fmt)}** | {o} | {goal} |"
+
+
+def copying_paragraph(report: dict) -> str:
+    """What --init-from and --repeat-share did to the training run ('' for a run without them)."""
+    parts = []
+    if report.get("init_from"):
+        parts.append(f"- **Continued from `{report['init_from']}`**: its weights, a fresh optimizer and schedule. "
+                     f"The steps, tokens and time of this section are the continuation's alone; the starting "
+                     f"model's training is in its own card.")
+    if report.get("repeat_share"):
+        lo, hi = report["repeat_span"]
+        parts.append(
+            f"- **Copies in the training data** (`--repeat-share {report['repeat_share']:g}`): in "
+            f"{report['repeat_share']:.0%} of the training sequences, a span of {lo}-{hi} tokens of the sequence's own "
+            f"code was copied over the code 0-{report['repeat_max_gap']:,} tokens after it (length and gap drawn per "
+            f"sequence, seeded). Predicting such a copy rewards attending back to the first occurrence and reading "
+            f"on from there, the mechanism of induction heads (Olsson et al. 2022, \"In-context learning and "
+            f"induction heads\"), which the induction row of the evaluation measures. Only real code was copied, "
+            f"never spans of random token ids like the evaluation's; but the copies are in the data on purpose, "
+            f"so the induction number is that of a model taught to copy, and the copied sequences are not "
+            f"natural Python (the code a copy overwrote is gone).")
+    return "\n".join(parts) + "\n" if parts else ""
 
 
 def write_card(out: Path, report: dict, ev: dict, base: dict | None) -> None:
@@ -97,11 +123,15 @@ def write_card(out: Path, report: dict, ev: dict, base: dict | None) -> None:
              f"({speed:,.0f} tokens/s, about {speed / CPU_TOKENS_PER_S:,.0f}x the {CPU_TOKENS_PER_S:,} tokens/s "
              f"measured on this project's 2 CPU cores with bf16 autocast)" if report["device"] == "cuda" else
              f"{report['device']}, {report['threads']} threads; **{hours:.2f} h** of training ({speed:,.0f} tokens/s)")
+    extra = ((f" --init-from {report['init_from']}" if report.get("init_from") else "")
+             + (f" --repeat-share {report['repeat_share']:g}" if report.get("repeat_share") else "")
+             + (f" --lr {report['peak_lr']} --warmup-tokens {report['warmup_tokens']:.0f} --batch {report['batch']}"
+                if report.get("init_from") and report["device"] != "cuda" else ""))
     reproduce = (f"`.venv/bin/python models/train_reference_v2.py --export-data .devdata` here, then on the GPU "
                  f"machine `python3 models/train_reference_v2.py --data .devdata --device cuda --batch {report['batch']} "
-                 f"--warmup-tokens {report['warmup_tokens']:.0f} --tokens {report['tokens_seen']:.0f}`"
+                 f"--warmup-tokens {report['warmup_tokens']:.0f} --tokens {report['tokens_seen']:.0f}{extra}`"
                  if report["device"] == "cuda" else
-                 f"`.venv/bin/python models/train_reference_v2.py --tokens {report['tokens_seen']:.0f}`")
+                 f"`.venv/bin/python models/train_reference_v2.py --tokens {report['tokens_seen']:.0f}{extra}`")
     p512 = ev.get("ppl_512_per_file", {})
     clean_rows = ""
     if "ppl_512_clean" in ev and ev["ppl_512_clean"]:
@@ -117,7 +147,7 @@ def write_card(out: Path, report: dict, ev: dict, base: dict | None) -> None:
 
 A {report['parameters'] / 1e6:.2f}M-parameter `LlamaForCausalLM` (RMSNorm, RoPE, SwiGLU, grouped-query
 attention: 8 query heads over 2 KV heads, head dim 32, **8 layers**, hidden 256, tied embeddings)
-trained from scratch at a **2048-token context**, so that optc's context-reducing passes
+{"trained from scratch" if not report.get("init_from") else "trained (then continued, see Training)"} at a **2048-token context**, so that optc's context-reducing passes
 (sink_window, H2O eviction, block_sparse, token dropping) and layer routing are judged on a model
 that uses its context. It is a test subject, not a useful code model. pycoder-5m (6 layers,
 512-token context) stays as the test suite's fast model.
@@ -152,7 +182,7 @@ that uses its context. It is a test subject, not a useful code model. pycoder-5m
   **{report['tokens_seen']:,} tokens**, AdamW (β=0.9/0.95, weight decay 0.1), peak LR {report['peak_lr']},
   warm-up {report['warmup_tokens']:,.0f} tokens, constant, then linear decay to 0 over the last
   {report['decay_fraction']:.0%} (WSD), gradient clip 1.0, seed {report['seed']}, {report['precision']}, torch {report['torch']}.
-- Where: {where}.
+{copying_paragraph(report)}- Where: {where}.
 - Reproduce: {reproduce} (resumable: checkpoints every 10 min and on SIGTERM into `--ckpt-dir`,
   default `~/.cache/optc/train/pycoder-v2/`). To train longer, copy `stable.pt` (the checkpoint at
   the start of the decay) to `last.pt` and run again with a larger `--tokens`: the learning rate

@@ -28,6 +28,23 @@ kept as `stable.pt`: a later run can resume from it with a larger --tokens and d
 Training sequences start with the BOS token (`<|endoftext|>`, id 0) at a document start and pack
 the following documents after it (StreamingLLM: sinks form on a token every sequence begins with).
 The tokenizer is pycoder-5m's (vocab 4096), so perplexities of the two models are comparable.
+
+Continuing the shipped model, with copying in the data (induction heads; see --repeat-share):
+
+    .venv/bin/python models/train_reference_v2.py --init-from models/pycoder-v2 --repeat-share 0.5 \
+        --lr 3e-4 --warmup-tokens 2e5 --tokens 4e6 --out ~/.cache/optc/pycoder-v2-induct \
+        --ckpt-dir ~/.cache/optc/train/pycoder-v2-induct
+
+--init-from DIR starts from a Hugging Face directory's weights (same architecture) with a fresh
+optimizer and a fresh schedule (--lr, --warmup-tokens, --tokens count from that start).
+
+--repeat-share F: in a share F of the training sequences, a span of that sequence's own code
+(REPEAT_SPAN tokens, length drawn per sequence) is copied over the code that stands a gap later in
+the same sequence (gap drawn per sequence, 0..REPEAT_MAX_GAP tokens), so that predicting the copy
+rewards attending back to the first occurrence and reading on from there: the induction-head
+mechanism (Olsson et al. 2022, "In-context learning and induction heads"). Only real code is
+copied, never random token ids like the evaluation's induction test. The draws depend on
+(seed, step, row) only; without the option the batches are exactly those of earlier versions.
 """
 
 from __future__ import annotations
@@ -226,14 +243,49 @@ def add_pieces(data: dict) -> dict:
     return data
 
 
-def batch_at(step: int, data: dict, batch: int) -> torch.Tensor:
-    """The batch of one step: BOS + a seeded draw of pieces (depends on step only)."""
+def batch_at(step: int, data: dict, batch: int, repeat_share: float = 0.0) -> torch.Tensor:
+    """The batch of one step: BOS + a seeded draw of pieces (depends on step only); with
+    repeat_share, some rows carry a copy of one of their own spans (add_repeats)."""
     rng = np.random.default_rng([SEED, step])
     picks = rng.choice(len(data["pieces"]), size=batch, p=data["piece_weights"])
     rows = np.zeros((batch, CONTEXT), dtype=np.int64)  # column 0: BOS (id 0)
     for r, i in enumerate(data["pieces"][picks]):
         rows[r, 1:] = data["stream"][i:i + CONTEXT - 1]
+    if repeat_share > 0:
+        add_repeats(rows, step, repeat_share)
     return torch.from_numpy(rows)
+
+
+# --repeat-share: the copied span's length and the gap between the span's end and its copy are
+# drawn uniformly per sequence; the longest gap reaches past the evaluation's 1,000 tokens.
+REPEAT_SPAN = (16, 128)
+REPEAT_MAX_GAP = 1536
+# Stored in checkpoints and the report (with the share): a resumed run must copy as its writer did.
+REPEAT_VERSION = "repeat-v1"
+
+
+def add_repeats(rows: np.ndarray, step: int, share: float) -> list[tuple[int, int, int, int]]:
+    """In place: in each row chosen with probability `share`, copy rows[r, s:s+L] over
+    rows[r, s+L+G : s+2L+G] (the row's own code, BOS at column 0 never touched). The draws come
+    from their own generator, seeded by (seed, step, 1), so the pieces drawn for the step are
+    those of a run without copies. Returns (row, start, length, gap) of each copy."""
+    rng = np.random.default_rng([SEED, step, 1])
+    done = []
+    for r in range(rows.shape[0]):
+        use, u_len, u_gap, u_start = rng.random(4)
+        if use >= share:
+            continue
+        length = REPEAT_SPAN[0] + int(u_len * (REPEAT_SPAN[1] - REPEAT_SPAN[0] + 1))
+        gap = int(u_gap * (REPEAT_MAX_GAP + 1))
+        room = CONTEXT - 1 - (2 * length + gap)        # columns 1..CONTEXT-1 hold code
+        start = 1 + int(u_start * (room + 1))
+        rows[r, start + length + gap:start + 2 * length + gap] = rows[r, start:start + length]
+        done.append((r, start, length, gap))
+    return done
+
+
+def sampling_id(repeat_share: float) -> str:
+    return SAMPLING if not repeat_share else f"{SAMPLING}+{REPEAT_VERSION}:{repeat_share:g}"
 
 
 # ---------------------------------------------------------------- schedule
@@ -293,6 +345,26 @@ def monitor_induction(model, windows: np.ndarray, device: str, amp: bool) -> flo
     return float(np.mean(nll))
 
 
+# With --repeat-share the log also shows the copying it trains, on held-out code: the induction
+# monitor's layout with a 64-token span of held-out code (from another window than the filler's)
+# in place of the random one; the repeat's NLL next to the first occurrence's.
+@torch.no_grad()
+def monitor_code_copy(model, windows: np.ndarray, device: str, amp: bool) -> tuple[float, float]:
+    model.eval()
+    first, rep = [], []
+    for trial in range(INDUCTION_TRIALS):
+        span = windows[(trial + 1) % len(windows)][1 + INDUCTION_GAP:1 + INDUCTION_GAP + INDUCTION_SPAN]
+        filler = windows[trial % len(windows)][1:INDUCTION_GAP + 1]
+        x = torch.from_numpy(np.concatenate([[0], span, filler, span]).astype(np.int64))[None].to(device)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=amp):
+            logits = model(input_ids=x).logits[0, :-1].float()
+        per_token = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="none")
+        first.append(per_token[1:INDUCTION_SPAN].mean().item())        # span tokens 2..64
+        rep.append(per_token[-(INDUCTION_SPAN - 1):].mean().item())
+    model.train()
+    return float(np.mean(first)), float(np.mean(rep))
+
+
 def use_bf16(device: str, precision: str) -> bool:
     if precision != "auto":
         return precision == "bf16"
@@ -326,7 +398,18 @@ def main() -> None:
                     help="time the first steps, then set --tokens to what M minutes of training fit")
     ap.add_argument("--write-model-on-stop", action="store_true",
                     help="at --max-minutes or a signal, also write the model directory (marked as stopped early)")
+    ap.add_argument("--init-from", type=Path, metavar="DIR",
+                    help="start from this Hugging Face model directory's weights (same architecture; e.g. "
+                         "models/pycoder-v2) with a fresh optimizer and schedule")
+    ap.add_argument("--repeat-share", type=float, default=0.0, metavar="F",
+                    help=f"in this share of training sequences, copy a {REPEAT_SPAN[0]}-{REPEAT_SPAN[1]}-token span "
+                         f"of the sequence's own code 0-{REPEAT_MAX_GAP} tokens later in it (induction heads; "
+                         f"real code only); default 0: no copies")
     args = ap.parse_args()
+    if not 0.0 <= args.repeat_share <= 1.0:
+        ap.error("--repeat-share must lie in [0, 1]")
+    if args.init_from is not None and not (args.init_from / "config.json").is_file():
+        ap.error(f"--init-from {args.init_from}: not a Hugging Face model directory (no config.json)")
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -352,6 +435,15 @@ def main() -> None:
     torch.manual_seed(SEED)
     model = LlamaForCausalLM(LlamaConfig(**MODEL_KW)).to(args.device)
     model.config._attn_implementation = "sdpa"
+    if args.init_from is not None:
+        init = LlamaForCausalLM.from_pretrained(args.init_from, local_files_only=True)
+        shape = {k: v.shape for k, v in model.state_dict().items()}
+        if {k: v.shape for k, v in init.state_dict().items()} != shape or any(
+                getattr(init.config, k, None) != v for k, v in MODEL_KW.items() if k != "rope_theta"):
+            sys.exit(f"error: --init-from {args.init_from}: another architecture than {MODEL_KW}")
+        model.load_state_dict(init.state_dict())
+        del init
+        print(f"initialised from {args.init_from} (fresh optimizer and schedule)")
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -364,8 +456,10 @@ def main() -> None:
     if last.is_file():
         state = torch.load(last, map_location=args.device, weights_only=False)
         if (state["data_key"] != data["meta"]["key"] or state["batch"] != args.batch
-                or state.get("sampling") != SAMPLING):
-            sys.exit(f"error: {last} was written for other data, another --batch or another sampling; "
+                or state.get("sampling") != sampling_id(args.repeat_share)
+                or state.get("init_from") != (str(args.init_from) if args.init_from else None)):
+            sys.exit(f"error: {last} was written for other data, another --batch, another sampling "
+                     f"(--repeat-share) or another --init-from; "
                      f"move it away to start afresh")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
@@ -381,7 +475,8 @@ def main() -> None:
     def state_dict() -> dict:
         return {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": log,
                 "train_seconds": train_seconds, "data_key": data["meta"]["key"], "batch": args.batch,
-                "sampling": SAMPLING,
+                "sampling": sampling_id(args.repeat_share),
+                **({"init_from": str(args.init_from)} if args.init_from else {}),
                 "args": {k: str(v) for k, v in vars(args).items()}, "device": args.device, "amp": amp,
                 "tokens_fixed": args.tokens if fixed["done"] else None}
 
@@ -414,7 +509,7 @@ def main() -> None:
             if step == decay_start_step and not (args.ckpt_dir / "stable.pt").exists():
                 save_ckpt(args.ckpt_dir / "stable.pt", state_dict())
             t0 = time.time()
-            x = batch_at(step, data, args.batch).to(args.device)
+            x = batch_at(step, data, args.batch, args.repeat_share).to(args.device)
             lr = lr_at(step * tokens_per_step, args.tokens, args.lr, args.warmup_tokens, args.decay_fraction)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -449,6 +544,9 @@ def main() -> None:
             if step % args.eval_every == 0 or step == total_steps:
                 entry["heldout_loss"] = round(monitor_loss(model, data["monitor"], args.device, amp), 4)
                 entry["induction_nll"] = round(monitor_induction(model, data["monitor"], args.device, amp), 4)
+                if args.repeat_share:
+                    c_first, c_rep = monitor_code_copy(model, data["monitor"], args.device, amp)
+                    entry["code_copy_first_nll"], entry["code_copy_nll"] = round(c_first, 4), round(c_rep, 4)
             log.append(entry)
             tps = session_tokens / (time.time() - t_session)
             progress.update(task, completed=step, loss=loss.item(), tps=tps)
@@ -456,7 +554,9 @@ def main() -> None:
                 print(f"step {step}/{total_steps} tokens {step * tokens_per_step:,} loss {loss.item():.3f} "
                       f"lr {lr:.2e} {tps:,.0f} tok/s"
                       + (f" held-out loss {entry['heldout_loss']} induction repeat NLL {entry['induction_nll']}"
-                         if "heldout_loss" in entry else ""), flush=True)
+                         if "heldout_loss" in entry else "")
+                      + (f" code copy NLL {entry['code_copy_first_nll']} -> {entry['code_copy_nll']}"
+                         if "code_copy_nll" in entry else ""), flush=True)
             out_of_time = args.max_minutes is not None and time.time() - t_session > 60 * args.max_minutes
             if stop["signal"] or out_of_time or time.time() - t_ckpt > 60 * args.ckpt_minutes:
                 save_ckpt(last, state_dict())
@@ -499,9 +599,12 @@ def write_model(model, args, data, log, n_params, train_seconds, amp, stopped_ea
         "device_name": (torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"),
         "stopped_early": stopped_early, "tokens_total": args.tokens,
         "context": CONTEXT, "batch": args.batch, "tokens_per_step": args.batch * CONTEXT,
-        "sampling": SAMPLING, "steps": log[-1]["step"], "tokens_seen": log[-1]["tokens"], "peak_lr": args.lr,
+        "sampling": sampling_id(args.repeat_share), "steps": log[-1]["step"], "tokens_seen": log[-1]["tokens"], "peak_lr": args.lr,
         "warmup_tokens": args.warmup_tokens, "decay_fraction": args.decay_fraction,
         "parameters": n_params, "train_seconds": round(train_seconds, 1),
+        **({"init_from": str(args.init_from)} if args.init_from else {}),
+        **({"repeat_share": args.repeat_share, "repeat_span": list(REPEAT_SPAN), "repeat_max_gap": REPEAT_MAX_GAP}
+           if args.repeat_share else {}),
         "corpus": data["meta"], "log": thin_log(log),
     }
     (out / "training_report.json").write_text(json.dumps(report, indent=1) + "\n")

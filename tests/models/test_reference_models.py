@@ -243,3 +243,36 @@ def test_v2_training_data_bundle_round_trips_and_pieces_cover_every_token(tmp_pa
     (tmp_path / "bundle" / "index.npz").unlink()
     with pytest.raises(SystemExit, match="not a corpus bundle"):
         T.load_data_bundle(tmp_path / "bundle")
+
+
+def test_v2_repeat_share_copies_a_span_of_the_sequence_own_code_deterministically():
+    """--repeat-share (induction heads from natural copying): a chosen row holds a span of its own
+    code again a gap later, the draws repeat for a seed and step, the pieces drawn are those of a
+    run without copies, and share 0 gives exactly the old batches."""
+    import train_reference_v2 as T
+
+    rng = np.random.default_rng(1)
+    stream = np.concatenate([[0], rng.integers(1, 4096, 3 * T.CONTEXT)]).astype(np.uint16)
+    data = T.add_pieces({"stream": stream, "starts": np.array([0]), "weights": np.array([1.0])})
+    plain = T.batch_at(5, data, 8).numpy()
+    assert np.array_equal(plain, T.batch_at(5, data, 8, 0.0).numpy())
+    gaps = []
+    for step in range(40):
+        base = T.batch_at(step, data, 8).numpy()
+        rows = base.copy()
+        copies = T.add_repeats(rows, step, 0.5)
+        again = base.copy()
+        assert T.add_repeats(again, step, 0.5) == copies and np.array_equal(again, rows)
+        assert np.array_equal(rows, T.batch_at(step, data, 8, 0.5).numpy())
+        assert (rows[:, 0] == 0).all()
+        changed = {r for r in range(8) if not np.array_equal(rows[r], base[r])}
+        assert changed == {c[0] for c in copies}
+        for r, start, length, gap in copies:
+            assert T.REPEAT_SPAN[0] <= length <= T.REPEAT_SPAN[1] and 0 <= gap <= T.REPEAT_MAX_GAP
+            dst = start + length + gap
+            assert start >= 1 and dst + length <= T.CONTEXT
+            assert np.array_equal(rows[r, dst:dst + length], base[r, start:start + length])   # real code, copied
+            assert np.array_equal(np.delete(rows[r], np.s_[dst:dst + length]), np.delete(base[r], np.s_[dst:dst + length]))
+            gaps.append(gap)
+    assert 0.3 < len(gaps) / (40 * 8) < 0.7 and max(gaps) > 1000
+    assert T.sampling_id(0.0) == T.SAMPLING and T.sampling_id(0.5) != T.SAMPLING
