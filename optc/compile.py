@@ -365,6 +365,15 @@ def encoder_side_config(model_path: Path, tok_path: Path, info: EncoderInfo) -> 
             out["normalize"] = any(isinstance(m, dict) and str(m.get("type", "")).endswith(".Normalize") for m in data)
         elif isinstance(data, dict) and isinstance(data.get("max_seq_length"), int) and data["max_seq_length"] > 0:
             out["max_length"] = data["max_seq_length"]
+    pooling = d / "pooling_config.json"  # what `optc export` copies from 1_Pooling/config.json
+    if pooling.is_file():
+        try:
+            modes = {k for k, v in json.loads(pooling.read_text()).items() if k.startswith("pooling_mode_") and v}
+        except (ValueError, AttributeError):
+            raise OptcError(f"{pooling}: invalid JSON object") from None
+        if modes != {"pooling_mode_mean_tokens"}:
+            raise OptcError(f"{pooling}: the model pools by {', '.join(sorted(modes)) or 'nothing'}; optc's runtime "
+                            f"mean-pools only (pooling_mode_mean_tokens)")
     if info.context is not None:
         out["max_length"] = min(out["max_length"], info.context)
     try:

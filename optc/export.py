@@ -28,6 +28,7 @@ ENCODER_ARCHS = {"BertModel"}
 OPSET = 23
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json")
 # (sentence-transformers' files tell optc compile the max sequence length and whether embeddings are normalised)
+POOLING_SIDE_FILE = "pooling_config.json"  # (sentence-transformers' 1_Pooling/config.json, flattened)
 ENCODER_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "config.json", "vocab.txt",
                       "sentence_bert_config.json", "modules.json")
 
@@ -206,5 +207,8 @@ def export_encoder(hf_dir: Path, out_path: Path, *, log=print) -> Path:
                                     input_names=list(dyn), output_names=["last_hidden_state"],
                                     dynamic_shapes=dyn, optimize=True)
     _write_export(program, out_path, hf_dir, ENCODER_SIDE_FILES, context=model.config.max_position_embeddings)
+    pooling = hf_dir / "1_Pooling" / "config.json"  # sentence-transformers' pooling: optc compile checks it
+    if pooling.is_file():
+        shutil.copyfile(pooling, out_path.parent / POOLING_SIDE_FILE)
     log(f"wrote {out_path}")
     return out_path

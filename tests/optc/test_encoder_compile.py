@@ -304,7 +304,14 @@ def test_minilm_compiles_verifies_embeds_and_recompiles_byte_identical(minilm, t
     print(f"{name}: {len(passages)} passages through EncoderModel.embed, cosine to fp32 mean {cos.mean():.4f} "
           f"min {cos.min():.4f}")
     assert cos.mean() >= budget
-    compile_model(minilm, tmp_path / "b", config=cfg, log=lambda *_: None)
+    # again in another process (set or id-ordered walks would differ there), through the CLI
+    import subprocess
+    import sys
+
+    cli = Path(sys.executable).parent / "optc"
+    proc = subprocess.run([str(cli), "compile", str(minilm), "-c", str(ROOT / config), "-o", str(tmp_path / "b")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
 
 
@@ -342,3 +349,14 @@ def test_inspect_prints_the_encoder(tiny, capsys):
     assert "kind  encoder" in out and "attention heads  2" in out and "last_hidden_state" in out
     code, _, err = run_cli(["inspect", model, "--target", "npu"], capsys)
     assert code == 2 and "--target npu builds static prefill-chunk and decode graphs" in err
+
+
+def test_a_pooling_other_than_mean_is_refused(tmp_path, capsys):
+    """sentence-transformers' pooling config (optc export copies it as pooling_config.json): the runtime
+    mean-pools, so a CLS-pooling model is refused in one line rather than embedded wrongly."""
+    model = build_tiny_encoder(tmp_path / "m")
+    (tmp_path / "m" / "pooling_config.json").write_text(json.dumps({"pooling_mode_cls_token": True,
+                                                                    "pooling_mode_mean_tokens": False}))
+    code, _, err = run_cli(["compile", model, "-o", tmp_path / "out", "--eval-text", write_pairs(tmp_path / "p.jsonl")],
+                           capsys)
+    assert code == 2 and "the model pools by pooling_mode_cls_token; optc's runtime mean-pools only" in err
