@@ -180,3 +180,16 @@ def test_awq_int4_compiles_within_budget_and_is_deterministic(tmp_path, exported
     assert all(g["rel_error_awq"] <= g["rel_error_rtn"] for g in groups)
     for f in sorted(p.name for p in (tmp_path / "a").iterdir()):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_awq_after_a_pass_that_adds_inputs_is_one_line(tmp_path, exported_decoder, capsys):
+    """awq calibrates the graph as it stands: after sink_window (which adds key positions as an
+    input) the compile stops in one line, and writes nothing."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("passes:\n  - name: sink_window\n    sinks: 4\n    window: 60\n"
+                   "  - name: weight_quant\n    bits: 4\n    method: awq\n    alphas: [0.5]\n"
+                   "    calibration: {samples: 2, length: 32}\n")
+    code, _, err = run_cli(["compile", exported_decoder, "-c", cfg, "-o", tmp_path / "out"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "calibration: cannot feed graph input 'optc.key_position_ids'" in err
+    assert "run this pass before passes that add inputs" in err and not (tmp_path / "out").exists()
