@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import onnx_ir as ir
-from pydantic import Field, StrictFloat, StrictInt, field_validator, model_validator
+from pydantic import Field, StrictFloat, StrictInt, field_validator, model_serializer, model_validator
 
 from optc.config import PassOptions
 from optc.passes.base import (CACHE_POLICY, CACHE_QUANTIZED, MODEL_DECODER, MODEL_ENCODER, MODEL_POSITION_IDS,
@@ -50,6 +50,20 @@ class TokenDroppingOptions(PassOptions):
         "hidden", description="encoder, reduce merge: what picks the kept token a token merges into: cosine of the "
                               "hidden states at the cut (measured better) or of the previous layer's keys, "
                               "head-averaged (as ToMe matches)")
+
+    @model_serializer(mode="wrap")
+    def _normal_form(self, handler):
+        # only the keys that apply to this mode, score and reduce: the printed config (optc config
+        # show, the manifest's passes) loads back (the validators below refuse the others when given)
+        d = handler(self)
+        drop = set(PREFILL_ONLY) if self.mode == "encoder" else {*ENCODER_ONLY, "query"}
+        if self.mode == "encoder" and self.reduce != "merge":
+            drop.add("merge_by")
+        if self.score != "random":
+            drop.add("seed")
+        for key in drop:
+            d.pop(key, None)
+        return d
 
     @field_validator("keep")
     @classmethod

@@ -380,3 +380,18 @@ def test_prefill_artifact_is_byte_identical_across_processes(exported_decoder, t
     files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.is_file())
     assert files and files == sorted(p.relative_to(outs[1]) for p in outs[1].rglob("*") if p.is_file())
     assert [f for f in files if (outs[0] / f).read_bytes() != (outs[1] / f).read_bytes()] == []
+
+
+@pytest.mark.parametrize("opts", [
+    {"mode": "encoder"}, {"mode": "encoder", "reduce": "drop"}, {"mode": "encoder", "score": "random", "seed": 2},
+    {"mode": "prefill"}, {"mode": "prefill", "score": "random", "seed": 1},
+])
+def test_the_printed_config_loads_back(opts, tmp_path):
+    """The normal form (optc config show, the manifest's passes) holds only the keys that apply to
+    the mode, score and reduce, so it loads back (it printed seed/query/sinks everywhere before)."""
+    from optc.config import load_config
+
+    config = _cfg(**opts)
+    path = tmp_path / "c.yaml"
+    path.write_text(config.to_yaml())
+    assert load_config(path, REG) == config
