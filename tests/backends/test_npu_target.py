@@ -516,6 +516,7 @@ def test_roofline_estimate_counts_the_npu_matmuls_and_scales_with_the_profile():
 
 
 @pytest.mark.npu
+@pytest.mark.slow  # two NPU compiles
 def test_qnn_context_cache_loads_without_compiling_and_computes_the_same(tmp_path):
     pytest.importorskip("onnxruntime_qnn")
     import json
@@ -553,6 +554,7 @@ def test_compile_verifies_the_npu_artifact_on_the_cpu_ep_and_says_so(tmp_path):
     assert manifest["backend"]["allow_cpu_fallback"] is False
 
 
+@pytest.mark.slow  # two NPU compiles
 def test_npu_artifacts_are_byte_identical_for_the_same_input(tmp_path):
     from optc.runtime.artifact import artifact_id
 

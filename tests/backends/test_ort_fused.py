@@ -36,6 +36,7 @@ def _stream(artifact: Path, ids: list[int], prompt: int):
     return m, np.concatenate(rows)
 
 
+@pytest.mark.slow  # 320 steps of two graphs per export: ~1 min of the fast tier
 @pytest.mark.parametrize("export", ["exported_decoder", "torchscript_decoder"])
 def test_fused_path_matches_the_generic_graph_step_for_step(export, request, tmp_path):
     """pycoder-5m from dynamo (native RotaryEmbedding) and from the TorchScript exporter (rotary
