@@ -22,20 +22,8 @@ from onnx_ir import tape
 
 from optc.passes.base import PassConfigError
 from optc.passes.rules.builders import const, ints, name_nodes
-from optc.passes.rules.layers import attention_nodes, residual_input
+from optc.passes.rules.layers import attention_nodes, downstream, residual_input
 from optc.runtime.manifest import LAYER_CHANGE_OUTPUT, LAYERS_RUN_INPUT, past_name, present_name
-
-
-def _downstream_nodes(v: ir.Value) -> set[ir.Node]:
-    seen: set[ir.Node] = set()
-    todo = [v]
-    while todo:
-        x = todo.pop()
-        for use in x.uses():
-            if use.node not in seen:
-                seen.add(use.node)
-                todo.extend(use.node.outputs)
-    return seen
 
 
 def _upstream_nodes(v: ir.Value) -> set[ir.Node]:
@@ -75,7 +63,7 @@ def rewrite_routing(model: ir.Model, info, *, routable: list[int], window: int) 
     changes = []
     for i in routable:
         h_in, h_out = hs[i], hs[i + 1]
-        body = _downstream_nodes(h_in) & _upstream_nodes(h_out)
+        body = set(downstream(graph, [h_in])) & _upstream_nodes(h_out)
         layer = info.layers[i]
         values = {v.name: v for nd in body for v in nd.outputs}
         pk, pv = outputs.get(present_name(i, "key")), outputs.get(present_name(i, "value"))
@@ -84,14 +72,14 @@ def rewrite_routing(model: ir.Model, info, *, routable: list[int], window: int) 
             raise PassConfigError(None, f"layer {i}: its new and present keys/values are not computed inside the "
                                         f"layer's residual block")
         escaping = [h_out, nk, nv, pk, pv]
-        for nd in body:
+        order = [nd for nd in graph if nd in body]  # graph order: names and errors the same run to run
+        for nd in order:
             for v in nd.outputs:
                 if v in escaping:
                     continue
                 if v in graph.outputs or any(u.node not in body for u in v.uses()):
                     raise PassConfigError(None, f"layer {i}: {v.name!r} is computed in the layer and read outside it; "
                                                 f"layer_routing cannot wrap the layer")
-        order = [nd for nd in graph if nd in body]
         # the else branch: the layer as if it were not there
         past_k, past_v = inputs[past_name(i, "key")], inputs[past_name(i, "value")]
         te = tape.Tape()
