@@ -20,7 +20,7 @@ PREFILL_PERPLEXITY_BUDGET = 0.05
 # retrieval top-1 agreement on held-out query/document pairs (optc.verify.compare_embeddings)
 ENCODER_EMBEDDING_BUDGET = {"min_embedding_cosine": 0.98, "min_retrieval_agreement": 0.95}
 PREFILL_ONLY = ("sinks", "recent", "query_window")
-ENCODER_ONLY = ("reduce", "merge_by")
+ENCODER_ONLY = ("reduce", "merge_by", "min_tokens")
 
 
 class TokenDroppingOptions(PassOptions):
@@ -46,6 +46,10 @@ class TokenDroppingOptions(PassOptions):
         "merge", description="encoder: what becomes of a token that is not kept: merge (ToMe-style: added into the "
                              "most similar kept token, whose size then weights later attention and the pooling; "
                              "measured better) or drop")
+    min_tokens: int = Field(
+        32, ge=0, description="encoder: an input of up to this many tokens (its padded length) keeps every token, "
+                              "a longer one at least this many (0: off). Short sentences have little to drop and "
+                              "lose the most: MiniLM's 12-token sentences fell to cosine 0.92 at keep 0.5")
     merge_by: Literal["hidden", "key"] = Field(
         "hidden", description="encoder, reduce merge: what picks the kept token a token merges into: cosine of the "
                               "hidden states at the cut (measured better) or of the previous layer's keys, "
@@ -137,7 +141,7 @@ class TokenDropping(OptcPass):
         if self.context.decoder is not None:
             raise PassConfigError("mode", "mode encoder needs a BERT-style encoder, and this model is a decoder")
         changed = rewrite_encoder(model, keep=o.keep, start_layer=o.start_layer, score=o.score, query=o.query,
-                                  seed=o.seed, reduce=o.reduce, merge_by=o.merge_by)
+                                  seed=o.seed, reduce=o.reduce, merge_by=o.merge_by, min_tokens=o.min_tokens)
         if changed:  # the runtime's mean pooling weights the kept rows by their sizes (merge) or mask (drop)
             self.context.runtime.pooling_weights = KEPT_TOKEN_SIZES if o.reduce == "merge" else KEPT_ATTENTION_MASK
         return ir.passes.PassResult(model, changed)

@@ -111,7 +111,7 @@ def _keys_transposed(layer: EncoderLayer) -> ir.Value:
 
 
 def rewrite_encoder(model: ir.Model, *, keep: float | int, start_layer: int, score: str, query: str,
-                    seed: int, reduce: str = "drop", merge_by: str = "hidden") -> bool:
+                    seed: int, reduce: str = "drop", merge_by: str = "hidden", min_tokens: int = 0) -> bool:
     """Rewrite in place; False when the graph already drops tokens."""
     graph = model.graph
     if any(v.name == KEPT_TOKEN_INDICES for v in graph.outputs):
@@ -169,6 +169,8 @@ def rewrite_encoder(model: ir.Model, *, keep: float | int, start_layer: int, sco
         k = t.op("Max", [k, i64(1)])
     else:
         k = t.op("Min", [seq, i64(keep)])
+    if min_tokens:  # short inputs stay whole; longer ones keep at least min_tokens
+        k = t.op("Max", [k, t.op("Min", [seq, i64(min_tokens)])])
     _, chosen = t.op_multi_out("TopK", [ranked, k], {"axis": -1, "largest": 1, "sorted": 0}, num_outputs=2)
     kept, _ = t.op_multi_out("TopK", [chosen, k], {"axis": -1, "largest": 0, "sorted": 1}, num_outputs=2)
     kept_col = t.op("Unsqueeze", [kept, i64(-1)])                                     # [B, k, 1]
