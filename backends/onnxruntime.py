@@ -46,18 +46,9 @@ def compile(model: ir.Model, info, out_dir: Path, target: str, *, kv_cache=None,
         kv_outputs = expose_new_kv(model, info)
     if target == "cpu":  # outlier_split's int8 MatMuls that share an input, stacked (onnxruntime_int8.py)
         onnxruntime_int8.lower(model, log=log)
-    files = save_model(model, Path(out_dir) / GRAPH_FILE)
-    section = {
-        "name": "onnxruntime",
-        "graph": GRAPH_FILE,
-        "weights": [f.name for f in files[1:]],
-        "providers": PROVIDERS[target],
-        "session_options": {"graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_num_threads": 0,
-                            "inter_op_num_threads": 1},
-        "kv_outputs": kv_outputs,
-        # per-layer attention probabilities, present when a cache policy scores tokens (H2O)
-        "attention_outputs": attention_outputs(model),
-    }
+    # attention_outputs: per-layer attention probabilities, present when a cache policy scores
+    # tokens (H2O)
+    section = _save(model, out_dir, target, kv_outputs, attention_outputs(model))
     if kv_in_place is not None:  # kv_outputs are then the present buffers GQA writes in place
         section["kv_in_place"] = kv_in_place
     return section
@@ -75,6 +66,11 @@ def compile_encoder(model: ir.Model, info, out_dir: Path, target: str, *, option
                         f"{', '.join(sorted(options))})")
     if target == "cpu":
         onnxruntime_int8.lower(model, log=log)
+    return _save(model, out_dir, target, kv_outputs=[], attention_outputs=[])  # no KV cache
+
+
+def _save(model: ir.Model, out_dir: Path, target: str, kv_outputs: list, attention_outputs: list) -> dict:
+    """Write the graph (weights beside it) and return the manifest's backend section."""
     files = save_model(model, Path(out_dir) / GRAPH_FILE)
     return {
         "name": "onnxruntime",
@@ -83,6 +79,6 @@ def compile_encoder(model: ir.Model, info, out_dir: Path, target: str, *, option
         "providers": PROVIDERS[target],
         "session_options": {"graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_num_threads": 0,
                             "inter_op_num_threads": 1},
-        "kv_outputs": [],         # no KV cache
-        "attention_outputs": [],
+        "kv_outputs": kv_outputs,
+        "attention_outputs": attention_outputs,
     }

@@ -186,13 +186,18 @@ def compile_model(model_path, out, *, config: PipelineConfig | None = None, conf
                                                    log)
         elif verify:
             manifest["verification"] = _verify(staging, model_path, info, texts, budget, modes, verify_length, log)
-        full = write_manifest(staging, manifest)
-        publish(staging, out, force)
+        return _publish(staging, out, force, manifest, records, log)
+
+
+
+def _publish(staging: Path, out: Path, force: bool, manifest: dict, records, log) -> dict:
+    """The manifest with every file's hash, then the staging directory moved into place."""
+    full = write_manifest(staging, manifest)
+    publish(staging, out, force)
     total = sum(r.seconds for r in records)
     log(f"wrote {out} ({len(full['files'])} files; passes took {total:.2f}s)")
     log(f"artifact id {artifact_id(out)} (pin it: optc.runtime.load(path, expect=ID))")
     return full
-
 
 GPU_CHECK_FILE = "expected_logits.safetensors"
 GPU_CHECK_PREFILL, GPU_CHECK_DECODE = 64, 32
@@ -451,12 +456,7 @@ def compile_encoder(model, info: EncoderInfo, model_path: Path, out: Path, *, co
         write_manifest(staging, manifest, staging=True)
         if verify:
             manifest["verification"] = _verify_encoder(staging, model_path, pairs, budget, log)
-        full = write_manifest(staging, manifest)
-        publish(staging, out, force)
-    total = sum(r.seconds for r in records)
-    log(f"wrote {out} ({len(full['files'])} files; passes took {total:.2f}s)")
-    log(f"artifact id {artifact_id(out)} (pin it: optc.runtime.load(path, expect=ID))")
-    return full
+        return _publish(staging, out, force, manifest, records, log)
 
 
 def _verify_encoder(staging: Path, model_path: Path, pairs, budget: VerifyBudget, log) -> dict:
