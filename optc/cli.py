@@ -69,6 +69,9 @@ def npu_options(f):
                      help="NPU: prefill tokens per static step (default 64; the last chunk is padded)"),
         click.option("--max-cache", type=click.IntRange(min=2), default=None,
                      help="NPU: cache slots of the static graphs (default: the model's context)"),
+        click.option("--max-length", type=click.IntRange(min=2), default=None,
+                     help="NPU, encoders: tokens per text of the static graph (default 128, or the model's "
+                          "max_length where shorter; shorter texts are padded, longer ones truncated)"),
         click.option("--profile", default=None,
                      help="NPU: device profile, a name in profiles/ or a YAML file (default qualcomm_htp_v73)"),
         click.option("--allow-cpu-fallback", is_flag=True, default=None,
@@ -83,7 +86,7 @@ def npu_options(f):
     return f
 
 
-NPU_OPTIONS = ("chunk", "max_cache", "profile", "allow_cpu_fallback", "context_cache")
+NPU_OPTIONS = ("chunk", "max_cache", "max_length", "profile", "allow_cpu_fallback", "context_cache")
 
 
 def _npu_options(target, given: dict) -> dict:
@@ -105,7 +108,7 @@ def _npu_options(target, given: dict) -> dict:
 def inspect(model, target, config_path, tokenizer, **npu_opts):
     """Print the decoder (or encoder) structure the canonicaliser finds in MODEL."""
     from optc.canonical import analyze_encoder, canonicalize, model_kind
-    from optc.compile import ENCODER_REFUSALS, side_config
+    from optc.compile import side_config
     from optc.ir import load_model
 
     npu_opts = _npu_options(target, npu_opts)
@@ -114,8 +117,6 @@ def inspect(model, target, config_path, tokenizer, **npu_opts):
             raise OptcError(f"{flag}: only with --target npu (inspect prints the graph as exported otherwise)")
     loaded = load_model(model)
     if model_kind(loaded) == "encoder":  # a BERT-style encoder: what optc compile will record
-        if target == "npu":
-            raise OptcError(ENCODER_REFUSALS["npu"])
         enc = analyze_encoder(loaded)
         rows = [("kind", "encoder"), ("layers", enc.n_layers), ("attention heads", enc.num_heads),
                 ("hidden size", enc.hidden_size), ("vocab", enc.vocab_size), ("context", enc.context or "not recorded"),
@@ -123,6 +124,8 @@ def inspect(model, target, config_path, tokenizer, **npu_opts):
                 ("MLP", enc.mlp), ("inputs → output", f"{', '.join(enc.inputs)} → {enc.output}")]
         for k, v in rows:
             console.print(f"{k:>20}  {v}")
+        if target == "npu":
+            _inspect_npu_encoder(model, loaded, enc, config_path, tokenizer, npu_opts)
         return
     info = canonicalize(loaded)
     side_ctx = side_config(model).get("context")
@@ -137,6 +140,30 @@ def inspect(model, target, config_path, tokenizer, **npu_opts):
         console.print(f"{k:>20}  {v}")
     if target == "npu":
         _inspect_npu(model, loaded, info, config_path, tokenizer, npu_opts, side_ctx)
+
+
+def _inspect_npu_encoder(model_path, model, enc, config_path, tokenizer, npu_opts) -> None:
+    """An encoder's static graph (`--max-length` tokens per text) after the config's passes, as
+    `optc compile --target npu` partitions it."""
+    from optc.backends.npu.backend import ENCODER_BATCH, encoder_options, encoder_plan, report_lines
+    from optc.backends.npu.estimate import estimate_step
+    from optc.compile import encoder_side_config, run_config_passes
+
+    tok_path = Path(tokenizer) if tokenizer else Path(model_path).parent / "tokenizer.json"
+    side = encoder_side_config(Path(model_path), tok_path, enc)
+    encoder_options(npu_opts, side["max_length"])  # (bad options: one line before the passes run)
+    run_config_passes(model, None, model_path, config_path, tokenizer=tokenizer, log=lambda *_: None)
+    opts, profile, static, plan = encoder_plan(model, enc, npu_opts, side["max_length"])
+    console.print(f"\nNPU partition for profile {profile.name} ({profile.description}); encoder graph "
+                  f"{ENCODER_BATCH} text × {opts['max_length']} tokens (shorter texts padded, longer truncated)",
+                  markup=False)
+    for line in report_lines(static, plan, "encoder"):
+        console.print(line, markup=False)
+    e = estimate_step(static, plan, profile)
+    console.print(f"roofline ESTIMATE on {profile.name}, the CPU partitions not included: NPU partitions "
+                  f"{e['npu_seconds'] * 1e3:.3f} ms ({e['npu_int8_ops'] / 1e9:.2f} G int8 ops, "
+                  f"{e['npu_weight_bytes']:,} B of weights), handovers {e['handover_seconds'] * 1e3:.3f} ms "
+                  f"({e['transfers']} transfers) per text", markup=False)
 
 
 def _inspect_npu(model_path, model, info, config_path, tokenizer, npu_opts, side_ctx) -> None:

@@ -346,8 +346,6 @@ def format_report(r: dict) -> str:
 ENCODER_REFUSALS = {
     "tvm": "--backend tvm lowers decoders only (prefill/decode shape buckets over a KV cache); it has no encoder "
            "lowering: compile encoders with --backend onnxruntime",
-    "npu": "--target npu builds static prefill-chunk and decode graphs over a KV cache; it has no static encoder "
-           "graph: compile encoders for --target cpu (or gpu)",
 }
 ENCODER_SIDE_DEFAULT_MAX_LENGTH = 512
 
@@ -430,12 +428,24 @@ def compile_encoder(model, info: EncoderInfo, model_path: Path, out: Path, *, co
             f"≥ {budget.min_retrieval_agreement} ({budget_source})")
     pairs = read_pairs(eval_text) if verify else []
     side = encoder_side_config(model_path, tok_path, info)
+    if target == "npu":  # its options and what its static graph cannot hold, refused before any pass runs
+        backend_mod.encoder_options(backend_options, side["max_length"])
+        if any(p.name == "token_dropping" for p in config.passes):
+            raise OptcError("--target npu: token_dropping's kept-token count and pooling weights are not built into "
+                            "the static encoder graph: compile token_dropping for --target cpu")
     context = PassContext(target=target, decoder=None, tokenizer=tok_path, log=log)
     log(f"pipeline: {len(config.passes)} pass(es)" + ("" if config.passes else " (identity)"))
     records = run_pipeline(model, config, registry, context, dump_dir=Path(dump_ir) if dump_ir else None, log=log)
     embedding = embedding_table(model, INPUT_IDS)
     with staging_dir(out) as staging:
-        backend_section = backend_mod.compile_encoder(model, info, staging, target, options=backend_options, log=log)
+        if target == "npu":  # one static graph: every text is padded (or truncated) to its max_length
+            backend_section = backend_mod.compile_encoder(model, info, staging, target, options=backend_options,
+                                                          model_max_length=side["max_length"],
+                                                          pooling_weights=context.runtime.pooling_weights, log=log)
+            side["max_length"] = backend_section["max_length"]
+        else:
+            backend_section = backend_mod.compile_encoder(model, info, staging, target, options=backend_options,
+                                                          log=log)
         shutil.copyfile(tok_path, staging / "tokenizer.json")
         from optc.runtime.manifest import EncoderSpec
 

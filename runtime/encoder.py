@@ -11,6 +11,11 @@ under reduce merge, so the pooled vector still averages every real token; its ke
 under reduce drop) or by the attention mask. With token dropping, a batch's padded length sets how
 many rows are kept (`keep` is a share of it): `embed` batches texts in the order given, so the
 same texts in the same batches give the same embeddings.
+
+An NPU artifact (`backend.name: npu`, backends/npu/) holds one static graph of `max_length`
+tokens per text: the tokenizer truncates to it, each text is padded to it with attention_mask 0
+there, its partitions run in order (NPU ones on the NPU provider, never silently on the CPU:
+`provider` names the EP of every partition) and the real tokens' rows are pooled as above.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import numpy as np
 
 from optc.errors import InvalidType, InvalidValue
 from optc.runtime.artifact import MANIFEST_NAME, ArtifactError, artifact_file
-from optc.runtime.manifest import (ATTENTION_MASK, INPUT_IDS, TOKEN_TYPE_IDS, EncoderSpec, OnnxRuntimeBackend)
+from optc.runtime.manifest import (ATTENTION_MASK, INPUT_IDS, TOKEN_TYPE_IDS, EncoderSpec, NpuEncoderBackend,
+                                   OnnxRuntimeBackend)
 from optc.runtime.onnx_graph import WireError, embedding_rows
 
 
@@ -42,14 +48,31 @@ class EncoderModel:
             raise ArtifactError(f"{where}: tokenizer: expected the tokenizer file's name")
         backend = manifest.get("backend")
         name = backend.get("name") if isinstance(backend, dict) else None
+        self._fetch = [spec.output] + ([spec.pooling_weights] if spec.pooling_weights else [])
+        self.npu = None
+        if name == "npu":  # static partitions (backends/npu/): each text padded to the graph's max_length
+            from optc.runtime.executors.npu import NpuEncoderExecutor
+
+            section = NpuEncoderBackend.from_dict(backend, f"{where}: backend")
+            if section.max_length != spec.max_length:
+                raise ArtifactError(f"{where}: model.max_length {spec.max_length} is not the static graph's "
+                                    f"{section.max_length} tokens")
+            self.npu = NpuEncoderExecutor(self.root, manifest, section)
+            produced = {o for p in section.graph.partitions for o in p.outputs}
+            missing = [n for n in self._fetch if n not in produced]
+            if missing:
+                raise ArtifactError(f"{where}: model: output {missing[0]!r} is not an output of the static graph")
+            self.vocab_size = spec.vocab_size  # (the table is in one partition; the manifest bounds ids)
+            self.providers = [self.npu.provider]
+            self._tokenizer = None
+            return
         if name != "onnxruntime":
-            raise ArtifactError(f"{where}: backend: an encoder artifact runs on the onnxruntime backend, "
+            raise ArtifactError(f"{where}: backend: an encoder artifact runs on the onnxruntime or npu backend, "
                                 f"got {name!r}"[:300])
         # no KV cache: no per-layer outputs (kv_outputs is empty)
         section = OnnxRuntimeBackend.from_dict(backend, 0, f"{where}: backend")
         self.session, graph = open_session(self.root, manifest, section)
         outputs = {o.name for o in self.session.get_outputs()}
-        self._fetch = [spec.output] + ([spec.pooling_weights] if spec.pooling_weights else [])
         missing = [n for n in self._fetch if n not in outputs]
         if missing:
             raise ArtifactError(f"{where}: model: output {missing[0]!r} is not an output of {graph.name}")
@@ -115,7 +138,10 @@ class EncoderModel:
         feeds = {INPUT_IDS: ids.astype(np.int64), ATTENTION_MASK: mask.astype(np.int64)}
         if TOKEN_TYPE_IDS in self.spec.inputs:
             feeds[TOKEN_TYPE_IDS] = np.zeros_like(feeds[INPUT_IDS])
-        out = self.session.run(self._fetch, feeds)
+        if self.npu is not None:
+            out = self.npu.run(feeds, self._fetch, self.spec.pad_token_id)
+        else:
+            out = self.session.run(self._fetch, feeds)
         weights = out[1] if len(out) > 1 else feeds[ATTENTION_MASK]
         return out[0], np.asarray(weights, np.float32)
 

@@ -747,3 +747,41 @@ class NpuBackend:
         return cls(_need(d, "profile", str, where), provider, options,
                    bool(_need(d, "allow_cpu_fallback", bool, where)), chunk, _count(d, "max_cache", where),
                    prefill, decode, _kv_outputs(d, where, n_layers))
+
+
+@dataclass(frozen=True)
+class NpuEncoderBackend:
+    """The `backend` section of an encoder's NPU artifact (backends/npu/ compile_encoder): one
+    static graph taking `batch` texts of exactly `max_length` tokens (shorter texts padded, the
+    padding masked; longer ones truncated by the tokenizer), split into partitions that run in
+    order, like a decoder's step graph."""
+
+    profile: str
+    execution_provider: str
+    provider_options: dict
+    allow_cpu_fallback: bool
+    batch: int
+    max_length: int
+    graph: NpuGraph
+
+    KEYS = ("name", "profile", "execution_provider", "provider_options", "allow_cpu_fallback", "batch",
+            "max_length", "graphs", "partition_report")
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "manifest.json: backend") -> NpuEncoderBackend:
+        d = _object(d, where)
+        _no_extra(d, set(cls.KEYS), where)
+        provider = _need(d, "execution_provider", str, where)
+        if provider not in NPU_PROVIDERS:
+            raise ManifestError(f"{where}.execution_provider: one of {', '.join(NPU_PROVIDERS)}, got {provider!r}")
+        options = _need(d, "provider_options", dict, where, optional=True) or {}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in options.items()):
+            raise ManifestError(f"{where}.provider_options: string keys and values")
+        graphs = _object(_need(d, "graphs", dict, where), f"{where}.graphs")
+        _no_extra(graphs, {"encoder"}, f"{where}.graphs")
+        graph = NpuGraph.from_dict(_need(graphs, "encoder", dict, f"{where}.graphs"), f"{where}.graphs.encoder")
+        max_length = _count(d, "max_length", where)
+        if graph.tokens != max_length:
+            raise ManifestError(f"{where}.graphs.encoder: takes max_length ({max_length}) tokens, got {graph.tokens}")
+        return cls(_need(d, "profile", str, where), provider, options,
+                   bool(_need(d, "allow_cpu_fallback", bool, where)), _count(d, "batch", where), max_length, graph)

@@ -10,6 +10,12 @@ CPU, and the runtime says so), `context_cache` (also store QNN's compiled contex
 partition as an ORT EPContext model, which the runtime loads without compiling when QNN runs
 it; QNN 2.7.0 writes a different context file each build, so such artifacts are not
 byte-identical across builds: opt-in).
+
+Encoders (`compile_encoder`): one static graph taking one text of exactly `max_length` tokens
+(`--max-length`, default 128 or the model's own max_length where shorter; the runtime pads
+shorter texts and masks the padding, the tokenizer truncates longer ones), partitioned and
+checked on the NPU provider like a decoder's step graph; `profile`, `allow_cpu_fallback` and
+`context_cache` as above, `chunk`/`max_cache` refused.
 """
 
 from __future__ import annotations
@@ -28,10 +34,15 @@ from optc.ir import save_model
 
 DEFAULT_CHUNK = 64
 OPTIONS = {"chunk", "max_cache", "profile", "allow_cpu_fallback", "context_cache"}
+MODEL_KINDS = ("decoder", "encoder")
 
 
 def _options(options: dict | None, info) -> dict:
     options = dict(options or {})
+    if options.get("max_length") is not None:
+        raise OptcError("--max-length: an encoder's static sequence length; a decoder's static graphs take "
+                        "--chunk and --max-cache")
+    options.pop("max_length", None)
     unknown = sorted(set(options) - OPTIONS)
     if unknown:
         raise OptcError(f"--target npu takes no option {unknown[0]!r} (options: {', '.join(sorted(OPTIONS))})")
@@ -122,8 +133,6 @@ def plans(model: ir.Model, info, options: dict | None):
 
 def compile(model: ir.Model, info, out_dir: Path, target: str, *, kv_cache=None, prefill=None, options=None,
             log=print) -> dict:
-    from optc.runtime.executors.npu import INSTALL_HINT, npu_provider, npu_session
-
     if target != "npu":
         raise OptcError(f"--target {target}: the npu backend compiles for --target npu only")
     opts = _options(options, info)
@@ -134,6 +143,62 @@ def compile(model: ir.Model, info, out_dir: Path, target: str, *, kv_cache=None,
     if prefill:
         raise OptcError("--target npu: block_sparse prefill is not supported on the static NPU graphs")
     profile = load_profile(opts["profile"])
+    provider = _npu_provider_or_refuse(profile, opts)
+    out_dir = Path(out_dir)
+    graphs, report = {}, {}
+    _, _, step_plans = plans(model, info, options)
+    for step, (static, plan, kv_outputs) in step_plans.items():
+        tokens = opts["chunk"] if step == "prefill" else 1
+        log(f"npu: {step} graph ({tokens} token(s) over {opts['max_cache']} cache slots): {_summary(plan)}")
+        graphs[step], report[step] = write_partitions(step, tokens, static, plan, out_dir, provider, profile, opts,
+                                                      log)
+    return {"name": "npu", "profile": profile.name, "execution_provider": profile.execution_provider,
+            "provider_options": dict(profile.provider_options), "allow_cpu_fallback": opts["allow_cpu_fallback"],
+            "chunk": opts["chunk"], "max_cache": opts["max_cache"], "graphs": graphs, "kv_outputs": kv_outputs,
+            "partition_report": report}
+
+
+def _summary(plan: PartitionPlan) -> str:
+    npu = sum(p.device == NPU for p in plan.partitions)
+    return (f"{npu} NPU / {len(plan.partitions) - npu} CPU partitions, {len(plan.transfers)} NPU<->CPU transfers, "
+            f"{plan.bytes_moved:,} bytes moved per step")
+
+
+def write_partitions(step: str, tokens: int, static: ir.Model, plan: PartitionPlan, out_dir: Path,
+                     provider: str | None, profile: DeviceProfile, opts: dict, log) -> tuple[dict, dict]:
+    """One ONNX file per partition of a static graph (`{step}.p{i}.{device}.onnx`), each NPU
+    partition loaded on `provider` with CPU fallback disabled (one it rejects fails here); the
+    manifest's graph entry and the partition report."""
+    from optc.runtime.executors.npu import npu_session
+
+    npu_parts = [p for p in plan.partitions if p.device == NPU]
+    if not npu_parts and not opts["allow_cpu_fallback"]:
+        raise OptcError(f"--target npu: nothing in the graph runs on {profile.name} (it runs whole QDQ int8 "
+                        f"units: quantise with outlier_split and quantize_outputs: true), or pass "
+                        f"--allow-cpu-fallback to build a CPU-only NPU artifact")
+    parts = []
+    for part, proto in zip(plan.partitions, partition_models(static, plan)):
+        name = f"{step}.p{part.index}.{part.device}.onnx"
+        files = save_model(ir.from_proto(proto), out_dir / name)
+        entry = {"file": name, "weights": [f.name for f in files[1:]], "device": part.device,
+                 "nodes": len(part.nodes), "inputs": part.inputs, "outputs": part.outputs}
+        if part.device == NPU and provider is not None:
+            context = f"{step}.p{part.index}.qnn_context.onnx" if opts["context_cache"] else None
+            _check_on_npu(out_dir / name, part.index, step, provider, profile, npu_session, log,
+                          context_file=out_dir / context if context else None)
+            if context:
+                entry["context"] = context
+        parts.append(entry)
+    report = {"partitions": len(plan.partitions), "npu_partitions": len(npu_parts),
+              "npu_nodes": sum(len(p.nodes) for p in npu_parts),
+              "cpu_nodes": sum(len(p.nodes) for p in plan.partitions if p.device != NPU),
+              "transfers": len(plan.transfers), "bytes_moved": plan.bytes_moved}
+    return {"tokens": tokens, "partitions": parts}, report
+
+
+def _npu_provider_or_refuse(profile: DeviceProfile, opts: dict) -> str | None:
+    from optc.runtime.executors.npu import INSTALL_HINT, npu_provider
+
     provider = npu_provider(profile.execution_provider)
     if provider is None and not opts["allow_cpu_fallback"]:
         raise OptcError(f"--target npu: no NPU execution provider here: {INSTALL_HINT}, "
@@ -141,41 +206,70 @@ def compile(model: ir.Model, info, out_dir: Path, target: str, *, kv_cache=None,
     if opts["context_cache"] and provider != "QNNExecutionProvider":
         raise OptcError(f"--context-cache: stores QNN's compiled context, and the QNN execution provider is not "
                         f"present here ({INSTALL_HINT})")
-    out_dir = Path(out_dir)
-    graphs, report = {}, {}
-    _, _, step_plans = plans(model, info, options)
-    for step, (static, plan, kv_outputs) in step_plans.items():
-        tokens = opts["chunk"] if step == "prefill" else 1
-        npu_parts = [p for p in plan.partitions if p.device == NPU]
-        log(f"npu: {step} graph ({tokens} token(s) over {opts['max_cache']} cache slots): "
-            f"{len(npu_parts)} NPU / {len(plan.partitions) - len(npu_parts)} CPU partitions, "
-            f"{len(plan.transfers)} NPU<->CPU transfers, {plan.bytes_moved:,} bytes moved per step")
-        if not npu_parts and not opts["allow_cpu_fallback"]:
-            raise OptcError(f"--target npu: nothing in the graph runs on {profile.name} (it runs whole QDQ int8 "
-                            f"units: quantise with outlier_split and quantize_outputs: true), or pass "
-                            f"--allow-cpu-fallback to build a CPU-only NPU artifact")
-        parts = []
-        for part, proto in zip(plan.partitions, partition_models(static, plan)):
-            name = f"{step}.p{part.index}.{part.device}.onnx"
-            files = save_model(ir.from_proto(proto), out_dir / name)
-            entry = {"file": name, "weights": [f.name for f in files[1:]], "device": part.device,
-                     "nodes": len(part.nodes), "inputs": part.inputs, "outputs": part.outputs}
-            if part.device == NPU and provider is not None:
-                context = f"{step}.p{part.index}.qnn_context.onnx" if opts["context_cache"] else None
-                _check_on_npu(out_dir / name, part.index, step, provider, profile, npu_session, log,
-                              context_file=out_dir / context if context else None)
-                if context:
-                    entry["context"] = context
-            parts.append(entry)
-        graphs[step] = {"tokens": tokens, "partitions": parts}
-        report[step] = {"partitions": len(plan.partitions), "npu_partitions": len(npu_parts),
-                        "npu_nodes": sum(len(p.nodes) for p in npu_parts),
-                        "cpu_nodes": sum(len(p.nodes) for p in plan.partitions if p.device != NPU),
-                        "transfers": len(plan.transfers), "bytes_moved": plan.bytes_moved}
+    return provider
+
+
+# -- encoders ------------------------------------------------------------------------------------
+# An encoder runs one static graph per batch of texts: its token inputs fixed to [ENCODER_BATCH,
+# max_length]. Batch 1: each text runs alone (measured on MiniLM on the HTP simulator, [1, 128]
+# 2.3 s, [4, 128] 23 s: batching does not pay there), padded to max_length.
+ENCODER_BATCH = 1
+DEFAULT_ENCODER_LENGTH = 128
+ENCODER_OPTIONS = {"max_length", "profile", "allow_cpu_fallback", "context_cache"}
+DECODER_ONLY = {"chunk": "--chunk", "max_cache": "--max-cache"}
+
+
+def encoder_options(options: dict | None, model_max_length: int) -> dict:
+    """The NPU options of an encoder: `max_length`, the static sequence length every text is
+    padded (or truncated) to, default 128 or the model's own max_length where that is shorter."""
+    options = {k: v for k, v in dict(options or {}).items() if v is not None}
+    for key, flag in DECODER_ONLY.items():
+        if key in options:
+            raise OptcError(f"{flag}: a decoder's static prefill/cache size; an encoder's static graph takes "
+                            f"--max-length tokens per text")
+    unknown = sorted(set(options) - ENCODER_OPTIONS)
+    if unknown:
+        raise OptcError(f"--target npu takes no option {unknown[0]!r} for an encoder (options: "
+                        f"{', '.join(sorted(ENCODER_OPTIONS))})")
+    length = options.get("max_length") or min(DEFAULT_ENCODER_LENGTH, model_max_length)
+    if length < 2 or length > model_max_length:
+        raise OptcError(f"--max-length {length}: between 2 and the model's max_length ({model_max_length})")
+    return {"max_length": length, "profile": options.get("profile") or DEFAULT_PROFILE,
+            "allow_cpu_fallback": bool(options.get("allow_cpu_fallback")),
+            "context_cache": bool(options.get("context_cache"))}
+
+
+def encoder_plan(model: ir.Model, info, options: dict | None, model_max_length: int):
+    """(options, profile, static graph, partition plan) of an encoder's one static graph."""
+    from optc.backends.npu.static import make_static_encoder
+
+    opts = encoder_options(options, model_max_length)
+    profile = load_profile(opts["profile"])
+    static = make_static_encoder(model, info, ENCODER_BATCH, opts["max_length"])
+    return opts, profile, static, partition(static, profile)
+
+
+def compile_encoder(model: ir.Model, info, out_dir: Path, target: str, *, options=None, model_max_length: int,
+                    pooling_weights: str | None = None, log=print) -> dict:
+    """The NPU artifact of an encoder: its static graph (`max_length` tokens per text), partitioned
+    for the profile, one file per partition, NPU partitions loaded on the NPU provider."""
+    if target != "npu":
+        raise OptcError(f"--target {target}: the npu backend compiles for --target npu only")
+    if pooling_weights is not None:
+        raise OptcError(f"--target npu: the static encoder graph has no kept-token output ({pooling_weights}): "
+                        f"token_dropping runs on --target cpu only")
+    opts = encoder_options(options, model_max_length)
+    profile = load_profile(opts["profile"])
+    provider = _npu_provider_or_refuse(profile, opts)
+    _, _, static, plan = encoder_plan(model, info, options, model_max_length)
+    log(f"npu: encoder graph ({ENCODER_BATCH} text × {opts['max_length']} tokens, shorter texts padded, longer "
+        f"truncated): {_summary(plan)}")
+    graph, report = write_partitions("encoder", opts["max_length"], static, plan, Path(out_dir), provider, profile,
+                                     opts, log)
     return {"name": "npu", "profile": profile.name, "execution_provider": profile.execution_provider,
             "provider_options": dict(profile.provider_options), "allow_cpu_fallback": opts["allow_cpu_fallback"],
-            "chunk": opts["chunk"], "max_cache": opts["max_cache"], "graphs": graphs, "kv_outputs": kv_outputs,
-            "partition_report": report}
+            "batch": ENCODER_BATCH, "max_length": opts["max_length"], "graphs": {"encoder": graph},
+            "partition_report": {"encoder": report}}
 
 
 def _check_on_npu(path: Path, index: int, step: str, provider: str, profile: DeviceProfile, npu_session, log,

@@ -56,6 +56,17 @@ def make_static(model: ir.Model, info, tokens: int, max_cache: int) -> tuple[ir.
     return static, kv_outputs
 
 
+def make_static_encoder(model: ir.Model, info, batch: int, length: int) -> ir.Model:
+    """A copy of the encoder `model` taking `batch` texts of exactly `length` tokens (its token
+    inputs fixed to [batch, length]), its shape arithmetic folded. The runtime pads each text to
+    `length` with attention_mask 0 there: padded keys get the mask's large negative score, and the
+    padded rows are left out of the mean pooling, so one graph serves every text up to `length`."""
+    static = fix_shapes(copy_model(model), {name: [batch, length] for name in info.inputs})
+    out = next(v for v in static.graph.outputs if v.name == info.output)
+    assert list(out.shape)[:2] == [batch, length], out.shape
+    return static
+
+
 def fix_shapes(model: ir.Model, dims: dict[str, list[int]]) -> ir.Model:
     """`model` with its inputs fixed to `dims`, every shape inferred again and the shape
     arithmetic folded; an OptcError names a tensor whose shape stays unknown."""

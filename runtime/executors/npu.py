@@ -153,6 +153,79 @@ class PartitionRunner:
         return env
 
 
+def describe_providers(providers: list, npu_provider: str | None, verifying_on_cpu: bool) -> str:
+    """`providers` ((index, device, EP) per partition) as one line, saying where NPU partitions ran
+    on the CPU and why."""
+    counts = {}
+    for _, device, ep in providers:
+        counts[(ep, device)] = counts.get((ep, device), 0) + 1
+    text = " + ".join(f"{ep} ({device.upper()} partitions: {n})" for (ep, device), n in sorted(counts.items()))
+    if npu_provider is None and any(d == "npu" for _, d, _ in providers):
+        text += (" [NPU partitions on the CPU for compile-time verification]" if verifying_on_cpu else
+                 " [NPU partitions on the CPU: compiled with --allow-cpu-fallback]")
+    return text
+
+
+def choose_provider(root: Path, spec) -> tuple[str | None, bool]:
+    """(the NPU provider for `spec`'s NPU partitions or None for the CPU EP, whether that is the
+    compile's CPU verification); refuses an artifact that would run on the CPU silently."""
+    verifying_on_cpu = _ON_CPU[0]
+    provider = None if verifying_on_cpu else npu_provider(spec.execution_provider)
+    if provider is None and not spec.allow_cpu_fallback and not verifying_on_cpu:
+        raise ArtifactError(f"{root}: this NPU artifact needs an NPU execution provider and none is present "
+                            f"({INSTALL_HINT}); compile with --allow-cpu-fallback to run it on the CPU")
+    return provider, verifying_on_cpu
+
+
+def graph_runner(root: Path, manifest: dict, graph, provider: str | None, provider_options: dict) -> PartitionRunner:
+    """The partitions of one of the manifest's static graphs (every file hash-checked), in sessions."""
+    parts = []
+    for part in graph.partitions:
+        for w in part.weights:
+            artifact_file(root, manifest, w)  # (hash-checked like every file)
+        context = str(artifact_file(root, manifest, part.context)) if part.context else None
+        parts.append((str(artifact_file(root, manifest, part.file)), part, context))
+    return PartitionRunner(parts, provider, provider_options)
+
+
+class NpuEncoderExecutor:
+    """An encoder's static graph ([batch, max_length] token inputs) on its partitions: `run`
+    takes one padded batch of any length up to max_length and returns the output rows of the
+    real tokens (each text padded to max_length here, its padding masked)."""
+
+    def __init__(self, root: Path, manifest: dict, spec):
+        self.spec = spec
+        self.batch, self.max_length = spec.batch, spec.max_length
+        self.npu_provider, self.verifying_on_cpu = choose_provider(root, spec)
+        self.runner = graph_runner(root, manifest, spec.graph, self.npu_provider, spec.provider_options)
+        self.partition_providers = {"encoder": self.runner.providers}
+
+    @property
+    def provider(self) -> str:
+        return describe_providers(self.runner.providers, self.npu_provider, self.verifying_on_cpu)
+
+    def run(self, feeds: dict[str, np.ndarray], fetch: list[str], pad_token_id: int) -> list[np.ndarray]:
+        """`fetch` for the batch `feeds` ([B, n] token inputs, n <= max_length), in groups of the
+        graph's batch, each text padded to max_length; the outputs cut back to [B, n, ...]."""
+        rows, n = next(iter(feeds.values())).shape
+        if n > self.max_length:
+            raise InvalidValue(f"sequence length {n}: this NPU artifact's static graph takes at most "
+                               f"{self.max_length} tokens (recompile with a larger --max-length)")
+        out: list[list[np.ndarray]] = [[] for _ in fetch]
+        for start in range(0, rows, self.batch):
+            env = {}
+            for name, arr in feeds.items():
+                buf = np.full((self.batch, self.max_length), pad_token_id if name == INPUT_IDS else 0, np.int64)
+                chunk = arr[start:start + self.batch]
+                buf[:len(chunk), :n] = chunk
+                env[name] = buf
+            real = min(self.batch, rows - start)
+            self.runner.run(env)
+            for i, name in enumerate(fetch):
+                out[i].append(env[name][:real, :n])
+        return [np.concatenate(o) for o in out]
+
+
 class NpuExecutor:
     def __init__(self, root: Path, manifest: dict, spec: NpuBackend, model: ModelSpec):
         self.spec = spec
@@ -161,21 +234,11 @@ class NpuExecutor:
         self.n_layers = len(self.kv_outputs)
         self.kv_in_place = None
         self.embedding_rows = None  # (the table is in one partition; the manifest's vocab bounds ids)
-        self.verifying_on_cpu = _ON_CPU[0]
-        provider = None if self.verifying_on_cpu else npu_provider(spec.execution_provider)
-        if provider is None and not spec.allow_cpu_fallback and not self.verifying_on_cpu:
-            raise ArtifactError(f"{root}: this NPU artifact needs an NPU execution provider and none is present "
-                                f"({INSTALL_HINT}); compile with --allow-cpu-fallback to run it on the CPU")
+        provider, self.verifying_on_cpu = choose_provider(root, spec)
         self.npu_provider = provider
         self.runners: dict[str, PartitionRunner] = {}
         for step, graph in (("prefill", spec.prefill), ("decode", spec.decode)):
-            parts = []
-            for part in graph.partitions:
-                for w in part.weights:
-                    artifact_file(root, manifest, w)  # (hash-checked like every file)
-                context = str(artifact_file(root, manifest, part.context)) if part.context else None
-                parts.append((str(artifact_file(root, manifest, part.file)), part, context))
-            self.runners[step] = PartitionRunner(parts, provider, spec.provider_options)
+            self.runners[step] = graph_runner(root, manifest, graph, provider, spec.provider_options)
         self.partition_providers = {step: r.providers for step, r in self.runners.items()}
         self.input_names = {INPUT_IDS, POSITION_IDS, ATTENTION_MASK} | {
             past_name(i, k) for i in range(self.n_layers) for k in ("key", "value")}
@@ -188,14 +251,7 @@ class NpuExecutor:
     def provider(self) -> str:
         """Which execution provider ran which partitions, e.g. `QNNExecutionProvider (NPU, 7 partitions)
         + CPUExecutionProvider (CPU, 8)`."""
-        counts = {}
-        for _, device, ep in self.partition_providers["prefill"]:
-            counts[(ep, device)] = counts.get((ep, device), 0) + 1
-        text = " + ".join(f"{ep} ({device.upper()} partitions: {n})" for (ep, device), n in sorted(counts.items()))
-        if self.npu_provider is None and any(d == "npu" for _, d, _ in self.partition_providers["prefill"]):
-            text += (" [NPU partitions on the CPU for compile-time verification]" if self.verifying_on_cpu else
-                     " [NPU partitions on the CPU: compiled with --allow-cpu-fallback]")
-        return text
+        return describe_providers(self.partition_providers["prefill"], self.npu_provider, self.verifying_on_cpu)
 
     def step_limit(self, cache_feeds, n=None) -> int:
         """A step takes at most one chunk of tokens."""
@@ -230,3 +286,26 @@ class NpuExecutor:
         new_k = [env[k][:, :, :n] for k, _ in self.kv_outputs]
         new_v = [env[v][:, :, :n] for _, v in self.kv_outputs]
         return logits, new_k, new_v, None
+
+
+def assigned_nodes(path: str, provider: str, provider_options: dict) -> dict[str, int]:
+    """{execution provider: nodes ONNX Runtime assigned it} for the partition at `path` loaded on
+    `provider` WITH CPU fallback allowed: counts what would have fallen back to the CPU (the
+    artifact's own sessions disable fallback, so there such a node fails the load instead)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    _quiet_threads(so)
+    so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    if provider == QNN:
+        qnn = qnn_plugin()
+        devices = [d for d in ort.get_ep_devices() if d.ep_name == QNN]
+        so.add_provider_for_devices(devices, {"backend_path": qnn.get_qnn_htp_path(), **provider_options})
+        session = ort.InferenceSession(path, sess_options=so)
+    else:
+        session = ort.InferenceSession(path, sess_options=so, providers=[provider, CPU])
+    counts: dict[str, int] = {}
+    for sub in session.get_provider_graph_assignment_info():
+        counts[sub.ep_name] = counts.get(sub.ep_name, 0) + len(sub.get_nodes())
+    return counts

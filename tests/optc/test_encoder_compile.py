@@ -180,8 +180,8 @@ def test_model_kind_facts_come_from_the_graph(tiny):
 @pytest.mark.parametrize("args, message", [
     (["--backend", "tvm"], "--backend tvm lowers decoders only (prefill/decode shape buckets over a KV cache); it "
                            "has no encoder lowering: compile encoders with --backend onnxruntime"),
-    (["--target", "npu"], "--target npu builds static prefill-chunk and decode graphs over a KV cache; it has no "
-                          "static encoder graph"),
+    # (--target npu takes encoders: tests/backends/test_npu_encoder.py; unquantised, it has nothing for the NPU)
+    (["--target", "npu"], "--target npu: nothing in the graph runs on qualcomm_htp_v73"),
 ])
 def test_backends_without_an_encoder_path_refuse_in_one_line(tiny, tmp_path, capsys, args, message):
     model, _ = tiny
@@ -347,8 +347,8 @@ def test_inspect_prints_the_encoder(tiny, capsys):
     code, out, err = run_cli(["inspect", model], capsys)
     assert code == 0, err
     assert "kind  encoder" in out and "attention heads  2" in out and "last_hidden_state" in out
-    code, _, err = run_cli(["inspect", model, "--target", "npu"], capsys)
-    assert code == 2 and "--target npu builds static prefill-chunk and decode graphs" in err
+    code, out, err = run_cli(["inspect", model, "--target", "npu"], capsys)  # (test_npu_encoder.py: with a config)
+    assert code == 0 and "NPU partition for profile" in out and "encoder graph 1 text × 32 tokens" in out, err
 
 
 def test_a_pooling_other_than_mean_is_refused(tmp_path, capsys):
