@@ -472,10 +472,12 @@ def test_a_partition_qnn_rejects_fails_the_compile(tmp_path):
 # -- outlier_split's activation_bits: 16 (A16W8, what QNN HTP pairs with 16-bit outputs) ------------
 
 def test_outlier_split_a16_units_are_uint16_and_more_accurate_than_a8():
-    import sys
+    import importlib.util
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from test_outlier_split import IDS, _run, _split, _tiny_model
+    spec = importlib.util.spec_from_file_location("outlier_split_tests", ROOT / "tests/passes/test_outlier_split.py")
+    tests = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tests)
+    IDS, _run, _split, _tiny_model = tests.IDS, tests._run, tests._split, tests._tiny_model
 
     ref = _run(_tiny_model(), IDS)
     errors = {}

@@ -48,7 +48,8 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 # ------------------------------------------------------------------ fast: the tiny encoder
-TD_MERGE = "passes:\n  - name: token_dropping\n    mode: encoder\n    keep: 0.5\n    start_layer: 1\n"
+# min_tokens 0: the tiny encoder's texts are short, and these tests need tokens dropped
+TD_MERGE = "passes:\n  - name: token_dropping\n    mode: encoder\n    keep: 0.5\n    start_layer: 1\n    min_tokens: 0\n"
 LOW_BUDGET = "verify:\n  min_embedding_cosine: 0.5\n"
 
 
@@ -267,14 +268,14 @@ def _fp32_embeddings(model_path: Path, m, texts, batch: int):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, config, budget, short_ok", [
-    ("token_dropping merge keep 0.5 from layer 4", "configs/encoder_token_dropping.yaml", 0.98, False),
+    ("token_dropping merge keep 0.5 from layer 4", "configs/encoder_token_dropping.yaml", 0.98, True),
     ("outlier_split", "configs/encoder_outlier_split.yaml", 0.995, True),
 ])
 def test_minilm_compiles_verifies_embeds_and_recompiles_byte_identical(minilm, tmp_path, name, config, budget,
                                                                        short_ok):
     """Held to the declared budget on the held-out passages; short sentences are reported beside
-    (token dropping, keeping half of a 12-token sentence, measured 0.916 there: not budgeted, and
-    the compile log warns)."""
+    (not budgeted; the compile log warns below the budget). Token dropping keeping half of a
+    12-token sentence measured 0.916 there; since min_tokens (default 32) short inputs stay whole."""
     import yaml
 
     import optc.runtime

@@ -334,7 +334,7 @@ def test_prefill_refusals_are_one_line(exported_decoder, tmp_path, capsys):
     for text, message in (
             ("start_layer: 6", r"passes\[0\]\.start_layer: start_layer \(6\) must be 1\.\.5"),
             ("start_layer: 0", r"passes\[0\]\.start_layer: start_layer \(0\) must be 1\.\.5"),
-            ("mode: encoder", r"mode encoder needs a BERT-style encoder")):
+            ("mode: encoder", r"token_dropping\) needs a BERT-style encoder, which the model does not have")):
         mode = "" if "mode" in text else "mode: prefill, "
         err = config_error(tmp_path, exported_decoder, f"passes: [{{name: token_dropping, {mode}{text}}}]\n", capsys)
         assert __import__("re").search(message, err), err
