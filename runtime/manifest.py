@@ -730,12 +730,7 @@ class NpuBackend:
     def from_dict(cls, d: Any, n_layers: int, where: str = "manifest.json: backend") -> NpuBackend:
         d = _object(d, where)
         _no_extra(d, set(cls.KEYS), where)
-        provider = _need(d, "execution_provider", str, where)
-        if provider not in NPU_PROVIDERS:
-            raise ManifestError(f"{where}.execution_provider: one of {', '.join(NPU_PROVIDERS)}, got {provider!r}")
-        options = _need(d, "provider_options", dict, where, optional=True) or {}
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in options.items()):
-            raise ManifestError(f"{where}.provider_options: string keys and values")
+        provider, options = _npu_provider(d, where)
         graphs = _object(_need(d, "graphs", dict, where), f"{where}.graphs")
         _no_extra(graphs, {"prefill", "decode"}, f"{where}.graphs")
         prefill = NpuGraph.from_dict(_need(graphs, "prefill", dict, f"{where}.graphs"), f"{where}.graphs.prefill")
@@ -748,6 +743,17 @@ class NpuBackend:
                    bool(_need(d, "allow_cpu_fallback", bool, where)), chunk, _count(d, "max_cache", where),
                    prefill, decode, _kv_outputs(d, where, n_layers))
 
+
+
+def _npu_provider(d: dict, where: str) -> tuple[str, dict]:
+    """An NPU backend section's execution provider (one optc knows) and its string options."""
+    provider = _need(d, "execution_provider", str, where)
+    if provider not in NPU_PROVIDERS:
+        raise ManifestError(f"{where}.execution_provider: one of {', '.join(NPU_PROVIDERS)}, got {provider!r}")
+    options = _need(d, "provider_options", dict, where, optional=True) or {}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in options.items()):
+        raise ManifestError(f"{where}.provider_options: string keys and values")
+    return provider, options
 
 @dataclass(frozen=True)
 class NpuEncoderBackend:
@@ -771,12 +777,7 @@ class NpuEncoderBackend:
     def from_dict(cls, d: Any, where: str = "manifest.json: backend") -> NpuEncoderBackend:
         d = _object(d, where)
         _no_extra(d, set(cls.KEYS), where)
-        provider = _need(d, "execution_provider", str, where)
-        if provider not in NPU_PROVIDERS:
-            raise ManifestError(f"{where}.execution_provider: one of {', '.join(NPU_PROVIDERS)}, got {provider!r}")
-        options = _need(d, "provider_options", dict, where, optional=True) or {}
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in options.items()):
-            raise ManifestError(f"{where}.provider_options: string keys and values")
+        provider, options = _npu_provider(d, where)
         graphs = _object(_need(d, "graphs", dict, where), f"{where}.graphs")
         _no_extra(graphs, {"encoder"}, f"{where}.graphs")
         graph = NpuGraph.from_dict(_need(graphs, "encoder", dict, f"{where}.graphs"), f"{where}.graphs.encoder")
