@@ -475,8 +475,8 @@ def test_kept_attention_lines_group_buckets_and_layers():
     ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-n1", "num-cores": 4}, 4, 4),  # NEON
 ])
 def test_cpu_schedules_take_threads_and_vector_width_from_the_target(target_json, threads, lanes):
-    """schedules/cpu.cpu_facts reads the TVM target, and the default matmul rule's vector loops
-    and GEMV column tiles follow it (a decode GEMV: 1 x 256 by 256 x 256)."""
+    """schedules/cpu.cpu_facts reads the TVM target, and the default matmul rule's vector loops,
+    GEMV column tiles and threads follow it (a decode GEMV: 1 x 256 by 256 x 256)."""
     from optc.backends.tvm import pipeline as tvm_backend
     from optc.backends.tvm.schedules.cpu import CpuFacts, cpu_facts, cpu_matmul_rule
 
@@ -509,8 +509,9 @@ def test_cpu_schedules_take_threads_and_vector_width_from_the_target(target_json
 
     visit(get_root_block(sch))
     assert vector and set(vector) == {lanes}, vector
-    # 256 columns in tiles of 64 when there are at least `threads` of them, else of 32
-    assert parallel == [256 // (64 if 256 // 64 >= threads else 32)], parallel
+    # 256 columns in tiles of 64 when there are at least `threads` of them, else of 32, on
+    # threads; a 1-core target gets no parallel loop (it would only pay for the thread pool)
+    assert parallel == ([256 // (64 if 256 // 64 >= threads else 32)] if threads > 1 else []), parallel
 
 
 # -- --target gpu (CUDA): compiled here without a GPU; run by scripts/gpu_check.sh on one ----------

@@ -469,7 +469,7 @@ def schedule(func, lens: list[int], exp_names: list[str], facts):
     b, h, *_ = sch.get_loops(final)
     head = sch.fuse(b, h)
     B, H, G, T, D = [int(x) for x in func.params[0].shape]  # the query
-    parallel_if_worth(sch, head, 2 * B * H * G * T * sum(lens) * D)  # (QK and PV)
+    parallel_if_worth(sch, head, 2 * B * H * G * T * sum(lens) * D, facts.threads)  # (QK and PV)
     order = ["attention"] + [f"pv{i}" for i in reversed(range(n_segments))] + \
         [f"sum{i}" for i in reversed(range(n_segments))] + [exp_names[i] for i in reversed(range(n_segments))] + \
         ["row_max"] + [f"max{i}" for i in reversed(range(n_segments))] + \
@@ -534,7 +534,7 @@ def _prefill_call(builder, chain: _Chain, m: dict, visit, facts):
     from tvm import relax
 
     from optc.backends.tvm.kernels import prefill_attention as prefill
-    from optc.backends.tvm.schedules.cpu import PARALLEL_MIN_WORK
+    from optc.backends.tvm.schedules.cpu import worth_threads
 
     q_shape, out_shape = _shape(m["q"]), m["out_shape"]
     keys = sum(_shape(x)[2] for x in m["k"])
@@ -545,11 +545,12 @@ def _prefill_call(builder, chain: _Chain, m: dict, visit, facts):
         return Miss(f"the prefill kernel computes in float32, not {m['q'].ty.dtype} -> {m['out_dtype']}")
     _, heads, groups, tokens, dim = q_shape
     packer = _TE(chain)
-    pack = prefill.build_pack(m, packer, heads, keys)
-    mask_info = None if m["mask"] is None else (_shape(m["mask"]), m["additive"])
     work = 2 * heads * groups * tokens * keys * dim
+    parallel = worth_threads(work, facts.threads)
+    pack = prefill.build_pack(m, packer, heads, keys, parallel)
+    mask_info = None if m["mask"] is None else (_shape(m["mask"]), m["additive"])
     kernel = prefill.build_kernel(q_shape, out_shape, mask_info, m["scale"], keys, tiles,
-                                  parallel=work >= PARALLEL_MIN_WORK, lanes=facts.lanes)
+                                  parallel=parallel, lanes=facts.lanes)
     packed = builder.emit(relax.call_tir(
         builder.add_func(pack, "attention_pack"), [visit(x) for x in packer.leaves],
         [relax.TensorType((heads, dim, keys), "float32"), relax.TensorType((heads, keys, out_shape[-1]), "float32")]))

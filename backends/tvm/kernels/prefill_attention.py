@@ -73,8 +73,9 @@ def plan(q_shape, out_shape, keys: int):
     return {"tq": tq, "nk": nk}
 
 
-def build_pack(m: dict, builder, heads: int, keys: int):
-    """The packing PrimFunc: K^T [heads, D, keys] and V [heads, keys, Dv] from the segments."""
+def build_pack(m: dict, builder, heads: int, keys: int, parallel: bool):
+    """The packing PrimFunc: K^T [heads, D, keys] and V [heads, keys, Dv] from the segments
+    (heads on threads where `parallel`: the kernel's own choice)."""
     from tvm import s_tir, te, topi
     from tvm.s_tir.dlight.analysis import get_root_block
 
@@ -94,7 +95,8 @@ def build_pack(m: dict, builder, heads: int, keys: int):
             sch.compute_inline(block)  # concatenations, dequantisation: read where they lie
     for name in ("k_transposed", "v_packed"):
         h, *_ = sch.get_loops(sch.get_sblock(name))
-        sch.parallel(h)
+        if parallel:
+            sch.parallel(h)
     return finished_kernel(sch.mod["main"])
 
 

@@ -66,9 +66,16 @@ def cpu_facts(target) -> CpuFacts:
 _FACTS: dict[str, CpuFacts] = {}
 
 
-def parallel_if_worth(sch, loop, work: int) -> None:
-    """Threads for `loop` if the function does at least PARALLEL_MIN_WORK multiply-adds."""
-    if work >= PARALLEL_MIN_WORK:
+def worth_threads(work: int, threads: int) -> bool:
+    """Whether a function of `work` multiply-adds runs on threads: the target has more than one
+    (a 1-core target's parallel loop only pays for the thread pool) and the work is at least
+    PARALLEL_MIN_WORK."""
+    return threads > 1 and work >= PARALLEL_MIN_WORK
+
+
+def parallel_if_worth(sch, loop, work: int, threads: int) -> None:
+    """Threads for `loop` where worth_threads says so."""
+    if worth_threads(work, threads):
         sch.parallel(loop)
 
 
@@ -175,7 +182,8 @@ def cpu_row_rule():
             if started is None:
                 return None
             sch, blocks = started
-            lanes = cpu_facts(target).lanes
+            facts = cpu_facts(target)
+            lanes = facts.lanes
             if len(blocks) < 2 or all(_spatial_only(sch, b) for b in blocks) or not _spatial_only(sch, blocks[-1]):
                 return None
             try:
@@ -189,7 +197,7 @@ def cpu_row_rule():
                     return None
                 row = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
                 elements = int(sch.get(row).extent) * int(sch.get(loops[-1]).extent)
-                parallel_if_worth(sch, row, 4 * elements)  # (max, exp, sum, scale: a few ops each)
+                parallel_if_worth(sch, row, 4 * elements, facts.threads)  # (max, exp, sum, scale: a few ops each)
                 for block in reversed(blocks[:-1]):
                     sch.compute_at(block, row, preserve_unit_loops=True)
                 for block in blocks:
@@ -313,13 +321,13 @@ def cpu_matmul_rule():
                 ii = None
                 sch.reorder(jo, k, ji)
                 outer = tile = jo
-                parallel_if_worth(sch, outer, work)
+                parallel_if_worth(sch, outer, work, facts.threads)
             elif m <= GEMV_ROWS:
                 batch, i = rows
                 io, ii = sch.split(i, [None, mi])
                 sch.reorder(batch, io, jo, k, ii, ji)
                 outer = tile = sch.fuse(batch, io, jo)
-                parallel_if_worth(sch, outer, work)
+                parallel_if_worth(sch, outer, work, facts.threads)
             else:
                 # Threads take column panels; each packs its K x nj panel of B into a contiguous
                 # buffer once (B's rows are a power-of-two apart, so unpacked they all fall into
@@ -329,7 +337,7 @@ def cpu_matmul_rule():
                 sch.reorder(batch, jo, io, k, ii, ji)
                 outer = sch.fuse(batch, jo)
                 tile = io
-                parallel_if_worth(sch, outer, work)
+                parallel_if_worth(sch, outer, work, facts.threads)
                 reads = [r for r, region in enumerate(sch.get(main).reads) if region.source.same_as(b_operand)]
                 if reads and m // mi > 1:
                     packed = sch.cache_read(main, reads[0], "local")
