@@ -10,6 +10,7 @@ import pytest
 
 from optc.config import parse_config
 from optc.errors import OptcError
+from compile_helpers import compile_with, token_ids
 from optc.registry import default_registry
 
 REG = default_registry()
@@ -64,17 +65,10 @@ def test_refuses_what_the_runtime_cannot_combine(other, why):
 
 
 # ------------------------------------------------------------------ pycoder-5m through the runtime (slow)
+
+
 def _compile(exported_decoder, out, **opts):
-    from optc.compile import compile_model
-    from optc.runtime import load
-
-    config = parse_config({"passes": [{"name": "layer_routing", **opts}]} if opts else {}, REG)
-    compile_model(exported_decoder, out, config=config, verify=False, log=lambda *_: None)
-    return load(out)
-
-
-def _ids(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(1, 4096, n)
+    return compile_with(exported_decoder, out, [{"name": "layer_routing", **opts}] if opts else [])
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +79,7 @@ def dense_model(exported_decoder, tmp_path_factory):
 @pytest.mark.slow
 def test_max_skip_0_is_exactly_dense(exported_decoder, dense_model, tmp_path):
     model = _compile(exported_decoder, tmp_path / "m0", max_skip=0)
-    ids = _ids(70)
+    ids = token_ids(70)
     model.reset()
     dense_model.reset()
     diffs = [np.abs(model.prefill(ids[:60]) - dense_model.prefill(ids[:60])).max()]
@@ -103,7 +97,7 @@ def test_per_prompt_skips_the_least_changing_layers_and_their_cache_stops(export
     assert routing["layers"] == [1, 2, 3, 4] and routing["static"] is None
     chosen = set()
     for seed in range(4):
-        ids = _ids(80, seed)
+        ids = token_ids(80, seed)
         model.reset()
         model.prefill(ids[:64])
         change = model.layer_change
@@ -160,5 +154,5 @@ def test_static_mode_skips_the_calibrated_set(exported_decoder, tmp_path):
     assert len(static) == 2 and set(static) <= {1, 2, 3, 4}
     for seed in range(2):
         model.reset()
-        model.prefill(_ids(50, seed))
+        model.prefill(token_ids(50, seed))
         assert model.skipped_layers == static

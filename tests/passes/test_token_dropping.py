@@ -9,6 +9,7 @@ import pytest
 
 from optc.config import parse_config
 from optc.errors import OptcError
+from compile_helpers import compile_with, token_ids
 from optc.registry import default_registry
 
 REG = default_registry()
@@ -86,7 +87,7 @@ def test_prefill_mode_refuses_what_the_runtime_cannot_combine(other, why):
         assert "\n" not in str(e.value)
 
 
-def test_prefill_mode_needs_position_ids():
+def test_prefill_mode_needs_positiontoken_ids():
     from optc.pipeline import check_contracts, plan
 
     with pytest.raises(OptcError, match=r"passes\[0\] \(token_dropping\) needs a position_ids graph input"):
@@ -244,16 +245,7 @@ PROMPT = 120
 
 
 def _compile(exported_decoder, out, **opts):
-    from optc.compile import compile_model
-    from optc.runtime import load
-
-    config = parse_config({"passes": [{"name": "token_dropping", "mode": "prefill", **opts}]} if opts else {}, REG)
-    compile_model(exported_decoder, out, config=config, verify=False, log=lambda *_: None)
-    return load(out)
-
-
-def _ids(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(1, 4096, n)
+    return compile_with(exported_decoder, out, [{"name": "token_dropping", "mode": "prefill", **opts}] if opts else [])
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +261,7 @@ def test_prefill_keep_all_is_exactly_dense(exported_decoder, dense_model, tmp_pa
     # layers must then read layer 0's)
     model = _compile(exported_decoder, tmp_path / "keep1", keep=1.0, start_layer=1)
     assert model.manifest["kv_cache"]["pruned_from_layer"] == 1
-    ids = _ids(PROMPT + 10)
+    ids = token_ids(PROMPT + 10)
     diffs = []
     for m in (model, dense_model):
         m.reset()
@@ -294,7 +286,7 @@ def test_prefill_drops_tokens_keeping_their_positions(exported_decoder, dense_mo
     assert {"TopK", "GatherND", "GatherElements"} <= ops
     assert "kv_in_place" not in model.manifest["backend"]  # the fused path cannot take per-layer lengths
     k = int(np.ceil(0.5 * PROMPT))
-    ids = _ids(PROMPT + 5, seed=1)
+    ids = token_ids(PROMPT + 5, seed=1)
     model.reset()
     dense_model.reset()
     model.prefill(ids[:PROMPT])
@@ -345,7 +337,7 @@ def test_prefill_refusals_are_one_line(exported_decoder, tmp_path, capsys):
     assert code != 0 and err.count("\n") == 1 and "tvm backend: token_dropping mode prefill" in err, err
     model = _compile(exported_decoder, tmp_path / "m", keep=0.5)
     with pytest.raises(InvalidValue, match="only the last token's logits") as e:
-        model.prefill(_ids(40), all_logits=True)
+        model.prefill(token_ids(40), all_logits=True)
     assert "\n" not in str(e.value)
 
 
