@@ -16,6 +16,11 @@ proportional to the context.
 
 The lowering applies to a dense float cache the runtime only appends to: no eviction, quantised
 layout or attention outputs (those passes keep the generic path, and the compile log says why).
+
+layer_routing wraps a routable layer in an `If` on the runtime's per-layer flag. Its attention is
+lowered inside the run branch: ONNX Runtime hands the If's bound output (the cache buffer) to
+the branch, so GQA still writes in place; the skip branch passes the past through as the same
+buffer (an Identity onto itself copies nothing, measured).
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ import numpy as np
 import onnx_ir as ir
 
 from optc.ir import take_over
-from optc.runtime.manifest import (ATTENTION_MASK, KEY_POSITION_IDS, POLICY_SINK_WINDOW, POSITION_IDS,
-                                   PRUNED_FROM_LAYER, is_attention_output, past_name, present_name)
+from optc.runtime.manifest import (ATTENTION_MASK, KEY_POSITION_IDS, LAYERS_RUN_INPUT, POLICY_SINK_WINDOW,
+                                   POSITION_IDS, PRUNED_FROM_LAYER, is_attention_output, past_name, present_name)
 
 FUSED_OP = "GroupQueryAttention"
 SEQLENS_INPUT = "seqlens_k"  # per sequence: tokens in the cache after this step, minus one (int32)
@@ -121,6 +126,7 @@ def _layer(model: ir.Model, i: int):
     pk, pv = outputs.get(present_name(i, "key")), outputs.get(present_name(i, "value"))
     if pk is None or pv is None:
         return None, "no present outputs"
+    pk, pv = _run_branch_value(pk), _run_branch_value(pv)
     catk, catv = pk.producer(), pv.producer()
     if catk is None or catk.op_type != "Concat" or catv is None or catv.op_type != "Concat":
         return None, "the present keys/values are not Concat(past, new)"
@@ -165,6 +171,49 @@ def _layer(model: ir.Model, i: int):
     if any(len(o.uses()) or o in model.graph.outputs for o in attn.outputs[1:] if o is not None):
         return None, "the Attention op's extra outputs are used"
     return (q_rope, k_rope, attn, catk, catv), None
+
+
+def _routing_if(value: ir.Value) -> ir.Node | None:
+    """The layer_routing If that outputs `value` (None: another producer)."""
+    node = value.producer()
+    if node is None or node.op_type != "If" or node.domain != "":
+        return None
+    flag = node.inputs[0].producer()  # Gather(optc.layers_run, i)
+    if flag is None or flag.op_type != "Gather" or flag.inputs[0].name != LAYERS_RUN_INPUT:
+        return None
+    return node
+
+
+def _run_branch_value(value: ir.Value) -> ir.Value:
+    """A routed layer's present output is an If's: the value its run branch outputs there (where
+    the layer's ops are); any other value as it is."""
+    node = _routing_if(value)
+    if node is None:
+        return value
+    return node.attributes["then_branch"].as_graph().outputs[list(node.outputs).index(value)]
+
+
+def _drop_unused_if_outputs(model: ir.Model, node: ir.Node) -> ir.Node:
+    """A routing If without the outputs nothing reads any more (the generic path's new keys and
+    values, which the fused path does not return): a new If whose branches output the rest, so
+    that what computed only those is dead in both branches."""
+    keep = [j for j, v in enumerate(node.outputs) if v.uses() or v.is_graph_output()]
+    if len(keep) == len(node.outputs):
+        return node
+    branches = {}
+    for key in ("then_branch", "else_branch"):
+        branch = node.attributes[key].as_graph()
+        kept = [branch.outputs[j] for j in keep]
+        branch.outputs.clear()
+        branch.outputs.extend(kept)
+        branches[key] = ir.AttrGraph(key, branch)
+    new = ir.Node("", "If", list(node.inputs), attributes=list(branches.values()), num_outputs=len(keep),
+                  name=node.name)
+    node.graph.insert_before(node, new)
+    for j, out in zip(keep, new.outputs):
+        take_over(node.outputs[j], out)
+    node.graph.remove(node, safe=True)
+    return new
 
 
 def _rotary_table(model: ir.Model, value: ir.Value, positions: int) -> np.ndarray:
@@ -213,7 +262,7 @@ def _to_bsh(graph: ir.Graph, v4: ir.Value, before: ir.Node) -> ir.Value:
     shape = ir.Value(name=f"{v4.name}.bsh_shape", const_value=ir.tensor(np.array([0, 0, -1], np.int64)))
     graph.register_initializer(shape)
     r = ir.node("Reshape", [t.outputs[0], shape])
-    graph.insert_before(before, [t, r])
+    before.graph.insert_before(before, [t, r])  # (a routed layer's nodes are in its If's run branch)
     return r.outputs[0]
 
 
@@ -244,7 +293,7 @@ def _packed_qkv(graph: ir.Graph, q3: ir.Value, k3: ir.Value, v3: ir.Value, befor
                         const_value=ir.tensor(np.ascontiguousarray(np.concatenate(arrays, axis=1))))
     graph.register_initializer(packed_w)
     matmul = ir.node("MatMul", [x, packed_w], name=f"{nodes[0].name}.qkv_packed")
-    graph.insert_before(before, matmul)
+    before.graph.insert_before(before, matmul)
     return matmul.outputs[0]
 
 
@@ -270,20 +319,32 @@ def _packed_nbits(graph: ir.Graph, nodes: list[ir.Node], before: ir.Node) -> ir.
     n_total = sum(n.attributes.get_int("N", 0) for n in nodes)
     fused = ir.node("MatMulNBits", [nodes[0].inputs[0], *stacked], domain="com.microsoft",
                     attributes={**attrs[0], "N": n_total}, name=f"{nodes[0].name}.qkv_packed")
-    graph.insert_before(before, fused)
+    before.graph.insert_before(before, fused)
     return fused.outputs[0]
 
 
 def fuse_skip_rms_norm(model: ir.Model) -> int:
     """RMSNormalization(Add(residual, x)) whose sum is also the next residual ->
     com.microsoft.SkipSimplifiedLayerNormalization (one pass over the hidden state; its fourth
-    output is the sum). Returns how many were fused."""
-    graph, count = model.graph, 0
+    output is the sum), in the main graph and in routed layers' If branches. Returns how many
+    were fused."""
+    return sum(_fuse_skip_rms_norm(g) for g in [model.graph, *_branches(model.graph)])
+
+
+def _branches(graph: ir.Graph) -> list[ir.Graph]:
+    """The If branches of `graph`'s nodes (layer_routing's: one level deep)."""
+    return [a.as_graph() for node in graph if node.op_type == "If" for a in node.attributes.values()
+            if a.type == ir.AttributeType.GRAPH]
+
+
+def _fuse_skip_rms_norm(graph: ir.Graph) -> int:
+    count = 0
     for norm in list(graph):
         if norm.op_type != "RMSNormalization" or norm.domain != "" or norm.attributes.get_int("axis", -1) != -1:
             continue
         add = norm.inputs[0].producer()
-        if add is None or add.op_type != "Add" or add.outputs[0] in graph.outputs:
+        # (an Add in another scope: a routed layer's first norm reads the previous layer's sum)
+        if add is None or add.op_type != "Add" or add.graph is not graph or add.outputs[0] in graph.outputs:
             continue
         a, b = add.inputs
         if a.shape is None or b.shape is None or len(a.shape) != 3 or a.shape != b.shape:
@@ -305,7 +366,7 @@ def lower(model: ir.Model, info, context: int | None, log=print, kv_cache: dict 
     With a sink_window policy the keys are rotated by GQA at their slot in the runtime's bounded
     buffer (its default: the row it writes), and an additive attention bias input lets the
     runtime hide the rows the window has left until it compacts the buffer (runtime/cache/window.py)."""
-    from onnx_ir.passes.common import RemoveUnusedNodesPass
+    from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass
 
     graph = model.graph
     policy = (kv_cache or {}).get("policy")
@@ -345,7 +406,7 @@ def lower(model: ir.Model, info, context: int | None, log=print, kv_cache: dict 
             attributes={"num_heads": info.num_heads, "kv_num_heads": info.kv_heads, "do_rotary": 1,
                         "rotary_interleaved": 0, "scale": float(scale)},
             domain="com.microsoft", num_outputs=3, name=f"optc_gqa_{layer.index}")
-        graph.insert_before(attn, gqa)
+        attn.graph.insert_before(attn, gqa)  # (constants stay in the main graph; a routed layer's ops in its If)
         out, new_k, new_v = gqa.outputs
         # GQA's output is [B, S, heads * D]; the canonical Attention's [B, heads, S, D]
         users = attn.outputs[0].uses()
@@ -362,20 +423,28 @@ def lower(model: ir.Model, info, context: int | None, log=print, kv_cache: dict 
             graph.register_initializer(shape)
             r = ir.node("Reshape", [out, shape])
             t = ir.node("Transpose", [r.outputs[0]], attributes={"perm": [0, 2, 1, 3]})
-            graph.insert_before(attn, [r, t])
+            attn.graph.insert_before(attn, [r, t])
             ir.convenience.replace_all_uses_with(attn.outputs[0], t.outputs[0])
         for old, new in ((catk.outputs[0], new_k), (catv.outputs[0], new_v)):
             take_over(old, new)  # the present key/value output, by the manifest's name
+    routed = [n for n in graph if n.outputs and _routing_if(n.outputs[0]) is n]
+    for node in routed:  # the generic path's new-key/value outputs: read by nobody now
+        _drop_unused_if_outputs(model, node)
     model.opset_imports.setdefault("com.microsoft", 1)
     skip_norms = fuse_skip_rms_norm(model)
     # the Concats, Attentions, rotary and mask arithmetic, the unpacked projections are dead now
     RemoveUnusedNodesPass()(model)
+    if routed:  # values made inside a branch were named by the branch's own counter (val_N): unique again
+        NameFixPass()(model)
     # and so are the mask and position inputs (GQA takes lengths): one less thing to feed a step
     for v in [v for v in graph.inputs if v.name in (POSITION_IDS, ATTENTION_MASK, KEY_POSITION_IDS) and not v.uses()]:
         graph.inputs.remove(v)
     log(f"onnxruntime: {len(info.layers)} attention layer(s) lowered to com.microsoft.{FUSED_OP} (rotary inside, "
         f"cache written in place; rotary tables for {positions} positions); Q/K/V packed into one MatMul in "
         f"{packed_layers}, {skip_norms} residual Add + RMSNorm fused")
+    if routed:
+        log(f"onnxruntime: layer_routing on the fused path: {len(routed)} routed layer(s) run GQA inside their If "
+            f"(the cache buffer is the If's bound output, written in place; a skipped layer passes it through)")
     section = {"op": f"com.microsoft.{FUSED_OP}", "seqlens_input": SEQLENS_INPUT, "total_input": TOTAL_INPUT,
                "max_positions": positions,
                "cache_inputs": [[past_name(i, "key"), past_name(i, "value")] for i in range(len(info.layers))]}

@@ -100,10 +100,14 @@ class Model:
         # layer_routing: decode skips the layers the prompt's prefill changed least (or a static set)
         self.routing = LayerRoutingSpec.from_dict(manifest.get("layer_routing"), spec.n_layers,
                                                   f"{where}: layer_routing")
+        # which layers run (all until the prompt's prefill has ranked them; reset() refills it)
+        self.layers_run = np.ones(int(self.config["n_layers"]), bool)
         if self.routing is not None:
-            if self._in_place or not hasattr(self.executor, "fetch"):
-                raise ArtifactError(f"{where}: layer_routing needs the ONNX Runtime generic graph")
+            if not hasattr(self.executor, "fetch"):
+                raise ArtifactError(f"{where}: layer_routing needs the ONNX Runtime backend")
             self.executor.fetch([LAYER_CHANGE_OUTPUT])
+            if self._in_place:  # the fused path binds the flags once; a step reads them as they are
+                self.executor.bind_input(LAYERS_RUN_INPUT, self.layers_run)
         # "cache_slot": tokens are positioned by their slot in the (evicting) cache, StreamingLLM-style
         self.slot_positions = kv_spec.slot_positions
         self.policy = kv_spec.policy
@@ -137,8 +141,8 @@ class Model:
             self._window.reset()
         self.position = 0  # absolute position of the next token
         self._warned_past_context = False
-        # layer_routing: which layers run (all until the prompt's prefill has ranked them)
-        self.layers_run = np.ones(int(self.config["n_layers"]), bool)
+        # layer_routing: every layer runs until the prompt's prefill has ranked them
+        self.layers_run[:] = True
         self.skipped_layers: list[int] = []
         self.layer_change: dict[int, float] = {}
 
@@ -225,7 +229,9 @@ class Model:
         input_ids = np.asarray(ids, dtype=np.int64).reshape(1, n)
         position_ids = np.arange(cached, cached + n, dtype=np.int64).reshape(1, n)
         logits = self.executor.run_in_place(input_ids, position_ids, self.cache.buffers(n), cached, bias)
-        self.cache.advance(n)
+        self.cache.advance(n, skipped=self.skipped_layers)
+        if self.routing is not None and self.position == 0:  # the prompt's prefill: choose what decode skips
+            self._route(self.executor.extra[LAYER_CHANGE_OUTPUT])
         self.position += n
         return logits[0]
 
@@ -289,7 +295,7 @@ class Model:
         if cached >= self._context_limit:
             self._warn_past_context(cached, stacklevel=4)
         logits = self.executor.decode_in_place(tok, self.cache.buffers(1), cached, copy, bias)
-        self.cache.advance(1)
+        self.cache.advance(1, skipped=self.skipped_layers)
         self.position += 1
         return logits
 

@@ -9,7 +9,8 @@ prompt (every layer runs, and per_prompt routing ranks the layers there), then d
 tokens teacher-forced with its layers skipped; perplexity of those tokens against the dense
 artifact on the same windows. Decode speed: ms per decode step over the 64 steps after a prompt,
 median over interleaved rounds; against the dense artifact optc ships (the fused
-GroupQueryAttention path) and the generic graph that routed artifacts run.
+GroupQueryAttention path, which routed artifacts also run: GQA inside each routed layer's If) and
+the dense generic graph (`--no-fused-attention`).
 """
 
 from __future__ import annotations

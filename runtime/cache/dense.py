@@ -60,17 +60,22 @@ class KVCache:
         out = {}
         for i in range(self.n_layers):
             for kind, arr in (("key", self.keys[i]), ("value", self.values[i])):
-                arr.reserve(arr.length + room)
+                # (every buffer grows alike, to layer 0's length, which every token reaches: a
+                # layer that layer_routing skips holds fewer but keeps the same room, so the map
+                # stays valid for as many steps as any other layer's room allows)
+                arr.reserve(self.length + room)
                 out[past_name(i, kind)] = arr.data
-        # (every buffer is filled and grown alike: their common capacity bounds the next steps)
         self._buffer_room = min(arr.capacity for arr in self.keys + self.values)
         self._buffer_map = out
         return out
 
-    def advance(self, n: int) -> None:
-        """The executor wrote `n` entries past the filled part of every buffer."""
-        for arr in self.keys + self.values:
-            arr.length += n
+    def advance(self, n: int, skipped=()) -> None:
+        """The executor wrote `n` entries past the filled part of every buffer but those of the
+        `skipped` layers (layer_routing: a skipped layer's cache is not extended)."""
+        for i in range(self.n_layers):
+            if i not in skipped:
+                self.keys[i].length += n
+                self.values[i].length += n
 
     def past(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """Views of the filled part of layer `layer` (no copy here)."""

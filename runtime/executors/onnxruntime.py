@@ -117,12 +117,27 @@ class OnnxRuntimeExecutor:
         return self.providers[0]
 
     def fetch(self, names: list[str]) -> None:
-        """Also fetch these graph outputs at every step; `self.extra` holds them after it."""
-        have = {o.name for o in self.session.get_outputs()}
+        """Also fetch these graph outputs at every step; `self.extra` holds them after it. (On the
+        fused path they are arrays of their static shapes, bound once and written in place.)"""
+        have = {o.name: o for o in self.session.get_outputs()}
         missing = [n for n in names if n not in have]
         if missing:
             raise ArtifactError(f"the graph has no output {missing[0]!r}")
         self._extra = list(names)
+        if self.kv_in_place is not None:
+            for name in names:
+                shape = have[name].shape
+                if not all(isinstance(d, int) for d in shape):
+                    raise ArtifactError(f"the fused path binds {name!r} once, but its shape {shape} is not static")
+                self.extra[name] = np.zeros(shape, np.float32)
+                self._bind_array(name, self.extra[name], output=True)
+
+    def bind_input(self, name: str, arr: np.ndarray) -> None:
+        """Fused path: bind a graph input to `arr` for every later step; the graph reads whatever
+        the array holds when a step runs (layer_routing's per-layer flags)."""
+        if name not in self.input_names:
+            raise ArtifactError(f"the graph has no input {name!r}")
+        self._bind_array(name, arr)
 
     def step_limit(self, cache_feeds, n=None) -> None:
         """ONNX Runtime takes any number of new tokens in one step."""

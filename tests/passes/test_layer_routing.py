@@ -113,19 +113,47 @@ def test_per_prompt_skips_the_least_changing_layers_and_their_cache_stops(export
 
 
 @pytest.mark.slow
-def test_a_skipped_layer_runs_no_kernel(exported_decoder, tmp_path):
+def test_the_fused_path_routes_like_the_generic_graph(exported_decoder, tmp_path):
+    """A routed artifact runs ONNX Runtime's fused path (GroupQueryAttention inside each routed
+    layer's If, writing the bound cache buffer in place): the same layers skipped, the same
+    logits as the generic graph (max |Δlogit| <= 1e-4) over prefill and 100 decode steps, and
+    the skipped layers' caches stop at the prompt, as on the generic graph."""
+    fused = _compile(exported_decoder, tmp_path / "fused", max_skip=2)
+    generic = compile_with(exported_decoder, tmp_path / "generic", [{"name": "layer_routing", "max_skip": 2}],
+                           fused_attention=False)
+    assert "kv_in_place" in fused.manifest["backend"] and "kv_in_place" not in generic.manifest["backend"]
+    for seed in range(2):
+        ids = token_ids(300, seed)
+        fused.reset()
+        generic.reset()
+        diffs = [np.abs(fused.prefill(ids[:200]) - generic.prefill(ids[:200])).max()]
+        assert fused.skipped_layers == generic.skipped_layers and len(fused.skipped_layers) == 2
+        for t in ids[200:]:
+            diffs.append(np.abs(fused.decode(int(t)) - generic.decode(int(t))).max())
+        assert max(diffs) <= 1e-4, max(diffs)
+        lengths = fused.cache.layer_lengths
+        assert lengths == generic.cache.layer_lengths
+        assert [lengths[i] for i in fused.skipped_layers] == [200, 200] and lengths[0] == 300
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
+def test_a_skipped_layer_runs_no_kernel(exported_decoder, tmp_path, fused):
     """Counted with ONNX Runtime's profiler: a decode step with layer 2 off runs none of the
-    nodes of layer 2's run branch; with it on, it runs all of them."""
+    nodes of layer 2's run branch; with it on, it runs all of them (on the fused path, where the
+    branch holds GroupQueryAttention, and on the generic graph)."""
     import onnx
     import onnxruntime as ort
 
-    _compile(exported_decoder, tmp_path / "m1", max_skip=1)
+    compile_with(exported_decoder, tmp_path / "m1", [{"name": "layer_routing", "max_skip": 1}],
+                 **({} if fused else {"fused_attention": False}))
     path = tmp_path / "m1" / "model.onnx"
     graph = onnx.load(str(path), load_external_data=False).graph
     wrapped = next(n for n in graph.node if n.op_type == "If" and n.name.endswith("layer2/if"))
     run_branch = next(a.g for a in wrapped.attribute if a.name == "then_branch")
     body = {n.name for n in run_branch.node}
-    assert len(body) > 20
+    assert len(body) > (8 if fused else 20)
+    assert ("GroupQueryAttention" in {n.op_type for n in run_branch.node}) == fused
 
     def kernels(run_layer_2: bool) -> int:
         opts = ort.SessionOptions()
@@ -134,11 +162,14 @@ def test_a_skipped_layer_runs_no_kernel(exported_decoder, tmp_path):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         s = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         past = 5
-        feeds = {"input_ids": np.array([[7]]), "attention_mask": np.ones((1, past + 1), np.int64),
-                 "position_ids": np.array([[past]]), "optc.layers_run": np.array([1, 1, run_layer_2, 1, 1, 1], bool)}
+        feeds = {"input_ids": np.array([[7]]), "optc.layers_run": np.array([1, 1, run_layer_2, 1, 1, 1], bool)}
+        if fused:  # cache lengths; the buffers have room for the new token
+            feeds.update({"seqlens_k": np.array([past], np.int32), "total_sequence_length": np.array(past + 1, np.int32)})
+        else:
+            feeds.update({"attention_mask": np.ones((1, past + 1), np.int64), "position_ids": np.array([[past]])})
         for i in range(6):
             for kind in ("key", "value"):
-                feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, 2, past, 32), np.float32)
+                feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, 2, past + fused, 32), np.float32)
         s.run(None, feeds)
         events = json.loads(open(s.end_profiling()).read())
         return sum(1 for e in events if e.get("cat") == "Node" and e["name"].removesuffix("_kernel_time") in body)
