@@ -131,6 +131,9 @@ def test_the_fused_path_routes_like_the_generic_graph(exported_decoder, tmp_path
         for t in ids[200:]:
             diffs.append(np.abs(fused.decode(int(t)) - generic.decode(int(t))).max())
         assert max(diffs) <= 1e-4, max(diffs)
+        # the change is measured where every layer runs (the prompt), not in decode steps with layers off
+        assert all(c > 0 for c in fused.layer_change.values()), fused.layer_change
+        assert not fused.executor.extra["optc.layer_change"].any() and not generic.executor.extra["optc.layer_change"].any()
         lengths = fused.cache.layer_lengths
         assert lengths == generic.cache.layer_lengths
         assert [lengths[i] for i in fused.skipped_layers] == [200, 200] and lengths[0] == 300
