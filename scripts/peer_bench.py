@@ -10,14 +10,16 @@ onnxruntime-genai is a benchmark-only dependency: its model builder (`-p fp32|in
 the peer models offline from the same HF directory, in its own venv (`--genai-python`). optc's
 artifacts are compiled here from `optc export` of that directory: fp32 on the fused path
 (GroupQueryAttention, cache written in place), fp32 on the generic path, and weight_quant int8 and
-int4 (block 32; int4 also with the LM head kept in float) on the fused path.
+int4 (block 32; int4 also with the LM head kept in float, and calibrated with AWQ + clip) on the fused path.
 
 Every engine runs in its own process, all loaded at once and each idle until asked. Measured: time
 to first token (prefill of a prompt, logits out) and decode ms/token after C tokens of context
 (greedy, 32 tokens). The engines take turns run by run (one prefill or one 32-token decode run
 each, the first engine changing from turn to turn), --repeats runs per figure in each of --rounds
 rounds, so that the load of a shared machine, which moves over seconds, hits every engine alike;
-each figure is the median of all its runs, with their range. Perplexity is teacher-forced
+each figure is the median of all its runs, with their range. `--turns block` has each engine do a
+figure's runs in a row instead (after one uncounted run), as an app alone on an idle machine would:
+its weights stay in the CPU's caches, which run-by-run turns evict. Perplexity is teacher-forced
 over held-out windows (models/data/heldout.jsonl) in one prefill per window, the same windows for
 every engine. Timings on a shared machine move; compare engines within one run.
 
@@ -120,10 +122,13 @@ def genai_worker(model_dir: str, job: dict) -> dict:
     def prefill(ids):
         g = state["g"]
         g.append_tokens(np.asarray(ids, np.int32))  # runs the prompt; logits of its last token
+        # picks the first new token from the prompt's logits: no model run (optc's prefill() is
+        # followed by an argmax alike), so that every timed decode step below is one model run
+        g.generate_next_token()
         return None
 
     def decode_step(_tok):
-        state["g"].generate_next_token()  # greedy: picks from the last logits, then runs that token
+        state["g"].generate_next_token()  # runs the last picked token, then picks the next (greedy)
         return None
 
     def perplexity() -> float:  # the builder's graph run directly by ONNX Runtime, one prefill per window
@@ -213,6 +218,8 @@ def _compile_optc(hf: Path, work: Path, log, variants: dict | None = None) -> di
         # the LM head (tied to the embedding) kept in float: less perplexity lost, one float MatMul
         "optc int4 weights b32, LM head fp32": ([{"name": "weight_quant", "bits": 4, "block_size": 32,
                                                   "skip": ["lm_head"]}], {}),
+        # calibrated int4 (AWQ scaling + clip search): what meets the int4 perplexity goal
+        "optc int4 awq+clip b32": (_wq(4, 32, "awq+clip"), {}),
     }
     out = {}
     for name, (passes, options) in variants.items():
@@ -284,6 +291,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds; in each, every figure is measured --repeats "
                                                           "times on every engine, the engines taking turns run by "
                                                           "run; figures are medians over rounds x repeats")
+    ap.add_argument("--turns", choices=("run", "block"), default="run",
+                    help="run: engines take turns run by run (a shared machine's load hits all alike; each run "
+                         "finds its weights evicted by the others); block: each engine does a figure's --repeats "
+                         "runs in a row after one uncounted run (an app alone on an idle machine)")
     ap.add_argument("--windows", type=int, default=8, help="held-out windows of 512 tokens for perplexity")
     ap.add_argument("--out", type=Path, help="write the table (markdown) here and its JSON beside it")
     ap.add_argument("--perplexity-only", action="store_true",
@@ -331,6 +342,15 @@ def main() -> None:
         for r in range(a.rounds):
             log(f"round {r + 1}/{a.rounds}")
             for key, what, arg in requests:
+                if a.turns == "block":
+                    # each engine does all its runs of a figure in a row (after one uncounted run),
+                    # as an app that runs alone does: its weights stay in the CPU's caches
+                    shift = r % len(names)
+                    for name in names[shift:] + names[:shift]:
+                        _ask(workers[name], name, f"{what} {arg}")
+                        for rep in range(a.repeats):
+                            results[name][key][str(arg)].append(_ask(workers[name], name, f"{what} {arg}"))
+                    continue
                 for rep in range(a.repeats):
                     # engines take turns run by run, starting with a different one each time
                     shift = (r * a.repeats + rep) % len(names)
@@ -350,7 +370,7 @@ def main() -> None:
         a.out.with_suffix(".json").write_text(json.dumps({"model": str(a.hf), "threads": THREADS,
                                                           "results": results, **{k: job[k] for k in (
                                                               "prompt_lengths", "contexts", "decode_tokens",
-                                                              "repeats")}, "rounds": a.rounds}, indent=1) + "\n")
+                                                              "repeats")}, "rounds": a.rounds, "turns": a.turns}, indent=1) + "\n")
 
 
 def _perplexity_only(a, job: dict, log) -> None:
