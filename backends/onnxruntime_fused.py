@@ -36,6 +36,8 @@ FUSED_OP = "GroupQueryAttention"
 SEQLENS_INPUT = "seqlens_k"  # per sequence: tokens in the cache after this step, minus one (int32)
 TOTAL_INPUT = "total_sequence_length"  # tokens in the cache after this step (int32 scalar)
 ATTENTION_BIAS_INPUT = "optc.gqa.attention_bias"  # sink_window: 0 / -inf per cached row [1, 1, S, total]
+# token_dropping (mode prefill): tokens in the cache of the layers from pruned_from_layer on (int64 [1])
+PRUNED_PAST_INPUT = "optc.gqa.pruned_past_length"
 # positions the cos/sin tables cover: a few times the trained context (the runtime warns past
 # the context but runs; past the tables it refuses), bounded so a table stays small
 MIN_TABLE, MAX_TABLE = 4096, 32768
@@ -62,9 +64,9 @@ def why_not(model: ir.Model, info, kv_cache: dict | None, target: str, prefill: 
     policy = kv.get("policy")
     if policy and policy.get("kind") != POLICY_SINK_WINDOW:
         return f"the {policy.get('kind')} cache policy rewrites the cache between steps"
-    if kv.get(PRUNED_FROM_LAYER) is not None:
-        return (f"token_dropping: layers from {kv[PRUNED_FROM_LAYER]} on cache fewer tokens than earlier ones "
-                f"(GQA's one seqlens input serves every layer)")
+    pruned = kv.get(PRUNED_FROM_LAYER)
+    if pruned is not None and policy:
+        return "token_dropping with a cache policy"
     if any(is_attention_output(v.name) for v in model.graph.outputs):
         return "a cache policy reads the attention probabilities"
     if info.head_dim % 16:
@@ -360,6 +362,121 @@ def _fuse_skip_rms_norm(graph: ir.Graph) -> int:
     return count
 
 
+def _replace_attention(graph: ir.Graph, info, index: int, attn: ir.Node, catk: ir.Node, catv: ir.Node,
+                       gqa: ir.Node) -> None:
+    """GQA's outputs take the canonical Attention's and present Concats' places."""
+    out, new_k, new_v = gqa.outputs
+    # GQA's output is [B, S, heads * D]; the canonical Attention's [B, heads, S, D]
+    users = attn.outputs[0].uses()
+    merged = None
+    if len(users) == 1 and users[0][0].op_type == "Transpose" and _perm(users[0][0]) == [0, 2, 1, 3]:
+        after = users[0][0].outputs[0].uses()
+        if len(after) == 1 and after[0][0].op_type == "Reshape":
+            merged = after[0][0].outputs[0]
+    if merged is not None:
+        ir.convenience.replace_all_uses_with(merged, out)
+    else:
+        shape = ir.Value(name=f"optc.gqa.bhsd_shape.{index}",
+                         const_value=ir.tensor(np.array([0, 0, info.num_heads, info.head_dim], np.int64)))
+        graph.register_initializer(shape)
+        r = ir.node("Reshape", [out, shape])
+        t = ir.node("Transpose", [r.outputs[0]], attributes={"perm": [0, 2, 1, 3]})
+        attn.graph.insert_before(attn, [r, t])
+        ir.convenience.replace_all_uses_with(attn.outputs[0], t.outputs[0])
+    for old, new in ((catk.outputs[0], new_k), (catv.outputs[0], new_v)):
+        take_over(old, new)  # the present key/value output, by the manifest's name
+
+
+class _PrunedLayers:
+    """token_dropping (mode prefill) on the fused path. The layers from `start` on cache only the
+    prompt tokens the graph kept, so their GQA gets lengths of its own, computed in the graph from
+    an input that holds their cache length (PRUNED_PAST_INPUT) and the step's kept-token count.
+    Their rotary stays the graph's RotaryEmbedding (the kept tokens keep their original
+    positions; ONNX Runtime's CPU GQA ignores position_ids in a first prompt and rotates by slot,
+    measured), so their GQA takes rotated Q and K (do_rotary 0). The runtime's buffers are
+    capacity-sized, so the graph's other reads of these layers' cache (the dropping's "is the cache
+    empty" Shape, the score's keys) read the valid rows through that input too."""
+
+    def __init__(self, model: ir.Model, start: int):
+        self.start = start
+        self.past = ir.Value(name=PRUNED_PAST_INPUT, shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT64))
+        model.graph.inputs.append(self.past)
+        self.lengths: tuple[ir.Value, ir.Value] | None = None  # (seqlens_k [1], total) as int32
+        self.count = 0
+
+    def _lengths(self, graph: ir.Graph, q3: ir.Value, before: ir.Node) -> tuple[ir.Value, ir.Value]:
+        if self.lengths is None:
+            one = ir.Value(name="optc.gqa.pruned.one", const_value=ir.tensor(np.array([1], np.int64)))
+            graph.register_initializer(one)
+            new = ir.node("Shape", [q3], attributes={"start": 1, "end": 2})  # this step's kept tokens
+            total = ir.node("Add", [self.past, new.outputs[0]])
+            seqlens = ir.node("Cast", [ir.node("Sub", [total.outputs[0], one]).outputs[0]],
+                              attributes={"to": ir.DataType.INT32})
+            total32 = ir.node("Cast", [ir.node("Squeeze", [total.outputs[0]]).outputs[0]],
+                              attributes={"to": ir.DataType.INT32})
+            nodes = [new, total, seqlens.inputs[0].producer(), seqlens, total32.inputs[0].producer(), total32]
+            for j, node in enumerate(nodes):
+                node.outputs[0].name = f"optc.gqa.pruned.lengths.{j}"
+            before.graph.insert_before(before, nodes)
+            self.lengths = (seqlens.outputs[0], total32.outputs[0])
+        return self.lengths
+
+    def lower(self, graph: ir.Graph, info, index: int, attn: ir.Node, catk: ir.Node, catv: ir.Node) -> None:
+        q3, k3, v3 = (_to_bsh(graph, v, attn) for v in (attn.inputs[0], catk.inputs[1], catv.inputs[1]))
+        seqlens, total = self._lengths(graph, q3, attn)
+        scale = attn.attributes.get_float("scale", info.head_dim ** -0.5)
+        gqa = ir.node(FUSED_OP, [q3, k3, v3, catk.inputs[0], catv.inputs[0], seqlens, total],
+                      attributes={"num_heads": info.num_heads, "kv_num_heads": info.kv_heads, "do_rotary": 0,
+                                  "scale": float(scale)},
+                      domain="com.microsoft", num_outputs=3, name=f"optc_gqa_{index}")
+        attn.graph.insert_before(attn, gqa)
+        _replace_attention(graph, info, index, attn, catk, catv, gqa)
+        self.count += 1
+
+    def finish(self, graph: ir.Graph, n_layers: int) -> None:
+        """The pruned layers' cache read other than by their GQA: a Shape of the cached tokens reads
+        the input instead; a Concat with the step's keys (the score's) reads the valid rows."""
+        inputs = {v.name: v for v in graph.inputs}
+        for i in range(self.start, n_layers):
+            for kind in ("key", "value"):
+                past = inputs[past_name(i, kind)]
+                for use in list(past.uses()):
+                    node = use.node
+                    if node.op_type == "Shape" and node.attributes.get_int("start", 0) == 2 \
+                            and node.attributes.get_int("end", -1) == 3:
+                        ir.convenience.replace_all_uses_with(node.outputs[0], self.past)
+                    elif node.op_type == "Concat" and any(o.uses() for o in node.outputs):
+                        rows = ir.node("Slice", [past, _const(graph, "optc.gqa.pruned.zero", [0]), self.past,
+                                                 _const(graph, "optc.gqa.pruned.axis", [2])])
+                        rows.outputs[0].name = f"{past.name}.valid_rows"
+                        node.graph.insert_before(node, rows)
+                        node.replace_input_with(use.idx, rows.outputs[0])
+
+
+def _const(graph: ir.Graph, name: str, values: list[int]) -> ir.Value:
+    """An int64 initializer of the main graph (the same one for every caller of the name)."""
+    if name not in graph.initializers:
+        graph.register_initializer(ir.Value(name=name, const_value=ir.tensor(np.array(values, np.int64))))
+    return graph.initializers[name]
+
+
+def _check_cache_reads(graph: ir.Graph) -> None:
+    """After the lowering, the cache buffers (capacity-sized) are read only by GQA and by the
+    valid-row Slices: anything else would see rows that hold nothing."""
+    for v in graph.inputs:
+        if v.name.startswith("past_key_values."):
+            for use in v.uses():
+                node = use.node
+                if node.op_type == "Shape":  # (the batch, head and head-dim axes are the same in a buffer)
+                    start, end = (node.attributes.get_int(k, d) for k, d in (("start", 0), ("end", 4)))
+                    if 2 not in range(4)[start:end]:
+                        continue
+                elif node.op_type in (FUSED_OP, "Slice", "If", "Identity"):
+                    continue
+                raise ValueError(f"the fused lowering left {node.op_type} node {node.name!r} reading the cached "
+                                 f"tokens of the buffer {v.name!r}")
+
+
 def lower(model: ir.Model, info, context: int | None, log=print, kv_cache: dict | None = None) -> dict:
     """Rewrite every layer to GQA in place; returns the manifest's `kv_in_place` section.
 
@@ -380,10 +497,15 @@ def lower(model: ir.Model, info, context: int | None, log=print, kv_cache: dict 
     seqlens = ir.Value(name=SEQLENS_INPUT, shape=ir.Shape(["batch"]), type=ir.TensorType(ir.DataType.INT32))
     total = ir.Value(name=TOTAL_INPUT, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT32))
     graph.inputs.extend([seqlens, total] + ([bias] if bias is not None else []))
+    pruned = (kv_cache or {}).get(PRUNED_FROM_LAYER)
+    late = _PrunedLayers(model, pruned) if pruned is not None else None
     tables: dict[int, tuple[ir.Value, ir.Value]] = {}
     packed_layers = 0
     for layer in info.layers:
         (q_rope, k_rope, attn, catk, catv), _ = _layer(model, layer.index)
+        if late is not None and layer.index >= pruned:
+            late.lower(graph, info, layer.index, attn, catk, catv)
+            continue
         angle = q_rope.inputs[1].producer()  # tables of the same angles are one table, whatever Cos node
         key = id(angle.inputs[0]) if angle is not None and angle.op_type == "Cos" else id(q_rope.inputs[1])
         if key not in tables:
@@ -407,26 +529,9 @@ def lower(model: ir.Model, info, context: int | None, log=print, kv_cache: dict 
                         "rotary_interleaved": 0, "scale": float(scale)},
             domain="com.microsoft", num_outputs=3, name=f"optc_gqa_{layer.index}")
         attn.graph.insert_before(attn, gqa)  # (constants stay in the main graph; a routed layer's ops in its If)
-        out, new_k, new_v = gqa.outputs
-        # GQA's output is [B, S, heads * D]; the canonical Attention's [B, heads, S, D]
-        users = attn.outputs[0].uses()
-        merged = None
-        if len(users) == 1 and users[0][0].op_type == "Transpose" and _perm(users[0][0]) == [0, 2, 1, 3]:
-            after = users[0][0].outputs[0].uses()
-            if len(after) == 1 and after[0][0].op_type == "Reshape":
-                merged = after[0][0].outputs[0]
-        if merged is not None:
-            ir.convenience.replace_all_uses_with(merged, out)
-        else:
-            shape = ir.Value(name=f"optc.gqa.bhsd_shape.{layer.index}",
-                             const_value=ir.tensor(np.array([0, 0, info.num_heads, info.head_dim], np.int64)))
-            graph.register_initializer(shape)
-            r = ir.node("Reshape", [out, shape])
-            t = ir.node("Transpose", [r.outputs[0]], attributes={"perm": [0, 2, 1, 3]})
-            attn.graph.insert_before(attn, [r, t])
-            ir.convenience.replace_all_uses_with(attn.outputs[0], t.outputs[0])
-        for old, new in ((catk.outputs[0], new_k), (catv.outputs[0], new_v)):
-            take_over(old, new)  # the present key/value output, by the manifest's name
+        _replace_attention(graph, info, layer.index, attn, catk, catv, gqa)
+    if late is not None:
+        late.finish(graph, len(info.layers))
     routed = [n for n in graph if n.outputs and _routing_if(n.outputs[0]) is n]
     for node in routed:  # the generic path's new-key/value outputs: read by nobody now
         _drop_unused_if_outputs(model, node)
@@ -434,6 +539,7 @@ def lower(model: ir.Model, info, context: int | None, log=print, kv_cache: dict 
     skip_norms = fuse_skip_rms_norm(model)
     # the Concats, Attentions, rotary and mask arithmetic, the unpacked projections are dead now
     RemoveUnusedNodesPass()(model)
+    _check_cache_reads(graph)
     if routed:  # values made inside a branch were named by the branch's own counter (val_N): unique again
         NameFixPass()(model)
     # and so are the mask and position inputs (GQA takes lengths): one less thing to feed a step
@@ -448,6 +554,10 @@ def lower(model: ir.Model, info, context: int | None, log=print, kv_cache: dict 
     section = {"op": f"com.microsoft.{FUSED_OP}", "seqlens_input": SEQLENS_INPUT, "total_input": TOTAL_INPUT,
                "max_positions": positions,
                "cache_inputs": [[past_name(i, "key"), past_name(i, "value")] for i in range(len(info.layers))]}
+    if late is not None:
+        log(f"onnxruntime: token_dropping on the fused path: layers {pruned}-{len(info.layers) - 1} run GQA on their "
+            f"own cache length (the kept prompt tokens), with the graph's rotary at the kept tokens' positions")
+        section["pruned_past_input"] = PRUNED_PAST_INPUT
     if bias is not None:
         log(f"onnxruntime: sink_window on the fused path: keys rotated once at their slot in a bounded buffer; the "
             f"runtime hides rows that left the window (attention bias) and compacts the buffer in batches, moving "

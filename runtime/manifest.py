@@ -507,7 +507,9 @@ class KvInPlace:
     (slot positions) the op also takes an additive `attention_bias_input` that hides the rows the
     window has left until the runtime compacts the buffer, and `rotary_inv_freq` (one angle per
     rotated pair, radians per position) lets the runtime move rotated keys down to their new slot
-    (runtime/cache/window.py)."""
+    (runtime/cache/window.py). With token_dropping (mode prefill), the layers from
+    kv_cache.pruned_from_layer on hold fewer tokens: `pruned_past_input` tells the graph how many
+    (it computes their GQA lengths from it and the step's kept tokens)."""
 
     op: str
     seqlens_input: str
@@ -516,12 +518,13 @@ class KvInPlace:
     cache_inputs: list
     attention_bias_input: str | None = None
     rotary_inv_freq: list | None = None
+    pruned_past_input: str | None = None  # token_dropping: the pruned layers' cache length (int64 [1])
 
     @classmethod
     def from_dict(cls, d: Any, n_layers: int, where: str) -> KvInPlace:
         d = _object(d, where)
         _no_extra(d, {"op", "seqlens_input", "total_input", "max_positions", "cache_inputs", "attention_bias_input",
-                      "rotary_inv_freq"}, where)
+                      "rotary_inv_freq", "pruned_past_input"}, where)
         bias = _need(d, "attention_bias_input", str, where, optional=True)
         freq = _need(d, "rotary_inv_freq", list, where, optional=True)
         if (bias is None) != (freq is None) or (freq is not None and (
@@ -535,8 +538,12 @@ class KvInPlace:
         if len(pairs) != n_layers or not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p)
                                              for p in pairs):
             raise ManifestError(f"{where}.cache_inputs: [key input, value input] for each of {n_layers} layers")
+        pruned = _need(d, "pruned_past_input", str, where, optional=True)
+        if pruned is not None and bias is not None:
+            raise ManifestError(f"{where}: pruned_past_input (token_dropping) and attention_bias_input (sink_window) "
+                                f"do not go together")
         return cls(op, _need(d, "seqlens_input", str, where), _need(d, "total_input", str, where),
-                   _count(d, "max_positions", where), pairs, bias, freq)
+                   _count(d, "max_positions", where), pairs, bias, freq, pruned)
 
 
 @dataclass(frozen=True)

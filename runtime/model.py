@@ -83,11 +83,13 @@ class Model:
         self._in_place = getattr(self.executor, "kv_in_place", None) is not None
         # sink_window on the fused path: a bounded buffer GQA writes, compacted in batches
         windowed = self._in_place and self.executor.kv_in_place.attention_bias_input is not None
-        if self._in_place and (type(self.cache) is not KVCache or kv_spec.pruned_from_layer is not None
+        if self._in_place and (type(self.cache) is not KVCache
+                               or (kv_spec.pruned_from_layer is not None)
+                               != (self.executor.kv_in_place.pruned_past_input is not None)
                                or (kv_spec.policy is not None or windowed)
                                != (windowed and isinstance(kv_spec.policy, SinkWindowPolicy))):
-            raise ArtifactError(f"{where}: backend.kv_in_place needs a float cache without pruned layers, and without "
-                                f"a policy (or sink_window, with the attention bias input)")
+            raise ArtifactError(f"{where}: backend.kv_in_place needs a float cache without a policy (or sink_window, "
+                                f"with the attention bias input), and pruned layers with the pruned-length input")
         self._window = SlotWindow(kv_spec.policy.sinks, kv_spec.policy.window,
                                   self.executor.kv_in_place.rotary_inv_freq, cfg.get("context"),
                                   self.executor.kv_in_place.max_positions) if windowed else None
@@ -228,12 +230,22 @@ class Model:
             self._warn_past_context(cached + n - 1, stacklevel=5)  # (called from _step: one frame deeper)
         input_ids = np.asarray(ids, dtype=np.int64).reshape(1, n)
         position_ids = np.arange(cached, cached + n, dtype=np.int64).reshape(1, n)
-        logits = self.executor.run_in_place(input_ids, position_ids, self.cache.buffers(n), cached, bias)
-        self.cache.advance(n, skipped=self.skipped_layers)
+        logits = self.executor.run_in_place(input_ids, position_ids, self.cache.buffers(n), cached, bias,
+                                            self._pruned_length())
+        # (token_dropping: the pruned layers cached a row per logit row, the kept tokens)
+        self.cache.advance(n, skipped=self.skipped_layers, pruned=self._pruned_rows(logits.shape[1]))
         if self.routing is not None and self.position == 0:  # the prompt's prefill: choose what decode skips
             self._route(self.executor.extra[LAYER_CHANGE_OUTPUT])
         self.position += n
         return logits[0]
+
+    def _pruned_length(self) -> int | None:
+        """token_dropping: tokens in the cache of the layers from pruned_from_layer on."""
+        return None if self.pruned_from_layer is None else self.cache.layer_lengths[self.pruned_from_layer]
+
+    def _pruned_rows(self, rows: int) -> tuple[int, int] | None:
+        """cache.advance's `pruned`: (first pruned layer, rows its layers cached this step)."""
+        return None if self.pruned_from_layer is None else (self.pruned_from_layer, rows)
 
     def _make_room(self, n: int) -> None:
         """sink_window: evict the oldest non-sink tokens so that the cache plus `n` new tokens
@@ -294,8 +306,8 @@ class Model:
         cached = self.cache.length
         if cached >= self._context_limit:
             self._warn_past_context(cached, stacklevel=4)
-        logits = self.executor.decode_in_place(tok, self.cache.buffers(1), cached, copy, bias)
-        self.cache.advance(1, skipped=self.skipped_layers)
+        logits = self.executor.decode_in_place(tok, self.cache.buffers(1), cached, copy, bias, self._pruned_length())
+        self.cache.advance(1, skipped=self.skipped_layers, pruned=self._pruned_rows(1))
         self.position += 1
         return logits
 

@@ -7,10 +7,11 @@ model are timed interleaved in each round.
     .venv/bin/python scripts/token_dropping_bench.py [--docs 64] [--rounds 3]
 
 mode prefill on a decoder (pycoder-v2, context 2048): compiled artifacts run by optc.runtime;
-time to first token of a long prompt (prefill, medians over interleaved rounds) against the dense
-artifact (the fused GroupQueryAttention path optc ships, and the generic graph the dropping
-artifacts run on), and the perplexity of the 64 tokens after each prompt, teacher-forced (prefill
-the prompt, decode the continuation), against the dense artifact on the same windows.
+time to first token of a long prompt (prefill, medians over interleaved rounds) and decode ms per
+step after it, against the dense artifact (the fused GroupQueryAttention path optc ships, which the
+dropping artifacts run too, and the generic graph), and the perplexity of the 64 tokens after each
+prompt, teacher-forced (prefill the prompt, decode the continuation), against the dense artifact
+on the same windows.
 
     .venv/bin/python scripts/token_dropping_bench.py --mode prefill [--hf models/pycoder-v2]
         [--prompt 1984] [--windows 24] [--rounds 3]
@@ -243,32 +244,42 @@ def main_prefill(args):
             agree = np.mean(np.concatenate([r.argmax(1) == q.argmax(1) for r, q in zip(rows, ref)]))
             acc[key] = (float(np.exp(nll.mean())), float(agree))
         # speed: time to first token (prefill of the prompt), all models interleaved in every round
+        # and decode: ms per step over the continuation's steps after each timed prompt
         timed = {"dense": dense, "generic": generic, **models}
         times: dict = {k: [] for k in timed}
+        steps: dict = {k: [] for k in timed}
         prompts = [w[:args.prompt] for w in windows[:args.timed]]
         for m in timed.values():  # warm-up
             m.reset()
             m.prefill(prompts[0])
         for _ in range(args.rounds):
             for key, m in timed.items():
-                for p in prompts:
+                for w in windows[:args.timed]:
                     m.reset()
                     t0 = time.perf_counter()
-                    m.prefill(p)
-                    times[key].append(time.perf_counter() - t0)
+                    m.prefill(w[:args.prompt])
+                    t1 = time.perf_counter()
+                    for t in w[args.prompt:-1]:
+                        m.decode(int(t))
+                    times[key].append(t1 - t0)
+                    steps[key].append((time.perf_counter() - t1) / (CONTINUATION - 1))
         ttft = {k: float(np.median(v)) for k, v in times.items()}
+        step = {k: 1000 * float(np.median(v)) for k, v in steps.items()}
         ppl_ref = float(np.exp(nll_ref.mean()))
         print(f"{args.hf.name}: {len(windows)} held-out windows (models/data/heldout_2k.jsonl) of {args.prompt} prompt "
               f"+ {CONTINUATION} continuation tokens; dense continuation perplexity {ppl_ref:.4f}; TTFT = prefill of "
               f"the prompt, median of {args.rounds} rounds x {len(prompts)} prompts, ONNX Runtime CPU (all settings "
               f"interleaved per round); dense TTFT {ttft['dense'] * 1000:.0f} ms (fused GQA path), "
-              f"{ttft['generic'] * 1000:.0f} ms (generic graph)")
+              f"{ttft['generic'] * 1000:.0f} ms (generic graph); decode = ms per step over the {CONTINUATION - 1} "
+              f"steps after each timed prompt (median)")
         print()
         print("| keep | start_layer | score | kept tokens | TTFT ms | speed-up vs dense | vs dense generic | "
-              "continuation ppl | Δppl | top-1 agreement |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+              "decode ms/step | continuation ppl | Δppl | top-1 agreement |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         print(f"| dense | - | - | {args.prompt} | {ttft['dense'] * 1000:.0f} | 1.00x | "
-              f"{ttft['generic'] / ttft['dense']:.2f}x | {ppl_ref:.4f} | - | 100.0% |")
+              f"{ttft['generic'] / ttft['dense']:.2f}x | {step['dense']:.2f} | {ppl_ref:.4f} | - | 100.0% |")
+        print(f"| dense generic | - | - | {args.prompt} | {ttft['generic'] * 1000:.0f} | "
+              f"{ttft['dense'] / ttft['generic']:.2f}x | 1.00x | {step['generic']:.2f} | {ppl_ref:.4f} | - | 100.0% |")
         for key, m in models.items():
             keep, start, score = key
             m.reset()
@@ -276,7 +287,8 @@ def main_prefill(args):
             kept = m.cache.layer_lengths[-1]
             ppl, agree = acc[key]
             print(f"| {keep} | {start} | {score} | {kept} | {ttft[key] * 1000:.0f} | {ttft['dense'] / ttft[key]:.2f}x | "
-                  f"{ttft['generic'] / ttft[key]:.2f}x | {ppl:.4f} | {ppl / ppl_ref - 1:+.2%} | {agree:.1%} |")
+                  f"{ttft['generic'] / ttft[key]:.2f}x | {step[key]:.2f} | {ppl:.4f} | {ppl / ppl_ref - 1:+.2%} | "
+                  f"{agree:.1%} |")
 
 
 if __name__ == "__main__":

@@ -69,13 +69,16 @@ class KVCache:
         self._buffer_map = out
         return out
 
-    def advance(self, n: int, skipped=()) -> None:
+    def advance(self, n: int, skipped=(), pruned: tuple[int, int] | None = None) -> None:
         """The executor wrote `n` entries past the filled part of every buffer but those of the
-        `skipped` layers (layer_routing: a skipped layer's cache is not extended)."""
+        `skipped` layers (layer_routing: a skipped layer's cache is not extended). `pruned`:
+        (first layer, rows) for token_dropping, whose layers from that one on wrote `rows` (the
+        kept tokens)."""
         for i in range(self.n_layers):
             if i not in skipped:
-                self.keys[i].length += n
-                self.values[i].length += n
+                step = pruned[1] if pruned is not None and i >= pruned[0] else n
+                self.keys[i].length += step
+                self.values[i].length += step
 
     def past(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """Views of the filled part of layer `layer` (no copy here)."""

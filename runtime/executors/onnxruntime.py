@@ -90,6 +90,7 @@ class OnnxRuntimeExecutor:
         if self.kv_in_place is not None:
             p = self.kv_in_place
             bias = [p.attention_bias_input] if p.attention_bias_input else []
+            bias += [p.pruned_past_input] if p.pruned_past_input else []
             for name in (p.seqlens_input, p.total_input, *bias, *[n for pair in p.cache_inputs for n in pair]):
                 if name not in self.input_names:
                     raise ArtifactError(f"{root / 'manifest.json'}: backend.kv_in_place: {name!r} is not an input "
@@ -101,6 +102,8 @@ class OnnxRuntimeExecutor:
             self._bound: dict[str, np.ndarray] = {}
             self._bound_buffers: dict[str, np.ndarray] | None = None  # the cache's buffer map last bound
             self._lengths = (np.zeros(1, np.int32), np.zeros((), np.int32))  # seqlens_k, total length
+            self._pruned_past = np.zeros(1, np.int64)  # token_dropping: the pruned layers' cache length
+            self._output_order: list[str] = []  # outputs in the order first bound (IOBinding.get_outputs's)
             self._needs_positions = POSITION_IDS in self.input_names
             self._needs_mask = ATTENTION_MASK in self.input_names
             # logits are written into an array of ours: their width is the graph's static vocab
@@ -167,9 +170,11 @@ class OnnxRuntimeExecutor:
             bind = self._io.bind_output if output else self._io.bind_input
             bind(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
             self._bound[name] = arr
+            if output and name not in self._output_order:
+                self._output_order.append(name)
 
-    def _bind_step(self, buffers: dict[str, np.ndarray], cached: int, n: int,
-                   bias: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _bind_step(self, buffers: dict[str, np.ndarray], cached: int, n: int, bias: np.ndarray | None = None,
+                   pruned_cached: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Everything a step of `n` new tokens reads and writes, bound; returns the bound token ids
         and logits arrays. Rebinding happens only where something changed: the cache's buffer map
         when a buffer grew (KVCache.buffers returns the same dict until then), the ids and logits
@@ -186,14 +191,27 @@ class OnnxRuntimeExecutor:
                 self._bind_array(self._present_of[name], buf, output=True)
             self._bind_array(p.seqlens_input, self._lengths[0])
             self._bind_array(p.total_input, self._lengths[1])
+            if p.pruned_past_input:
+                self._bind_array(p.pruned_past_input, self._pruned_past)
             self._bound_buffers = buffers
         self._lengths[0][0] = cached + n - 1
         self._lengths[1][()] = cached + n
+        if p.pruned_past_input:
+            self._pruned_past[0] = pruned_cached
         if n == 1:
             ids, logits = self._decode_arrays
+        elif p.pruned_past_input:
+            # token_dropping: a prompt's logits are the kept tokens', a count the graph chooses:
+            # ONNX Runtime allocates them (run_in_place reads them back)
+            ids, logits = np.empty((1, n), np.int64), None
+            self._bind_array(INPUT_IDS, ids)
+            self._io.bind_output(LOGITS, "cpu")
+            self._bound[LOGITS] = None
+            if LOGITS not in self._output_order:
+                self._output_order.append(LOGITS)
         else:  # a prefill chunk: arrays of its size, bound for this step only
             ids, logits = np.empty((1, n), np.int64), np.empty((1, n, self._vocab), np.float32)
-        if self._bound.get(LOGITS) is not logits:
+        if logits is not None and self._bound.get(LOGITS) is not logits:
             self._bind_array(INPUT_IDS, ids)
             self._bind_array(LOGITS, logits, output=True)
         if self._needs_mask:  # (the lowering drops it where nothing reads it)
@@ -204,27 +222,31 @@ class OnnxRuntimeExecutor:
         return ids, logits
 
     def run_in_place(self, input_ids: np.ndarray, position_ids: np.ndarray, buffers: dict[str, np.ndarray],
-                     cached: int, bias: np.ndarray | None = None) -> np.ndarray:
+                     cached: int, bias: np.ndarray | None = None, pruned_cached: int | None = None) -> np.ndarray:
         """One forward step on the fused path: `buffers` are the cache's whole per-layer arrays
         (KVCache.buffers), the first `cached` entries filled; the graph writes this step's keys and
         values after them, in place. Returns the logits [1, n, vocab] (the caller's to keep); the
         caller advances the cache. `bias`: the sink_window artifact's attention bias
-        (runtime/cache/window.py)."""
+        (runtime/cache/window.py). `pruned_cached`: a token_dropping artifact's cache length in the
+        pruned layers (the logits then have a row per kept token: the caller advances those layers
+        by that many)."""
         n = input_ids.shape[1]
-        ids, logits = self._bind_step(buffers, cached, n, bias)
+        ids, logits = self._bind_step(buffers, cached, n, bias, pruned_cached)
         ids[...] = input_ids
         if self._needs_positions:
             self._io.bind_cpu_input(POSITION_IDS, position_ids)
         self.session.run_with_iobinding(self._io)
+        if logits is None:
+            return self._io.get_outputs()[self._output_order.index(LOGITS)].numpy()
         return logits.copy() if n == 1 else logits
 
     def decode_in_place(self, token: int, buffers: dict[str, np.ndarray], cached: int, copy: bool = True,
-                        bias: np.ndarray | None = None) -> np.ndarray:
+                        bias: np.ndarray | None = None, pruned_cached: int | None = None) -> np.ndarray:
         """One decode step of `token` on the fused path (see run_in_place): writes the token id
         and the two lengths into arrays bound once, runs, and returns the logits [vocab]. With
         copy=False they are the bound array itself, which the next step overwrites (for a caller
         that samples from them at once: the generate loop)."""
-        ids, logits = self._bind_step(buffers, cached, 1, bias)
+        ids, logits = self._bind_step(buffers, cached, 1, bias, pruned_cached)
         ids[0, 0] = token
         if self._needs_positions:
             self._io.bind_cpu_input(POSITION_IDS, np.array([[cached]], np.int64))

@@ -284,7 +284,8 @@ def test_prefill_drops_tokens_keeping_their_positions(exported_decoder, dense_mo
     model = _compile(exported_decoder, tmp_path / "half", keep=0.5, start_layer=2, sinks=sinks, recent=recent)
     ops = {n.op_type for n in onnx.load(str(tmp_path / "half" / "model.onnx"), load_external_data=False).graph.node}
     assert {"TopK", "GatherND", "GatherElements"} <= ops
-    assert "kv_in_place" not in model.manifest["backend"]  # the fused path cannot take per-layer lengths
+    # ONNX Runtime's fused path, with the pruned layers' own cache length
+    assert model.manifest["backend"]["kv_in_place"]["pruned_past_input"] == "optc.gqa.pruned_past_length"
     k = int(np.ceil(0.5 * PROMPT))
     ids = token_ids(PROMPT + 5, seed=1)
     model.reset()
@@ -315,6 +316,32 @@ def test_prefill_drops_tokens_keeping_their_positions(exported_decoder, dense_mo
     got = base.cache.keys[2].view()[0]
     want = dense_model.cache.keys[2].view()[0][:, list(range(sinks)) + list(range(PROMPT - (k - sinks), PROMPT))]
     assert np.abs(got - want).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_prefill_dropping_on_the_fused_path_equals_the_generic_graph(exported_decoder, tmp_path):
+    """The fused path (GroupQueryAttention writing the cache in place; the pruned layers with their
+    own lengths, their rotary at the kept tokens' positions) computes what the generic graph does:
+    the same tokens kept, max |Δlogit| <= 1e-4 over the prompt's prefill and 100 decode steps, the
+    same per-layer cache lengths; and a second prefill into a filled cache drops nothing."""
+    opts = {"keep": 0.5, "start_layer": 2}
+    fused = _compile(exported_decoder, tmp_path / "fused", **opts)
+    generic = compile_with(exported_decoder, tmp_path / "generic",
+                           [{"name": "token_dropping", "mode": "prefill", **opts}], fused_attention=False)
+    assert "kv_in_place" in fused.manifest["backend"] and "kv_in_place" not in generic.manifest["backend"]
+    for seed in range(2):
+        ids = token_ids(300, seed)
+        fused.reset()
+        generic.reset()
+        diffs = [np.abs(fused.prefill(ids[:150]) - generic.prefill(ids[:150])).max()]
+        assert fused.cache.layer_lengths == generic.cache.layer_lengths == [150] * 2 + [75] * 4
+        for t in ids[150:250]:
+            diffs.append(np.abs(fused.decode(int(t)) - generic.decode(int(t))).max())
+        rows = fused.prefill(ids[250:], all_logits=True)  # (a filled cache: every token kept)
+        assert rows.shape[0] == 50
+        diffs.append(np.abs(rows - generic.prefill(ids[250:], all_logits=True)).max())
+        assert max(diffs) <= 1e-4, max(diffs)
+        assert fused.cache.layer_lengths == generic.cache.layer_lengths == [300] * 2 + [225] * 4
 
 
 @pytest.mark.slow
