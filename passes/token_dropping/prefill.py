@@ -20,7 +20,8 @@ layers) hold the kept tokens only; the logits are the kept tokens' (the last tok
 kept). Tokens are dropped only in a step that starts from an empty cache (the prompt's prefill):
 with a cache, `k` is the step's token count and the gathers are the identity, so decode attends
 to the full cache in early layers and to the pruned one in later layers (per-layer cache lengths,
-kept by the runtime: `KVCacheSpec.pruned_from_layer`).
+kept by the runtime: `KVCacheSpec.pruned_from_layer`). The attention score runs inside an If on
+that empty cache, so a decode step computes none of it.
 """
 
 from __future__ import annotations
@@ -226,5 +227,53 @@ def rewrite_prefill(model: ir.Model, info, *, keep: float | int, start_layer: in
                 v.shape = ir.Shape([v.shape[0], "optc_kept_tokens", *v.shape[2:]])
     ir.passes.common.RemoveUnusedNodesPass()(model)
     ir.passes.common.TopologicalSortPass()(model)
+    if score == "attention":
+        _score_only_when_dropping(graph, scores, past_len, pos_row, prefix)
+        ir.passes.common.TopologicalSortPass()(model)
     return True
+
+
+def _score_only_when_dropping(graph: ir.Graph, scores: ir.Value, past_len: ir.Value, pos_row: ir.Value,
+                              prefix: str) -> None:
+    """The attention score (a copy of layer start_layer's projections and attention over the
+    step's tokens) matters only in a step that drops tokens, one that starts from an empty cache;
+    every other step keeps all its tokens whatever the scores. So it moves into an If on that:
+    a decode step runs none of it (the else branch gives the positions, any [B, S] score will do)."""
+    upstream, todo = set(), [scores.producer()]
+    while todo:
+        node = todo.pop()
+        if node is None or node in upstream or node.graph is not graph:
+            continue
+        upstream.add(node)
+        todo.extend(x.producer() for x in node.inputs if x is not None)
+    # what computes the score alone: upstream nodes none of whose outputs is read elsewhere
+    moved = set(upstream)
+    changed = True
+    while changed:
+        changed = False
+        for node in list(moved):
+            if node is scores.producer():
+                continue
+            if any(o.is_graph_output() or any(u.node not in moved for u in o.uses()) for o in node.outputs):
+                moved.discard(node)
+                changed = True
+    order = [nd for nd in graph if nd in moved]  # graph order: a topologically sorted branch
+    t = tape.Tape()
+    empty = t.op("Squeeze", [t.op("Equal", [past_len, ints(t, 0)]), ints(t, 0)])
+    recent = t.op("Cast", [pos_row], {"to": ir.DataType.FLOAT})
+    name_nodes(t.nodes, f"{prefix}/score_gate")
+    cond_nodes, else_nodes = t.nodes[:-1], t.nodes[-1:]
+    for nd in order:
+        graph.remove(nd, safe=False)
+    gate = ir.Node("", "If", [empty], num_outputs=1, name=f"{prefix}/score_gate/if", attributes=[
+        ir.AttrGraph("then_branch", ir.Graph([], [scores], nodes=order, name="optc_token_scores")),
+        ir.AttrGraph("else_branch", ir.Graph([], [recent], nodes=else_nodes, name="optc_no_token_scores"))])
+    out = gate.outputs[0]
+    for use in list(scores.uses()):
+        use.node.replace_input_with(use.idx, out)
+    out.name, out.type, out.shape = f"{prefix}/scores", scores.type, scores.shape
+    scores.name = f"{prefix}/scores/computed"
+    graph.extend(cond_nodes)
+    graph.append(gate)
+
 
