@@ -23,3 +23,17 @@ def compile_with(exported_decoder: Path, out: Path, passes: list[dict], **backen
 def token_ids(n: int, seed: int = 0) -> np.ndarray:
     """`n` random token ids of the test decoder's vocabulary."""
     return np.random.default_rng(seed).integers(1, 4096, n)
+
+
+def fused_and_generic(exported_decoder: Path, tmp: Path, passes: list[dict]):
+    """The same pipeline compiled for ONNX Runtime's fused path (the default) and its generic graph
+    (`--no-fused-attention`); checks each got the path it was asked for."""
+    fused = compile_with(exported_decoder, tmp / "fused", passes)
+    generic = compile_with(exported_decoder, tmp / "generic", passes, fused_attention=False)
+    assert "kv_in_place" in fused.manifest["backend"] and "kv_in_place" not in generic.manifest["backend"]
+    return fused, generic
+
+
+def decode_diffs(a, b, ids) -> list[float]:
+    """max |Δlogit| of models `a` and `b` decoding `ids` one by one (after their prefill)."""
+    return [float(np.abs(a.decode(int(t)) - b.decode(int(t))).max()) for t in ids]

@@ -10,7 +10,7 @@ import pytest
 
 from optc.config import parse_config
 from optc.errors import OptcError
-from compile_helpers import compile_with, token_ids
+from compile_helpers import compile_with, decode_diffs, fused_and_generic, token_ids
 from optc.registry import default_registry
 
 REG = default_registry()
@@ -118,18 +118,14 @@ def test_the_fused_path_routes_like_the_generic_graph(exported_decoder, tmp_path
     layer's If, writing the bound cache buffer in place): the same layers skipped, the same
     logits as the generic graph (max |Δlogit| <= 1e-4) over prefill and 100 decode steps, and
     the skipped layers' caches stop at the prompt, as on the generic graph."""
-    fused = _compile(exported_decoder, tmp_path / "fused", max_skip=2)
-    generic = compile_with(exported_decoder, tmp_path / "generic", [{"name": "layer_routing", "max_skip": 2}],
-                           fused_attention=False)
-    assert "kv_in_place" in fused.manifest["backend"] and "kv_in_place" not in generic.manifest["backend"]
+    fused, generic = fused_and_generic(exported_decoder, tmp_path, [{"name": "layer_routing", "max_skip": 2}])
     for seed in range(2):
         ids = token_ids(300, seed)
         fused.reset()
         generic.reset()
         diffs = [np.abs(fused.prefill(ids[:200]) - generic.prefill(ids[:200])).max()]
         assert fused.skipped_layers == generic.skipped_layers and len(fused.skipped_layers) == 2
-        for t in ids[200:]:
-            diffs.append(np.abs(fused.decode(int(t)) - generic.decode(int(t))).max())
+        diffs += decode_diffs(fused, generic, ids[200:])
         assert max(diffs) <= 1e-4, max(diffs)
         # the change is measured where every layer runs (the prompt), not in decode steps with layers off
         assert all(c > 0 for c in fused.layer_change.values()), fused.layer_change

@@ -9,7 +9,7 @@ import pytest
 
 from optc.config import parse_config
 from optc.errors import OptcError
-from compile_helpers import compile_with, token_ids
+from compile_helpers import compile_with, decode_diffs, fused_and_generic, token_ids
 from optc.registry import default_registry
 
 REG = default_registry()
@@ -324,19 +324,15 @@ def test_prefill_dropping_on_the_fused_path_equals_the_generic_graph(exported_de
     own lengths, their rotary at the kept tokens' positions) computes what the generic graph does:
     the same tokens kept, max |Δlogit| <= 1e-4 over the prompt's prefill and 100 decode steps, the
     same per-layer cache lengths; and a second prefill into a filled cache drops nothing."""
-    opts = {"keep": 0.5, "start_layer": 2}
-    fused = _compile(exported_decoder, tmp_path / "fused", **opts)
-    generic = compile_with(exported_decoder, tmp_path / "generic",
-                           [{"name": "token_dropping", "mode": "prefill", **opts}], fused_attention=False)
-    assert "kv_in_place" in fused.manifest["backend"] and "kv_in_place" not in generic.manifest["backend"]
+    fused, generic = fused_and_generic(exported_decoder, tmp_path, [{"name": "token_dropping", "mode": "prefill",
+                                                                    "keep": 0.5, "start_layer": 2}])
     for seed in range(2):
         ids = token_ids(300, seed)
         fused.reset()
         generic.reset()
         diffs = [np.abs(fused.prefill(ids[:150]) - generic.prefill(ids[:150])).max()]
         assert fused.cache.layer_lengths == generic.cache.layer_lengths == [150] * 2 + [75] * 4
-        for t in ids[150:250]:
-            diffs.append(np.abs(fused.decode(int(t)) - generic.decode(int(t))).max())
+        diffs += decode_diffs(fused, generic, ids[150:250])
         rows = fused.prefill(ids[250:], all_logits=True)  # (a filled cache: every token kept)
         assert rows.shape[0] == 50
         diffs.append(np.abs(rows - generic.prefill(ids[250:], all_logits=True)).max())
