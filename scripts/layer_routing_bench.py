@@ -1,7 +1,7 @@
 """layer_routing on a decoder (pycoder-v2), measured. Prints Markdown tables.
 
     flock /tmp/optc-bench.lock .venv/bin/python scripts/layer_routing_bench.py [--hf models/pycoder-v2]
-        [--onnx PATH] [--prompt 1984] [--windows 12] [--rounds 3]
+        [--onnx PATH] [--prompt 1984] [--windows 12] [--rounds 3] [--oracle K]
 
 Every row is a compiled artifact run by optc.runtime (ONNX Runtime CPU). Each held-out window
 (models/data/heldout_2k.jsonl) is a prompt plus the 64 tokens after it: the artifact prefills the
@@ -36,7 +36,12 @@ def main():
     ap.add_argument("--windows", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--timed", type=int, default=2, help="prompts whose decode is timed per setting and round")
+    ap.add_argument("--oracle", type=int, default=0, metavar="K",
+                    help="instead: the continuation perplexity of every fixed set of up to K skipped layers (what the "
+                         "best choice could reach; no timing)")
     args = ap.parse_args()
+    if args.oracle:
+        return oracle(args)
 
     from optc.compile import compile_model
     from optc.config import parse_config
@@ -112,6 +117,58 @@ def main():
             sets += f" (+{more} more sets)" if more > 0 else ""
             print(f"| {mode} | {k} | {ms[key]:.2f} | {ms['dense'] / ms[key]:.2f}x | {ms['generic'] / ms[key]:.2f}x | "
                   f"{ppl:.4f} | {ppl / ppl_ref - 1:+.2%} | {agree:.1%} | {sets} |")
+
+
+def oracle(args) -> None:
+    """Every fixed set of 1..K routable layers skipped at decode (an artifact with max_skip K whose
+    choice after the prompt is overridden): the bound on what any routing score could reach."""
+    import itertools
+
+    from optc.compile import compile_model
+    from optc.config import parse_config
+    from optc.data import DATA_DIR, read_texts
+    from optc.export import export_decoder
+    from optc.registry import default_registry
+    from optc.runtime import load
+    from optc.verify import token_windows
+
+    registry = default_registry()
+    quiet = lambda *_: None  # noqa: E731
+    with tempfile.TemporaryDirectory(prefix="optc-lr-oracle-") as tmp:
+        tmp = Path(tmp)
+        onnx_path = args.onnx or export_decoder(args.hf, tmp / "export" / "model.onnx", log=quiet)
+        compile_model(onnx_path, tmp / "dense", config=parse_config({"passes": []}, registry), verify=False, log=quiet)
+        compile_model(onnx_path, tmp / "routed", verify=False, log=quiet, config=parse_config(
+            {"passes": [{"name": "layer_routing", "max_skip": args.oracle}]}, registry))
+        dense, routed = load(tmp / "dense"), load(tmp / "routed")
+        windows = token_windows(dense.tokenizer, read_texts(DATA_DIR / "heldout_2k.jsonl"),
+                                dense.config.get("bos_token_id"), count=args.windows, length=args.prompt + CONTINUATION)
+        targets = [w[args.prompt:] for w in windows]
+
+        def ppl(model):
+            nll = np.concatenate([_nll(continuation_rows(model, w), t) for w, t in zip(windows, targets)])
+            return float(np.exp(nll.mean()))
+
+        ref = ppl(dense)
+        forced: list[int] = []
+
+        def route(_change):  # the set under test, whatever the prompt measured
+            routed.skipped_layers = list(forced)
+            routed.layers_run[:] = True
+            routed.layers_run[forced] = False
+
+        routed._route = route
+        layers = routed.routing.layers
+        print(f"{args.hf.name}: continuation perplexity over {len(windows)} windows of {args.prompt} + "
+              f"{CONTINUATION} tokens with a fixed set of layers skipped at decode; dense {ref:.4f}")
+        print()
+        print("| layers skipped | continuation ppl | Δppl |")
+        print("|---|---|---|")
+        for k in range(1, args.oracle + 1):
+            for skip in itertools.combinations(layers, k):
+                forced[:] = skip
+                p = ppl(routed)
+                print(f"| {list(skip)} | {p:.4f} | {p / ref - 1:+.2%} |", flush=True)
 
 
 if __name__ == "__main__":
