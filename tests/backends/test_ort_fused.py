@@ -216,6 +216,10 @@ def test_positions_past_the_rotary_tables_are_refused(fused_artifact):
     (lambda k: k.update(seqlens_input="nope"), "'nope' is not an input"),
     (lambda k: k.update(extra=1), "kv_in_place.extra: unknown key"),
     (lambda k: k.update(attention_bias_input="x"), "attention_bias_input and rotary_inv_freq"),
+    (lambda k: k.update(attention_bias_input="x", rotary_inv_freq=[0.5], pruned_past_input="y"),
+     "pruned_past_input (token_dropping) and attention_bias_input (sink_window) do not go together"),
+    (lambda k: k.update(pruned_past_input="optc.gqa.pruned_past_length"), "'optc.gqa.pruned_past_length' is not an "
+                                                                          "input"),
 ])
 def test_an_edited_kv_in_place_section_is_refused(edit, needle, fused_artifact):
     import re
@@ -227,3 +231,16 @@ def test_an_edited_kv_in_place_section_is_refused(edit, needle, fused_artifact):
     edit(manifest["backend"]["kv_in_place"])
     with pytest.raises(ArtifactError, match=re.escape(needle)):
         Model(fused_artifact, manifest)  # the contract, not the file hashes, is what is tested here
+
+
+def test_pruned_layers_without_their_length_input_are_refused(fused_artifact):
+    """A manifest that says token_dropping pruned the later layers, on a fused graph that gives
+    them no length of their own, was edited: one line, before anything runs."""
+    from optc.runtime.artifact import ArtifactError
+    from optc.runtime.model import Model
+
+    manifest = json.loads((fused_artifact / "manifest.json").read_text())
+    manifest["kv_cache"]["pruned_from_layer"] = 2
+    with pytest.raises(ArtifactError, match="pruned layers with the pruned-length input") as e:
+        Model(fused_artifact, manifest)
+    assert "\n" not in str(e.value)
