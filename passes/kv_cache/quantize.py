@@ -20,6 +20,7 @@ from optc.config import PassOptions, no_float
 from optc.passes.base import (CACHE_QUANTIZED, EVICTS_SINGLE_TOKENS, KEY_GROUPS_SPAN_TOKENS, MODEL_DECODER, Contract,
                               OptcPass, PassConfigError)
 from optc.passes.rules.builders import const
+from optc.passes.rules.layers import dequantized_name
 from optc.runtime.manifest import (KEY_QUANT_PER_CHANNEL, KV_KINDS, LAYOUT_KIVI, KiviSpec,
                                    kivi_input, past_name)
 
@@ -133,7 +134,7 @@ def dequant_subgraph(graph, base, per_channel, H, D, bits, group, channel_group,
         y = t.op("Add", [y, t.op("Unsqueeze", [t.op("Cast", [zero], {"to": ir.DataType.FLOAT}), expand_axis])])
     deq = t.op("Reshape", [y, const(t, np.array([0, 0, -1, D], np.int64))])
     full = t.op("Concat", [deq, residual], {"axis": 2})
-    full.name = f"{base}.dequantized"
+    full.name = dequantized_name(base)
     for i, node in enumerate(t.nodes):
         node.name = f"{base}/kv_dequant/{i}"
     graph.extend(t.nodes)

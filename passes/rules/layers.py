@@ -16,6 +16,21 @@ from optc.passes.rules.builders import ints, name_nodes
 _TO_RESIDUAL = ("Transpose", "Reshape", "MatMul", "Cast")
 
 
+def dequantized_name(past: str) -> str:
+    """The value kv_quantize computes a layer's float cache as, in place of the `past` input."""
+    return f"{past}.dequantized"
+
+
+def cache_value(graph: ir.Graph, past: str) -> ir.Value | None:
+    """A layer's cached keys or values as the graph reads them: the `past` input, or after
+    kv_quantize its dequantisation (so a pass finds the cache in either order); None if neither."""
+    for v in graph.inputs:
+        if v.name == past:
+            return v
+    name = dequantized_name(past)
+    return next((o for node in graph for o in node.outputs if o.name == name), None)
+
+
 def is_weight(v: ir.Value | None) -> bool:
     """A value fixed at compile time: an initializer, a constant, or a Constant node's output."""
     return v is not None and (v.const_value is not None or v.is_initializer()

@@ -8,7 +8,7 @@ import onnx_ir as ir
 from pydantic import Field, StrictFloat, StrictInt, field_validator, model_serializer, model_validator
 
 from optc.config import PassOptions
-from optc.passes.base import (CACHE_POLICY, CACHE_QUANTIZED, MODEL_DECODER, MODEL_ENCODER, MODEL_POSITION_IDS,
+from optc.passes.base import (CACHE_POLICY, MODEL_DECODER, MODEL_ENCODER, MODEL_POSITION_IDS,
                               SPARSE_PREFILL, TOKENS_DROPPED, Contract, OptcPass, PassConfigError)
 from optc.passes.token_dropping.encoder import rewrite_encoder
 from optc.passes.token_dropping.prefill import rewrite_prefill
@@ -104,14 +104,13 @@ class TokenDropping(OptcPass):
     def contract(cls, options) -> Contract:
         if getattr(options, "mode", None) == "encoder":  # (`optc passes` asks without a mode: prefill's)
             return Contract(requires=frozenset({MODEL_ENCODER}), ensures=frozenset({TOKENS_DROPPED}))
-        # the runtime keeps per-layer cache lengths for a plain float cache; its policies and the
-        # KIVI store keep one length for every layer
+        # the runtime keeps per-layer cache lengths for the float and the KIVI cache (each layer's
+        # store and residual are its own, kv_quantize's dequantisation gives each layer's length);
+        # its policies evict over one length for every layer
         return Contract(requires=frozenset({MODEL_DECODER, MODEL_POSITION_IDS}), ensures=frozenset({TOKENS_DROPPED}),
                         conflicts={CACHE_POLICY: "token_dropping's later layers cache only the kept prompt tokens, "
                                                  "and the runtime's cache policies (sink_window, H2O) evict over one "
                                                  "cache length for every layer",
-                                   CACHE_QUANTIZED: "token_dropping's later layers cache only the kept prompt tokens, "
-                                                    "and the KIVI cache stores one length for every layer",
                                    SPARSE_PREFILL: "both rewrite prefill attention (token_dropping drops the tokens "
                                                    "block_sparse would select blocks of)"})
 

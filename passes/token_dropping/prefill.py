@@ -32,7 +32,8 @@ from onnx_ir import tape
 
 from optc.passes.base import PassConfigError
 from optc.passes.rules.builders import clone_cone, const, ints, name_nodes
-from optc.passes.rules.layers import attention_nodes, downstream, is_weight, reshape_rows_to, residual_input
+from optc.passes.rules.layers import (attention_nodes, cache_value, downstream, is_weight, reshape_rows_to,
+                                      residual_input)
 from optc.runtime.manifest import POSITION_IDS, past_name
 
 BIG = np.float32(1e30)
@@ -72,7 +73,7 @@ def rewrite_prefill(model: ir.Model, info, *, keep: float | int, start_layer: in
     if h is None or h.producer() is None:
         raise PassConfigError(None, f"layer {start_layer}: no residual hidden state found before its attention "
                                     f"(a pre-norm decoder layer: h + o_proj(Attention(...)))")
-    past_k = inputs.get(past_name(start_layer, "key"))
+    past_k = cache_value(graph, past_name(start_layer, "key"))  # (a graph input, or kv_quantize's dequantisation)
     if past_k is None:
         raise PassConfigError(None, f"no {past_name(start_layer, 'key')} graph input")
 
@@ -190,6 +191,7 @@ def rewrite_prefill(model: ir.Model, info, *, keep: float | int, start_layer: in
     new_nodes |= reshape_rows_to(graph, region, in_region, k, prefix)
     # anything else in the later layers that reads a value computed over all the step's tokens
     late_past = {past_name(i, kind) for i in range(start_layer, n_layers) for kind in ("key", "value")}
+    late_cache = {cache_value(graph, name) for name in late_past} - {None}
     reads: dict = {}
     for node in region:
         if node.op_type == "Reshape" or node in new_nodes:
@@ -199,7 +201,7 @@ def rewrite_prefill(model: ir.Model, info, *, keep: float | int, start_layer: in
                 continue
             if x.producer() is not None and x.producer() in new_nodes:
                 continue
-            if x.is_graph_input() and x.name in late_past:
+            if x in late_cache:  # a later layer's own cache
                 continue
             if x.shape is not None and len(x.shape) == 0:
                 continue  # a computed scalar
@@ -208,14 +210,15 @@ def rewrite_prefill(model: ir.Model, info, *, keep: float | int, start_layer: in
     # the early layers (and the mask they share) must not read a later layer's cache length (a
     # dynamo export takes the past length from layer 1's keys): read layer 0's, which holds every token
     for name in sorted(late_past):
-        for use in list(inputs[name].uses()) if name in inputs else []:
+        cache = cache_value(graph, name)
+        for use in list(cache.uses()) if cache is not None else []:
             if use.node in region or use.node in new_nodes:
                 continue
             if use.node.op_type != "Shape":
                 raise PassConfigError(None, f"node {use.node.name!r} before layer {start_layer} reads {name!r}; mode "
                                             f"prefill cannot rewrite it")
             kind = "key" if name.endswith(".key") else "value"
-            use.node.replace_input_with(use.idx, inputs[past_name(0, kind)])
+            use.node.replace_input_with(use.idx, cache_value(graph, past_name(0, kind)))
     outputs = set(graph.outputs)
     for nd in region:
         for v in nd.outputs:

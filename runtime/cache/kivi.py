@@ -79,6 +79,12 @@ class QuantizedKVCache:
     def length(self) -> int:
         return self.q[(0, "key")].length + self.res[(0, "key")].shape[2]
 
+    @property
+    def layer_lengths(self) -> list[int]:
+        """Tokens cached per layer (stored groups + residual): all equal, except after a prefill
+        that dropped prompt tokens from some layer on (token_dropping mode prefill)."""
+        return [self.q[(i, "key")].length + self.res[(i, "key")].shape[2] for i in range(self.n_layers)]
+
     def _store(self, layer: int, kind: str, x: np.ndarray) -> None:
         """Quantise one group of `group` tokens [1, H, G, D] into the store."""
         if kind == "key" and self.per_channel_keys:  # per channel: statistics over the group's tokens

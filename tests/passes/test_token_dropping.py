@@ -71,7 +71,6 @@ def test_cli_lists_every_option(capsys):
 @pytest.mark.parametrize("other, why", [
     ({"name": "sink_window"}, "cache policies"),
     ({"name": "h2o_eviction", "ratio": 0.5}, "cache policies"),
-    ({"name": "kv_quantize", "bits": 8}, "KIVI cache"),
     ({"name": "block_sparse"}, "both rewrite prefill attention"),
     ({"name": "token_dropping", "mode": "prefill", "start_layer": 3}, "both drop tokens"),
 ])
@@ -338,6 +337,30 @@ def test_prefill_dropping_on_the_fused_path_equals_the_generic_graph(exported_de
         diffs.append(np.abs(rows - generic.prefill(ids[250:], all_logits=True)).max())
         assert max(diffs) <= 1e-4, max(diffs)
         assert fused.cache.layer_lengths == generic.cache.layer_lengths == [300] * 2 + [225] * 4
+
+
+@pytest.mark.slow
+def test_prefill_dropping_composes_with_the_kivi_cache_in_either_order(exported_decoder, tmp_path):
+    """token_dropping + kv_quantize (int8 KIVI): the same artifact behaviour whichever pass runs
+    first (token_dropping finds the cache as kv_quantize's dequantisation), the KIVI store keeps a
+    length per layer, and with keep 1.0 the pair is exactly kv_quantize alone."""
+    from optc.runtime.cache.kivi import QuantizedKVCache
+
+    kv = {"name": "kv_quantize", "bits": 8, "residual": 16, "group_size": 16}
+    td = {"name": "token_dropping", "mode": "prefill", "start_layer": 2}
+    first = compile_with(exported_decoder, tmp_path / "td_first", [{**td, "keep": 0.5}, kv])
+    second = compile_with(exported_decoder, tmp_path / "kv_first", [kv, {**td, "keep": 0.5}])
+    ids = token_ids(300, seed=3)
+    diffs = [np.abs(first.prefill(ids[:150]) - second.prefill(ids[:150])).max()]
+    diffs += decode_diffs(first, second, ids[150:])
+    assert max(diffs) <= 1e-5, max(diffs)
+    assert isinstance(first.cache, QuantizedKVCache)
+    assert first.cache.layer_lengths == second.cache.layer_lengths == [300] * 2 + [225] * 4
+    alone = compile_with(exported_decoder, tmp_path / "kv", [kv])
+    keep_all = compile_with(exported_decoder, tmp_path / "keep1", [kv, {**td, "keep": 1.0}])
+    diffs = [np.abs(keep_all.prefill(ids[:150]) - alone.prefill(ids[:150])).max()]
+    diffs += decode_diffs(keep_all, alone, ids[150:200])
+    assert max(diffs) <= 1e-5, max(diffs)
 
 
 @pytest.mark.slow
