@@ -401,13 +401,14 @@ class _PrunedLayers:
         self.start = start
         self.past = ir.Value(name=PRUNED_PAST_INPUT, shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT64))
         model.graph.inputs.append(self.past)
-        self.lengths: tuple[ir.Value, ir.Value] | None = None  # (seqlens_k [1], total) as int32
+        # (seqlens_k [1], total) as int32, per scope: the main graph, or a routed layer's If branch
+        self.lengths: dict[int, tuple[ir.Value, ir.Value]] = {}
         self.count = 0
 
     def _lengths(self, graph: ir.Graph, q3: ir.Value, before: ir.Node) -> tuple[ir.Value, ir.Value]:
-        if self.lengths is None:
-            one = ir.Value(name="optc.gqa.pruned.one", const_value=ir.tensor(np.array([1], np.int64)))
-            graph.register_initializer(one)
+        scope = id(before.graph)
+        if scope not in self.lengths:
+            one = _const(graph, "optc.gqa.pruned.one", [1])
             new = ir.node("Shape", [q3], attributes={"start": 1, "end": 2})  # this step's kept tokens
             total = ir.node("Add", [self.past, new.outputs[0]])
             seqlens = ir.node("Cast", [ir.node("Sub", [total.outputs[0], one]).outputs[0]],
@@ -416,10 +417,10 @@ class _PrunedLayers:
                               attributes={"to": ir.DataType.INT32})
             nodes = [new, total, seqlens.inputs[0].producer(), seqlens, total32.inputs[0].producer(), total32]
             for j, node in enumerate(nodes):
-                node.outputs[0].name = f"optc.gqa.pruned.lengths.{j}"
+                node.outputs[0].name = f"optc.gqa.pruned.lengths.{len(self.lengths)}.{j}"
             before.graph.insert_before(before, nodes)
-            self.lengths = (seqlens.outputs[0], total32.outputs[0])
-        return self.lengths
+            self.lengths[scope] = (seqlens.outputs[0], total32.outputs[0])
+        return self.lengths[scope]
 
     def lower(self, graph: ir.Graph, info, index: int, attn: ir.Node, catk: ir.Node, catv: ir.Node) -> None:
         q3, k3, v3 = (_to_bsh(graph, v, attn) for v in (attn.inputs[0], catk.inputs[1], catv.inputs[1]))

@@ -218,6 +218,8 @@ def passes():
                 console.print(f"    ensures: {facts(c.ensures)}", markup=False)
             if c.conflicts:
                 console.print(f"    not with a pass that ensures: {facts(c.conflicts)}", markup=False)
+            if c.precedes:
+                console.print(f"    before a pass that ensures: {facts(c.precedes)}", markup=False)
 
 
 @cli.group()

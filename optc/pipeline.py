@@ -115,8 +115,9 @@ def missing_fact_details(info, kind: str | None = None) -> dict[str, str]:
 
 def check_contracts(planned: list[PlannedPass], facts: set[str] | None = None,
                     details: dict[str, str] | None = None) -> None:
-    """Refuse, before anything runs, a pass whose requirements the model lacks and any two passes
-    that cannot be combined (in either order). `facts=None` skips the model check."""
+    """Refuse, before anything runs, a pass whose requirements the model lacks, any two passes
+    that cannot be combined (in either order), and two in an order one of them declares it cannot
+    run in (`Contract.precedes`). `facts=None` skips the model check."""
     if facts is not None:
         for p in planned:
             # the model's kind first: a decoder-only pass on an encoder is refused for that, not for
@@ -134,6 +135,11 @@ def check_contracts(planned: list[PlannedPass], facts: set[str] | None = None,
             raise OptcError(f"passes[{a.index}] ({a.config_name}): its {a.pass_class.name} and "
                             f"{b.pass_class.name} parts cannot be combined: {why}")
         raise OptcError(f"passes[{a.index}] ({a.label}) and passes[{b.index}] ({b.label}) cannot be combined: {why}")
+    for earlier, later in itertools.combinations(planned, 2):  # (pairs in config order)
+        whys = sorted(why for fact, why in later.contract.precedes.items() if fact in earlier.contract.ensures)
+        if whys:
+            raise OptcError(f"passes[{later.index}] ({later.label}) must come before passes[{earlier.index}] "
+                            f"({earlier.label}) in the config: {'; '.join(whys)}")
 
 
 def dump_ir(model: ir.Model, directory: Path, step: int, label: str) -> Path:

@@ -62,6 +62,9 @@ class Contract:
     requires: frozenset[str] = frozenset()          # model facts that must hold
     ensures: frozenset[str] = frozenset()           # facts this pass establishes
     conflicts: dict[str, str] = field(default_factory=dict)  # another pass's fact -> why not together
+    # another pass's fact -> why this pass must come before it in the config (the other's rewrite
+    # moves what this one rewrites out of its reach)
+    precedes: dict[str, str] = field(default_factory=dict)
     # the most tokens the KV cache will ever hold under this pass (sink_window: sinks + window)
     cache_bound: int | None = None
     # the pass does nothing until the cache holds this many tokens (KIVI stores a group only once

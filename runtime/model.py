@@ -240,8 +240,9 @@ class Model:
         return logits[0]
 
     def _pruned_length(self) -> int | None:
-        """token_dropping: tokens in the cache of the layers from pruned_from_layer on."""
-        return None if self.pruned_from_layer is None else self.cache.layer_lengths[self.pruned_from_layer]
+        """token_dropping: tokens in the cache of the layers from pruned_from_layer on (the last
+        layer's, which layer_routing never skips)."""
+        return None if self.pruned_from_layer is None else self.cache.layer_lengths[-1]
 
     def _pruned_rows(self, rows: int) -> tuple[int, int] | None:
         """cache.advance's `pruned`: (first pruned layer, rows its layers cached this step)."""

@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 
 from optc.config import PassOptions
 from optc.errors import OptcError
-from optc.passes.base import (CACHE_POLICY, CACHE_QUANTIZED, LAYERS_ROUTED, MODEL_DECODER, SPARSE_PREFILL, TOKENS_DROPPED,
+from optc.passes.base import (CACHE_POLICY, CACHE_QUANTIZED, LAYERS_ROUTED, MODEL_DECODER, SPARSE_PREFILL,
                               Contract, OptcPass, PassConfigError)
 from optc.passes.layer_routing.route import rewrite_routing
 from optc.runtime.manifest import LAYER_CHANGE_OUTPUT, LAYERS_RUN_INPUT, LayerRoutingSpec
@@ -49,9 +49,7 @@ class LayerRouting(OptcPass):
                         conflicts={CACHE_POLICY: one_length.format("cache policy (sink_window, H2O)"),
                                    CACHE_QUANTIZED: one_length.format("KIVI store"),
                                    SPARSE_PREFILL: "block_sparse wraps each layer's Attention in an If of its own, "
-                                                   "which layer_routing cannot move into its per-layer If yet",
-                                   TOKENS_DROPPED: "token_dropping's later layers read their cache length from layer "
-                                                   "start_layer's past, which a skipped layer stops extending"})
+                                                   "which layer_routing cannot move into its per-layer If yet"})
 
     @classmethod
     def declared_perplexity_budget(cls, options) -> float | None:

@@ -44,7 +44,12 @@ def rewrite_routing(model: ir.Model, info, *, routable: list[int], window: int) 
         return False
     n = info.n_layers
     attns = attention_nodes(graph, info)
+    # a layer's output is the next layer's residual input; where token_dropping (run before) gathers
+    # the kept tokens' hidden states between two layers (a GatherND on the residual stream), the
+    # earlier layer's output is what the gather reads
     hs = [residual_input(a) for a in attns]
+    hs = [h.producer().inputs[0] if h is not None and h.producer() is not None and h.producer().op_type == "GatherND"
+          else h for h in hs]
     for i in routable + [r + 1 for r in routable]:
         if hs[i] is None:
             raise PassConfigError(None, f"layer {i}: no residual hidden state found before its attention "
@@ -53,8 +58,10 @@ def rewrite_routing(model: ir.Model, info, *, routable: list[int], window: int) 
     run_in = ir.Value(name=LAYERS_RUN_INPUT, type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([n]))
     graph.inputs.append(run_in)
     # the shared mask reads the cache length from some layer's past (dynamo: layer 1's); a
-    # skipped layer's cache stops growing, layer 0 (never skipped) has every token
-    for i in range(1, n):
+    # skipped layer's cache stops growing, layer 0 (never skipped) has every token. (Only the
+    # routable layers' reads: token_dropping, run before, reads its later layers' length from the
+    # last layer, which is never skipped.)
+    for i in routable:
         for kind in ("key", "value"):
             v = inputs.get(past_name(i, kind))
             for use in list(v.uses()) if v is not None else []:

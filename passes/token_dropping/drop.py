@@ -8,7 +8,7 @@ import onnx_ir as ir
 from pydantic import Field, StrictFloat, StrictInt, field_validator, model_serializer, model_validator
 
 from optc.config import PassOptions
-from optc.passes.base import (CACHE_POLICY, MODEL_DECODER, MODEL_ENCODER, MODEL_POSITION_IDS,
+from optc.passes.base import (CACHE_POLICY, LAYERS_ROUTED, MODEL_DECODER, MODEL_ENCODER, MODEL_POSITION_IDS,
                               SPARSE_PREFILL, TOKENS_DROPPED, Contract, OptcPass, PassConfigError)
 from optc.passes.token_dropping.encoder import rewrite_encoder
 from optc.passes.token_dropping.prefill import rewrite_prefill
@@ -112,7 +112,9 @@ class TokenDropping(OptcPass):
                                                  "and the runtime's cache policies (sink_window, H2O) evict over one "
                                                  "cache length for every layer",
                                    SPARSE_PREFILL: "both rewrite prefill attention (token_dropping drops the tokens "
-                                                   "block_sparse would select blocks of)"})
+                                                   "block_sparse would select blocks of)"},
+                        precedes={LAYERS_ROUTED: "layer_routing moves each routable layer into an If, out of reach "
+                                                 "of token_dropping's rewrite of the later layers"})
 
     @classmethod
     def declared_perplexity_budget(cls, options) -> float | None:

@@ -73,9 +73,11 @@ def rewrite_prefill(model: ir.Model, info, *, keep: float | int, start_layer: in
     if h is None or h.producer() is None:
         raise PassConfigError(None, f"layer {start_layer}: no residual hidden state found before its attention "
                                     f"(a pre-norm decoder layer: h + o_proj(Attention(...)))")
-    past_k = cache_value(graph, past_name(start_layer, "key"))  # (a graph input, or kv_quantize's dequantisation)
+    # the later layers' cache length, read from the last layer's cache: layer_routing (which may
+    # come after, and stops a skipped layer's cache) never skips the last layer
+    past_k = cache_value(graph, past_name(n_layers - 1, "key"))  # (a graph input, or kv_quantize's dequantisation)
     if past_k is None:
-        raise PassConfigError(None, f"no {past_name(start_layer, 'key')} graph input")
+        raise PassConfigError(None, f"no {past_name(n_layers - 1, 'key')} graph input")
 
     heads, kv_heads, head_dim = info.num_heads, info.kv_heads, info.head_dim
     score_nodes: set[ir.Node] = set()

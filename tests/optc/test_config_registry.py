@@ -46,15 +46,20 @@ def test_passes_command_lists_options(capsys):
         header, *rest = blocks[entry.name]
         assert ("(lossy)" in header.split(entry.summary)[0]) == entry.lossy, header
         fields = {n: f for n, f in entry.options_model.model_fields.items() if not f.exclude}
-        listed = {ln.split(":")[0]: ln for ln in rest if not ln.startswith(("requires:", "ensures:", "not with"))}
+        listed = {ln.split(":")[0]: ln for ln in rest
+                  if not ln.startswith(("requires:", "ensures:", "not with", "before a pass"))}
         assert set(listed) == set(fields), entry.name
         for name, field in fields.items():
             default = "required" if field.is_required() else repr(field.default)
             assert f" = {default}" in listed[name], (entry.name, listed[name])
         if entry.pass_class is not None:
-            ensures = entry.pass_class.contract(entry.options_model.model_construct()).ensures
+            contract = entry.pass_class.contract(entry.options_model.model_construct())
+            ensures, precedes = contract.ensures, contract.precedes
             assert [ln for ln in rest if ln.startswith("ensures:")] == \
                 ([f"ensures: {', '.join(sorted(ensures))}"] if ensures else []), entry.name
+            assert [ln for ln in rest if ln.startswith("before a pass")] == \
+                ([f"before a pass that ensures: {', '.join(sorted(precedes))}"] if precedes else []), entry.name
+    assert "before a pass that ensures: layers.routed" in "\n".join(blocks["token_dropping"])
 
 
 class _Counter(OptcPass):

@@ -52,7 +52,6 @@ def test_listed_with_every_option(capsys):
     ({"name": "h2o_eviction", "ratio": 0.5}, "cache policy"),
     ({"name": "kv_quantize", "bits": 8}, "KIVI store"),
     ({"name": "block_sparse"}, "block_sparse wraps"),
-    ({"name": "token_dropping", "mode": "prefill"}, "token_dropping's later layers"),
 ])
 def test_refuses_what_the_runtime_cannot_combine(other, why):
     from optc.pipeline import check_contracts, plan
@@ -62,6 +61,19 @@ def test_refuses_what_the_runtime_cannot_combine(other, why):
         with pytest.raises(OptcError, match="cannot be combined: .*" + why) as e:
             check_contracts(plan(parse_config({"passes": passes}, REG), REG))
         assert "\n" not in str(e.value)
+
+
+def test_token_dropping_must_come_first():
+    """token_dropping then layer_routing composes; the other order is refused in one line that
+    says which must come first and why (a declared order, not a failure inside a pass)."""
+    from optc.pipeline import check_contracts, plan
+
+    td, lr = {"name": "token_dropping", "mode": "prefill"}, {"name": "layer_routing", "max_skip": 1}
+    check_contracts(plan(parse_config({"passes": [td, lr]}, REG), REG))
+    with pytest.raises(OptcError, match=r"passes\[1\] \(token_dropping\) must come before passes\[0\] "
+                                        r"\(layer_routing\) in the config: layer_routing moves") as e:
+        check_contracts(plan(parse_config({"passes": [lr, td]}, REG), REG))
+    assert "\n" not in str(e.value)
 
 
 # ------------------------------------------------------------------ pycoder-5m through the runtime (slow)
@@ -186,3 +198,26 @@ def test_static_mode_skips_the_calibrated_set(exported_decoder, tmp_path):
         model.reset()
         model.prefill(token_ids(50, seed))
         assert model.skipped_layers == static
+
+
+@pytest.mark.slow
+def test_routing_composes_with_prompt_dropping(exported_decoder, tmp_path):
+    """token_dropping (keep 0.5 from layer 2) then layer_routing (max_skip 2), on the fused path and
+    the generic graph: the same layers skipped and logits (1e-4); a skipped layer stops at the
+    prompt's length in its group (the whole prompt before layer 2, the kept tokens from it on)."""
+    passes = [{"name": "token_dropping", "mode": "prefill", "keep": 0.5, "start_layer": 2},
+              {"name": "layer_routing", "max_skip": 2}]
+    fused, generic = fused_and_generic(exported_decoder, tmp_path, passes)
+    assert fused.manifest["backend"]["kv_in_place"]["pruned_past_input"]
+    for seed in range(3):
+        ids = token_ids(300, seed)
+        fused.reset()
+        generic.reset()
+        diffs = [np.abs(fused.prefill(ids[:150]) - generic.prefill(ids[:150])).max()]
+        assert fused.skipped_layers == generic.skipped_layers and len(fused.skipped_layers) == 2
+        diffs += decode_diffs(fused, generic, ids[150:])
+        assert max(diffs) <= 1e-4, max(diffs)
+        lengths = fused.cache.layer_lengths
+        assert lengths == generic.cache.layer_lengths
+        want = [(150 if i < 2 else 75) if i in fused.skipped_layers else (300 if i < 2 else 225) for i in range(6)]
+        assert lengths == want, (lengths, fused.skipped_layers)
