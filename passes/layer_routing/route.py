@@ -23,7 +23,7 @@ from onnx_ir import tape
 
 from optc.passes.base import PassConfigError
 from optc.passes.rules.builders import const, ints, name_nodes
-from optc.passes.rules.layers import attention_nodes, downstream, residual_input
+from optc.passes.rules.layers import attention_nodes, cache_value, downstream, residual_input
 from optc.runtime.manifest import LAYER_CHANGE_OUTPUT, LAYERS_RUN_INPUT, past_name, present_name
 
 
@@ -54,7 +54,9 @@ def rewrite_routing(model: ir.Model, info, *, routable: list[int], window: int) 
         if hs[i] is None:
             raise PassConfigError(None, f"layer {i}: no residual hidden state found before its attention "
                                         f"(a pre-norm decoder layer: h + o_proj(Attention(...)))")
-    inputs = {v.name: v for v in graph.inputs}
+    # each layer's cache as the graph reads it: the past input, or kv_quantize's dequantisation
+    # of it (either pass may come first)
+    cache = {(i, kind): cache_value(graph, past_name(i, kind)) for i in range(n) for kind in ("key", "value")}
     run_in = ir.Value(name=LAYERS_RUN_INPUT, type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([n]))
     graph.inputs.append(run_in)
     # the shared mask reads the cache length from some layer's past (dynamo: layer 1's); a
@@ -63,10 +65,10 @@ def rewrite_routing(model: ir.Model, info, *, routable: list[int], window: int) 
     # last layer, which is never skipped.)
     for i in routable:
         for kind in ("key", "value"):
-            v = inputs.get(past_name(i, kind))
+            v = cache[(i, kind)]
             for use in list(v.uses()) if v is not None else []:
                 if use.node.op_type == "Shape":
-                    use.node.replace_input_with(use.idx, inputs[past_name(0, kind)])
+                    use.node.replace_input_with(use.idx, cache[(0, kind)])
     outputs = {v.name: v for v in graph.outputs}
     changes, measure_nodes = [], []
     for i in routable:
@@ -89,7 +91,9 @@ def rewrite_routing(model: ir.Model, info, *, routable: list[int], window: int) 
                     raise PassConfigError(None, f"layer {i}: {v.name!r} is computed in the layer and read outside it; "
                                                 f"layer_routing cannot wrap the layer")
         # the else branch: the layer as if it were not there
-        past_k, past_v = inputs[past_name(i, "key")], inputs[past_name(i, "value")]
+        past_k, past_v = cache[(i, "key")], cache[(i, "value")]
+        if past_k is None or past_v is None:
+            raise PassConfigError(None, f"layer {i}: no past keys/values input (or kv_quantize's dequantisation)")
         te = tape.Tape()
         i64 = lambda *xs: ints(te, *xs)  # noqa: E731
         skip_outs = [te.op("Identity", [h_in]),

@@ -50,7 +50,6 @@ def test_listed_with_every_option(capsys):
 @pytest.mark.parametrize("other, why", [
     ({"name": "sink_window"}, "cache policy"),
     ({"name": "h2o_eviction", "ratio": 0.5}, "cache policy"),
-    ({"name": "kv_quantize", "bits": 8}, "KIVI store"),
     ({"name": "block_sparse"}, "block_sparse wraps"),
 ])
 def test_refuses_what_the_runtime_cannot_combine(other, why):
@@ -221,3 +220,36 @@ def test_routing_composes_with_prompt_dropping(exported_decoder, tmp_path):
         assert lengths == generic.cache.layer_lengths
         want = [(150 if i < 2 else 75) if i in fused.skipped_layers else (300 if i < 2 else 225) for i in range(6)]
         assert lengths == want, (lengths, fused.skipped_layers)
+
+
+@pytest.mark.slow
+def test_routing_composes_with_the_kivi_cache_and_prompt_dropping(exported_decoder, tmp_path):
+    """layer_routing with kv_quantize (int8 KIVI) in either order, and token_dropping + layer_routing
+    + kv_quantize (the three that compose): the same logits whichever of the free orders; with
+    max_skip 0 exactly kv_quantize alone; near the float cache's routing (int8 error); the KIVI
+    store keeps a skipped layer's length at the prompt's."""
+    kv = {"name": "kv_quantize", "bits": 8, "residual": 16, "group_size": 16}
+    lr = {"name": "layer_routing", "max_skip": 2}
+    td = {"name": "token_dropping", "mode": "prefill", "keep": 0.5, "start_layer": 2}
+    models = {name: compile_with(exported_decoder, tmp_path / name, passes) for name, passes in {
+        "lr_kv": [lr, kv], "kv_lr": [kv, lr], "lr": [lr], "kv": [kv],
+        "lr0_kv": [{**lr, "max_skip": 0}, kv], "td_lr_kv": [td, lr, kv], "kv_td_lr": [kv, td, lr]}.items()}
+    ids = token_ids(300, seed=4)
+
+    def diff(a, b):
+        a, b = models[a], models[b]
+        a.reset()
+        b.reset()
+        diffs = [np.abs(a.prefill(ids[:150]) - b.prefill(ids[:150])).max()]
+        return max(diffs + decode_diffs(a, b, ids[150:]))
+
+    assert diff("lr_kv", "kv_lr") <= 1e-5
+    assert diff("lr0_kv", "kv") <= 1e-5
+    assert diff("lr_kv", "lr") < 0.1  # int8 KV's error, the same layers skipped
+    assert models["lr_kv"].skipped_layers == models["lr"].skipped_layers
+    skipped = models["lr_kv"].skipped_layers
+    assert models["lr_kv"].cache.layer_lengths == [150 if i in skipped else 300 for i in range(6)]
+    assert diff("td_lr_kv", "kv_td_lr") <= 1e-5
+    skipped = models["td_lr_kv"].skipped_layers
+    assert models["td_lr_kv"].cache.layer_lengths == [
+        (150 if i < 2 else 75) if i in skipped else (300 if i < 2 else 225) for i in range(6)]
