@@ -55,6 +55,11 @@ MODEL_FACTS_TEXT = {
 }
 
 
+# why a weight rewrite must run before layer_routing (Contract.precedes)
+ROUTED_MATMULS = ("layer_routing moves each routable layer's MatMuls into an If branch, out of reach of a weight "
+                  "rewrite of the main graph and of its calibration")
+
+
 @dataclass(frozen=True)
 class Contract:
     """A pass's declared requirements and guarantees, for one set of options."""

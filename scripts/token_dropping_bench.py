@@ -16,8 +16,8 @@ on the same windows.
     .venv/bin/python scripts/token_dropping_bench.py --mode prefill [--hf models/pycoder-v2]
         [--prompt 1984] [--windows 24] [--rounds 3] [--pipeline]
 
-`--pipeline`: token_dropping, int8 KV and int4 weights, each alone and composed, in one table
-(TTFT, decode, KV bytes, continuation perplexity).
+`--pipeline`: token_dropping, layer_routing, int8 KV and int4 weights, each alone and composed,
+in one table (TTFT, decode, KV bytes, continuation perplexity).
 
 Texts: pydoc_data topics of the Python standard library (English prose), each split into two
 halves of up to 192 tokens; retrieval: each first half queries all second halves (cosine), and
@@ -305,12 +305,17 @@ def main_prefill(args):
 TD = {"name": "token_dropping", "mode": "prefill", "keep": 0.5, "start_layer": 2}
 KV8 = {"name": "kv_quantize", "bits": 8}
 W4 = {"name": "weight_quant", "bits": 4, "block_size": 32, "method": "awq", "clip": True}
+LR1 = {"name": "layer_routing", "max_skip": 1}
 PIPELINE = [
     ("token_dropping keep 0.5 from layer 2", [TD]),
+    ("layer_routing max_skip 1", [LR1]),
     ("int8 KV (KIVI, G=64, residual 32)", [KV8]),
     ("int4 weights (AWQ + clip, block 32)", [W4]),
     ("token_dropping + int8 KV", [TD, KV8]),
-    ("token_dropping + int8 KV + int4 weights", [TD, KV8, W4]),
+    ("token_dropping + layer_routing", [TD, LR1]),
+    ("token_dropping + layer_routing + int8 KV", [TD, LR1, KV8]),
+    # (weight rewrites and token_dropping come before layer_routing: Contract.precedes)
+    ("int4 weights + token_dropping + layer_routing + int8 KV", [W4, TD, LR1, KV8]),
 ]
 
 

@@ -57,7 +57,7 @@ from pydantic import Field, field_validator, model_validator
 from optc.calibration import CalibrationOptions
 from optc.config import PassOptions, no_float
 from optc.errors import OptcError
-from optc.passes.base import Contract, OptcPass, PassConfigError
+from optc.passes.base import LAYERS_ROUTED, ROUTED_MATMULS, Contract, OptcPass, PassConfigError
 from optc.passes.quant.weight_quant import (WEIGHTS_QUANTIZED, _constant_weight, _rank_ok,
                                              apply_skip, check_skip_patterns)
 from optc.passes.rules.builders import replace_keeping_output
@@ -179,7 +179,8 @@ class OutlierSplit(OptcPass):
     @classmethod
     def contract(cls, options: OutlierSplitOptions) -> Contract:
         return Contract(ensures=frozenset({OUTLIER_SPLIT}),
-                        conflicts={WEIGHTS_QUANTIZED: "both quantise the MatMul weights"})
+                        conflicts={WEIGHTS_QUANTIZED: "both quantise the MatMul weights"},
+                        precedes={LAYERS_ROUTED: ROUTED_MATMULS})
 
     @classmethod
     def declared_perplexity_budget(cls, options: OutlierSplitOptions) -> float | None:

@@ -38,7 +38,7 @@ from pydantic import Field, field_validator, model_serializer, model_validator
 from optc.calibration import CalibrationOptions
 from optc.config import PassOptions, no_float
 from optc.errors import OptcError
-from optc.passes.base import Contract, OptcPass, PassConfigError
+from optc.passes.base import LAYERS_ROUTED, ROUTED_MATMULS, Contract, OptcPass, PassConfigError
 from optc.passes.quant.awq import DEFAULT_ALPHAS, clip_to
 from optc.passes.quant.blockwise import quantize_blockwise
 from optc.passes.rules.builders import replace_keeping_output
@@ -154,7 +154,7 @@ class WeightQuant(OptcPass):
 
     @classmethod
     def contract(cls, options: WeightQuantOptions) -> Contract:
-        return Contract(ensures=frozenset({WEIGHTS_QUANTIZED}))
+        return Contract(ensures=frozenset({WEIGHTS_QUANTIZED}), precedes={LAYERS_ROUTED: ROUTED_MATMULS})
 
     @classmethod
     def declared_perplexity_budget(cls, options: WeightQuantOptions) -> float | None:

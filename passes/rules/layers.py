@@ -13,7 +13,8 @@ from optc.passes.base import PassConfigError
 from optc.passes.rules.builders import ints, name_nodes
 
 # ops between an Attention output and the residual Add of a pre-norm layer
-_TO_RESIDUAL = ("Transpose", "Reshape", "MatMul", "Cast")
+# (MatMulNBits: o_proj after weight_quant, which may run first)
+_TO_RESIDUAL = ("Transpose", "Reshape", "MatMul", "MatMulNBits", "Cast")
 
 
 def dequantized_name(past: str) -> str:
@@ -77,7 +78,8 @@ def residual_input(attn: ir.Node) -> ir.Value | None:
                 return other
             v = node.outputs[0]  # a bias
             continue
-        if node.op_type not in _TO_RESIDUAL or (node.op_type == "MatMul" and not is_weight(node.inputs[1])):
+        if node.op_type not in _TO_RESIDUAL or (node.op_type in ("MatMul", "MatMulNBits")
+                                                and not is_weight(node.inputs[1])):
             return None
         v = node.outputs[0]
     return None

@@ -193,3 +193,35 @@ def test_awq_after_a_pass_that_adds_inputs_is_one_line(tmp_path, exported_decode
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert "calibration: cannot feed graph input 'optc.key_position_ids'" in err
     assert "run this pass before passes that add inputs" in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_weight_quant_comes_before_layer_routing(tmp_path, exported_decoder):
+    """After layer_routing a routable layer's MatMuls sit in an If branch, out of reach of the
+    weight rewrite and of awq's calibration: that order is refused in one line; the other
+    compiles, quantises every MatMul, and routes (o_proj as MatMulNBits on the residual path)."""
+    import onnx
+
+    from compile_helpers import compile_with, token_ids
+    from optc.errors import OptcError
+    from optc.pipeline import check_contracts, plan
+    from optc.registry import default_registry
+
+    reg = default_registry()
+    awq = {"name": "weight_quant", "bits": 4, "method": "awq", "alphas": [0.25, 0.5],
+           "calibration": {"samples": 2, "length": 32}}
+    lr = {"name": "layer_routing", "max_skip": 1}
+    for wq in (awq, {"name": "outlier_split"}):
+        with pytest.raises(OptcError, match=r"passes\[1\] \((weight_quant|outlier_split)\) must come before passes"
+                                            r"\[0\] \(layer_routing\) in the config: layer_routing moves") as e:
+            check_contracts(plan(parse_config({"passes": [lr, wq]}, reg), reg))
+        assert "\n" not in str(e.value)
+    model = compile_with(exported_decoder, tmp_path / "a", [awq, lr])
+    graph = onnx.load(str(tmp_path / "a" / "model.onnx"), load_external_data=False).graph
+
+    def ops(g):
+        return [n.op_type for n in g.node] + [o for n in g.node for a in n.attribute if a.g.node for o in ops(a.g)]
+
+    assert "MatMul" not in ops(graph) and ops(graph).count("MatMulNBits") == 31
+    model.prefill(token_ids(100, seed=2))
+    assert len(model.skipped_layers) == 1
