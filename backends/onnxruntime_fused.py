@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from optc.errors import OptcError
 from optc.ir import take_over
 from optc.runtime.manifest import (ATTENTION_MASK, KEY_POSITION_IDS, LAYERS_RUN_INPUT, POLICY_SINK_WINDOW,
                                    POSITION_IDS, PRUNED_FROM_LAYER, is_attention_output, past_name, present_name)
@@ -403,7 +404,6 @@ class _PrunedLayers:
         model.graph.inputs.append(self.past)
         # (seqlens_k [1], total) as int32, per scope: the main graph, or a routed layer's If branch
         self.lengths: dict[int, tuple[ir.Value, ir.Value]] = {}
-        self.count = 0
 
     def _lengths(self, graph: ir.Graph, q3: ir.Value, before: ir.Node) -> tuple[ir.Value, ir.Value]:
         scope = id(before.graph)
@@ -432,7 +432,6 @@ class _PrunedLayers:
                       domain="com.microsoft", num_outputs=3, name=f"optc_gqa_{index}")
         attn.graph.insert_before(attn, gqa)
         _replace_attention(graph, info, index, attn, catk, catv, gqa)
-        self.count += 1
 
     def finish(self, graph: ir.Graph, n_layers: int) -> None:
         """The pruned layers' cache read other than by their GQA: a Shape of the cached tokens reads
@@ -474,8 +473,9 @@ def _check_cache_reads(graph: ir.Graph) -> None:
                         continue
                 elif node.op_type in (FUSED_OP, "Slice", "If", "Identity"):
                     continue
-                raise ValueError(f"the fused lowering left {node.op_type} node {node.name!r} reading the cached "
-                                 f"tokens of the buffer {v.name!r}")
+                raise OptcError(f"onnxruntime: the fused lowering left {node.op_type} node {node.name!r} reading "
+                                f"the cached tokens of the buffer {v.name!r} (an optc bug: compile with "
+                                f"--no-fused-attention, and report it)")
 
 
 def lower(model: ir.Model, info, context: int | None, log=print, kv_cache: dict | None = None) -> dict:
