@@ -1,5 +1,5 @@
-"""Peer benchmark: optc's ONNX Runtime artifacts against onnxruntime-genai on the same model, the
-same ONNX Runtime, the same prompts and threads, in one run.
+"""Peer benchmark: optc's ONNX Runtime artifacts against onnxruntime-genai (the same ONNX Runtime) and
+llama.cpp on the same model, the same prompts (token ids) and threads, in one run.
 
     python3 -m venv .venv-genai
     .venv-genai/bin/pip install torch==2.13.0 transformers==5.23.0 onnx onnx-ir onnxscript \
@@ -23,11 +23,39 @@ its weights stay in the CPU's caches, which run-by-run turns evict. Perplexity i
 over held-out windows (models/data/heldout.jsonl) in one prefill per window, the same windows for
 every engine. Timings on a shared machine move; compare engines within one run.
 
+llama.cpp is the third peer (optional, benchmark-only, its own venv; `--no-llamacpp` leaves it out,
+and without the venv the run goes on without it, saying so). llama-cpp-python builds llama.cpp from
+source (CPU only; about 10 minutes on 2 cores); its sdist carries llama.cpp's HF -> GGUF converter,
+which is unpacked beside it (`--llamacpp-python`, `--llamacpp-convert`):
+
+    python3 -m venv .venv-llamacpp
+    CMAKE_ARGS="-DGGML_NATIVE=ON" .venv-llamacpp/bin/pip install llama-cpp-python==0.3.36 \
+        torch==2.13.0 transformers==5.23.0 sentencepiece
+    .venv-llamacpp/bin/pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36 -d /tmp/lcp
+    tar xzf /tmp/lcp/llama_cpp_python-0.3.36.tar.gz -C .venv-llamacpp --strip-components=2 \
+        llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py \
+        llama_cpp_python-0.3.36/vendor/llama.cpp/conversion llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py
+
+The converter makes an F32 GGUF of the HF directory, and llama.cpp's own quantiser (what
+`llama-quantize` runs, `llama_model_quantize`) makes Q8_0, Q4_0 and Q4_K_M from it, all in the run's
+temporary directory. The converter names a BPE tokenizer's pre-tokenizer by a hash of its token ids
+over a fixed text and refuses one it does not know (a custom vocabulary always hashes anew); where
+tokenizer.json's pre-tokenizer is exactly GPT-2's (ByteLevel with its regex, no prefix space, no
+normaliser), the unknown hash is answered "gpt-2", as llama.cpp's convert_hf_to_gguf_update.py would
+list it, and the build checks that llama.cpp's tokenizer then gives tokenizer.json's ids. The
+workers are fed token ids either way. Each GGUF runs twice (LLAMACPP_CONFIGS): with llama.cpp's
+defaults on CPU, flash attention (its `auto` turns it on there; llama-cpp-python's own default is
+off) and an F16 KV cache, and with the unfused attention over an F32 KV cache (", no FA, F32 KV"),
+which decodes faster at long contexts here and prefills slower. Threads 2, and one batch and ubatch
+hold the longest prompt (a prefill is one graph run); a prefill is one `llama_decode` of the prompt's
+ids with the last token's logits out, a decode step one `llama_decode` of one token, and perplexity a
+second context with every position's logits (`logits_all`).
+
 `--perplexity-only` times nothing: it compiles the weight-quantisation variants (round-to-nearest,
 AWQ and AWQ with its clip search, int4 at block 32 and 128 with and without the LM head in float,
 int8; `QUALITY_VARIANTS`),
-builds genai's fp32 and int4 models (unless --no-genai), and gives each one's perplexity on the
-same held-out windows, one engine after the other:
+builds genai's fp32 and int4 models (unless --no-genai) and llama.cpp's GGUFs (unless --no-llamacpp),
+and gives each one's perplexity on the same held-out windows, one engine after the other:
 
     .venv/bin/python scripts/peer_bench.py --hf models/pycoder-v2 --perplexity-only \
         --out docs/bench/weight_quant_awq_pycoder-v2.md
@@ -156,6 +184,124 @@ def genai_worker(model_dir: str, job: dict) -> dict:
     _serve(prefill, decode_step, reset, perplexity, job)
 
 
+def llamacpp_worker(spec: str, job: dict) -> dict:
+    """spec: JSON {"gguf": path, "flash_attn": bool, "kv": "f16"|"f32" (the KV cache's type)}."""
+    import numpy as np
+    import llama_cpp
+
+    spec = json.loads(spec)
+    gguf = spec["gguf"]
+    kv = {"f16": llama_cpp.GGML_TYPE_F16, "f32": llama_cpp.GGML_TYPE_F32}[spec["kv"]]
+    opts = dict(n_threads=THREADS, n_threads_batch=THREADS, flash_attn=spec["flash_attn"], type_k=kv, type_v=kv,
+                verbose=False)
+    n_ctx = max(job["contexts"] + job["prompt_lengths"]) + job["decode_tokens"] + 8
+    # one batch (and one ubatch: one graph run) holds the longest prompt; logits of the last token only
+    llm = llama_cpp.Llama(gguf, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, **opts)
+    n_vocab = llm.n_vocab()
+
+    def last_token() -> int:  # greedy: the argmax of the last evaluated token's logits
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))))
+
+    def reset():
+        llm.reset()
+        llm._ctx.kv_cache_clear()
+
+    def prefill(ids):
+        llm.eval(ids)  # the prompt's token ids, one llama_decode
+        return last_token()
+
+    def decode_step(tok):
+        llm.eval([tok])  # one llama_decode of one token
+        return last_token()
+
+    def perplexity() -> float:  # every position's logits: a second context with logits_all
+        w = max(len(window) for window in job["windows"])
+        lp = llama_cpp.Llama(gguf, n_ctx=w + 8, n_batch=w, n_ubatch=w, logits_all=True, **opts)
+        nll, count = 0.0, 0
+        for window in job["windows"]:
+            n = len(window)
+            lp.reset()
+            lp._ctx.kv_cache_clear()
+            lp.eval(window)
+            logits = np.array(lp.scores[:n], np.float64)
+            logp = logits - logits.max(-1, keepdims=True)
+            logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+            nll -= logp[np.arange(n - 1), window[1:]].sum()
+            count += n - 1
+        return float(np.exp(nll / count))
+
+    _serve(prefill, decode_step, reset, perplexity, job)
+
+
+LLAMACPP_TYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15}  # llama.h's LLAMA_FTYPE_MOSTLY_*
+# how each GGUF runs: llama.cpp's defaults on CPU (flash attention, `auto` there; F16 KV cache), and
+# the unfused attention over an F32 cache (decodes faster at long contexts here, prefills slower)
+LLAMACPP_CONFIGS = {"": {"flash_attn": True, "kv": "f16"}, ", no FA, F32 KV": {"flash_attn": False, "kv": "f32"}}
+
+
+def llamacpp_build(converter: str, hf: str, out: str) -> None:
+    """(Run in the llama.cpp venv.) F32 GGUF by llama.cpp's converter, LLAMACPP_TYPES from it by
+    llama.cpp's quantiser; prints one line per file: `GGUF <type> <path>`."""
+    import ctypes
+    import logging
+
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok_json = json.loads((Path(hf) / "tokenizer.json").read_text())
+    pre = tok_json.get("pre_tokenizer") or {}
+    gpt2_pre = (tok_json.get("normalizer") is None and pre.get("type") == "ByteLevel"
+                and pre.get("use_regex", True) and not pre.get("add_prefix_space", False))
+
+    sys.path.insert(0, str(Path(converter).resolve().parent))
+    import convert_hf_to_gguf  # puts its gguf-py first on sys.path
+    from conversion import base
+
+    known = base.TextModel.get_vocab_base_pre
+
+    def get_vocab_base_pre(self, tokenizer) -> str:
+        logging.disable(logging.WARNING)  # its banner for an unknown hash (answered below, or re-raised)
+        try:
+            return known(self, tokenizer)
+        except NotImplementedError:
+            if not gpt2_pre:
+                raise
+            print("llama.cpp's converter does not know this vocabulary's pre-tokenizer hash; tokenizer.json's "
+                  "pre-tokenizer is GPT-2's (ByteLevel, its regex, no prefix space, no normaliser): gpt-2",
+                  file=sys.stderr)
+            return "gpt-2"
+        finally:
+            logging.disable(logging.NOTSET)
+
+    base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+    f32 = out_dir / "model-F32.gguf"
+    sys.argv = [converter, hf, "--outtype", "f32", "--outfile", str(f32)]
+    convert_hf_to_gguf.main()
+    print(f"GGUF F32 {f32}", flush=True)
+
+    import llama_cpp
+
+    # the GGUF's vocabulary: llama.cpp's tokenizer must give tokenizer.json's ids (the workers are fed ids)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(hf) / "tokenizer.json"))
+    vocab = llama_cpp.Llama(str(f32), vocab_only=True, verbose=False)
+    docs = [json.loads(line)["text"] for line in (ROOT / "models" / "data" / "heldout.jsonl").read_text().splitlines()
+            if line.strip()]
+    bad = [i for i, d in enumerate(docs) if vocab.tokenize(d.encode(), add_bos=False, special=False) != tok.encode(d).ids]
+    print(f"llama.cpp's tokenizer gives tokenizer.json's ids on {len(docs) - len(bad)}/{len(docs)} held-out documents"
+          + (f" (not on {bad})" if bad else ""), file=sys.stderr, flush=True)
+    del vocab
+
+    for name, ftype in LLAMACPP_TYPES.items():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftype
+        params.nthread = THREADS
+        dst = out_dir / f"model-{name}.gguf"
+        if llama_cpp.llama_model_quantize(str(f32).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+            raise SystemExit(f"llama_model_quantize {name} failed")
+        print(f"GGUF {name} {dst}", flush=True)
+
+
 # ---------------------------------------------------------------------------- driver
 def _held_out_ids(tokenizer_path: Path, bos, length: int, windows: int) -> tuple[list[int], list[list[int]]]:
     """One long token stream for the timings, and `windows` windows for perplexity."""
@@ -249,6 +395,25 @@ def _build_genai(genai_python: str, hf: Path, work: Path, log) -> dict[str, Path
     return out
 
 
+def _build_llamacpp(llamacpp_python: str, converter: str, hf: Path, work: Path, log) -> dict[str, str]:
+    """Each llama.cpp engine's worker spec (its GGUF and how it runs: LLAMACPP_CONFIGS)."""
+    for what, path in (("python", llamacpp_python), ("converter", converter)):
+        if not Path(path).exists():
+            log(f"skipping llama.cpp: no {what} at {path} (the module docstring says how to set up .venv-llamacpp)")
+            return {}
+    log("building llama.cpp GGUFs (its converter: F32; its quantiser: " + ", ".join(LLAMACPP_TYPES) + ")")
+    proc = subprocess.run([llamacpp_python, __file__, "--llamacpp-build", converter, str(hf), str(work / "llamacpp")],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"llama.cpp GGUF build failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    for line in proc.stderr.splitlines():
+        if line.startswith(("llama.cpp's", "llama_model_quantize")):  # the pre-tokenizer, the ids, fallbacks
+            log("  " + line)
+    ggufs = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("GGUF ")]
+    return {f"llama.cpp {t}{suffix}": json.dumps({"gguf": p, **cfg})
+            for suffix, cfg in LLAMACPP_CONFIGS.items() for t, p in ggufs}
+
+
 def _ask(proc: subprocess.Popen, name: str, request: str | None) -> float | None:
     """Send one request to a worker and read its answer (None: wait for it to be loaded)."""
     if request is not None:
@@ -284,6 +449,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hf", type=Path, default=ROOT / "models" / "pycoder-v2")
     ap.add_argument("--genai-python", default=str(ROOT / ".venv-genai" / "bin" / "python"))
+    ap.add_argument("--llamacpp-python", default=str(ROOT / ".venv-llamacpp" / "bin" / "python"),
+                    help="python of the llama.cpp venv (llama-cpp-python); missing: llama.cpp is skipped")
+    ap.add_argument("--llamacpp-convert", default=str(ROOT / ".venv-llamacpp" / "llama.cpp" / "convert_hf_to_gguf.py"),
+                    help="llama.cpp's convert_hf_to_gguf.py (from llama-cpp-python's sdist, beside conversion/ "
+                         "and gguf-py/)")
     ap.add_argument("--prompt-lengths", default="128,512")
     ap.add_argument("--contexts", default="128,448,1900")
     ap.add_argument("--decode-tokens", type=int, default=32)
@@ -298,15 +468,20 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8, help="held-out windows of 512 tokens for perplexity")
     ap.add_argument("--out", type=Path, help="write the table (markdown) here and its JSON beside it")
     ap.add_argument("--perplexity-only", action="store_true",
-                    help="no timings: perplexity of the weight-quantisation variants (QUALITY_VARIANTS) and genai's")
+                    help="no timings: perplexity of the weight-quantisation variants (QUALITY_VARIANTS), genai's "
+                         "and llama.cpp's")
     ap.add_argument("--no-genai", action="store_true", help="--perplexity-only without building genai's models")
+    ap.add_argument("--no-llamacpp", action="store_true", help="leave llama.cpp out")
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--llamacpp-build", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         kind, target, job_file = a.worker
         job = json.loads(Path(job_file).read_text())
-        (optc_worker if kind == "optc" else genai_worker)(target, job)
+        {"optc": optc_worker, "genai": genai_worker, "llamacpp": llamacpp_worker}[kind](target, job)
         return
+    if a.llamacpp_build:
+        return llamacpp_build(*a.llamacpp_build)
 
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     cfg = json.loads((a.hf / "config.json").read_text())
@@ -323,9 +498,13 @@ def main() -> None:
         job_file.write_text(json.dumps(job))
         engines = [("optc", k, v) for k, v in _compile_optc(a.hf, work, log).items()]
         engines += [("genai", k, v) for k, v in _build_genai(a.genai_python, a.hf, work, log).items()]
+        if not a.no_llamacpp:
+            engines += [("llamacpp", k, v) for k, v in _build_llamacpp(a.llamacpp_python, a.llamacpp_convert, a.hf,
+                                                                        work, log).items()]
+        pythons = {"optc": sys.executable, "genai": a.genai_python, "llamacpp": a.llamacpp_python}
         workers = {}
         for i, (kind, name, path) in enumerate(engines):  # every engine loaded at once, idle until asked
-            python = sys.executable if kind == "optc" else a.genai_python
+            python = pythons[kind]
             with open(work / f"worker{i}.err", "w") as err:  # (a file: a full stderr pipe would block it)
                 proc = subprocess.Popen([python, __file__, "--worker", kind, str(path), str(job_file)], text=True,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, bufsize=1)
@@ -383,8 +562,12 @@ def _perplexity_only(a, job: dict, log) -> None:
         engines = [("optc", k, v) for k, v in _compile_optc(a.hf, work, log, QUALITY_VARIANTS).items()]
         if not a.no_genai:
             engines += [("genai", k, v) for k, v in _build_genai(a.genai_python, a.hf, work, log).items()]
+        if not a.no_llamacpp:
+            engines += [("llamacpp", k, v) for k, v in _build_llamacpp(a.llamacpp_python, a.llamacpp_convert, a.hf,
+                                                                        work, log).items()]
+        pythons = {"optc": sys.executable, "genai": a.genai_python, "llamacpp": a.llamacpp_python}
         for i, (kind, name, path) in enumerate(engines):
-            python = sys.executable if kind == "optc" else a.genai_python
+            python = pythons[kind]
             with open(work / f"worker{i}.err", "w") as err:
                 proc = subprocess.Popen([python, __file__, "--worker", kind, str(path), str(job_file)], text=True,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, bufsize=1)
@@ -401,9 +584,12 @@ def _perplexity_only(a, job: dict, log) -> None:
     base = {"optc": results["optc fp32"]["perplexity"]}
     if "onnxruntime-genai fp32" in results:
         base["genai"] = results["onnxruntime-genai fp32"]["perplexity"]
+    if "llama.cpp F32" in results:
+        base["llama.cpp"] = results["llama.cpp F32"]["perplexity"]
     lines = ["| engine | perplexity | vs its fp32 |", "|---|---|---|"]
     for name, r in results.items():
-        ref = base["genai" if name.startswith("onnxruntime-genai") else "optc"]
+        ref = base["genai" if name.startswith("onnxruntime-genai") else
+                   "llama.cpp" if name.startswith("llama.cpp") else "optc"]
         lines.append(f"| {name} | {r['perplexity']:.3f} | {r['perplexity'] / ref - 1:+.2%} |")
     table = "\n".join(lines) + "\n"
     print(table)
