@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from token_dropping_bench import CONTINUATION, _nll, continuation_rows
+from token_dropping_bench import CONTINUATION, _builder, _nll, continuation_rows
 
 SKIPS = (0, 1, 2, 3, 4)
 
@@ -43,26 +43,11 @@ def main():
     if args.oracle:
         return oracle(args)
 
-    from optc.compile import compile_model
-    from optc.config import parse_config
     from optc.data import DATA_DIR, read_texts
-    from optc.export import export_decoder
-    from optc.registry import default_registry
-    from optc.runtime import load
     from optc.verify import token_windows
 
-    registry = default_registry()
-    quiet = lambda *_: None  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="optc-lr-bench-") as tmp:
-        tmp = Path(tmp)
-        onnx_path = args.onnx or export_decoder(args.hf, tmp / "export" / "model.onnx", log=quiet)
-
-        def build(name, passes=(), **backend):
-            out = tmp / name
-            compile_model(onnx_path, out, config=parse_config({"passes": list(passes)}, registry), verify=False,
-                          backend_options=backend or None, log=quiet)
-            return load(out)
-
+        build = _builder(args, Path(tmp))
         dense = build("dense")
         generic = build("generic", fused_attention=False)
         models = {}
@@ -124,23 +109,12 @@ def oracle(args) -> None:
     choice after the prompt is overridden): the bound on what any routing score could reach."""
     import itertools
 
-    from optc.compile import compile_model
-    from optc.config import parse_config
     from optc.data import DATA_DIR, read_texts
-    from optc.export import export_decoder
-    from optc.registry import default_registry
-    from optc.runtime import load
     from optc.verify import token_windows
 
-    registry = default_registry()
-    quiet = lambda *_: None  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="optc-lr-oracle-") as tmp:
-        tmp = Path(tmp)
-        onnx_path = args.onnx or export_decoder(args.hf, tmp / "export" / "model.onnx", log=quiet)
-        compile_model(onnx_path, tmp / "dense", config=parse_config({"passes": []}, registry), verify=False, log=quiet)
-        compile_model(onnx_path, tmp / "routed", verify=False, log=quiet, config=parse_config(
-            {"passes": [{"name": "layer_routing", "max_skip": args.oracle}]}, registry))
-        dense, routed = load(tmp / "dense"), load(tmp / "routed")
+        build = _builder(args, Path(tmp))
+        dense, routed = build("dense"), build("routed", [{"name": "layer_routing", "max_skip": args.oracle}])
         windows = token_windows(dense.tokenizer, read_texts(DATA_DIR / "heldout_2k.jsonl"),
                                 dense.config.get("bos_token_id"), count=args.windows, length=args.prompt + CONTINUATION)
         targets = [w[args.prompt:] for w in windows]

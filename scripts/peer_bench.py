@@ -106,6 +106,17 @@ def _serve(prefill, decode_step, reset, perplexity, job: dict) -> None:
         print(f"RESULT {value!r}", flush=True)
 
 
+def _window_nll(logits, window) -> float:
+    """Summed negative log-likelihood of each next token of `window` under its row of `logits`
+    [len(window), vocab] (the same arithmetic for every engine)."""
+    import numpy as np
+
+    x = np.asarray(logits, np.float64)
+    logp = x - x.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    return float(-logp[np.arange(len(window) - 1), window[1:]].sum())
+
+
 def optc_worker(artifact: str, job: dict) -> dict:
     import numpy as np
 
@@ -123,10 +134,7 @@ def optc_worker(artifact: str, job: dict) -> dict:
         nll, count = 0.0, 0
         for window in job["windows"]:
             m.reset()
-            logits = m.prefill(window, all_logits=True).astype(np.float64)
-            logp = logits - logits.max(-1, keepdims=True)
-            logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-            nll -= logp[np.arange(len(window) - 1), window[1:]].sum()
+            nll += _window_nll(m.prefill(window, all_logits=True), window)
             count += len(window) - 1
         return float(np.exp(nll / count))
 
@@ -174,10 +182,7 @@ def genai_worker(model_dir: str, job: dict) -> dict:
                      "attention_mask": np.ones((1, n), np.int64)}
             for name, heads in kv_heads.items():
                 feeds[name] = np.zeros((1, heads, 0, head_dim), np.float32)
-            logits = s.run(["logits"], feeds)[0][0].astype(np.float64)
-            logp = logits - logits.max(-1, keepdims=True)
-            logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-            nll -= logp[np.arange(n - 1), window[1:]].sum()
+            nll += _window_nll(s.run(["logits"], feeds)[0][0], window)
             count += n - 1
         return float(np.exp(nll / count))
 
@@ -223,10 +228,7 @@ def llamacpp_worker(spec: str, job: dict) -> dict:
             lp.reset()
             lp._ctx.kv_cache_clear()
             lp.eval(window)
-            logits = np.array(lp.scores[:n], np.float64)
-            logp = logits - logits.max(-1, keepdims=True)
-            logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-            nll -= logp[np.arange(n - 1), window[1:]].sum()
+            nll += _window_nll(lp.scores[:n], window)
             count += n - 1
         return float(np.exp(nll / count))
 
