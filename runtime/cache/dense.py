@@ -34,7 +34,8 @@ class KVCache:
     @property
     def layer_lengths(self) -> list[int]:
         """Tokens cached per layer: all equal, except after a prefill that dropped prompt tokens
-        from some layer on (token_dropping mode prefill); appends keep the difference."""
+        from some layer on (token_dropping mode prefill; appends keep the difference) and for a
+        layer that layer_routing skips (its cache stops)."""
         return [k.length for k in self.keys]
 
     @property

@@ -82,7 +82,8 @@ class QuantizedKVCache:
     @property
     def layer_lengths(self) -> list[int]:
         """Tokens cached per layer (stored groups + residual): all equal, except after a prefill
-        that dropped prompt tokens from some layer on (token_dropping mode prefill)."""
+        that dropped prompt tokens from some layer on (token_dropping mode prefill) and for a layer
+        that layer_routing skips (its cache stops)."""
         return [self.q[(i, "key")].length + self.res[(i, "key")].shape[2] for i in range(self.n_layers)]
 
     def _store(self, layer: int, kind: str, x: np.ndarray) -> None:

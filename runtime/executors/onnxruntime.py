@@ -89,9 +89,8 @@ class OnnxRuntimeExecutor:
         self.kv_in_place = backend.kv_in_place
         if self.kv_in_place is not None:
             p = self.kv_in_place
-            bias = [p.attention_bias_input] if p.attention_bias_input else []
-            bias += [p.pruned_past_input] if p.pruned_past_input else []
-            for name in (p.seqlens_input, p.total_input, *bias, *[n for pair in p.cache_inputs for n in pair]):
+            optional = [name for name in (p.attention_bias_input, p.pruned_past_input) if name]
+            for name in (p.seqlens_input, p.total_input, *optional, *[n for pair in p.cache_inputs for n in pair]):
                 if name not in self.input_names:
                     raise ArtifactError(f"{root / 'manifest.json'}: backend.kv_in_place: {name!r} is not an input "
                                         f"of {graph.name}")
