@@ -242,7 +242,7 @@ class Model:
     def _pruned_length(self) -> int | None:
         """token_dropping: tokens in the cache of the layers from pruned_from_layer on (the last
         layer's, which layer_routing never skips)."""
-        return None if self.pruned_from_layer is None else self.cache.layer_lengths[-1]
+        return None if self.pruned_from_layer is None else self.cache.keys[-1].length  # (no per-step list)
 
     def _pruned_rows(self, rows: int) -> tuple[int, int] | None:
         """cache.advance's `pruned`: (first pruned layer, rows its layers cached this step)."""
