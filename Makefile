@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.optc-installed
 
-.PHONY: demo test test-fast test-fuzz venv clean
+.PHONY: demo test test-fast test-fuzz venv venv-openvino clean
 
 venv: $(STAMP)
 
@@ -15,8 +15,24 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
+# A second venv whose onnxruntime is the onnxruntime-openvino build (it replaces the `onnxruntime`
+# module, so it cannot share .venv): the NPU runtime's OpenVINO branch is tested in it
+# (tests/backends/test_npu_openvino.py). Runtime dependencies only, at the lock's versions.
+OV_VENV := .venv-openvino
+OV_STAMP := $(OV_VENV)/.optc-installed
+venv-openvino: $(OV_STAMP)
+
+$(OV_STAMP): requirements.lock pyproject.toml
+	@test -x $(OV_VENV)/bin/python || $(PYTHON) -m venv $(OV_VENV)
+	$(OV_VENV)/bin/python -m pip install -q --disable-pip-version-check -c requirements.lock numpy onnx onnx-ir \
+	    onnxscript pydantic PyYAML tokenizers click rich networkx matplotlib coloredlogs flatbuffers protobuf \
+	    sympy packaging "setuptools>=68"
+	$(OV_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps onnxruntime-openvino==1.24.1
+	$(OV_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $(OV_STAMP)
+
 # everything (CI): 6-10 minutes on 2 cores; the fuzzing tests run their bounded tier (seconds)
-test: $(STAMP)
+test: $(STAMP) $(OV_STAMP)
 	$(PY) -m pytest -q tests
 
 # the daily tier: no compile-with-verification, TVM build or training (<= 3 minutes)

@@ -197,11 +197,12 @@ def write_partitions(step: str, tokens: int, static: ir.Model, plan: PartitionPl
 
 
 def _npu_provider_or_refuse(profile: DeviceProfile, opts: dict) -> str | None:
-    from optc.runtime.executors.npu import INSTALL_HINT, npu_provider
+    from optc.runtime.executors.npu import INSTALL_HINT, no_npu_provider_reason, npu_provider
 
     provider = npu_provider(profile.execution_provider)
     if provider is None and not opts["allow_cpu_fallback"]:
-        raise OptcError(f"--target npu: no NPU execution provider here: {INSTALL_HINT}, "
+        raise OptcError(f"--target npu: no NPU execution provider here: "
+                        f"{no_npu_provider_reason(profile.execution_provider)}, "
                         f"or pass --allow-cpu-fallback to build an artifact whose NPU partitions run on the CPU")
     if opts["context_cache"] and provider != "QNNExecutionProvider":
         raise OptcError(f"--context-cache: stores QNN's compiled context, and the QNN execution provider is not "

@@ -7,7 +7,8 @@ order, each in its own ONNX Runtime session, handing tensors on by name.
 
 NPU partitions run on the first NPU execution provider present, in this order: QNN (Qualcomm
 HTP, through the onnxruntime-qnn plugin; on x86 its HTP backend is Qualcomm's simulator), then
-OpenVINO's NPU device. CPU fallback is disabled in those sessions, so a partition the provider
+OpenVINO's NPU device (only where OpenVINO sees one: its execution provider is also built for
+CPUs and GPUs, and an OpenVINO build without an NPU device is not an NPU provider). CPU fallback is disabled in those sessions, so a partition the provider
 cannot take fails to load instead of running on the CPU. Without an NPU provider the artifact
 refuses to load unless it was compiled with --allow-cpu-fallback; then its NPU partitions run on
 the CPU and `partition_providers` (and `provider`) say so.
@@ -61,16 +62,50 @@ def npu_partitions_on_cpu():
         _ON_CPU[0] = False
 
 
+# OpenVINO device ids that are NPUs ("NPU", or "NPU.0" where there are several).
+OPENVINO_NPU_DEVICES = ("NPU",)
+
+
+def openvino_devices() -> list[str] | None:
+    """The devices OpenVINO's execution provider sees here (e.g. ['CPU', 'GPU', 'NPU']), or None
+    where this onnxruntime has no OpenVINO provider (the onnxruntime-openvino build)."""
+    import onnxruntime as ort
+
+    if OPENVINO not in ort.get_available_providers():
+        return None
+    from onnxruntime.capi import _pybind_state
+
+    list_devices = getattr(_pybind_state, "get_available_openvino_device_ids", None)
+    return list(list_devices()) if list_devices else []
+
+
+def openvino_npu_device() -> str | None:
+    """The OpenVINO device id of an NPU here ("NPU"), or None."""
+    return next((d for d in openvino_devices() or [] if d.split(".")[0] in OPENVINO_NPU_DEVICES), None)
+
+
 def npu_provider(kind: str = "any") -> str | None:
-    """The NPU execution provider to use here (QNN first, then OpenVINO's NPU), or None."""
+    """The NPU execution provider to use here (QNN first, then OpenVINO's NPU device), or None."""
     import onnxruntime as ort
 
     if kind in ("qnn", "any") and qnn_plugin() is not None:
         if any(d.ep_name == QNN for d in ort.get_ep_devices()):
             return QNN
-    if kind in ("openvino", "any") and OPENVINO in ort.get_available_providers():
+    if kind in ("openvino", "any") and openvino_npu_device() is not None:
         return OPENVINO
     return None
+
+
+def no_npu_provider_reason(kind: str = "any") -> str:
+    """Why npu_provider(kind) found nothing, and what to install, in a few words."""
+    devices = openvino_devices() if kind in ("openvino", "any") else None
+    if devices is not None:  # (OpenVINO is present but without an NPU: say so rather than "install")
+        seen = ", ".join(devices) or "no device"
+        hint = f"OpenVINO's execution provider is present but sees no NPU device (it sees: {seen})"
+        return hint if kind == "openvino" else f"{hint}; for Qualcomm's NPU: {INSTALL_HINT}"
+    if kind == "openvino":
+        return "pip install onnxruntime-openvino (OpenVINO's execution provider) on a machine with an Intel NPU"
+    return INSTALL_HINT
 
 
 def npu_session(path_or_bytes, provider: str, provider_options: dict, *, context_file: str | None = None):
@@ -93,7 +128,8 @@ def npu_session(path_or_bytes, provider: str, provider_options: dict, *, context
         so.add_provider_for_devices(devices, {"backend_path": qnn.get_qnn_htp_path(), **provider_options})
         return ort.InferenceSession(path_or_bytes, sess_options=so)
     if provider == OPENVINO:
-        return ort.InferenceSession(path_or_bytes, sess_options=so, providers=[(OPENVINO, {"device_type": "NPU"})])
+        options = {"device_type": openvino_npu_device() or "NPU", **provider_options}
+        return ort.InferenceSession(path_or_bytes, sess_options=so, providers=[(OPENVINO, options)])
     raise ValueError(provider)
 
 
@@ -173,7 +209,8 @@ def choose_provider(root: Path, spec) -> tuple[str | None, bool]:
     provider = None if verifying_on_cpu else npu_provider(spec.execution_provider)
     if provider is None and not spec.allow_cpu_fallback and not verifying_on_cpu:
         raise ArtifactError(f"{root}: this NPU artifact needs an NPU execution provider and none is present "
-                            f"({INSTALL_HINT}); compile with --allow-cpu-fallback to run it on the CPU")
+                            f"({no_npu_provider_reason(spec.execution_provider)}); compile with "
+                            f"--allow-cpu-fallback to run it on the CPU")
     return provider, verifying_on_cpu
 
 
@@ -303,6 +340,9 @@ def assigned_nodes(path: str, provider: str, provider_options: dict) -> dict[str
         devices = [d for d in ort.get_ep_devices() if d.ep_name == QNN]
         so.add_provider_for_devices(devices, {"backend_path": qnn.get_qnn_htp_path(), **provider_options})
         session = ort.InferenceSession(path, sess_options=so)
+    elif provider == OPENVINO:
+        options = {"device_type": openvino_npu_device() or "NPU", **provider_options}
+        session = ort.InferenceSession(path, sess_options=so, providers=[(OPENVINO, options), CPU])
     else:
         session = ort.InferenceSession(path, sess_options=so, providers=[provider, CPU])
     counts: dict[str, int] = {}
