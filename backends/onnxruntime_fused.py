@@ -68,6 +68,9 @@ def why_not(model: ir.Model, info, kv_cache: dict | None, target: str, prefill: 
     pruned = kv.get(PRUNED_FROM_LAYER)
     if pruned is not None and policy:
         return "token_dropping with a cache policy"
+    if policy and LAYERS_RUN_INPUT in {v.name for v in model.graph.inputs}:
+        # (the fused sink_window buffer is compacted over one length, and a skipped layer's stops)
+        return "layer_routing with a cache policy"
     if any(is_attention_output(v.name) for v in model.graph.outputs):
         return "a cache policy reads the attention probabilities"
     if info.head_dim % 16:

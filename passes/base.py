@@ -22,6 +22,7 @@ from optc.runtime.manifest import RuntimeRequests
 CACHE_POLICY = "kv.policy"                       # the runtime evicts by a policy (sink_window, H2O)
 CACHE_QUANTIZED = "kv.quantized"                 # the cache is stored compressed (KIVI)
 EVICTS_SINGLE_TOKENS = "kv.evicts_single_tokens"  # the policy drops individual tokens
+EVICTS_ALL_LAYERS_ALIKE = "kv.evicts_all_layers_alike"  # the policy drops the same tokens from every layer (H2O)
 KEY_GROUPS_SPAN_TOKENS = "kv.key_groups_span_tokens"  # key scales shared by groups of tokens
 ATTENTION_PROBABILITIES = "attention.probabilities_output"  # every step outputs attention probabilities
 SPARSE_PREFILL = "attention.block_sparse_prefill"  # prefill attends to selected key blocks only

@@ -179,7 +179,7 @@ class Model:
         limit = self.executor.step_limit(feeds, n)
         if limit is not None and limit < n:
             n, ids = limit, ids[:limit]
-        cached = self.cache.length
+        cached = self.cache.length  # (layer 0's: never pruned, never skipped)
         first = cached if self.slot_positions else self.position
         input_ids = np.asarray(ids, dtype=np.int64).reshape(1, n)
         position_ids = np.arange(first, first + n, dtype=np.int64).reshape(1, n)
@@ -249,16 +249,26 @@ class Model:
         return None if self.pruned_from_layer is None else (self.pruned_from_layer, rows)
 
     def _make_room(self, n: int) -> None:
-        """sink_window: evict the oldest non-sink tokens so that the cache plus `n` new tokens
-        fits in sinks + window."""
+        """sink_window: evict the oldest non-sink tokens of each layer so that its cache plus `n`
+        new tokens fits in sinks + window. Each layer by its own length: token_dropping's later
+        layers hold fewer tokens, and a layer that layer_routing skips stops growing."""
         sinks, window = self.sink_window.sinks, self.sink_window.window
-        overflow = self.cache.length + n - (sinks + window)
-        if overflow > 0:
-            self.cache.evict(start=sinks, count=min(overflow, self.cache.length - sinks))
+        lengths = self.cache.layer_lengths
+        if len(set(lengths)) == 1:  # (every layer alike: one eviction over all of them)
+            overflow = lengths[0] + n - (sinks + window)
+            if overflow > 0:
+                self.cache.evict(start=sinks, count=min(overflow, lengths[0] - sinks))
+            return
+        for i, length in enumerate(lengths):
+            overflow = length + n - (sinks + window)
+            if overflow > 0:
+                self.cache.evict(start=sinks, count=min(overflow, length - sinks), layer=i)
 
     def _chunk(self) -> int | None:
-        """Largest prefill chunk the cache policy allows (None: no limit)."""
-        if self.sink_window:
+        """Largest prefill chunk the cache policy allows (None: no limit). token_dropping scores
+        the whole prompt in its first step, so with it the prompt runs in one step, and the
+        window bounds the cache from the next step on."""
+        if self.sink_window and not (self.pruned_from_layer is not None and self.position == 0):
             return max(1, self.sink_window.window // 2)
         return None
 

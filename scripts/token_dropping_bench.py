@@ -14,10 +14,11 @@ prompt, teacher-forced (prefill the prompt, decode the continuation), against th
 on the same windows.
 
     .venv/bin/python scripts/token_dropping_bench.py --mode prefill [--hf models/pycoder-v2]
-        [--prompt 1984] [--windows 24] [--rounds 3] [--pipeline]
+        [--prompt 1984] [--windows 24] [--rounds 3] [--pipeline [--only TEXT]]
 
-`--pipeline`: token_dropping, layer_routing, int8 KV and int4 weights, each alone and composed,
-in one table (TTFT, decode, KV bytes, continuation perplexity).
+`--pipeline`: token_dropping, layer_routing, sink_window, int8 KV and int4 weights, each alone and
+composed, in one table (TTFT, decode, KV bytes, continuation perplexity); `--only TEXT` keeps the
+rows whose name contains TEXT.
 
 Texts: pydoc_data topics of the Python standard library (English prose), each split into two
 halves of up to 192 tokens; retrieval: each first half queries all second halves (cosine), and
@@ -63,6 +64,8 @@ def main():
     ap.add_argument("--timed", type=int, default=3, help="prefill: prompts timed per setting and round")
     ap.add_argument("--pipeline", action="store_true",
                     help="prefill: instead, the passes that compose with prompt dropping, each alone and together")
+    ap.add_argument("--only", action="append", default=[],
+                    help="--pipeline: only the rows whose name contains this (repeatable; dense always runs)")
     args = ap.parse_args()
     if args.mode == "prefill":
         return main_pipeline(args) if args.pipeline else main_prefill(args)
@@ -306,6 +309,8 @@ TD = {"name": "token_dropping", "mode": "prefill", "keep": 0.5, "start_layer": 2
 KV8 = {"name": "kv_quantize", "bits": 8}
 W4 = {"name": "weight_quant", "bits": 4, "block_size": 32, "method": "awq", "clip": True}
 LR1 = {"name": "layer_routing", "max_skip": 1}
+SW = {"name": "sink_window", "sinks": 4, "window": 1020}  # a cache of 1,024 tokens, half the context
+KV8T = {**KV8, "key_quant": "per_token"}  # (sink_window evicts single tokens: per-channel key groups cannot)
 PIPELINE = [
     ("token_dropping keep 0.5 from layer 2", [TD]),
     ("layer_routing max_skip 1", [LR1]),
@@ -316,6 +321,12 @@ PIPELINE = [
     ("token_dropping + layer_routing + int8 KV", [TD, LR1, KV8]),
     # (weight rewrites and token_dropping come before layer_routing: Contract.precedes)
     ("int4 weights + token_dropping + layer_routing + int8 KV", [W4, TD, LR1, KV8]),
+    # issue 18's one pipeline (token_dropping before sink_window before layer_routing: Contract.precedes)
+    ("sink_window 4 + 1020", [SW]),
+    ("int8 KV, per-token keys", [KV8T]),
+    ("token_dropping + sink_window", [TD, SW]),
+    ("sink_window + layer_routing", [SW, LR1]),
+    ("token_dropping + sink_window + layer_routing + int8 KV", [TD, SW, LR1, KV8T]),
 ]
 
 
@@ -323,7 +334,8 @@ def main_pipeline(args):
     with tempfile.TemporaryDirectory(prefix="optc-td-pipeline-") as tmp:
         build = _builder(args, Path(tmp))
         dense = build("dense")
-        models = {name: build(f"p{i}", passes) for i, (name, passes) in enumerate(PIPELINE)}
+        models = {name: build(f"p{i}", passes) for i, (name, passes) in enumerate(PIPELINE)
+                  if not args.only or any(o in name for o in args.only)}
         r = _measure(models, dense, args)
     d = r["dense"]
     print(f"{args.hf.name}: {args.windows} held-out windows of {args.prompt} prompt + {CONTINUATION} continuation "

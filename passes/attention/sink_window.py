@@ -16,13 +16,15 @@ at most sinks + window, inside the trained context.
 from __future__ import annotations
 
 import onnx_ir as ir
+from onnx_ir import tape
 from pydantic import Field, field_validator
 
 from optc.config import PassOptions
-from optc.passes.base import (CACHE_POLICY, CACHE_SLOT_POSITIONS, EVICTS_SINGLE_TOKENS, MODEL_DECODER,
+from optc.passes.base import (CACHE_POLICY, CACHE_SLOT_POSITIONS, EVICTS_SINGLE_TOKENS, LAYERS_ROUTED, MODEL_DECODER,
                               MODEL_POSITION_IDS, MODEL_ROTARY_OP, SPARSE_PREFILL, Contract, OptcPass,
                               PassConfigError)
-from optc.passes.rules.builders import clone_cone
+from optc.passes.rules.builders import clone_cone, ints, name_nodes
+from optc.passes.token_dropping.prefill import late_slots
 from optc.runtime.manifest import (KEY_POSITION_IDS, POSITION_IDS, POSITIONS_CACHE_SLOT, SinkWindowPolicy,
                                    present_name)
 
@@ -56,7 +58,9 @@ class SinkWindow(OptcPass):
             ensures=frozenset({CACHE_POLICY, EVICTS_SINGLE_TOKENS, CACHE_SLOT_POSITIONS}),
             cache_bound=options.sinks + options.window,
             conflicts={SPARSE_PREFILL: "sink_window fills its bounded cache chunk by chunk, while block_sparse "
-                                       "prefill needs the whole prompt in one step over an empty cache"})
+                                       "prefill needs the whole prompt in one step over an empty cache"},
+            precedes={LAYERS_ROUTED: "layer_routing moves each routable layer into an If, out of reach of "
+                                     "sink_window's rewrite of the layer's cache rotation"})
 
     @classmethod
     def declared_perplexity_budget(cls, options) -> float | None:
@@ -81,6 +85,8 @@ class SinkWindow(OptcPass):
         nodes = {n.name: n for n in graph}
         key_pos = ir.val(KEY_POSITION_IDS, ir.DataType.INT64, ["batch", "total_sequence_length"])
         memo: dict = {}
+        pruned_from, late = self._late_layers(graph)
+        late_memo: dict = {}
         for layer in info.layers:
             concat = outputs[present_name(layer.index, "key")].producer()
             rotated = concat.inputs[1]
@@ -91,8 +97,13 @@ class SinkWindow(OptcPass):
                                               f"{rope.op_type if rope else 'a graph input'}); rotary: {info.rotary}")
             pre_rope = rope.inputs[0]
             concat.replace_input_with(1, pre_rope)  # the cache now holds keys before RoPE
-            cos = clone_cone(rope.inputs[1], position_ids, key_pos, graph, memo, "/key_slots")
-            sin = clone_cone(rope.inputs[2], position_ids, key_pos, graph, memo, "/key_slots")
+            if late is not None and layer.index >= pruned_from:  # its cache numbered by its own slots
+                pos_kept, _, key_slots = late
+                cos = clone_cone(rope.inputs[1], pos_kept, key_slots, graph, late_memo, "/key_slots")
+                sin = clone_cone(rope.inputs[2], pos_kept, key_slots, graph, late_memo, "/key_slots")
+            else:
+                cos = clone_cone(rope.inputs[1], position_ids, key_pos, graph, memo, "/key_slots")
+                sin = clone_cone(rope.inputs[2], position_ids, key_pos, graph, memo, "/key_slots")
             attrs = [a for name, a in rope.attributes.items() if name != "num_heads"]
             rotate_all = ir.Node("", "RotaryEmbedding", [concat.outputs[0], cos, sin], attributes=attrs,
                                  name=f"{rope.name}/cache_slots")
@@ -100,8 +111,31 @@ class SinkWindow(OptcPass):
             graph.append(rotate_all)
             nodes[layer.attention].replace_input_with(1, rotate_all.outputs[0])
             layer.new_key = pre_rope.name
+        if late is not None:  # the later layers' queries at their slots too (a step's: past + 0..k-1)
+            pos_kept, query_slots, _ = late
+            for use in list(pos_kept.uses()):
+                use.node.replace_input_with(use.idx, query_slots)
         graph.inputs.append(key_pos)
         ir.passes.common.RemoveUnusedNodesPass()(model)
         ir.passes.common.TopologicalSortPass()(model)
         self.context.runtime.update_cache(positions=POSITIONS_CACHE_SLOT, policy=SinkWindowPolicy(o.sinks, o.window))
         return ir.passes.PassResult(model, True)
+
+    def _late_layers(self, graph: ir.Graph):
+        """(first pruned layer, (kept position ids, query slots [1, k], key slots [1, T])) where
+        token_dropping (run before) made the later layers cache only the kept prompt tokens; else
+        (None, None). Those layers' caches are shorter than the early layers', so their keys and
+        queries are numbered by the slots of their own cache, not by `optc.key_position_ids`."""
+        pruned_from = self.context.runtime.kv_cache.pruned_from_layer
+        if pruned_from is None:
+            return None, None
+        found = late_slots(graph)
+        if found is None:
+            raise PassConfigError(None, f"layers from {pruned_from} cache only kept tokens, but the graph has no "
+                                        f"token_dropping slots to number their positions by")
+        pos_kept, query_slots, key_slots = found
+        t = tape.Tape()
+        rows = [t.op("Unsqueeze", [v, ints(t, 0)]) for v in (query_slots, key_slots)]  # [1, k], [1, T]
+        name_nodes(t.nodes, "optc/sink_window/late_slots")
+        graph.insert_after(key_slots.producer(), t.nodes)  # (sorted topologically at the end)
+        return pruned_from, (pos_kept, *rows)

@@ -14,8 +14,8 @@ import onnx_ir as ir
 from pydantic import Field, field_validator, model_validator
 
 from optc.config import PassOptions, Strict
-from optc.passes.base import (ATTENTION_PROBABILITIES, CACHE_POLICY, CACHE_QUANTIZED, EVICTS_SINGLE_TOKENS,
-                              MODEL_DECODER, SPARSE_PREFILL, Contract, OptcPass, PassConfigError)
+from optc.passes.base import (ATTENTION_PROBABILITIES, CACHE_POLICY, CACHE_QUANTIZED, EVICTS_ALL_LAYERS_ALIKE,
+                              EVICTS_SINGLE_TOKENS, MODEL_DECODER, SPARSE_PREFILL, Contract, OptcPass, PassConfigError)
 from optc.passes.rules.builders import replace_keeping_output
 from optc.runtime.manifest import H2OPolicy, attention_output
 
@@ -60,7 +60,7 @@ class H2OEviction(OptcPass):
     def contract(cls, options) -> Contract:
         return Contract(
             requires=frozenset({MODEL_DECODER}),
-            ensures=frozenset({CACHE_POLICY, EVICTS_SINGLE_TOKENS, ATTENTION_PROBABILITIES}),
+            ensures=frozenset({CACHE_POLICY, EVICTS_SINGLE_TOKENS, EVICTS_ALL_LAYERS_ALIKE, ATTENTION_PROBABILITIES}),
             conflicts={CACHE_QUANTIZED: "eviction over a quantised cache is not supported yet",
                        SPARSE_PREFILL: "block_sparse prefill cannot report the attention scores that H2O eviction "
                                        "needs"})

@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 
 from optc.config import PassOptions
 from optc.errors import OptcError
-from optc.passes.base import (CACHE_POLICY, LAYERS_ROUTED, MODEL_DECODER, SPARSE_PREFILL,
+from optc.passes.base import (EVICTS_ALL_LAYERS_ALIKE, LAYERS_ROUTED, MODEL_DECODER, SPARSE_PREFILL,
                               Contract, OptcPass, PassConfigError)
 from optc.passes.layer_routing.route import rewrite_routing
 from optc.runtime.manifest import LAYER_CHANGE_OUTPUT, LAYERS_RUN_INPUT, LayerRoutingSpec
@@ -44,10 +44,11 @@ class LayerRouting(OptcPass):
 
     @classmethod
     def contract(cls, options) -> Contract:
-        # (the float and KIVI caches keep a length per layer; a cache policy evicts over one)
-        one_length = "the runtime's {} keeps one cache length for every layer, and a skipped layer's cache stops growing"
+        # (the float and KIVI caches keep a length per layer, and sink_window evicts each layer's
+        # cache by its own length; H2O evicts the same tokens from every layer)
         return Contract(requires=frozenset({MODEL_DECODER}), ensures=frozenset({LAYERS_ROUTED}),
-                        conflicts={CACHE_POLICY: one_length.format("cache policy (sink_window, H2O)"),
+                        conflicts={EVICTS_ALL_LAYERS_ALIKE: "H2O evicts the same tokens from every layer, and a "
+                                                            "skipped layer's cache stops growing",
                                    SPARSE_PREFILL: "block_sparse wraps each layer's Attention in an If of its own, "
                                                    "which layer_routing cannot move into its per-layer If yet"})
 

@@ -8,8 +8,8 @@ import onnx_ir as ir
 from pydantic import Field, StrictFloat, StrictInt, field_validator, model_serializer, model_validator
 
 from optc.config import PassOptions
-from optc.passes.base import (CACHE_POLICY, LAYERS_ROUTED, MODEL_DECODER, MODEL_ENCODER, MODEL_POSITION_IDS,
-                              SPARSE_PREFILL, TOKENS_DROPPED, Contract, OptcPass, PassConfigError)
+from optc.passes.base import (CACHE_SLOT_POSITIONS, EVICTS_ALL_LAYERS_ALIKE, LAYERS_ROUTED, MODEL_DECODER,
+                              MODEL_ENCODER, MODEL_POSITION_IDS, SPARSE_PREFILL, TOKENS_DROPPED, Contract, OptcPass, PassConfigError)
 from optc.passes.token_dropping.encoder import rewrite_encoder
 from optc.passes.token_dropping.prefill import rewrite_prefill
 from optc.runtime.manifest import KEPT_ATTENTION_MASK, KEPT_TOKEN_SIZES
@@ -105,16 +105,18 @@ class TokenDropping(OptcPass):
         if getattr(options, "mode", None) == "encoder":  # (`optc passes` asks without a mode: prefill's)
             return Contract(requires=frozenset({MODEL_ENCODER}), ensures=frozenset({TOKENS_DROPPED}))
         # the runtime keeps per-layer cache lengths for the float and the KIVI cache (each layer's
-        # store and residual are its own, kv_quantize's dequantisation gives each layer's length);
-        # its policies evict over one length for every layer
+        # store and residual are its own, kv_quantize's dequantisation gives each layer's length),
+        # and sink_window evicts each layer's cache by its own length; H2O evicts the same tokens
+        # from every layer
         return Contract(requires=frozenset({MODEL_DECODER, MODEL_POSITION_IDS}), ensures=frozenset({TOKENS_DROPPED}),
-                        conflicts={CACHE_POLICY: "token_dropping's later layers cache only the kept prompt tokens, "
-                                                 "and the runtime's cache policies (sink_window, H2O) evict over one "
-                                                 "cache length for every layer",
+                        conflicts={EVICTS_ALL_LAYERS_ALIKE: "token_dropping's later layers cache only the kept prompt "
+                                                            "tokens, and H2O evicts the same tokens from every layer",
                                    SPARSE_PREFILL: "both rewrite prefill attention (token_dropping drops the tokens "
                                                    "block_sparse would select blocks of)"},
                         precedes={LAYERS_ROUTED: "layer_routing moves each routable layer into an If, out of reach "
-                                                 "of token_dropping's rewrite of the later layers"})
+                                                 "of token_dropping's rewrite of the later layers",
+                                  CACHE_SLOT_POSITIONS: "sink_window numbers the later layers' cache by slot from the "
+                                                        "kept tokens that token_dropping's rewrite chooses"})
 
     @classmethod
     def declared_perplexity_budget(cls, options) -> float | None:

@@ -37,6 +37,25 @@ from optc.passes.rules.layers import (attention_nodes, cache_value, downstream, 
 from optc.runtime.manifest import POSITION_IDS, past_name
 
 BIG = np.float32(1e30)
+# values of the rewrite that a later pass reads (late_slots): the kept tokens' position ids [B, k],
+# and the slots of the later layers' own cache: the step's queries [k] and every key [past + k]
+POSITIONS_KEPT, LATE_QUERY_SLOTS, LATE_KEY_SLOTS = "position_ids_kept", "late_query_slots", "late_key_slots"
+
+
+def late_slots(graph: ir.Graph) -> tuple[ir.Value, ir.Value, ir.Value] | None:
+    """(kept tokens' position ids, query slots, key slots) of the later layers of a graph that
+    token_dropping mode prefill rewrote, or None (sink_window numbers those layers' positions by
+    these slots: each later layer's cache is its own)."""
+    found = {}
+    for node in graph:
+        if node.name.startswith("optc/token_dropping/layer"):
+            for v in node.outputs:
+                tail = v.name.rsplit("/", 1)[-1]
+                if tail in (POSITIONS_KEPT, LATE_QUERY_SLOTS, LATE_KEY_SLOTS):
+                    found[tail] = v
+    if len(found) != 3:
+        return None
+    return found[POSITIONS_KEPT], found[LATE_QUERY_SLOTS], found[LATE_KEY_SLOTS]
 
 
 def _reads_inputs(v: ir.Value, memo: dict) -> bool:
@@ -156,7 +175,8 @@ def rewrite_prefill(model: ir.Model, info, *, keep: float | int, start_layer: in
     prefix = f"optc/token_dropping/layer{start_layer}"
     name_nodes(t.nodes, prefix)
     h_kept.name = f"{prefix}/hidden_kept"
-    pos_kept.name = f"{prefix}/position_ids_kept"
+    pos_kept.name = f"{prefix}/{POSITIONS_KEPT}"
+    query_idx.name, key_idx.name = f"{prefix}/{LATE_QUERY_SLOTS}", f"{prefix}/{LATE_KEY_SLOTS}"
 
     graph.insert_after(h.producer(), t.nodes)  # sorted topologically at the end
     for use in list(h.uses()):

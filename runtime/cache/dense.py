@@ -85,10 +85,13 @@ class KVCache:
         """Views of the filled part of layer `layer` (no copy here)."""
         return self.keys[layer].view(), self.values[layer].view()
 
-    def evict(self, start: int, count: int) -> None:
-        """Drop tokens [start, start+count), moving the later ones down (bounded by the window)."""
-        for arr in self.keys + self.values:
-            arr.delete(start, start + count)
+    def evict(self, start: int, count: int, layer: int | None = None) -> None:
+        """Drop tokens [start, start+count) of every layer (or of `layer`), moving the later ones
+        down (bounded by the window)."""
+        layers = range(self.n_layers) if layer is None else (layer,)
+        for i in layers:
+            self.keys[i].delete(start, start + count)
+            self.values[i].delete(start, start + count)
 
     def feeds(self) -> dict[str, np.ndarray]:
         """The graph's cache inputs for the next step."""

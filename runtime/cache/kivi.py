@@ -109,13 +109,15 @@ class QuantizedKVCache:
                     res = res[:, :, self.group:]
                 self.res[(i, kind)] = np.ascontiguousarray(res)
 
-    def evict(self, start: int, count: int) -> None:
-        """Drop tokens [start, start+count) (sink_window). Needs per-token scales for keys too:
-        a per-channel key group cannot give up single tokens."""
+    def evict(self, start: int, count: int, layer: int | None = None) -> None:
+        """Drop tokens [start, start+count) of every layer (or of `layer`) (sink_window). Needs
+        per-token scales for keys too: a per-channel key group cannot give up single tokens."""
         if self.per_channel_keys:
             raise ValueError("per-channel key groups cannot evict single tokens")
-        stored = self.q[(0, "key")].length
         for key in self.q:
+            if layer is not None and key[0] != layer:
+                continue
+            stored = self.q[key].length  # (each layer's own: token_dropping, layer_routing)
             res = self.res[key]
             # tokens [start, start+count) split over the store [0, stored) and the residual
             s0, e0 = min(start, stored), min(start + count, stored)

@@ -48,8 +48,7 @@ def test_listed_with_every_option(capsys):
 
 
 @pytest.mark.parametrize("other, why", [
-    ({"name": "sink_window"}, "cache policy"),
-    ({"name": "h2o_eviction", "ratio": 0.5}, "cache policy"),
+    ({"name": "h2o_eviction", "ratio": 0.5}, "H2O evicts the same tokens from every layer"),
     ({"name": "block_sparse"}, "block_sparse wraps"),
 ])
 def test_refuses_what_the_runtime_cannot_combine(other, why):

@@ -69,8 +69,7 @@ def test_cli_lists_every_option(capsys):
 
 
 @pytest.mark.parametrize("other, why", [
-    ({"name": "sink_window"}, "cache policies"),
-    ({"name": "h2o_eviction", "ratio": 0.5}, "cache policies"),
+    ({"name": "h2o_eviction", "ratio": 0.5}, "H2O evicts the same tokens from every layer"),
     ({"name": "block_sparse"}, "both rewrite prefill attention"),
     ({"name": "token_dropping", "mode": "prefill", "start_layer": 3}, "both drop tokens"),
 ])

@@ -1,0 +1,141 @@
+"""Issue 18's one pipeline: sink_window with token_dropping (mode prefill) and layer_routing, whose
+layers keep caches of their own lengths, and with the int8 KIVI cache.
+
+sink_window evicts each layer's cache by its own length, and numbers the positions of
+token_dropping's later layers by the slots of their own cache (keys 0..len-1, a step's queries
+from past_len on), as it numbers every layer's by slot. So the kept prompt tokens of those layers
+are renumbered 0..k-1: each layer is a StreamingLLM cache of its own."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from compile_helpers import compile_with, decode_diffs, token_ids
+from optc.config import parse_config
+from optc.errors import OptcError
+from optc.registry import default_registry
+
+REG = default_registry()
+SW = {"name": "sink_window", "sinks": 4, "window": 60}
+TD = {"name": "token_dropping", "mode": "prefill", "start_layer": 2}
+LR = {"name": "layer_routing", "max_skip": 1}
+KV8 = {"name": "kv_quantize", "bits": 8, "residual": 16, "group_size": 16, "key_quant": "per_token"}
+BOUND = SW["sinks"] + SW["window"]
+
+
+@pytest.mark.parametrize("passes, message", [
+    ([SW, TD], r"passes\[1\] \(token_dropping\) must come before passes\[0\] \(sink_window\).*numbers the later "
+               r"layers' cache by slot"),
+    ([LR, SW], r"passes\[1\] \(sink_window\) must come before passes\[0\] \(layer_routing\)"),
+    ([TD, {"name": "h2o_eviction", "ratio": 0.5}], "cannot be combined: .*H2O evicts the same tokens from every layer"),
+    ([LR, {"name": "h2o_eviction", "ratio": 0.5}], "cannot be combined: .*H2O evicts the same tokens from every layer"),
+])
+def test_orders_and_combinations_the_runtime_cannot_run_are_refused(passes, message):
+    from optc.pipeline import check_contracts, plan
+
+    with pytest.raises(OptcError, match=message) as e:
+        check_contracts(plan(parse_config({"passes": passes}, REG), REG))
+    assert "\n" not in str(e.value)
+
+
+def test_the_four_passes_are_accepted_in_their_order():
+    from optc.pipeline import check_contracts, plan
+
+    check_contracts(plan(parse_config({"passes": [TD, SW, LR, KV8]}, REG), REG))
+    check_contracts(plan(parse_config({"passes": [KV8, TD, SW, LR]}, REG), REG))
+
+
+@pytest.fixture(scope="module")
+def window_alone(exported_decoder, tmp_path_factory):
+    return compile_with(exported_decoder, tmp_path_factory.mktemp("sw") / "a", [SW])
+
+
+@pytest.mark.slow
+def test_keep_all_and_no_skip_equal_sink_window_alone(exported_decoder, window_alone, tmp_path):
+    """token_dropping keep 1.0 and layer_routing max_skip 0 with sink_window: the per-layer slot
+    positions and evictions are sink_window's own, through hundreds of evictions (a prompt of one
+    chunk, so that both prefill in one step)."""
+    both = compile_with(exported_decoder, tmp_path / "both", [{**TD, "keep": 1.0}, SW, {**LR, "max_skip": 0}])
+    assert "kv_in_place" not in both.manifest["backend"]  # (the generic graph: the policy is per layer)
+    ids = token_ids(400, seed=4)
+    diffs = [np.abs(both.prefill(ids[:25]) - window_alone.prefill(ids[:25])).max()]
+    diffs += decode_diffs(both, window_alone, ids[25:])
+    assert max(diffs) < 1e-4, max(diffs)
+    assert both.cache.layer_lengths == [BOUND] * 6
+
+
+@pytest.mark.slow
+def test_dropping_with_the_window_keeps_per_layer_lengths_and_slots(exported_decoder, tmp_path):
+    """keep 0.5 from layer 2: the prompt runs in one step (the dropping scores all of it); the
+    later layers cache k tokens and each layer is evicted to sinks + window by its own length;
+    their positions are their own slots: the kept keys (cached before RoPE) are the dense ones
+    at the kept tokens, and the logits are finite and stay close to sink_window alone."""
+    model = compile_with(exported_decoder, tmp_path / "td_sw", [{**TD, "keep": 0.5}, SW])
+    prompt = 100
+    k = prompt // 2
+    ids = token_ids(prompt + 60, seed=5)
+    model.prefill(ids[:prompt])
+    assert model.cache.layer_lengths == [prompt] * 2 + [k] * 4
+    for step, t in enumerate(ids[prompt:], start=1):
+        logits = model.decode(int(t))
+        assert np.isfinite(logits).all()
+        want = [min(prompt + step, BOUND)] * 2 + [min(k + step, BOUND)] * 4
+        assert model.cache.layer_lengths == want, (step, model.cache.layer_lengths)
+
+
+@pytest.mark.slow
+def test_routing_with_the_window_evicts_running_layers_only(exported_decoder, tmp_path):
+    """max_skip 1: the skipped layer's cache stops where the prompt left it; the running ones are
+    evicted to sinks + window, and the positions read the running layers' length."""
+    model = compile_with(exported_decoder, tmp_path / "sw_lr", [SW, LR])
+    assert "kv_in_place" not in model.manifest["backend"]  # (the fused buffer is compacted over one length)
+    ids = token_ids(200, seed=6)
+    model.prefill(ids[:30])
+    (skipped,) = model.skipped_layers
+    for t in ids[30:]:
+        assert np.isfinite(model.decode(int(t))).all()
+    lengths = model.cache.layer_lengths
+    assert lengths[skipped] == 30 and all(n == BOUND for i, n in enumerate(lengths) if i != skipped), lengths
+
+
+@pytest.mark.slow
+def test_the_four_passes_run_together_with_the_kivi_cache(exported_decoder, tmp_path):
+    """token_dropping + sink_window + layer_routing + int8 KIVI (per-token keys, which can be
+    evicted): per-layer lengths in the quantised store, and keep 1.0 / max_skip 0 equal sink_window
+    with the KIVI cache alone."""
+    from optc.runtime.cache.kivi import QuantizedKVCache
+
+    full = compile_with(exported_decoder, tmp_path / "all", [{**TD, "keep": 0.5}, SW, LR, KV8])
+    assert isinstance(full.cache, QuantizedKVCache)
+    ids = token_ids(240, seed=7)
+    full.prefill(ids[:100])
+    (skipped,) = full.skipped_layers
+    for t in ids[100:]:
+        assert np.isfinite(full.decode(int(t))).all()
+    lengths = full.cache.layer_lengths
+    assert all(n == BOUND for i, n in enumerate(lengths) if i != skipped), lengths
+    trivial = compile_with(exported_decoder, tmp_path / "trivial", [{**TD, "keep": 1.0}, SW, {**LR, "max_skip": 0},
+                                                                    KV8])
+    alone = compile_with(exported_decoder, tmp_path / "alone", [SW, KV8])
+    diffs = [np.abs(trivial.prefill(ids[:25]) - alone.prefill(ids[:25])).max()]
+    diffs += decode_diffs(trivial, alone, ids[25:])
+    assert max(diffs) < 1e-4, max(diffs)
+
+
+@pytest.mark.slow
+def test_the_later_layers_are_positioned_by_their_own_slots(exported_decoder, tmp_path):
+    """RoPE attention depends on query-key distances only. With score `recent` and no forced
+    sinks, the later layers keep the prompt's last k tokens, a contiguous run: renumbering them
+    0..k-1 (sink_window's slots of their own cache) shifts every position of those layers by the
+    same P - k. So while nothing is evicted, token_dropping + sink_window computes what
+    token_dropping alone does (kept tokens at their text positions), prefill and decode. A query
+    left at its text position, or keys at the early layers' slots, would differ by far more."""
+    td = {**TD, "keep": 0.5, "score": "recent", "sinks": 0, "recent": 8}
+    windowed = compile_with(exported_decoder, tmp_path / "td_sw", [td, {**SW, "window": 250}])
+    alone = compile_with(exported_decoder, tmp_path / "td", [td])
+    ids = token_ids(160, seed=8)
+    diffs = [np.abs(windowed.prefill(ids[:100]) - alone.prefill(ids[:100])).max()]
+    diffs += decode_diffs(windowed, alone, ids[100:])
+    assert windowed.cache.layer_lengths == alone.cache.layer_lengths == [160] * 2 + [110] * 4
+    assert max(diffs) < 1e-3, max(diffs)
