@@ -25,16 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+# the decoder, its outlier_split and the prompts of scripts/npu_bench.py (the same artifact settings)
+from npu_bench import CHUNK, DECODE, DECODER, LENGTH, MAX_CACHE, QDQ_PASS, ROOT, log
+
 OV_PYTHON = ROOT / ".venv-openvino" / "bin" / "python"
-DECODER = ROOT / "models" / "pycoder-v2"
-CHUNK, MAX_CACHE, LENGTH, DECODE = 64, 512, 256, 16
-QDQ_PASS = {"name": "outlier_split", "outlier_fraction": 0.01, "quantize_outputs": True,
-            "calibration": {"samples": 16, "length": 256}}
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def build(out: Path, bits: int) -> tuple[Path, Path]:
