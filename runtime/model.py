@@ -253,13 +253,7 @@ class Model:
         new tokens fits in sinks + window. Each layer by its own length: token_dropping's later
         layers hold fewer tokens, and a layer that layer_routing skips stops growing."""
         sinks, window = self.sink_window.sinks, self.sink_window.window
-        lengths = self.cache.layer_lengths
-        if len(set(lengths)) == 1:  # (every layer alike: one eviction over all of them)
-            overflow = lengths[0] + n - (sinks + window)
-            if overflow > 0:
-                self.cache.evict(start=sinks, count=min(overflow, lengths[0] - sinks))
-            return
-        for i, length in enumerate(lengths):
+        for i, length in enumerate(self.cache.layer_lengths):
             overflow = length + n - (sinks + window)
             if overflow > 0:
                 self.cache.evict(start=sinks, count=min(overflow, length - sinks), layer=i)

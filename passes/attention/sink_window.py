@@ -20,8 +20,8 @@ from onnx_ir import tape
 from pydantic import Field, field_validator
 
 from optc.config import PassOptions
-from optc.passes.base import (CACHE_POLICY, CACHE_SLOT_POSITIONS, EVICTS_SINGLE_TOKENS, LAYERS_ROUTED, MODEL_DECODER,
-                              MODEL_POSITION_IDS, MODEL_ROTARY_OP, SPARSE_PREFILL, Contract, OptcPass,
+from optc.passes.base import (CACHE_POLICY, CACHE_SLOT_POSITIONS, EVICTS_SINGLE_TOKENS, LAYERS_ROUTED,
+                              MODEL_DECODER, MODEL_POSITION_IDS, MODEL_ROTARY_OP, SPARSE_PREFILL, Contract, OptcPass,
                               PassConfigError)
 from optc.passes.rules.builders import clone_cone, ints, name_nodes
 from optc.passes.token_dropping.prefill import late_slots

@@ -9,7 +9,8 @@ from pydantic import Field, StrictFloat, StrictInt, field_validator, model_seria
 
 from optc.config import PassOptions
 from optc.passes.base import (CACHE_SLOT_POSITIONS, EVICTS_ALL_LAYERS_ALIKE, LAYERS_ROUTED, MODEL_DECODER,
-                              MODEL_ENCODER, MODEL_POSITION_IDS, SPARSE_PREFILL, TOKENS_DROPPED, Contract, OptcPass, PassConfigError)
+                              MODEL_ENCODER, MODEL_POSITION_IDS, SPARSE_PREFILL, TOKENS_DROPPED, Contract, OptcPass,
+                              PassConfigError)
 from optc.passes.token_dropping.encoder import rewrite_encoder
 from optc.passes.token_dropping.prefill import rewrite_prefill
 from optc.runtime.manifest import KEPT_ATTENTION_MASK, KEPT_TOKEN_SIZES

@@ -7,9 +7,10 @@ order, each in its own ONNX Runtime session, handing tensors on by name.
 
 NPU partitions run on the first NPU execution provider present, in this order: QNN (Qualcomm
 HTP, through the onnxruntime-qnn plugin; on x86 its HTP backend is Qualcomm's simulator), then
-OpenVINO's NPU device (only where OpenVINO sees one: its execution provider is also built for
-CPUs and GPUs, and an OpenVINO build without an NPU device is not an NPU provider). CPU fallback is disabled in those sessions, so a partition the provider
-cannot take fails to load instead of running on the CPU. Without an NPU provider the artifact
+OpenVINO's NPU device (only where OpenVINO sees one: its execution provider also serves CPUs and
+GPUs, so an OpenVINO without an NPU device is not an NPU provider). CPU fallback is disabled in
+those sessions, so a partition the provider cannot take fails to load instead of running on the
+CPU. Without an NPU provider the artifact
 refuses to load unless it was compiled with --allow-cpu-fallback; then its NPU partitions run on
 the CPU and `partition_providers` (and `provider`) say so.
 """
@@ -84,6 +85,11 @@ def openvino_npu_device() -> str | None:
     return next((d for d in openvino_devices() or [] if d.split(".")[0] in OPENVINO_NPU_DEVICES), None)
 
 
+def _openvino(provider_options: dict) -> tuple[str, dict]:
+    """OpenVINO's provider entry for a session: its NPU device, then the profile's options."""
+    return OPENVINO, {"device_type": openvino_npu_device() or "NPU", **provider_options}
+
+
 def npu_provider(kind: str = "any") -> str | None:
     """The NPU execution provider to use here (QNN first, then OpenVINO's NPU device), or None."""
     import onnxruntime as ort
@@ -128,8 +134,7 @@ def npu_session(path_or_bytes, provider: str, provider_options: dict, *, context
         so.add_provider_for_devices(devices, {"backend_path": qnn.get_qnn_htp_path(), **provider_options})
         return ort.InferenceSession(path_or_bytes, sess_options=so)
     if provider == OPENVINO:
-        options = {"device_type": openvino_npu_device() or "NPU", **provider_options}
-        return ort.InferenceSession(path_or_bytes, sess_options=so, providers=[(OPENVINO, options)])
+        return ort.InferenceSession(path_or_bytes, sess_options=so, providers=[_openvino(provider_options)])
     raise ValueError(provider)
 
 
@@ -341,8 +346,7 @@ def assigned_nodes(path: str, provider: str, provider_options: dict) -> dict[str
         so.add_provider_for_devices(devices, {"backend_path": qnn.get_qnn_htp_path(), **provider_options})
         session = ort.InferenceSession(path, sess_options=so)
     elif provider == OPENVINO:
-        options = {"device_type": openvino_npu_device() or "NPU", **provider_options}
-        session = ort.InferenceSession(path, sess_options=so, providers=[(OPENVINO, options), CPU])
+        session = ort.InferenceSession(path, sess_options=so, providers=[_openvino(provider_options), CPU])
     else:
         session = ort.InferenceSession(path, sess_options=so, providers=[provider, CPU])
     counts: dict[str, int] = {}
