@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 # the decoder, its outlier_split and the prompts of scripts/npu_bench.py (the same artifact settings)
-from npu_bench import CHUNK, DECODE, DECODER, LENGTH, MAX_CACHE, QDQ_PASS, ROOT, log
+from npu_bench import CHUNK, DECODER, LENGTH, MAX_CACHE, QDQ_PASS, ROOT, _timed_logits, log
 
 OV_PYTHON = ROOT / ".venv-openvino" / "bin" / "python"
 
@@ -79,9 +79,9 @@ def run_in_openvino(art: Path, float_art: Path, prompts: int) -> dict:
                             length=LENGTH)
     rows: dict[str, list] = {"openvino": [], "cpu_ep": []}
     for i, ids in enumerate(windows):
-        ref = _logits(flt, ids)[0]
+        ref = _timed_logits(flt, ids)[0]
         for key, model in (("openvino", ov), ("cpu_ep", cpu)):
-            got, decode_s = _logits(model, ids)
+            got, _, decode_s = _timed_logits(model, ids)
             rows[key].append({"top1": float((got.argmax(-1) == ref.argmax(-1)).mean()), "decode": decode_s})
         log(f"  prompt {i}: top-1 vs float: OpenVINO {rows['openvino'][-1]['top1']:.4f}, "
             f"CPU EP {rows['cpu_ep'][-1]['top1']:.4f}")
@@ -91,16 +91,6 @@ def run_in_openvino(art: Path, float_art: Path, prompts: int) -> dict:
             "npu_partition_nodes_by_ep": assigned, "load_seconds_openvino": load_s, "prompts": len(windows),
             "top1_vs_float": {k: float(np.mean([r["top1"] for r in v])) for k, v in rows.items()},
             "decode_ms_per_token": {k: 1000 * statistics.median(r["decode"] for r in v) for k, v in rows.items()}}
-
-
-def _logits(model, ids):
-    import numpy as np
-
-    model.reset()
-    rows = [model.prefill(ids[:-DECODE], all_logits=True)]
-    t = time.perf_counter()
-    rows += [model.decode(int(x))[None] for x in ids[-DECODE:]]
-    return np.concatenate(rows), (time.perf_counter() - t) / DECODE
 
 
 def main(argv=None) -> None:

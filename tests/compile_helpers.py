@@ -37,3 +37,9 @@ def fused_and_generic(exported_decoder: Path, tmp: Path, passes: list[dict]):
 def decode_diffs(a, b, ids) -> list[float]:
     """max |Δlogit| of models `a` and `b` decoding `ids` one by one (after their prefill)."""
     return [float(np.abs(a.decode(int(t)) - b.decode(int(t))).max()) for t in ids]
+
+
+def prefill_decode_diff(a, b, ids, prompt: int) -> float:
+    """max |Δlogit| of models `a` and `b` prefilling ids[:prompt], then decoding the rest one by one."""
+    diffs = [float(np.abs(a.prefill(ids[:prompt]) - b.prefill(ids[:prompt])).max())]
+    return max(diffs + decode_diffs(a, b, ids[prompt:]))
