@@ -20,7 +20,8 @@ layout or attention outputs (those passes keep the generic path, and the compile
 layer_routing wraps a routable layer in an `If` on the runtime's per-layer flag. Its attention is
 lowered inside the run branch: ONNX Runtime hands the If's bound output (the cache buffer) to
 the branch, so GQA still writes in place; the skip branch passes the past through as the same
-buffer (an Identity onto itself copies nothing, measured).
+buffer (an Identity onto itself copies nothing, measured). With sink_window as well, the runtime
+compacts the running layers' buffers only: a skipped layer's cache is never read again.
 """
 
 from __future__ import annotations
@@ -68,9 +69,6 @@ def why_not(model: ir.Model, info, kv_cache: dict | None, target: str, prefill: 
     pruned = kv.get(PRUNED_FROM_LAYER)
     if pruned is not None and policy:
         return "token_dropping with a cache policy"
-    if policy and LAYERS_RUN_INPUT in {v.name for v in model.graph.inputs}:
-        # (the fused sink_window buffer is compacted over one length, and a skipped layer's stops)
-        return "layer_routing with a cache policy"
     if any(is_attention_output(v.name) for v in model.graph.outputs):
         return "a cache policy reads the attention probabilities"
     if info.head_dim % 16:

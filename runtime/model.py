@@ -224,7 +224,7 @@ class Model:
 
     def _step_in_place(self, ids: np.ndarray, n: int) -> np.ndarray:
         """_step on the fused path (a dense cache without policy: position = cache length)."""
-        bias = self._window.step(self.cache, n) if self._window is not None else None
+        bias = self._window.step(self.cache, n, self.skipped_layers) if self._window is not None else None
         cached = self.cache.length
         if cached + n > self._context_limit:
             self._warn_past_context(cached + n - 1, stacklevel=5)  # (called from _step: one frame deeper)
@@ -307,7 +307,7 @@ class Model:
         next step overwrites (the generate loop samples from them at once)."""
         if not 0 <= tok < self.vocab_size:
             raise InvalidValue(f"token id {tok} is outside the vocabulary (0..{self.vocab_size - 1})")
-        bias = self._window.step(self.cache, 1) if self._window is not None else None
+        bias = self._window.step(self.cache, 1, self.skipped_layers) if self._window is not None else None
         cached = self.cache.length
         if cached >= self._context_limit:
             self._warn_past_context(cached, stacklevel=4)

@@ -60,10 +60,12 @@ class SlotWindow:
         x1, x2 = k[..., :half], k[..., half:]
         return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
-    def step(self, cache, n: int) -> np.ndarray:
+    def step(self, cache, n: int, frozen=()) -> np.ndarray:
         """Before a step of `n` tokens: room in the buffer (make_room), the sinks' keys placed
-        right before the visible window, and the step's attention bias (returned)."""
-        self.make_room(cache, n)
+        right before the visible window, and the step's attention bias (returned). `frozen`: the
+        layers layer_routing skips for the rest of the sequence; their caches are never read
+        again, so they are left as they are (they stopped growing)."""
+        self.make_room(cache, n, frozen)
         length = cache.length
         hidden_end = max(self.sinks, length - max(0, self.window - n))
         shift = hidden_end - self.sinks
@@ -73,14 +75,16 @@ class SlotWindow:
                 self._sink_keys = self._rotate(own, np.arange(self.slack + 1))
             rotated = self._sink_keys[shift]  # (shift <= slack: the buffer holds sinks + window + slack)
             for i, arr in enumerate(cache.keys):
-                arr.data[0, :, :self.sinks] = rotated[i]
+                if i not in frozen:
+                    arr.data[0, :, :self.sinks] = rotated[i]
             self._sink_shift = shift
         return self.bias(length, n)
 
-    def make_room(self, cache, n: int) -> None:
+    def make_room(self, cache, n: int, frozen=()) -> None:
         """Before a step of `n` new tokens: if the buffer cannot take them, keep the sinks and the
         last `window - n` tokens (those the step attends to) and move the latter down to follow
-        the sinks, rotating their keys back by the distance moved."""
+        the sinks, rotating their keys back by the distance moved (in every layer but the
+        `frozen` ones)."""
         length = cache.length
         if length + n <= self.capacity:
             return
@@ -88,10 +92,12 @@ class SlotWindow:
         shift = length - keep - self.sinks
         if shift <= 0:
             return
-        cache.evict(start=self.sinks, count=shift)
+        live = [i for i in range(len(cache.keys)) if i not in frozen]
+        for i in live:
+            cache.evict(start=self.sinks, count=shift, layer=i)
         if keep:  # rows moved `shift` slots down: their keys rotated back as far
-            for arr in cache.keys:
-                k = arr.data[:, :, self.sinks:self.sinks + keep]
+            for i in live:
+                k = cache.keys[i].data[:, :, self.sinks:self.sinks + keep]
                 k[...] = self._rotate(k, -shift)
 
     def bias(self, length: int, n: int) -> np.ndarray:
