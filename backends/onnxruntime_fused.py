@@ -40,6 +40,9 @@ TOTAL_INPUT = "total_sequence_length"  # tokens in the cache after this step (in
 ATTENTION_BIAS_INPUT = "optc.gqa.attention_bias"  # sink_window: 0 / -inf per cached row [1, 1, S, total]
 # token_dropping (mode prefill): tokens in the cache of the layers from pruned_from_layer on (int64 [1])
 PRUNED_PAST_INPUT = "optc.gqa.pruned_past_length"
+# token_dropping + sink_window: the pruned layers' bias row, 0 / -inf per row of their own buffer
+# [1, 1, 1, >= their total] (the hidden rows are the same for every query row of a step)
+PRUNED_BIAS_INPUT = "optc.gqa.pruned_attention_bias"
 # positions the cos/sin tables cover: a few times the trained context (the runtime warns past
 # the context but runs; past the tables it refuses), bounded so a table stays small
 MIN_TABLE, MAX_TABLE = 4096, 32768
@@ -66,9 +69,6 @@ def why_not(model: ir.Model, info, kv_cache: dict | None, target: str, prefill: 
     policy = kv.get("policy")
     if policy and policy.get("kind") != POLICY_SINK_WINDOW:
         return f"the {policy.get('kind')} cache policy rewrites the cache between steps"
-    pruned = kv.get(PRUNED_FROM_LAYER)
-    if pruned is not None and policy:
-        return "token_dropping with a cache policy"
     if any(is_attention_output(v.name) for v in model.graph.outputs):
         return "a cache policy reads the attention probabilities"
     if info.head_dim % 16:
@@ -399,12 +399,40 @@ class _PrunedLayers:
     capacity-sized, so the graph's other reads of these layers' cache (the dropping's "is the cache
     empty" Shape, the score's keys) read the valid rows through that input too."""
 
-    def __init__(self, model: ir.Model, start: int):
+    def __init__(self, model: ir.Model, start: int, windowed: bool = False):
         self.start = start
         self.past = ir.Value(name=PRUNED_PAST_INPUT, shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT64))
         model.graph.inputs.append(self.past)
+        # sink_window: their bias row (their buffer's hidden rows are not the early layers')
+        self.bias_row = None
+        if windowed:
+            self.bias_row = ir.Value(name=PRUNED_BIAS_INPUT, shape=ir.Shape([1, 1, 1, "pruned_bias_rows"]),
+                                     type=ir.TensorType(ir.DataType.FLOAT))
+            model.graph.inputs.append(self.bias_row)
         # (seqlens_k [1], total) as int32, per scope: the main graph, or a routed layer's If branch
         self.lengths: dict[int, tuple[ir.Value, ir.Value]] = {}
+        self._total64: dict[int, ir.Value] = {}  # the same total as int64 [1], per scope
+        self._biases: dict[int, ir.Value] = {}
+
+    def bias(self, graph: ir.Graph, q3: ir.Value, before: ir.Node) -> ir.Value:
+        """sink_window: the pruned layers' attention bias [1, 1, S, total], their bias row cut to
+        their total and repeated for the step's S query rows (one bias per scope)."""
+        scope = id(before.graph)
+        if scope not in self._biases:
+            self._lengths(graph, q3, before)
+            total = self._total64[scope]
+            zero, axis, one = (_const(graph, f"optc.gqa.pruned.{n}", [v]) for n, v in (("zero", 0), ("bias_axis", 3),
+                                                                                         ("one", 1)))
+            row = ir.node("Slice", [self.bias_row, zero, total, axis])
+            rows = ir.node("Shape", [q3], attributes={"start": 1, "end": 2})
+            shape = ir.node("Concat", [one, one, rows.outputs[0], total], attributes={"axis": 0})
+            full = ir.node("Expand", [row.outputs[0], shape.outputs[0]])
+            nodes = [row, rows, shape, full]
+            for j, node in enumerate(nodes):
+                node.outputs[0].name = f"optc.gqa.pruned.bias.{len(self._biases)}.{j}"
+            before.graph.insert_before(before, nodes)
+            self._biases[scope] = full.outputs[0]
+        return self._biases[scope]
 
     def _lengths(self, graph: ir.Graph, q3: ir.Value, before: ir.Node) -> tuple[ir.Value, ir.Value]:
         scope = id(before.graph)
@@ -421,6 +449,7 @@ class _PrunedLayers:
                 node.outputs[0].name = f"optc.gqa.pruned.lengths.{len(self.lengths)}.{j}"
             before.graph.insert_before(before, nodes)
             self.lengths[scope] = (seqlens.outputs[0], total32.outputs[0])
+            self._total64[scope] = total.outputs[0]
         return self.lengths[scope]
 
     def lower(self, graph: ir.Graph, info, index: int, attn: ir.Node, catk: ir.Node, catv: ir.Node) -> None:
@@ -500,16 +529,22 @@ def lower(model: ir.Model, info, context: int | None, log=print, kv_cache: dict 
     total = ir.Value(name=TOTAL_INPUT, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT32))
     graph.inputs.extend([seqlens, total] + ([bias] if bias is not None else []))
     pruned = (kv_cache or {}).get(PRUNED_FROM_LAYER)
-    late = _PrunedLayers(model, pruned) if pruned is not None else None
+    late = _PrunedLayers(model, pruned, windowed=bias is not None) if pruned is not None else None
     tables: dict[int, tuple[ir.Value, ir.Value]] = {}
     packed_layers = 0
     for layer in info.layers:
         (q_rope, k_rope, attn, catk, catv), _ = _layer(model, layer.index)
-        if late is not None and layer.index >= pruned:
+        in_pruned = late is not None and layer.index >= pruned
+        if in_pruned and bias is None:
             late.lower(graph, info, layer.index, attn, catk, catv)
             continue
         angle = q_rope.inputs[1].producer()  # tables of the same angles are one table, whatever Cos node
         key = id(angle.inputs[0]) if angle is not None and angle.op_type == "Cos" else id(q_rope.inputs[1])
+        if in_pruned:
+            # token_dropping + sink_window: these layers are numbered by the slots of their own
+            # cache, which is where GQA rotates (the row it writes); their rotary is the same
+            # function of the slot as layer 0's (sink_window cloned it), so they share its table
+            key = next(iter(tables))
         if key not in tables:
             cos, sin = (ir.Value(name=f"optc.gqa.{kind}_cache.{len(tables)}",
                                  const_value=ir.tensor(_rotary_table(model, q_rope.inputs[slot], positions)))
@@ -525,8 +560,11 @@ def lower(model: ir.Model, info, context: int | None, log=print, kv_cache: dict 
         packed = _packed_qkv(graph, q3, k3, v3, attn)
         qkv = [packed, None, None] if packed is not None else [q3, k3, v3]
         packed_layers += packed is not None
-        extra = [None, bias] if bias is not None else []  # (position_ids: GQA's default, the row it writes)
-        gqa = ir.node(FUSED_OP, [*qkv, catk.inputs[0], catv.inputs[0], seqlens, total, cos, sin, *extra],
+        lengths, layer_bias = (seqlens, total), bias
+        if in_pruned:
+            lengths, layer_bias = late._lengths(graph, q3, attn), late.bias(graph, q3, attn)
+        extra = [None, layer_bias] if bias is not None else []  # (position_ids: GQA's default, the row it writes)
+        gqa = ir.node(FUSED_OP, [*qkv, catk.inputs[0], catv.inputs[0], *lengths, cos, sin, *extra],
             attributes={"num_heads": info.num_heads, "kv_num_heads": info.kv_heads, "do_rotary": 1,
                         "rotary_interleaved": 0, "scale": float(scale)},
             domain="com.microsoft", num_outputs=3, name=f"optc_gqa_{layer.index}")
@@ -557,9 +595,14 @@ def lower(model: ir.Model, info, context: int | None, log=print, kv_cache: dict 
                "max_positions": positions,
                "cache_inputs": [[past_name(i, "key"), past_name(i, "value")] for i in range(len(info.layers))]}
     if late is not None:
+        rotary = ("rotated by GQA at the slots of their own buffer, which the runtime compacts by their own length and "
+                  "hides with their own attention bias" if bias is not None
+                  else "with the graph's rotary at the kept tokens' positions")
         log(f"onnxruntime: token_dropping on the fused path: layers {pruned}-{len(info.layers) - 1} run GQA on their "
-            f"own cache length (the kept prompt tokens), with the graph's rotary at the kept tokens' positions")
+            f"own cache length (the kept prompt tokens), {rotary}")
         section["pruned_past_input"] = PRUNED_PAST_INPUT
+        if bias is not None:
+            section["pruned_attention_bias_input"] = PRUNED_BIAS_INPUT
     if bias is not None:
         log(f"onnxruntime: sink_window on the fused path: keys rotated once at their slot in a bounded buffer; the "
             f"runtime hides rows that left the window (attention bias) and compacts the buffer in batches, moving "

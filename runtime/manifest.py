@@ -509,7 +509,9 @@ class KvInPlace:
     rotated pair, radians per position) lets the runtime move rotated keys down to their new slot
     (runtime/cache/window.py). With token_dropping (mode prefill), the layers from
     kv_cache.pruned_from_layer on hold fewer tokens: `pruned_past_input` tells the graph how many
-    (it computes their GQA lengths from it and the step's kept tokens)."""
+    (it computes their GQA lengths from it and the step's kept tokens); with sink_window as well,
+    `pruned_attention_bias_input` takes their own bias row (their buffer is compacted by their own
+    length)."""
 
     op: str
     seqlens_input: str
@@ -519,12 +521,13 @@ class KvInPlace:
     attention_bias_input: str | None = None
     rotary_inv_freq: list | None = None
     pruned_past_input: str | None = None  # token_dropping: the pruned layers' cache length (int64 [1])
+    pruned_attention_bias_input: str | None = None  # token_dropping + sink_window: their bias row
 
     @classmethod
     def from_dict(cls, d: Any, n_layers: int, where: str) -> KvInPlace:
         d = _object(d, where)
         _no_extra(d, {"op", "seqlens_input", "total_input", "max_positions", "cache_inputs", "attention_bias_input",
-                      "rotary_inv_freq", "pruned_past_input"}, where)
+                      "rotary_inv_freq", "pruned_past_input", "pruned_attention_bias_input"}, where)
         bias = _need(d, "attention_bias_input", str, where, optional=True)
         freq = _need(d, "rotary_inv_freq", list, where, optional=True)
         if (bias is None) != (freq is None) or (freq is not None and (
@@ -539,11 +542,12 @@ class KvInPlace:
                                              for p in pairs):
             raise ManifestError(f"{where}.cache_inputs: [key input, value input] for each of {n_layers} layers")
         pruned = _need(d, "pruned_past_input", str, where, optional=True)
-        if pruned is not None and bias is not None:
-            raise ManifestError(f"{where}: pruned_past_input (token_dropping) and attention_bias_input (sink_window) "
-                                f"do not go together")
+        pruned_bias = _need(d, "pruned_attention_bias_input", str, where, optional=True)
+        if (pruned_bias is not None) != (pruned is not None and bias is not None):
+            raise ManifestError(f"{where}: pruned_attention_bias_input goes with pruned_past_input (token_dropping) "
+                                f"and attention_bias_input (sink_window) together, and only with them")
         return cls(op, _need(d, "seqlens_input", str, where), _need(d, "total_input", str, where),
-                   _count(d, "max_positions", where), pairs, bias, freq, pruned)
+                   _count(d, "max_positions", where), pairs, bias, freq, pruned, pruned_bias)
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,8 @@ class Model:
                                 f"with the attention bias input), and pruned layers with the pruned-length input")
         self._window = SlotWindow(kv_spec.policy.sinks, kv_spec.policy.window,
                                   self.executor.kv_in_place.rotary_inv_freq, cfg.get("context"),
-                                  self.executor.kv_in_place.max_positions) if windowed else None
+                                  self.executor.kv_in_place.max_positions,
+                                  kv_spec.pruned_from_layer) if windowed else None
         # token_dropping (mode prefill): from this layer on, prefill caches (and returns logits
         # for) the kept prompt tokens only; each layer's cache keeps its own length
         self.pruned_from_layer = kv_spec.pruned_from_layer
@@ -224,7 +225,7 @@ class Model:
 
     def _step_in_place(self, ids: np.ndarray, n: int) -> np.ndarray:
         """_step on the fused path (a dense cache without policy: position = cache length)."""
-        bias = self._window.step(self.cache, n, self.skipped_layers) if self._window is not None else None
+        bias = self._window.step(self.cache, n, self.skipped_layers) if self._window is not None else (None, None)
         cached = self.cache.length
         if cached + n > self._context_limit:
             self._warn_past_context(cached + n - 1, stacklevel=5)  # (called from _step: one frame deeper)
@@ -307,7 +308,7 @@ class Model:
         next step overwrites (the generate loop samples from them at once)."""
         if not 0 <= tok < self.vocab_size:
             raise InvalidValue(f"token id {tok} is outside the vocabulary (0..{self.vocab_size - 1})")
-        bias = self._window.step(self.cache, 1, self.skipped_layers) if self._window is not None else None
+        bias = self._window.step(self.cache, 1, self.skipped_layers) if self._window is not None else (None, None)
         cached = self.cache.length
         if cached >= self._context_limit:
             self._warn_past_context(cached, stacklevel=4)

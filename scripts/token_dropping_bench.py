@@ -326,6 +326,7 @@ PIPELINE = [
     ("int8 KV, per-token keys", [KV8T]),
     ("token_dropping + sink_window", [TD, SW]),
     ("sink_window + layer_routing", [SW, LR1]),
+    ("token_dropping + sink_window + layer_routing", [TD, SW, LR1]),
     ("token_dropping + sink_window + layer_routing + int8 KV", [TD, SW, LR1, KV8T]),
 ]
 

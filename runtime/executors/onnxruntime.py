@@ -89,7 +89,8 @@ class OnnxRuntimeExecutor:
         self.kv_in_place = backend.kv_in_place
         if self.kv_in_place is not None:
             p = self.kv_in_place
-            optional = [name for name in (p.attention_bias_input, p.pruned_past_input) if name]
+            optional = [name for name in (p.attention_bias_input, p.pruned_past_input, p.pruned_attention_bias_input)
+                        if name]
             for name in (p.seqlens_input, p.total_input, *optional, *[n for pair in p.cache_inputs for n in pair]):
                 if name not in self.input_names:
                     raise ArtifactError(f"{root / 'manifest.json'}: backend.kv_in_place: {name!r} is not an input "
@@ -172,7 +173,7 @@ class OnnxRuntimeExecutor:
             if output and name not in self._output_order:
                 self._output_order.append(name)
 
-    def _bind_step(self, buffers: dict[str, np.ndarray], cached: int, n: int, bias: np.ndarray | None = None,
+    def _bind_step(self, buffers: dict[str, np.ndarray], cached: int, n: int, bias=(None, None),
                    pruned_cached: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Everything a step of `n` new tokens reads and writes, bound; returns the bound token ids
         and logits arrays. Rebinding happens only where something changed: the cache's buffer map
@@ -215,18 +216,21 @@ class OnnxRuntimeExecutor:
             self._bind_array(LOGITS, logits, output=True)
         if self._needs_mask:  # (the lowering drops it where nothing reads it)
             self._io.bind_cpu_input(ATTENTION_MASK, np.ones((1, cached + n), np.int64))
-        if bias is not None:  # sink_window: its shape follows the cache, so it is bound every step
-            self._io.bind_input(p.attention_bias_input, "cpu", 0, bias.dtype, list(bias.shape), bias.ctypes.data)
-            self._bound[p.attention_bias_input] = bias
+        # sink_window: the bias (and the pruned layers' bias row, with token_dropping): their shape
+        # follows the cache, so they are bound every step
+        for name, arr in zip((p.attention_bias_input, p.pruned_attention_bias_input), bias):
+            if arr is not None:
+                self._io.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+                self._bound[name] = arr
         return ids, logits
 
     def run_in_place(self, input_ids: np.ndarray, position_ids: np.ndarray, buffers: dict[str, np.ndarray],
-                     cached: int, bias: np.ndarray | None = None, pruned_cached: int | None = None) -> np.ndarray:
+                     cached: int, bias=(None, None), pruned_cached: int | None = None) -> np.ndarray:
         """One forward step on the fused path: `buffers` are the cache's whole per-layer arrays
         (KVCache.buffers), the first `cached` entries filled; the graph writes this step's keys and
         values after them, in place. Returns the logits [1, n, vocab] (the caller's to keep); the
-        caller advances the cache. `bias`: the sink_window artifact's attention bias
-        (runtime/cache/window.py). `pruned_cached`: a token_dropping artifact's cache length in the
+        caller advances the cache. `bias`: the sink_window artifact's attention bias and, with
+        token_dropping, the pruned layers' bias row (runtime/cache/window.py; (None, None) without). `pruned_cached`: a token_dropping artifact's cache length in the
         pruned layers (the logits then have a row per kept token: the caller advances those layers
         by that many)."""
         n = input_ids.shape[1]
@@ -240,7 +244,7 @@ class OnnxRuntimeExecutor:
         return logits.copy() if n == 1 else logits
 
     def decode_in_place(self, token: int, buffers: dict[str, np.ndarray], cached: int, copy: bool = True,
-                        bias: np.ndarray | None = None, pruned_cached: int | None = None) -> np.ndarray:
+                        bias=(None, None), pruned_cached: int | None = None) -> np.ndarray:
         """One decode step of `token` on the fused path (see run_in_place): writes the token id
         and the two lengths into arrays bound once, runs, and returns the logits [vocab]. With
         copy=False they are the bound array itself, which the next step overwrites (for a caller

@@ -217,7 +217,8 @@ def test_positions_past_the_rotary_tables_are_refused(fused_artifact):
     (lambda k: k.update(extra=1), "kv_in_place.extra: unknown key"),
     (lambda k: k.update(attention_bias_input="x"), "attention_bias_input and rotary_inv_freq"),
     (lambda k: k.update(attention_bias_input="x", rotary_inv_freq=[0.5], pruned_past_input="y"),
-     "pruned_past_input (token_dropping) and attention_bias_input (sink_window) do not go together"),
+     "pruned_attention_bias_input goes with pruned_past_input (token_dropping) and attention_bias_input"),
+    (lambda k: k.update(pruned_attention_bias_input="x"), "pruned_attention_bias_input goes with"),
     (lambda k: k.update(pruned_past_input="optc.gqa.pruned_past_length"), "'optc.gqa.pruned_past_length' is not an "
                                                                           "input"),
 ])

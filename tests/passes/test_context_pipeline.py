@@ -58,7 +58,7 @@ def test_the_four_passes_are_accepted_in_their_order():
 
 @pytest.fixture(scope="module")
 def window_alone(exported_decoder, tmp_path_factory):
-    return compile_with(exported_decoder, tmp_path_factory.mktemp("sw") / "a", [SW])
+    return compile_with(exported_decoder, tmp_path_factory.mktemp("sw") / "a", [SW], fused_attention=False)
 
 
 @pytest.mark.slow
@@ -66,8 +66,8 @@ def test_keep_all_and_no_skip_equal_sink_window_alone(exported_decoder, window_a
     """token_dropping keep 1.0 and layer_routing max_skip 0 with sink_window: the per-layer slot
     positions and evictions are sink_window's own, through hundreds of evictions (a prompt of one
     chunk, so that both prefill in one step)."""
-    both = compile_with(exported_decoder, tmp_path / "both", [{**TD, "keep": 1.0}, SW, {**LR, "max_skip": 0}])
-    assert "kv_in_place" not in both.manifest["backend"]  # (the generic graph: the policy is per layer)
+    both = compile_with(exported_decoder, tmp_path / "both", [{**TD, "keep": 1.0}, SW, {**LR, "max_skip": 0}],
+                        fused_attention=False)  # (the fused path against the generic graph: below)
     ids = token_ids(400, seed=4)
     diff = prefill_decode_diff(both, window_alone, ids, 25)
     assert diff < 1e-4, diff
@@ -79,7 +79,7 @@ def test_dropping_with_the_window_keeps_per_layer_lengths_and_slots(exported_dec
     """keep 0.5 from layer 2: the prompt runs in one step (the dropping scores all of it); the
     later layers cache k tokens and each layer is evicted to sinks + window by its own length, at
     every decode step; the logits stay finite. (Their positions: the test below.)"""
-    model = compile_with(exported_decoder, tmp_path / "td_sw", [{**TD, "keep": 0.5}, SW])
+    model = compile_with(exported_decoder, tmp_path / "td_sw", [{**TD, "keep": 0.5}, SW], fused_attention=False)
     prompt = 100
     k = prompt // 2
     ids = token_ids(prompt + 60, seed=5)
@@ -90,6 +90,33 @@ def test_dropping_with_the_window_keeps_per_layer_lengths_and_slots(exported_dec
         assert np.isfinite(logits).all()
         want = [min(prompt + step, BOUND)] * 2 + [min(k + step, BOUND)] * 4
         assert model.cache.layer_lengths == want, (step, model.cache.layer_lengths)
+
+
+@pytest.mark.slow
+def test_dropping_and_routing_with_the_window_run_on_the_fused_path(exported_decoder, tmp_path):
+    """token_dropping (keep 0.5 from layer 2) + sink_window + layer_routing on ONNX Runtime's fused
+    path: the pruned layers are a second group in the bounded buffer, rotated by GQA at the slots of
+    their own buffer, compacted by their own length and hidden by their own bias row. The same
+    kept tokens, skipped layer and logits as the generic graph (max |Δlogit| <= 1e-4), from a
+    prompt shorter than the window and from one that overflows it, through 150 decode steps."""
+    fused, generic = fused_and_generic(exported_decoder, tmp_path, [{**TD, "keep": 0.5}, SW, LR])
+    section = fused.manifest["backend"]["kv_in_place"]
+    assert section["pruned_past_input"] and section["pruned_attention_bias_input"]
+    for prompt in (50, 300):
+        ids = token_ids(prompt + 150, seed=prompt)
+        fused.reset()
+        generic.reset()
+        fused.prefill(ids[:prompt])
+        at_prompt = fused.cache.layer_lengths
+        assert at_prompt == [prompt] * 2 + [prompt // 2] * 4, at_prompt
+        fused.reset()
+        diff = prefill_decode_diff(fused, generic, ids, prompt)
+        assert diff <= 1e-4, (prompt, diff)
+        assert fused.skipped_layers == generic.skipped_layers and len(fused.skipped_layers) == 1
+        (skipped,) = fused.skipped_layers
+        lengths = fused.cache.layer_lengths
+        assert lengths[skipped] == at_prompt[skipped], lengths  # (left as the prompt left it)
+        assert all(n <= fused._window.capacity for i, n in enumerate(lengths) if i != skipped), lengths
 
 
 @pytest.mark.slow
@@ -136,7 +163,8 @@ def test_the_four_passes_run_together_with_the_kivi_cache(exported_decoder, tmp_
 
 
 @pytest.mark.slow
-def test_the_later_layers_are_positioned_by_their_own_slots(exported_decoder, tmp_path):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
+def test_the_later_layers_are_positioned_by_their_own_slots(exported_decoder, tmp_path, fused):
     """RoPE attention depends on query-key distances only. With score `recent` and no forced
     sinks, the later layers keep the prompt's last k tokens, a contiguous run: renumbering them
     0..k-1 (sink_window's slots of their own cache) shifts every position of those layers by the
@@ -144,8 +172,10 @@ def test_the_later_layers_are_positioned_by_their_own_slots(exported_decoder, tm
     token_dropping alone does (kept tokens at their text positions), prefill and decode. A query
     left at its text position, or keys at the early layers' slots, would differ by far more."""
     td = {**TD, "keep": 0.5, "score": "recent", "sinks": 0, "recent": 8}
-    windowed = compile_with(exported_decoder, tmp_path / "td_sw", [td, {**SW, "window": 250}])
-    alone = compile_with(exported_decoder, tmp_path / "td", [td])
+    path = {} if fused else {"fused_attention": False}
+    windowed = compile_with(exported_decoder, tmp_path / "td_sw", [td, {**SW, "window": 250}], **path)
+    alone = compile_with(exported_decoder, tmp_path / "td", [td], **path)
+    assert ("kv_in_place" in windowed.manifest["backend"]) == fused
     ids = token_ids(160, seed=8)
     diff = prefill_decode_diff(windowed, alone, ids, 100)
     assert windowed.cache.layer_lengths == alone.cache.layer_lengths == [160] * 2 + [110] * 4
