@@ -58,6 +58,34 @@ def late_slots(graph: ir.Graph) -> tuple[ir.Value, ir.Value, ir.Value] | None:
     return found[POSITIONS_KEPT], found[LATE_QUERY_SLOTS], found[LATE_KEY_SLOTS]
 
 
+def _step_dims(graph: ir.Graph) -> tuple[str | None, str | None]:
+    """The symbols of input_ids' batch and token axes (None where not symbolic)."""
+    ids = {v.name: v for v in graph.inputs}.get("input_ids")
+    if ids is None or ids.shape is None or len(ids.shape) != 2:
+        return None, None
+    return tuple(d.value if isinstance(d, ir.SymbolicDim) else None for d in ids.shape)
+
+
+def _kept_shape(shape: ir.Shape | None, batch: str | None, tokens: str | None) -> ir.Shape | None:
+    """A later layer's value shape once it holds the kept tokens: the step's token axis becomes
+    `optc_kept_tokens`, other symbolic dims (cache lengths) unknown; the rank, the batch axis and
+    the fixed sizes stay, so that a backend still sees [B, k, hidden] (ONNX Runtime's fused path
+    packs the projections and fuses the norms of those layers by them)."""
+    if shape is None or tokens is None:
+        return None
+    dims = []
+    for d in shape:
+        if isinstance(d, int):
+            dims.append(d)
+        elif isinstance(d, ir.SymbolicDim) and d.value is not None and d.value == tokens:
+            dims.append("optc_kept_tokens")
+        elif isinstance(d, ir.SymbolicDim) and d.value is not None and d.value == batch:
+            dims.append(batch)
+        else:
+            dims.append(None)
+    return ir.Shape(dims)
+
+
 def _reads_inputs(v: ir.Value, memo: dict) -> bool:
     """Whether `v` depends on a graph input (False: weights and what is computed from them)."""
     if v in memo:
@@ -242,10 +270,11 @@ def rewrite_prefill(model: ir.Model, info, *, keep: float | int, start_layer: in
             kind = "key" if name.endswith(".key") else "value"
             use.node.replace_input_with(use.idx, cache_value(graph, past_name(0, kind)))
     outputs = set(graph.outputs)
+    step_dims = _step_dims(graph)
     for nd in region:
         for v in nd.outputs:
             if v not in outputs:
-                v.shape = None
+                v.shape = _kept_shape(v.shape, *step_dims)
             elif v.shape is not None and len(v.shape) >= 3 and v.name.startswith("present."):
                 v.shape = ir.Shape([v.shape[0], v.shape[1], "optc_layer_cache", *v.shape[3:]])
             elif v.shape is not None and len(v.shape) >= 2:
