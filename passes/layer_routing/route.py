@@ -24,6 +24,7 @@ from onnx_ir import tape
 from optc.passes.base import PassConfigError
 from optc.passes.rules.builders import const, ints, name_nodes
 from optc.passes.rules.layers import attention_nodes, cache_value, downstream, residual_input
+from optc.passes.token_dropping.prefill import dropped_from
 from optc.runtime.manifest import LAYER_CHANGE_OUTPUT, LAYERS_RUN_INPUT, past_name, present_name
 
 
@@ -44,14 +45,13 @@ def rewrite_routing(model: ir.Model, info, *, routable: list[int], window: int) 
         return False
     n = info.n_layers
     attns = attention_nodes(graph, info)
-    # a layer's output is the next layer's residual input; where token_dropping (run before) gathers
-    # the kept tokens' hidden states between two layers (a GatherND on the residual stream), the
-    # earlier layer's output is what the gather reads
-    hs = [residual_input(a) for a in attns]
-    hs = [h.producer().inputs[0] if h is not None and h.producer() is not None and h.producer().op_type == "GatherND"
-          else h for h in hs]
+    # a layer's output is the next layer's residual input; where token_dropping (run before) keeps
+    # the kept tokens' hidden states between two layers (its select If on the residual stream), the
+    # earlier layer's output is what the dropping reads, and the later layer's input what it gives
+    h_ins = [residual_input(a) for a in attns]
+    h_outs = [(dropped_from(h) or h) if h is not None else None for h in h_ins[1:]]
     for i in routable + [r + 1 for r in routable]:
-        if hs[i] is None:
+        if h_ins[i] is None:
             raise PassConfigError(None, f"layer {i}: no residual hidden state found before its attention "
                                         f"(a pre-norm decoder layer: h + o_proj(Attention(...)))")
     # each layer's cache as the graph reads it: the past input, or kv_quantize's dequantisation
@@ -72,7 +72,7 @@ def rewrite_routing(model: ir.Model, info, *, routable: list[int], window: int) 
     outputs = {v.name: v for v in graph.outputs}
     changes, measure_nodes = [], []
     for i in routable:
-        h_in, h_out = hs[i], hs[i + 1]
+        h_in, h_out = h_ins[i], h_outs[i]
         body = set(downstream(graph, [h_in])) & _upstream_nodes(h_out)
         layer = info.layers[i]
         values = {v.name: v for nd in body for v in nd.outputs}
@@ -122,7 +122,8 @@ def rewrite_routing(model: ir.Model, info, *, routable: list[int], window: int) 
         wrapped.attributes["else_branch"] = ir.AttrGraph("else_branch", skip)
         graph.extend(t.nodes)
         graph.append(wrapped)
-        hs[i + 1] = wrapped.outputs[0]  # the next layer reads the If's output
+        if h_ins[i + 1] is h_out:
+            h_ins[i + 1] = wrapped.outputs[0]  # the next layer reads the If's output
         # how much the layer changed the last `window` tokens' hidden state (0 when skipped)
         tc = tape.Tape()
         c64 = lambda *xs: ints(tc, *xs)  # noqa: E731

@@ -41,15 +41,19 @@ def is_weight(v: ir.Value | None) -> bool:
 def downstream(graph: ir.Graph, starts) -> list[ir.Node]:
     """Every node that reads `starts` directly or indirectly, in graph order (not set order:
     rewrites walk this list and name what they add, and the artifact must be byte-identical run
-    to run)."""
+    to run). A read inside an If's branch is also a read by the If (its outputs are followed)."""
+    enclosing = {inner: node for node in graph for attr in node.attributes.values()
+                 if attr.type == ir.AttributeType.GRAPH
+                 for inner in ir.traversal.RecursiveGraphIterator(attr.as_graph())}
     seen: set[ir.Node] = set()
     todo = list(starts)
     while todo:
         v = todo.pop()
         for use in v.uses():
-            if use.node not in seen:
-                seen.add(use.node)
-                todo.extend(use.node.outputs)
+            for node in (use.node, enclosing.get(use.node)):
+                if node is not None and node not in seen:
+                    seen.add(node)
+                    todo.extend(node.outputs)
     return [node for node in ir.traversal.RecursiveGraphIterator(graph) if node in seen]
 
 

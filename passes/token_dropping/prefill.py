@@ -20,8 +20,9 @@ layers) hold the kept tokens only; the logits are the kept tokens' (the last tok
 kept). Tokens are dropped only in a step that starts from an empty cache (the prompt's prefill):
 with a cache, `k` is the step's token count and the gathers are the identity, so decode attends
 to the full cache in early layers and to the pruned one in later layers (per-layer cache lengths,
-kept by the runtime: `KVCacheSpec.pruned_from_layer`). The attention score runs inside an If on
-that empty cache, so a decode step computes none of it.
+kept by the runtime: `KVCacheSpec.pruned_from_layer`). The scoring, the choice and the gathers run
+inside an If on that empty cache (`select_gate`), so a decode step computes none of them: its
+other branch passes the hidden states, the position ids and the token count through.
 """
 
 from __future__ import annotations
@@ -204,6 +205,7 @@ def rewrite_prefill(model: ir.Model, info, *, keep: float | int, start_layer: in
     name_nodes(t.nodes, prefix)
     h_kept.name = f"{prefix}/hidden_kept"
     pos_kept.name = f"{prefix}/{POSITIONS_KEPT}"
+    k.name = f"{prefix}/kept_count"
     query_idx.name, key_idx.name = f"{prefix}/{LATE_QUERY_SLOTS}", f"{prefix}/{LATE_KEY_SLOTS}"
 
     graph.insert_after(h.producer(), t.nodes)  # sorted topologically at the end
@@ -281,53 +283,67 @@ def rewrite_prefill(model: ir.Model, info, *, keep: float | int, start_layer: in
                 v.shape = ir.Shape([v.shape[0], "optc_kept_tokens", *v.shape[2:]])
     ir.passes.common.RemoveUnusedNodesPass()(model)
     ir.passes.common.TopologicalSortPass()(model)
-    if score == "attention":
-        _score_only_when_dropping(graph, scores, past_len, pos_row, prefix)
-        ir.passes.common.TopologicalSortPass()(model)
+    _select_only_when_dropping(graph, [(h_kept, h), (pos_kept, pos_in), (k, seq)], past_len, prefix)
+    ir.passes.common.TopologicalSortPass()(model)
     return True
 
 
-def _score_only_when_dropping(graph: ir.Graph, scores: ir.Value, past_len: ir.Value, pos_row: ir.Value,
-                              prefix: str) -> None:
-    """The attention score (a copy of layer start_layer's projections and attention over the
-    step's tokens) matters only in a step that drops tokens, one that starts from an empty cache;
-    every other step keeps all its tokens whatever the scores. So it moves into an If on that:
-    a decode step runs none of it (the else branch gives the positions, any [B, S] score will do)."""
-    upstream, todo = set(), [scores.producer()]
+SELECT_GATE = "select_gate"
+
+
+def dropped_from(value: ir.Value) -> ir.Value | None:
+    """The hidden state the dropping gathered `value` from, when `value` is the kept tokens' hidden
+    state (the output of rewrite_prefill's select If); else None. (layer_routing reads the layer
+    boundary there.)"""
+    node = value.producer()
+    if node is None or node.op_type != "If" or not node.name.startswith("optc/token_dropping/") \
+            or not node.name.endswith(f"/{SELECT_GATE}/if") or value is not node.outputs[0]:
+        return None
+    passed = node.attributes["else_branch"].as_graph().outputs[0].producer()  # Identity(h)
+    return passed.inputs[0] if passed is not None and passed.op_type == "Identity" else None
+
+
+def _select_only_when_dropping(graph: ir.Graph, gated: list[tuple[ir.Value, ir.Value]], past_len: ir.Value,
+                               prefix: str) -> None:
+    """Tokens are dropped only in a step that starts from an empty cache; every other step keeps
+    all its tokens, whatever the scores. So what computes the kept tokens' hidden states, position
+    ids and count (the score, the TopKs, the gathers) moves into an If on that, and its other
+    branch passes each `gated` value's fallback through (the hidden states, the position ids, the
+    step's token count): a decode step runs none of it."""
+    t = tape.Tape()
+    empty = t.op("Squeeze", [t.op("Equal", [past_len, ints(t, 0)]), ints(t, 0)])
+    passed = [t.op("Identity", [fallback]) for _, fallback in gated]
+    name_nodes(t.nodes, f"{prefix}/{SELECT_GATE}")
+    graph.extend(t.nodes)  # (the Identities read the fallbacks: they and their producers stay outside)
+    upstream, todo = set(), [v.producer() for v, _ in gated]
     while todo:
         node = todo.pop()
         if node is None or node in upstream or node.graph is not graph:
             continue
         upstream.add(node)
         todo.extend(x.producer() for x in node.inputs if x is not None)
-    # what computes the score alone: upstream nodes none of whose outputs is read elsewhere
+    # what computes the gated values alone: upstream nodes none of whose outputs is read elsewhere
+    outs = {v for v, _ in gated}
     moved = set(upstream)
     changed = True
     while changed:
         changed = False
         for node in list(moved):
-            if node is scores.producer():
-                continue
-            if any(o.is_graph_output() or any(u.node not in moved for u in o.uses()) for o in node.outputs):
+            if any(o.is_graph_output() or (o not in outs and any(u.node not in moved for u in o.uses()))
+                   for o in node.outputs):
                 moved.discard(node)
                 changed = True
     order = [nd for nd in graph if nd in moved]  # graph order: a topologically sorted branch
-    t = tape.Tape()
-    empty = t.op("Squeeze", [t.op("Equal", [past_len, ints(t, 0)]), ints(t, 0)])
-    recent = t.op("Cast", [pos_row], {"to": ir.DataType.FLOAT})
-    name_nodes(t.nodes, f"{prefix}/score_gate")
-    cond_nodes, else_nodes = t.nodes[:-1], t.nodes[-1:]
-    for nd in order:
+    identities = [v.producer() for v in passed]
+    for nd in order + identities:
         graph.remove(nd, safe=False)
-    gate = ir.Node("", "If", [empty], num_outputs=1, name=f"{prefix}/score_gate/if", attributes=[
-        ir.AttrGraph("then_branch", ir.Graph([], [scores], nodes=order, name="optc_token_scores")),
-        ir.AttrGraph("else_branch", ir.Graph([], [recent], nodes=else_nodes, name="optc_no_token_scores"))])
-    out = gate.outputs[0]
-    for use in list(scores.uses()):
-        use.node.replace_input_with(use.idx, out)
-    out.name, out.type, out.shape = f"{prefix}/scores", scores.type, scores.shape
-    scores.name = f"{prefix}/scores/computed"
-    graph.extend(cond_nodes)
+    gate = ir.Node("", "If", [empty], num_outputs=len(gated), name=f"{prefix}/{SELECT_GATE}/if", attributes=[
+        ir.AttrGraph("then_branch", ir.Graph([], [v for v, _ in gated], nodes=order, name="optc_drop_tokens")),
+        ir.AttrGraph("else_branch", ir.Graph([], passed, nodes=identities, name="optc_keep_tokens"))])
     graph.append(gate)
-
-
+    for (inner, _), out in zip(gated, gate.outputs):
+        for use in list(inner.uses()):
+            if use.node not in moved:
+                use.node.replace_input_with(use.idx, out)
+        out.name, out.type, out.shape = inner.name, inner.type, inner.shape
+        inner.name = f"{inner.name}/computed"

@@ -275,13 +275,18 @@ def test_prefill_drops_tokens_keeping_their_positions(exported_decoder, dense_mo
     """keep 0.5 from layer 2: layer 2's cache holds k of the prompt's keys and values, each equal to
     the dense cache's entry for one prompt token (so computed at that token's original RoPE
     position), in text order, the sinks and the recent tokens among them; the per-layer lengths
-    are right after prefill and after decode steps; the graph gathers (not a mask)."""
+    are right after prefill and after decode steps; the graph gathers (not a mask), inside the If
+    on the empty cache (a decode step, which keeps every token, runs none of the selection)."""
     import onnx
 
     sinks, recent = 4, 16
     model = _compile(exported_decoder, tmp_path / "half", keep=0.5, start_layer=2, sinks=sinks, recent=recent)
-    ops = {n.op_type for n in onnx.load(str(tmp_path / "half" / "model.onnx"), load_external_data=False).graph.node}
-    assert {"TopK", "GatherND", "GatherElements"} <= ops
+    graph = onnx.load(str(tmp_path / "half" / "model.onnx"), load_external_data=False).graph
+    (gate,) = [n for n in graph.node if n.name == "optc/token_dropping/layer2/select_gate/if"]
+    drop, keep = ({a.name: a.g for a in gate.attribute}[b].node for b in ("then_branch", "else_branch"))
+    assert {"TopK", "GatherND", "GatherElements"} <= {n.op_type for n in drop}
+    assert {n.op_type for n in keep} == {"Identity"}
+    assert not {"TopK", "GatherND", "GatherElements"} & {n.op_type for n in graph.node}
     # ONNX Runtime's fused path, with the pruned layers' own cache length
     assert model.manifest["backend"]["kv_in_place"]["pruned_past_input"] == "optc.gqa.pruned_past_length"
     k = int(np.ceil(0.5 * PROMPT))
