@@ -14,8 +14,10 @@ lengths (`seqlens_k`, `total_sequence_length`) and cos/sin tables over all posit
 binds its own cache buffers (runtime/executors/onnxruntime.py), so a decode step copies nothing
 proportional to the context.
 
-The lowering applies to a dense float cache the runtime only appends to: no eviction, quantised
-layout or attention outputs (those passes keep the generic path, and the compile log says why).
+The lowering applies to a dense cache the runtime only appends to, float or int8 with static
+scales (kv_quantize scales: static: GQA's own int8 cache, its fixed per-channel scales read from
+the graph's (de)quantisation): no H2O eviction, KIVI layout or attention outputs (those keep the
+generic path, and the compile log says why).
 
 layer_routing wraps a routable layer in an `If` on the runtime's per-layer flag. Its attention is
 lowered inside the run branch: ONNX Runtime hands the If's bound output (the cache buffer) to
@@ -31,7 +33,8 @@ import onnx_ir as ir
 
 from optc.errors import OptcError
 from optc.ir import take_over
-from optc.runtime.manifest import (ATTENTION_MASK, KEY_POSITION_IDS, LAYERS_RUN_INPUT, POLICY_SINK_WINDOW,
+from optc.passes.kv_cache.static_int8 import dequantized_past, fake_quant
+from optc.runtime.manifest import (ATTENTION_MASK, KEY_POSITION_IDS, LAYERS_RUN_INPUT, LAYOUT_INT8, POLICY_SINK_WINDOW,
                                    POSITION_IDS, PRUNED_FROM_LAYER, is_attention_output, past_name, present_name)
 
 FUSED_OP = "GroupQueryAttention"
@@ -60,12 +63,11 @@ def why_not(model: ir.Model, info, kv_cache: dict | None, target: str, prefill: 
     if target != "cpu":
         return f"target {target} (the in-place cache binding is implemented for the CPU)"
     kv = kv_cache or {}
-    if kv.get("layout", "float") != "float":
+    if kv.get("layout", "float") not in ("float", LAYOUT_INT8):
         # GQA's quantised cache (ORT 1.32) takes fixed per-tensor / per-channel scales, not KIVI's
-        # per-group scales computed as tokens arrive, and on the CPU its int8 cache is slower than
-        # its float one (measured: docs/bench/fast_path_pycoder-v2.md)
-        return (f"the {kv.get('layout')} cache layout is stored by the runtime, not by GQA (its quantised cache takes "
-                f"fixed scales, and is slower than the float cache on the CPU)")
+        # per-group scales computed as tokens arrive: that is kv_quantize scales: static
+        return (f"the {kv.get('layout')} cache layout is stored by the runtime, not by GQA (its int8 cache takes "
+                f"fixed scales: kv_quantize scales: static)")
     policy = kv.get("policy")
     if policy and policy.get("kind") != POLICY_SINK_WINDOW:
         return f"the {policy.get('kind')} cache policy rewrites the cache between steps"
@@ -134,7 +136,7 @@ def _layer(model: ir.Model, i: int):
     catk, catv = pk.producer(), pv.producer()
     if catk is None or catk.op_type != "Concat" or catv is None or catv.op_type != "Concat":
         return None, "the present keys/values are not Concat(past, new)"
-    k_rope = catk.inputs[1].producer()
+    k_rope = _stored(catk)[1].producer()
     keys, rotate_all = pk, None
     if KEY_POSITION_IDS in {v.name for v in model.graph.inputs}:
         # sink_window: the cache holds keys before RoPE and one RotaryEmbedding rotates the whole
@@ -175,6 +177,16 @@ def _layer(model: ir.Model, i: int):
     if any(len(o.uses()) or o in model.graph.outputs for o in attn.outputs[1:] if o is not None):
         return None, "the Attention op's extra outputs are used"
     return (q_rope, k_rope, attn, catk, catv), None
+
+
+def _stored(concat: ir.Node) -> tuple[ir.Value, ir.Value, np.ndarray | None]:
+    """A present Concat's (cache input, the step's new value, the static int8 scale or None): the
+    Concat's own inputs, or, for kv_quantize scales: static, what its int8 (de)quantisation reads."""
+    past, new = concat.inputs[0], concat.inputs[1]
+    cached, read = dequantized_past(past), fake_quant(new)
+    if cached is not None and read is not None:
+        return cached[0], read[0], cached[1]
+    return past, new, None
 
 
 def _routing_if(value: ir.Value) -> ir.Node | None:
@@ -515,6 +527,7 @@ def lower(model: ir.Model, info, context: int | None, log=print, kv_cache: dict 
     buffer (its default: the row it writes), and an additive attention bias input lets the
     runtime hide the rows the window has left until it compacts the buffer (runtime/cache/window.py)."""
     from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass
+    from onnx_ir.traversal import RecursiveGraphIterator
 
     graph = model.graph
     policy = (kv_cache or {}).get("policy")
@@ -555,8 +568,10 @@ def lower(model: ir.Model, info, context: int | None, log=print, kv_cache: dict 
         cos, sin = tables[key]
         scale = attn.attributes.get_float("scale", info.head_dim ** -0.5)
         # (sink_window: the cache's Concat takes the key before RoPE; k_rope rotates the whole cache)
-        new_key = catk.inputs[1] if k_rope.inputs[0] is catk.outputs[0] else k_rope.inputs[0]
-        q3, k3, v3 = (_to_bsh(graph, v, attn) for v in (q_rope.inputs[0], new_key, catv.inputs[1]))
+        past_k, stored_k, k_scale = _stored(catk)
+        past_v, stored_v, v_scale = _stored(catv)
+        new_key = stored_k if k_rope.inputs[0] is catk.outputs[0] else k_rope.inputs[0]
+        q3, k3, v3 = (_to_bsh(graph, v, attn) for v in (q_rope.inputs[0], new_key, stored_v))
         packed = _packed_qkv(graph, q3, k3, v3, attn)
         qkv = [packed, None, None] if packed is not None else [q3, k3, v3]
         packed_layers += packed is not None
@@ -564,12 +579,23 @@ def lower(model: ir.Model, info, context: int | None, log=print, kv_cache: dict 
         if in_pruned:
             lengths, layer_bias = late._lengths(graph, q3, attn), late.bias(graph, q3, attn)
         extra = [None, layer_bias] if bias is not None else []  # (position_ids: GQA's default, the row it writes)
-        gqa = ir.node(FUSED_OP, [*qkv, catk.inputs[0], catv.inputs[0], *lengths, cos, sin, *extra],
-            attributes={"num_heads": info.num_heads, "kv_num_heads": info.kv_heads, "do_rotary": 1,
-                        "rotary_interleaved": 0, "scale": float(scale)},
-            domain="com.microsoft", num_outputs=3, name=f"optc_gqa_{layer.index}")
+        attributes = {"num_heads": info.num_heads, "kv_num_heads": info.kv_heads, "do_rotary": 1,
+                      "rotary_interleaved": 0, "scale": float(scale)}
+        if k_scale is not None:  # kv_quantize scales: static: GQA's int8 cache, its fixed per-channel scales
+            scales = []
+            for kind, arr in (("k", k_scale), ("v", v_scale)):
+                value = ir.Value(name=f"optc.gqa.{kind}_scale.{layer.index}", const_value=ir.tensor(arr))
+                graph.register_initializer(value)
+                scales.append(value)
+            extra = [*(extra or [None, None]), None, *scales]  # (slot 11, between the bias and the scales)
+            attributes.update(kv_cache_bit_width=8, k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL")
+        gqa = ir.node(FUSED_OP, [*qkv, past_k, past_v, *lengths, cos, sin, *extra], attributes=attributes,
+                      domain="com.microsoft", num_outputs=3, name=f"optc_gqa_{layer.index}")
         attn.graph.insert_before(attn, gqa)  # (constants stay in the main graph; a routed layer's ops in its If)
         _replace_attention(graph, info, layer.index, attn, catk, catv, gqa)
+        if k_scale is not None:  # (the present outputs took the float Concats' types: they are the int8 buffers)
+            for present in gqa.outputs[1:]:
+                present.type = ir.TensorType(ir.DataType.INT8)
     if late is not None:
         late.finish(graph, len(info.layers))
     routed = [n for n in graph if n.outputs and _routing_if(n.outputs[0]) is n]
@@ -588,6 +614,11 @@ def lower(model: ir.Model, info, context: int | None, log=print, kv_cache: dict 
     log(f"onnxruntime: {len(info.layers)} attention layer(s) lowered to com.microsoft.{FUSED_OP} (rotary inside, "
         f"cache written in place; rotary tables for {positions} positions); Q/K/V packed into one MatMul in "
         f"{packed_layers}, {skip_norms} residual Add + RMSNorm fused")
+    quantized = [n for n in RecursiveGraphIterator(graph) if n.op_type == FUSED_OP
+                 and n.attributes.get_int("kv_cache_bit_width", 0)]
+    if quantized:
+        log(f"onnxruntime: kv_quantize scales: static on the fused path: GQA keeps the int8 cache in place "
+            f"(kv_cache_bit_width 8, fixed per-channel scales) in {len(quantized)} layer(s)")
     if routed:
         log(f"onnxruntime: layer_routing on the fused path: {len(routed)} routed layer(s) run GQA inside their If "
             f"(the cache buffer is the If's bound output, written in place; a skipped layer passes it through)")

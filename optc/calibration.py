@@ -112,10 +112,12 @@ class ChannelStats:
 
 def channel_stats(model: ir.Model, names: list[str], windows: list[np.ndarray], *, progress: bool = True,
                   label: str = "calibrating", sample: set[str] | None = None,
-                  sample_rows: int = SAMPLE_ROWS) -> dict[str, ChannelStats]:
-    """Run `model` on each window and return, per value name, its per-last-axis-channel absmax
-    and mean |x|, and, for the names in `sample` (default: all), a sample of its rows (every k-th
-    row, k chosen so that about `sample_rows` are kept; other names get an empty sample)."""
+                  sample_rows: int = SAMPLE_ROWS, channel_axes: tuple[int, ...] = (-1,)) -> dict[str, ChannelStats]:
+    """Run `model` on each window and return, per value name, its per-channel absmax and mean |x|,
+    and, for the names in `sample` (default: all), a sample of its rows (every k-th row, k chosen
+    so that about `sample_rows` are kept; other names get an empty sample). A channel is an index
+    over `channel_axes` (default the last axis; e.g. (1, 3), head and head dim, for a cache tensor
+    [B, heads, S, D]), flattened in their order."""
     import onnx
     import onnxruntime as ort
     from tqdm import tqdm
@@ -145,7 +147,10 @@ def channel_stats(model: ir.Model, names: list[str], windows: list[np.ndarray], 
     for ids in bar:
         outs = session.run(names, feeds_for(model.graph.inputs, ids))
         for name, x in zip(names, outs):
-            x = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
+            x = np.asarray(x, np.float32)
+            last = tuple(range(x.ndim - len(channel_axes), x.ndim))
+            x = np.moveaxis(x, channel_axes, last)
+            x = x.reshape(-1, int(np.prod(x.shape[x.ndim - len(channel_axes):])))
             ax = np.abs(x)
             m = ax.max(axis=0)
             absmax[name] = m if name not in absmax else np.maximum(absmax[name], m)

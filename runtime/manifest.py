@@ -85,6 +85,9 @@ def kivi_input(base: str, part: str) -> str:
 # ---------------------------------------------------------------- kinds
 LAYOUT_FLOAT = "float"
 LAYOUT_KIVI = "kivi"
+# int8 per element, dequantised by fixed per-layer/head/channel scales that live in the graph
+# (kv_quantize scales: static; ONNX Runtime's GroupQueryAttention int8 cache on the fused path)
+LAYOUT_INT8 = "int8"
 POSITIONS_ABSOLUTE = "absolute"
 POSITIONS_CACHE_SLOT = "cache_slot"   # StreamingLLM: a token's position is its slot in the cache
 POLICY_SINK_WINDOW = "sink_window"
@@ -264,6 +267,8 @@ class KVCacheSpec:
             kivi = KiviSpec(bits, group, residual, _need(d, "symmetric", bool, where), key_quant)
         elif layout == LAYOUT_FLOAT:
             _no_extra(d, {"layout", "positions", "policy", PRUNED_FROM_LAYER}, where)
+        elif layout == LAYOUT_INT8:
+            _no_extra(d, {"layout", "positions"}, where)  # (no policy or pruning: kv_quantize refuses them)
         else:
             raise ManifestError(f"{where}.layout: unknown {layout!r}")
         return cls(layout, positions, policy, kivi, pruned)

@@ -196,16 +196,21 @@ def _cell(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}–{max(values):.2f})"
 
 
-def markdown(stream: dict, kv: dict, job: dict) -> str:
-    lines = [f"Streaming: {len(job['stream_ids'])} tokens of models/data/stream.txt, {job['prompt']} prefilled, the rest "
-             f"decoded one by one; decode ms/token (median of the {BIN}-token bin around each position; median over "
-             f"rounds and range)", ""]
-    cols = [f"@{p}" for p in job["positions"]]
-    lines += ["| engine | " + " | ".join(cols) + " | perplexity | cache rows at the end |", "|---|" + "---|" * (len(cols) + 2)]
-    for name, runs in stream.items():
-        cells = [_cell([r["decode_ms"][str(p)] for r in runs]) for p in job["positions"]]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {runs[0]['perplexity']:.3f} | {runs[0]['cache_rows']} |")
-    lines += ["", f"KV cache: decode ms/token after C tokens of context ({job['decode_tokens']} greedy tokens, median of "
+def markdown(stream: dict | None, kv: dict, job: dict) -> str:
+    lines = []
+    if stream is not None:
+        lines += [f"Streaming: {len(job['stream_ids'])} tokens of models/data/stream.txt, {job['prompt']} prefilled, "
+                  f"the rest decoded one by one; decode ms/token (median of the {BIN}-token bin around each position; "
+                  f"median over rounds and range)", ""]
+        cols = [f"@{p}" for p in job["positions"]]
+        lines += ["| engine | " + " | ".join(cols) + " | perplexity | cache rows at the end |",
+                  "|---|" + "---|" * (len(cols) + 2)]
+        for name, runs in stream.items():
+            cells = [_cell([r["decode_ms"][str(p)] for r in runs]) for p in job["positions"]]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {runs[0]['perplexity']:.3f} | "
+                         f"{runs[0]['cache_rows']} |")
+        lines.append("")
+    lines += [f"KV cache: decode ms/token after C tokens of context ({job['decode_tokens']} greedy tokens, median of "
                   f"{job['repeats']} runs per round; median over rounds and range)", ""]
     cols = [f"C={c}" for c in job["contexts"]]
     lines += ["| engine | " + " | ".join(cols) + " | KV bytes at the last C |", "|---|" + "---|" * (len(cols) + 1)]
@@ -232,6 +237,7 @@ def main() -> None:
                                                           "int8 cache (the model's head shapes, --gqa-cached tokens)")
     ap.add_argument("--gqa-cached", type=int, default=2048)
     ap.add_argument("--block", type=int, default=32, help="stream tokens each engine decodes in its turn")
+    ap.add_argument("--kv-only", action="store_true", help="only the KV-cache table (no streaming)")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.gqa_op:
@@ -270,16 +276,18 @@ def main() -> None:
         onnx_path = export_decoder(a.hf, work / "export" / "model.onnx", log=lambda *_: None)
         win = f"{a.sinks} + {a.window}"
         stream_engines = _compile(onnx_path, work, {
-            f"sink_window {win}, fused (GQA, bounded buffer)": (sw, {}),
-            f"sink_window {win}, generic graph": (sw, {"fused_attention": False}),
+            **({} if a.kv_only else {f"sink_window {win}, fused (GQA, bounded buffer)": (sw, {}),
+                                     f"sink_window {win}, generic graph": (sw, {"fused_attention": False})}),
             "dense, fused (GQA in place)": ([], {}),
         }, log)
         kv_engines = {"fp32 KV, fused (GQA in place)": stream_engines["dense, fused (GQA in place)"]}
         kv_engines.update(_compile(onnx_path, work, {
             "fp32 KV, generic graph": ([], {"fused_attention": False}),
             "int8 KV (KIVI, kv_quantize; generic graph)": ([{"name": "kv_quantize", "bits": 8}], {}),
+            "int8 KV, static scales (kv_quantize scales: static; fused, GQA int8 in place)":
+                ([{"name": "kv_quantize", "bits": 8, "scales": "static"}], {}),
         }, log))
-        stream = _run("stream", stream_engines, job, a.rounds, work, log)
+        stream = None if a.kv_only else _run("stream", stream_engines, job, a.rounds, work, log)
         kv = _run("kv", kv_engines, job, a.rounds, work, log)
     table = markdown(stream, kv, job)
     print(table)

@@ -29,7 +29,7 @@ from optc.backends.base import expose_new_kv
 from optc.backends.tvm.lowering import fold_weight_transposes, legalize, specialize
 from optc.backends.tvm.buckets import DEFAULT_CACHE, DEFAULT_PREFILL, cache_segments, input_shapes, plan_buckets
 from optc.errors import OptcError
-from optc.runtime.manifest import BLOCK_SPARSE_IF_SUFFIX, LAYOUT_KIVI, PRUNED_FROM_LAYER
+from optc.runtime.manifest import BLOCK_SPARSE_IF_SUFFIX, LAYOUT_INT8, LAYOUT_KIVI, PRUNED_FROM_LAYER
 
 LIBRARY_FILE = "model.so"
 PARAMS_FILE = "params.safetensors"
@@ -173,6 +173,10 @@ def _prepare(model, info, kv_cache: dict, options: dict, log, prefill: dict | No
     For the CPU the module is already legalised and fused into TIR functions (what MetaSchedule
     tunes); for the GPU, CUDA's default pipeline does that in the build."""
     _refuse_contrib_ops(model)
+    if kv_cache.get("layout") == LAYOUT_INT8:
+        raise OptcError("tvm backend: kv_quantize scales: static keeps an int8 cache with fixed scales (ONNX "
+                        "Runtime's GroupQueryAttention layout), and the TVM cache segments are float or KIVI; use "
+                        "scales: dynamic or --backend onnxruntime")
     if kv_cache.get(PRUNED_FROM_LAYER) is not None:
         raise OptcError("tvm backend: token_dropping mode prefill caches fewer tokens in later layers, and the TVM "
                         "buckets size one cache for every layer (per-layer cache segments are not built yet); use "

@@ -1,10 +1,15 @@
-"""kv_quantize: store the KV cache as int8 / int4 (KIVI), dequantised inside the graph.
+"""kv_quantize: store the KV cache as int8 / int4, dequantised inside the graph.
 
-The pass replaces each float cache input `past_key_values.{i}.{key,value}` by the compressed
-tensors the runtime keeps (see optc/runtime/cache/kivi.py for their layout) and a dequantisation
-subgraph whose result feeds the same Concat as before, so attention is unchanged apart from the
-quantisation error of cached tokens. It asks the runtime (manifest `kv_cache`) to store the
-cache compressed.
+`scales: dynamic` (default, KIVI): the pass replaces each float cache input
+`past_key_values.{i}.{key,value}` by the compressed tensors the runtime keeps (see
+optc/runtime/cache/kivi.py for their layout: scales computed per group as tokens arrive) and a
+dequantisation subgraph whose result feeds the same Concat as before, so attention is unchanged
+apart from the quantisation error of cached tokens.
+
+`scales: static` (int8 only): one fixed scale per layer, KV head and channel, calibrated on text;
+the cache is int8 per element, the layout ONNX Runtime's GroupQueryAttention keeps in place on the
+fused path (passes/kv_cache/static_int8.py). Either way the pass asks the runtime (manifest
+`kv_cache`) to store the cache compressed.
 """
 
 from __future__ import annotations
@@ -14,14 +19,16 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
+from optc.calibration import CalibrationOptions
 from optc.config import PassOptions, no_float
-from optc.passes.base import (CACHE_QUANTIZED, EVICTS_SINGLE_TOKENS, KEY_GROUPS_SPAN_TOKENS, MODEL_DECODER, Contract,
-                              OptcPass, PassConfigError)
+from optc.errors import OptcError
+from optc.passes.base import (CACHE_POLICY, CACHE_QUANTIZED, EVICTS_SINGLE_TOKENS, KEY_GROUPS_SPAN_TOKENS,
+                              LAYERS_ROUTED, MODEL_DECODER, TOKENS_DROPPED, Contract, OptcPass, PassConfigError)
 from optc.passes.rules.builders import const
 from optc.passes.rules.layers import dequantized_name
-from optc.runtime.manifest import (KEY_QUANT_PER_CHANNEL, KV_KINDS, LAYOUT_KIVI, KiviSpec,
+from optc.runtime.manifest import (KEY_QUANT_PER_CHANNEL, KV_KINDS, LAYOUT_INT8, LAYOUT_KIVI, KiviSpec,
                                    kivi_input, past_name)
 
 # the issue's budgets: int8 <= +1%, int4 <= +5%
@@ -38,15 +45,39 @@ class KVQuantizeOptions(PassOptions):
     key_quant: Literal["per_channel", "per_token"] = Field(
         KEY_QUANT_PER_CHANNEL, description="key scales per channel over token groups (KIVI) or per token; per_token "
                                            "keys can be evicted one by one (needed with sink_window)")
+    scales: Literal["dynamic", "static"] = Field(
+        "dynamic", description="dynamic: KIVI, scales computed per group as tokens arrive (int8/int4, any cache "
+                               "policy); static: int8 with a fixed scale per layer, KV head and channel calibrated on "
+                               "text, which ONNX Runtime's fused path keeps in place (a plain cache only)")
+    calibration: CalibrationOptions = Field(CalibrationOptions(), description="scales: static: text, samples, length")
+
+    @model_validator(mode="after")
+    def _static_takes_its_own_options(self):
+        kivi_only = {"group_size", "residual", "symmetric", "key_quant"} & self.model_fields_set
+        if self.scales == "static":
+            if self.bits != 8:
+                raise ValueError("scales: static stores int8 (bits: 8)")
+            if kivi_only:
+                raise ValueError(f"{', '.join(sorted(kivi_only))}: KIVI's options (scales: dynamic); a static cache "
+                                 f"has one scale per layer, KV head and channel")
+        elif "calibration" in self.model_fields_set:
+            raise ValueError("calibration: only scales: static calibrates")
+        return self
 
 
 class KVQuantize(OptcPass):
-    """Quantise the KV cache to int8/int4 (keys per channel, values per token, KIVI)."""
+    """Quantise the KV cache: KIVI int8/int4 (keys per channel, values per token), or int8 with static scales."""
 
     name = "kv_quantize"
 
     @classmethod
     def contract(cls, options: KVQuantizeOptions) -> Contract:
+        if options.scales == "static":
+            why = "scales: static keeps a plain int8 cache, in place on ONNX Runtime's fused path (use scales: dynamic)"
+            return Contract(requires=frozenset({MODEL_DECODER}), ensures=frozenset({CACHE_QUANTIZED}),
+                            conflicts={CACHE_POLICY: f"the policy evicts or moves cached tokens; {why}",
+                                       TOKENS_DROPPED: f"its later layers keep caches of their own length; {why}",
+                                       LAYERS_ROUTED: f"a skipped layer's cache stops; {why}"})
         ensures = {CACHE_QUANTIZED}
         conflicts = {}
         if options.key_quant == KEY_QUANT_PER_CHANNEL:
@@ -63,6 +94,8 @@ class KVQuantize(OptcPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         o: KVQuantizeOptions = self.options
+        if o.scales == "static":
+            return self._static(model)
         info = self.context.decoder
         D, H = info.head_dim, info.kv_heads
         if o.bits == 4 and D % 2:
@@ -96,6 +129,47 @@ class KVQuantize(OptcPass):
         self.context.runtime.update_cache(layout=LAYOUT_KIVI,
                                           kivi=KiviSpec(o.bits, o.group_size, o.residual, symmetric, o.key_quant))
         return ir.passes.PassResult(model, True)
+
+
+    def _static(self, model: ir.Model) -> ir.passes.PassResult:
+        from pathlib import Path
+
+        from optc.calibration import channel_stats, read_calibration_texts, token_windows
+        from optc.passes.kv_cache.static_int8 import (calibration_values, rewrite_static, rotary_partner,
+                                                      scales_from_absmax)
+
+        o: KVQuantizeOptions = self.options
+        info = self.context.decoder
+        graph = model.graph
+        float_cache = {past_name(layer.index, kind) for layer in info.layers for kind in KV_KINDS}
+        if not any(v.name in float_cache and v.dtype == ir.DataType.FLOAT for v in graph.inputs):
+            return ir.passes.PassResult(model, False)  # already quantised (a second run)
+        stored = calibration_values(model, info)
+        names = {key: v.name for key, v in stored.items()}
+        if self.context.tokenizer is None:
+            raise OptcError("kv_quantize (scales: static): calibration needs a tokenizer (tokenizer.json beside the "
+                            "model, or --tokenizer)")
+        if o.calibration.text is not None and not Path(o.calibration.text).is_file():
+            raise PassConfigError("calibration.text", f"{o.calibration.text}: no such file")
+        texts = read_calibration_texts(Path(o.calibration.text) if o.calibration.text else None)
+        windows = token_windows(Path(self.context.tokenizer), texts, samples=o.calibration.samples,
+                                length=o.calibration.length, bos=self.context.bos_token_id)
+        self.context.log(f"  kv_quantize: calibrating {len(names)} cache tensors' scales on {len(windows)} windows "
+                         f"({sum(len(w) for w in windows):,} tokens)")
+        stats = channel_stats(model, sorted(set(names.values())), windows, label="kv_quantize calibration",
+                              sample=set(), channel_axes=(1, 3))
+        scales = {key: scales_from_absmax(stats[name].absmax, info.kv_heads, info.head_dim,
+                                          rotary_partner(stored[key].producer(), info.head_dim) if key[1] == "key"
+                                          else None)
+                  for key, name in names.items()}
+        changed = rewrite_static(model, info, scales)
+        ir.passes.common.TopologicalSortPass()(model)
+        self.context.runtime.update_cache(layout=LAYOUT_INT8)
+        self.context.reports.setdefault(self.name, []).append({
+            "scales": "static", "calibration_tokens": sum(len(w) for w in windows),
+            "absmax": {f"{layer}.{kind}": round(float(stats[names[(layer, kind)]].absmax.max()), 4)
+                       for layer, kind in sorted(names)}})
+        return ir.passes.PassResult(model, changed > 0)
 
 
 def dequant_subgraph(graph, base, per_channel, H, D, bits, group, channel_group, symmetric) -> ir.Value:
