@@ -289,7 +289,76 @@ def _packed_qkv(graph: ir.Graph, q3: ir.Value, k3: ir.Value, v3: ir.Value, befor
     packed alike: their blocks run along K, so the output columns' blocks, scales and zero points
     just stack along N (the same numbers as the three ops). None where the projections are not
     of either form (biases, different quantisation)."""
-    nodes = [v.producer() for v in (q3, k3, v3)]
+    return _packed_projections(graph, [v.producer() for v in (q3, k3, v3)], before)
+
+
+_PACKED = {2: "gate_up_packed", 3: "qkv_packed"}  # (the packed weights' and nodes' name suffix)
+
+
+def _out_columns(node: ir.Node) -> int:
+    """Output columns of a constant-weight MatMul / MatMulNBits (packable: _packed_projections)."""
+    if node.op_type == "MatMulNBits":
+        return node.attributes.get_int("N", 0)
+    return node.inputs[1].const_value.shape[1]
+
+
+def pack_shared_input_pairs(model: ir.Model) -> int:
+    """Two constant-weight projections of the same input (a SwiGLU MLP's gate and up) -> one
+    MatMul (or MatMulNBits) with the weights side by side and a Split of its output: one weight
+    stream and one GEMV per step instead of two. In the main graph and routed layers' If
+    branches; run after the dead projections are removed (Q/K/V are packed already). Returns how
+    many pairs were packed."""
+    count = 0
+    for graph in [model.graph, *_branches(model.graph)]:
+        by_input: dict[ir.Value, list[ir.Node]] = {}
+        for node in graph:
+            if (node.domain, node.op_type) in (("", "MatMul"), ("com.microsoft", "MatMulNBits")) \
+                    and node.inputs[0] is not None:
+                by_input.setdefault(node.inputs[0], []).append(node)
+        for nodes in by_input.values():
+            if len(nodes) != 2 or _gate_first(nodes) is None:
+                continue
+            nodes = _gate_first(nodes)
+            packed = _packed_projections(model.graph, nodes, nodes[0])  # (constants in the main graph)
+            if packed is None:
+                continue
+            sizes = [_out_columns(n) for n in nodes]
+            split_sizes = _const(model.graph, f"optc.gate_up.split_sizes.{sizes[0]}_{sizes[1]}", sizes)
+            split = ir.node("Split", [packed, split_sizes], attributes={"axis": -1}, num_outputs=2,
+                            name=f"{nodes[0].name}.packed_split")
+            packed.producer().graph.insert_after(packed.producer(), split)
+            for node, out in zip(nodes, split.outputs):
+                ir.convenience.replace_all_uses_with(node.outputs[0], out)
+                out.type, out.shape = node.outputs[0].type, node.outputs[0].shape
+            count += 1
+    return count
+
+
+def _gate_first(nodes: list[ir.Node]) -> list[ir.Node] | None:
+    """[gate, up] when the two projections' outputs form a gated MLP: the up projection multiplied
+    by an activation of the gate (a Mul reading `up` and a value a few element-wise ops from
+    `gate`); else None (e.g. token_dropping's score reads a layer's query and key projections)."""
+    for gate, up in (nodes, nodes[::-1]):
+        for use in up.outputs[0].uses():
+            if use.node.op_type != "Mul" or len(use.node.inputs) != 2:
+                continue
+            other = use.node.inputs[1 - use.idx]
+            for _ in range(3):  # (SiLU: Mul(g, Sigmoid(g)); GELU: a few element-wise ops)
+                if other is gate.outputs[0]:
+                    return [gate, up]
+                node = other.producer() if other is not None else None
+                if node is None or not node.inputs:
+                    break
+                other = node.inputs[0]
+            if other is gate.outputs[0]:
+                return [gate, up]
+    return None
+
+
+def _packed_projections(graph: ir.Graph, nodes: list[ir.Node | None], before: ir.Node) -> ir.Value | None:
+    """Projections of one input by constant-weight MatMuls (or MatMulNBits of the same
+    quantisation) -> one with the weights side by side, inserted before `before`; None where they
+    are not all of one such form."""
     if any(n is None for n in nodes) or len({(n.domain, n.op_type) for n in nodes}) != 1:
         return None
     x = nodes[0].inputs[0]
@@ -297,7 +366,7 @@ def _packed_qkv(graph: ir.Graph, q3: ir.Value, k3: ir.Value, v3: ir.Value, befor
         return None
     if (nodes[0].domain, nodes[0].op_type) == ("com.microsoft", "MatMulNBits"):
         return _packed_nbits(graph, nodes, before)
-    if (nodes[0].domain, nodes[0].op_type) != ("", "MatMul"):
+    if (nodes[0].domain, nodes[0].op_type) != ("", "MatMul") or any(len(n.inputs) != 2 for n in nodes):
         return None
     weights = [n.inputs[1].const_value for n in nodes]
     if any(w is None or len(w.shape) != 2 for w in weights):
@@ -305,10 +374,10 @@ def _packed_qkv(graph: ir.Graph, q3: ir.Value, k3: ir.Value, v3: ir.Value, befor
     arrays = [w.numpy() for w in weights]
     if len({a.shape[0] for a in arrays}) != 1 or len({a.dtype for a in arrays}) != 1:
         return None
-    packed_w = ir.Value(name=f"{nodes[0].inputs[1].name}.qkv_packed",
+    packed_w = ir.Value(name=f"{nodes[0].inputs[1].name}.{_PACKED[len(nodes)]}",
                         const_value=ir.tensor(np.ascontiguousarray(np.concatenate(arrays, axis=1))))
     graph.register_initializer(packed_w)
-    matmul = ir.node("MatMul", [x, packed_w], name=f"{nodes[0].name}.qkv_packed")
+    matmul = ir.node("MatMul", [x, packed_w], name=f"{nodes[0].name}.{_PACKED[len(nodes)]}")
     before.graph.insert_before(before, matmul)
     return matmul.outputs[0]
 
@@ -328,13 +397,13 @@ def _packed_nbits(graph: ir.Graph, nodes: list[ir.Node], before: ir.Node) -> ir.
         expect = 3 if slot == 0 else 2  # (2-D scales / zero points: rows are output columns)
         if any(a.ndim != expect for a in arrays) or len({(a.shape[1:], a.dtype) for a in arrays}) != 1:
             return None
-        name = f"{nodes[0].inputs[1 + slot].name}.qkv_packed"
+        name = f"{nodes[0].inputs[1 + slot].name}.{_PACKED[len(nodes)]}"
         v = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(np.concatenate(arrays, axis=0)), name=name))
         graph.register_initializer(v)
         stacked.append(v)
     n_total = sum(n.attributes.get_int("N", 0) for n in nodes)
     fused = ir.node("MatMulNBits", [nodes[0].inputs[0], *stacked], domain="com.microsoft",
-                    attributes={**attrs[0], "N": n_total}, name=f"{nodes[0].name}.qkv_packed")
+                    attributes={**attrs[0], "N": n_total}, name=f"{nodes[0].name}.{_PACKED[len(nodes)]}")
     before.graph.insert_before(before, fused)
     return fused.outputs[0]
 
@@ -605,6 +674,8 @@ def lower(model: ir.Model, info, context: int | None, log=print, kv_cache: dict 
     skip_norms = fuse_skip_rms_norm(model)
     # the Concats, Attentions, rotary and mask arithmetic, the unpacked projections are dead now
     RemoveUnusedNodesPass()(model)
+    pairs = pack_shared_input_pairs(model)  # (after: the unpacked Q/K/V no longer share an input)
+    RemoveUnusedNodesPass()(model)
     _check_cache_reads(graph)
     if routed:  # values made inside a branch were named by the branch's own counter (val_N): unique again
         NameFixPass()(model)
@@ -613,7 +684,8 @@ def lower(model: ir.Model, info, context: int | None, log=print, kv_cache: dict 
         graph.inputs.remove(v)
     log(f"onnxruntime: {len(info.layers)} attention layer(s) lowered to com.microsoft.{FUSED_OP} (rotary inside, "
         f"cache written in place; rotary tables for {positions} positions); Q/K/V packed into one MatMul in "
-        f"{packed_layers}, {skip_norms} residual Add + RMSNorm fused")
+        f"{packed_layers}, {pairs} pair(s) of projections of one input packed (gate/up), {skip_norms} residual "
+        f"Add + RMSNorm fused")
     quantized = [n for n in RecursiveGraphIterator(graph) if n.op_type == FUSED_OP
                  and n.attributes.get_int("kv_cache_bit_width", 0)]
     if quantized:

@@ -321,8 +321,10 @@ def _held_out_ids(tokenizer_path: Path, bos, length: int, windows: int) -> tuple
     return stream, wins
 
 
-def _wq(bits: int, block: int, method: str = "rtn", head: bool = True) -> list[dict]:
+def _wq(bits: int, block: int, method: str = "rtn", head: bool = True, symmetric: bool = False) -> list[dict]:
     opts = {"name": "weight_quant", "bits": bits, "block_size": block}
+    if symmetric:  # no zero points: the MatMulNBits form onnxruntime-genai's builder emits
+        opts["symmetric"] = True
     if method != "rtn":  # "awq" or "awq+clip"
         opts["method"] = "awq"
         opts["clip"] = method == "awq+clip"
@@ -348,6 +350,8 @@ QUALITY_VARIANTS = {
     "optc int4 awq+clip b32, LM head fp32": (_wq(4, 32, "awq+clip", head=False), {}),
     "optc int4 awq+clip b128": (_wq(4, 128, "awq+clip"), {}),
     "optc int4 awq+clip b128, LM head fp32": (_wq(4, 128, "awq+clip", head=False), {}),
+    "optc int4 rtn b32, symmetric": (_wq(4, 32, symmetric=True), {}),
+    "optc int4 awq+clip b32, symmetric": (_wq(4, 32, "awq+clip", symmetric=True), {}),
 }
 
 
@@ -368,6 +372,8 @@ def _compile_optc(hf: Path, work: Path, log, variants: dict | None = None) -> di
                                                   "skip": ["lm_head"]}], {}),
         # calibrated int4 (AWQ scaling + clip search): what meets the int4 perplexity goal
         "optc int4 awq+clip b32": (_wq(4, 32, "awq+clip"), {}),
+        # the same, symmetric (no zero points, as genai's int4)
+        "optc int4 awq+clip b32, symmetric": (_wq(4, 32, "awq+clip", symmetric=True), {}),
     }
     out = {}
     for name, (passes, options) in variants.items():

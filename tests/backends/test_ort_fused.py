@@ -92,17 +92,19 @@ def test_fused_graph_has_no_per_step_concat_and_one_gqa_per_layer(fused_artifact
     # Q/K/V read as one packed weight; each residual Add + RMSNorm pair is one op
     assert all(len(node.input) == 9 and node.input[1] == node.input[2] == "" for node in graph.node
                if node.op_type == "GroupQueryAttention")
-    assert ops.count("MatMul") == 5 * n + 1  # packed qkv, o, gate, up, down per layer + the LM head
+    assert ops.count("MatMul") == 4 * n + 1  # packed qkv, o, packed gate/up, down per layer + the LM head
+    assert ops.count("Split") == n  # (gate | up)
     assert ops.count("SkipSimplifiedLayerNormalization") == 2 * n  # every norm but the first (no residual yet)
     assert not [n for n in graph.node if n.op_type == "Concat" and any(i.startswith("past_key_values.")
                                                                         for i in n.input)]
 
 
 def test_int4_weights_pack_qkv_exactly(tmp_path, exported_decoder, monkeypatch):
-    """weight_quant runs before the lowering, so the fused path sees three MatMulNBits per layer:
-    it stacks them into one (blocks run along K, so the output columns just stack). The logits
-    are bit for bit those of the same lowering with the three ops left apart (at accuracy_level
-    4, where activations are quantised per block, a different graph around them would not be)."""
+    """weight_quant runs before the lowering, so the fused path sees three MatMulNBits per layer
+    for Q/K/V and two for the MLP's gate and up: it stacks each group into one (blocks run along
+    K, so the output columns just stack; gate/up are split after). The logits are bit for bit
+    those of the same lowering with the ops left apart (at accuracy_level 4, where activations are
+    quantised per block, a different graph around them would not be)."""
     import onnx
 
     from optc.backends import onnxruntime_fused
@@ -116,7 +118,7 @@ def test_int4_weights_pack_qkv_exactly(tmp_path, exported_decoder, monkeypatch):
         graph = onnx.load(tmp_path / kind / "model.onnx", load_external_data=False).graph
         count[kind] = sum(n.op_type == "MatMulNBits" for n in graph.node)
     n = json.loads((tmp_path / "packed" / "manifest.json").read_text())["model"]["n_layers"]
-    assert (count["packed"], count["apart"]) == (5 * n + 1, 7 * n + 1)
+    assert (count["packed"], count["apart"]) == (4 * n + 1, 7 * n + 1)  # (Q/K/V and gate/up packed)
     ids = [int(i) for i in np.random.default_rng(1).integers(1, 4096, size=160)]
     _, a = _stream(tmp_path / "packed", ids, prompt=100)
     _, b = _stream(tmp_path / "apart", ids, prompt=100)

@@ -262,8 +262,8 @@ def test_decoder_structure_and_deterministic_artifact(tmp_path, exported_decoder
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     proto = onnx.load(str(tmp_path / "a" / "model.onnx"), load_external_data=False)
     ops = [(n.domain, n.op_type) for n in proto.graph.node]
-    # packed qkv (the fused ONNX Runtime path stacks the three), o, gate, up, down per layer + LM head
-    assert ops.count(("com.microsoft", "MatMulNBits")) == 6 * 5 + 1
+    # packed qkv (the fused ONNX Runtime path stacks the three), o, packed gate/up, down per layer + LM head
+    assert ops.count(("com.microsoft", "MatMulNBits")) == 6 * 4 + 1
     consts = {t.name for t in proto.graph.initializer}
     assert not any(n.op_type == "MatMul" and n.input[1] in consts for n in proto.graph.node)
     # the float weights are gone: int4 + fp32 scales + zero points, plus the fp32 embedding table
