@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
+from onnx_ir import tape
 
 from optc.backends import onnxruntime_fused, onnxruntime_int8
 from optc.backends.base import attention_outputs, expose_new_kv
 from optc.errors import OptcError
-from optc.ir import save_model
-from optc.runtime.manifest import present_name
+from optc.ir import const, save_model
+from optc.runtime.manifest import LOGIT_ROWS_INPUT, LOGITS, present_name
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -46,12 +48,45 @@ def compile(model: ir.Model, info, out_dir: Path, target: str, *, kv_cache=None,
         kv_outputs = expose_new_kv(model, info)
     if target == "cpu":  # outlier_split's int8 MatMuls that share an input, stacked (onnxruntime_int8.py)
         onnxruntime_int8.lower(model, log=log)
+    rows_input = logits_of_last_rows(model, log)
     # attention_outputs: per-layer attention probabilities, present when a cache policy scores
     # tokens (H2O)
     section = _save(model, out_dir, target, kv_outputs, attention_outputs(model))
     if kv_in_place is not None:  # kv_outputs are then the present buffers GQA writes in place
         section["kv_in_place"] = kv_in_place
+    if rows_input is not None:
+        section["logit_rows_input"] = rows_input
     return section
+
+
+def logits_of_last_rows(model: ir.Model, log=print) -> str | None:
+    """A prompt's prefill needs the last token's logits only, not the LM head over every prompt
+    token (for pycoder-v2 a sixth of the prefill's multiply-adds): the LM head reads the last
+    `optc.logit_rows` rows of the final hidden states (a Slice on the token axis); the runtime feeds
+    the step's token count where every row is wanted (teacher-forced perplexity, a dropping
+    prefill). Returns the input's name, or None (and every row keeps its logits) where the logits
+    are not one projection of a [batch, tokens, hidden] state."""
+    logits = {v.name: v for v in model.graph.outputs}.get(LOGITS)
+    head = logits.producer() if logits is not None else None
+    if head is None or head.graph is not model.graph or \
+            (head.domain, head.op_type) not in (("", "MatMul"), ("com.microsoft", "MatMulNBits")):
+        return None
+    x = head.inputs[0]
+    source = x.producer() if x is not None else None
+    if x is None or x.shape is None or len(x.shape) != 3 or (source is not None and source.op_type == "DequantizeLinear"):
+        return None  # (a QDQ head: onnxruntime_int8 matches its quantised input as it stands)
+    rows = ir.val(LOGIT_ROWS_INPUT, ir.DataType.INT64, [1])
+    model.graph.inputs.append(rows)
+    t = tape.Tape()
+    start = t.op("Neg", [rows])
+    last = t.op("Slice", [x, start, const(t, np.array([np.iinfo(np.int64).max])), const(t, np.array([1]))])
+    for i, node in enumerate(t.nodes):
+        node.name = f"optc/logit_rows/{i}"
+    model.graph.insert_before(head, t.nodes)
+    head.replace_input_with(0, last)
+    log("onnxruntime: the LM head runs on the step's last rows only (optc.logit_rows: a prompt's prefill computes "
+        "the last token's logits)")
+    return LOGIT_ROWS_INPUT
 
 
 def compile_encoder(model: ir.Model, info, out_dir: Path, target: str, *, options=None, log=print) -> dict:

@@ -440,6 +440,7 @@ def _fuse_skip_rms_norm(graph: ir.Graph) -> int:
         graph.insert_before(norm, fused)
         ir.convenience.replace_all_uses_with(norm.outputs[0], fused.outputs[0])
         ir.convenience.replace_all_uses_with(add.outputs[0], fused.outputs[3])
+        fused.outputs[0].shape, fused.outputs[0].type = norm.outputs[0].shape, norm.outputs[0].type
         fused.outputs[3].shape, fused.outputs[3].type = add.outputs[0].shape, add.outputs[0].type
         count += 1
     return count

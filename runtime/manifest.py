@@ -83,6 +83,7 @@ def kivi_input(base: str, part: str) -> str:
 
 
 # ---------------------------------------------------------------- kinds
+LOGIT_ROWS_INPUT = "optc.logit_rows"  # ONNX Runtime artifacts: logits for the step's last N rows only
 LAYOUT_FLOAT = "float"
 LAYOUT_KIVI = "kivi"
 # int8 per element, dequantised by fixed per-layer/head/channel scales that live in the graph
@@ -566,9 +567,12 @@ class OnnxRuntimeBackend:
     kv_outputs: list
     attention_outputs: list
     kv_in_place: KvInPlace | None = None
+    # an int64 [1] input: how many of the step's last rows get logits (a prompt's prefill needs one;
+    # absent in artifacts compiled before it: every row's)
+    logit_rows_input: str | None = None
 
     KEYS = ("name", "graph", "weights", "providers", "session_options", "kv_outputs", "attention_outputs",
-            "kv_in_place")
+            "kv_in_place", "logit_rows_input")
 
     @classmethod
     def from_dict(cls, d: Any, n_layers: int, where: str = "manifest.json: backend") -> OnnxRuntimeBackend:
@@ -580,7 +584,8 @@ class OnnxRuntimeBackend:
         in_place = None if in_place is None else KvInPlace.from_dict(in_place, n_layers, f"{where}.kv_in_place")
         return cls(_need(d, "graph", str, where), _str_list(d, "weights", where, optional=True), providers,
                    _need(d, "session_options", dict, where, optional=True) or {}, kv_outputs,
-                   _str_list(d, "attention_outputs", where, optional=True), in_place)
+                   _str_list(d, "attention_outputs", where, optional=True), in_place,
+                   _need(d, "logit_rows_input", str, where, optional=True))
 
 
 @dataclass(frozen=True)

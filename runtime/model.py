@@ -168,12 +168,23 @@ class Model:
         return self._tokenizer
 
     # -- forward -----------------------------------------------------------------------------
-    def _step(self, ids: np.ndarray) -> np.ndarray:
+    def _logit_rows(self, n: int, all_rows: bool) -> int | None:
+        """Rows of logits a step of `n` tokens asks for (None: the executor computes every row's):
+        the last one, unless every row is wanted or the step drops prompt tokens (token_dropping:
+        its logit rows tell how many it kept)."""
+        if all_rows or getattr(self.executor, "logit_rows_input", None) is None:
+            return None
+        if self.pruned_from_layer is not None and self.position == 0:
+            return n
+        return 1
+
+    def _step(self, ids: np.ndarray, all_rows: bool = True) -> np.ndarray:
         """Runs `ids`, or as many of them as the executor takes in one step (a static-shape
-        backend has a largest shape); returns logits for the tokens it ran."""
+        backend has a largest shape); returns logits for the tokens it ran (with all_rows=False,
+        where the backend can, for the last one only)."""
         n = len(ids)
         if self._in_place:  # the fused path: the graph writes the new keys/values into the cache itself
-            return self._step_in_place(ids, n)
+            return self._step_in_place(ids, n, all_rows)
         if self.sink_window:
             self._make_room(n)
         feeds = self.cache.feeds()
@@ -190,7 +201,9 @@ class Model:
             feeds[KEY_POSITION_IDS] = np.arange(cached + n, dtype=np.int64).reshape(1, -1)
         if self.routing is not None:
             feeds[LAYERS_RUN_INPUT] = self.layers_run
-        logits, new_k, new_v, attention = self.executor.run(input_ids, position_ids, attention_mask, feeds)
+        rows = self._logit_rows(n, all_rows)
+        extra = {} if rows is None else {"logit_rows": rows}
+        logits, new_k, new_v, attention = self.executor.run(input_ids, position_ids, attention_mask, feeds, **extra)
         if self.routing is not None and self.position == 0:  # the prompt's prefill: choose what decode skips
             self._route(self.executor.extra[LAYER_CHANGE_OUTPUT])
         self.cache.append(new_k, new_v)
@@ -223,7 +236,7 @@ class Model:
                 f"expect much worse predictions; compile with sink_window to stream long sequences"),
                 stacklevel=stacklevel)
 
-    def _step_in_place(self, ids: np.ndarray, n: int) -> np.ndarray:
+    def _step_in_place(self, ids: np.ndarray, n: int, all_rows: bool = True) -> np.ndarray:
         """_step on the fused path (a dense cache without policy: position = cache length)."""
         bias = self._window.step(self.cache, n, self.skipped_layers) if self._window is not None else (None, None)
         cached = self.cache.length
@@ -232,9 +245,11 @@ class Model:
         input_ids = np.asarray(ids, dtype=np.int64).reshape(1, n)
         position_ids = np.arange(cached, cached + n, dtype=np.int64).reshape(1, n)
         logits = self.executor.run_in_place(input_ids, position_ids, self.cache.buffers(n), cached, bias,
-                                            self._pruned_length())
-        # (token_dropping: the pruned layers cached a row per logit row, the kept tokens)
-        self.cache.advance(n, skipped=self.skipped_layers, pruned=self._pruned_rows(logits.shape[1]))
+                                            self._pruned_length(), self._logit_rows(n, all_rows))
+        # (token_dropping: in the step that drops, the pruned layers cached a row per logit row, the
+        # kept tokens, for which _logit_rows asked every row; later steps keep all n)
+        kept = logits.shape[1] if self.position == 0 else n
+        self.cache.advance(n, skipped=self.skipped_layers, pruned=self._pruned_rows(kept))
         if self.routing is not None and self.position == 0:  # the prompt's prefill: choose what decode skips
             self._route(self.executor.extra[LAYER_CHANGE_OUTPUT])
         self.position += n
@@ -286,7 +301,7 @@ class Model:
             end = min(done + chunk, ids.size)
             while done < end:
                 before = self.position
-                parts.append(self._step(ids[done:end]))
+                parts.append(self._step(ids[done:end], all_rows=all_logits))
                 done += self.position - before  # (a prompt-dropping step returns fewer logit rows)
         logits = np.concatenate(parts) if len(parts) > 1 else parts[0]
         return logits if all_logits else logits[-1]

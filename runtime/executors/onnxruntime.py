@@ -85,6 +85,12 @@ class OnnxRuntimeExecutor:
         except WireError as e:
             raise ArtifactError(f"{graph}: cannot read the embedding table's shape ({e})") from None
 
+        # logits for the step's last N rows only (a prefill asks for its last token's)
+        self.logit_rows_input = backend.logit_rows_input
+        if self.logit_rows_input is not None and self.logit_rows_input not in self.input_names:
+            raise ArtifactError(f"{root / 'manifest.json'}: backend.logit_rows_input: {self.logit_rows_input!r} is "
+                                f"not an input of {graph.name}")
+        self._logit_rows = np.ones(1, np.int64)  # (fused path: bound once, written per step)
         # the fused path: the graph writes the cache in place (backends/onnxruntime_fused.py)
         self.kv_in_place = backend.kv_in_place
         if self.kv_in_place is not None:
@@ -147,9 +153,12 @@ class OnnxRuntimeExecutor:
         return None
 
     def run(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
-            cache_feeds: dict[str, np.ndarray]):
-        """One forward step. `cache_feeds` are the KV cache's graph inputs (KVCache.feeds())."""
+            cache_feeds: dict[str, np.ndarray], logit_rows: int | None = None):
+        """One forward step. `cache_feeds` are the KV cache's graph inputs (KVCache.feeds());
+        `logit_rows`: logits for the step's last rows only (None: every row's)."""
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.logit_rows_input is not None:
+            feeds[self.logit_rows_input] = np.array([logit_rows or input_ids.shape[1]], np.int64)
         if "position_ids" in self.input_names:
             feeds["position_ids"] = position_ids
         for name, arr in cache_feeds.items():
@@ -174,7 +183,7 @@ class OnnxRuntimeExecutor:
                 self._output_order.append(name)
 
     def _bind_step(self, buffers: dict[str, np.ndarray], cached: int, n: int, bias=(None, None),
-                   pruned_cached: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                   pruned_cached: int | None = None, rows: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Everything a step of `n` new tokens reads and writes, bound; returns the bound token ids
         and logits arrays. Rebinding happens only where something changed: the cache's buffer map
         when a buffer grew (KVCache.buffers returns the same dict until then), the ids and logits
@@ -193,7 +202,11 @@ class OnnxRuntimeExecutor:
             self._bind_array(p.total_input, self._lengths[1])
             if p.pruned_past_input:
                 self._bind_array(p.pruned_past_input, self._pruned_past)
+            if self.logit_rows_input is not None:
+                self._bind_array(self.logit_rows_input, self._logit_rows)
             self._bound_buffers = buffers
+        rows = n if rows is None or self.logit_rows_input is None else rows
+        self._logit_rows[0] = rows
         self._lengths[0][0] = cached + n - 1
         self._lengths[1][()] = cached + n
         if p.pruned_past_input:
@@ -210,7 +223,7 @@ class OnnxRuntimeExecutor:
             if LOGITS not in self._output_order:
                 self._output_order.append(LOGITS)
         else:  # a prefill chunk: arrays of its size, bound for this step only
-            ids, logits = np.empty((1, n), np.int64), np.empty((1, n, self._vocab), np.float32)
+            ids, logits = np.empty((1, n), np.int64), np.empty((1, rows, self._vocab), np.float32)
         if logits is not None and self._bound.get(LOGITS) is not logits:
             self._bind_array(INPUT_IDS, ids)
             self._bind_array(LOGITS, logits, output=True)
@@ -225,23 +238,24 @@ class OnnxRuntimeExecutor:
         return ids, logits
 
     def run_in_place(self, input_ids: np.ndarray, position_ids: np.ndarray, buffers: dict[str, np.ndarray],
-                     cached: int, bias=(None, None), pruned_cached: int | None = None) -> np.ndarray:
+                     cached: int, bias=(None, None), pruned_cached: int | None = None,
+                     logit_rows: int | None = None) -> np.ndarray:
         """One forward step on the fused path: `buffers` are the cache's whole per-layer arrays
         (KVCache.buffers), the first `cached` entries filled; the graph writes this step's keys and
         values after them, in place. Returns the logits [1, n, vocab] (the caller's to keep); the
         caller advances the cache. `bias`: the sink_window artifact's attention bias and, with
         token_dropping, the pruned layers' bias row (runtime/cache/window.py; (None, None) without). `pruned_cached`: a token_dropping artifact's cache length in the
         pruned layers (the logits then have a row per kept token: the caller advances those layers
-        by that many)."""
+        by that many). `logit_rows`: logits for the step's last rows only (None: every row's)."""
         n = input_ids.shape[1]
-        ids, logits = self._bind_step(buffers, cached, n, bias, pruned_cached)
+        ids, logits = self._bind_step(buffers, cached, n, bias, pruned_cached, logit_rows)
         ids[...] = input_ids
         if self._needs_positions:
             self._io.bind_cpu_input(POSITION_IDS, position_ids)
         self.session.run_with_iobinding(self._io)
         if logits is None:
             return self._io.get_outputs()[self._output_order.index(LOGITS)].numpy()
-        return logits.copy() if n == 1 else logits
+        return logits.copy() if logits is self._decode_arrays[1] else logits
 
     def decode_in_place(self, token: int, buffers: dict[str, np.ndarray], cached: int, copy: bool = True,
                         bias=(None, None), pruned_cached: int | None = None) -> np.ndarray:

@@ -247,3 +247,41 @@ def test_pruned_layers_without_their_length_input_are_refused(fused_artifact):
     with pytest.raises(ArtifactError, match="pruned layers with the pruned-length input") as e:
         Model(fused_artifact, manifest)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
+def test_a_prefill_computes_the_last_tokens_logits_only(fused, fused_artifact, exported_decoder, tmp_path):
+    """The LM head reads the step's last `optc.logit_rows` rows: a prompt's prefill asks for one
+    (the executor hands back a single row), a teacher-forced one for every row, and the last
+    row is the same either way; decode is unchanged."""
+    import onnx
+
+    import optc.runtime
+
+    path = fused_artifact if fused else tmp_path / "generic"
+    if not fused:
+        _compile(exported_decoder, path, options={"fused_attention": False})
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["backend"]["logit_rows_input"] == "optc.logit_rows"
+    graph = onnx.load(path / "model.onnx", load_external_data=False).graph
+    assert "optc.logit_rows" in {i.name for i in graph.input}
+    m = optc.runtime.load(path)
+    ids = [int(i) for i in np.random.default_rng(2).integers(1, 4096, size=90)]
+    every = m.prefill(ids[:80], all_logits=True)
+    after_every = [m.decode(t) for t in ids[80:]]
+    m.reset()
+    rows = []  # logit rows the executor handed back per step
+    name = "run_in_place" if fused else "run"
+    original = getattr(m.executor, name)
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        rows.append((out if fused else out[0]).shape[1])
+        return out
+
+    setattr(m.executor, name, spy)
+    last = m.prefill(ids[:80])
+    assert rows == [1]
+    np.testing.assert_allclose(last, every[-1], atol=1e-5)
+    for t, want in zip(ids[80:], after_every):
+        np.testing.assert_allclose(m.decode(t), want, atol=1e-5)

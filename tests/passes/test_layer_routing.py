@@ -171,7 +171,8 @@ def test_a_skipped_layer_runs_no_kernel(exported_decoder, tmp_path, fused):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         s = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         past = 5
-        feeds = {"input_ids": np.array([[7]]), "optc.layers_run": np.array([1, 1, run_layer_2, 1, 1, 1], bool)}
+        feeds = {"input_ids": np.array([[7]]), "optc.layers_run": np.array([1, 1, run_layer_2, 1, 1, 1], bool),
+                 "optc.logit_rows": np.array([1])}
         if fused:  # cache lengths; the buffers have room for the new token
             feeds.update({"seqlens_k": np.array([past], np.int32), "total_sequence_length": np.array(past + 1, np.int32)})
         else:
