@@ -74,6 +74,22 @@ def token_windows(tokenizer_path: Path, texts: list[str], *, samples: int, lengt
     return out
 
 
+def calibration_windows(who: str, tokenizer, text: str | None, *, samples: int, length: int, bos: int | None,
+                        text_key: str = "calibration.text") -> list[np.ndarray]:
+    """The token windows a calibrating pass runs on: its calibration text (default
+    models/data/calibration.jsonl), up to `samples` windows of up to `length` tokens. One-line
+    errors: no tokenizer (naming the pass, `who`), a calibration text that is no file (as the
+    pass option `text_key`)."""
+    from optc.passes.base import PassConfigError  # (here, not at the top: the passes import this module)
+
+    if tokenizer is None:
+        raise OptcError(f"{who}: calibration needs a tokenizer (tokenizer.json beside the model, or --tokenizer)")
+    if text is not None and not Path(text).is_file():
+        raise PassConfigError(text_key, f"{text}: no such file")
+    texts = read_calibration_texts(Path(text) if text else None)
+    return token_windows(Path(tokenizer), texts, samples=samples, length=length, bos=bos)
+
+
 def feeds_for(graph_inputs: list[ir.Value], ids: np.ndarray) -> dict[str, np.ndarray]:
     """Inputs for one window with nothing cached, from the graph's declared inputs."""
     n = len(ids)

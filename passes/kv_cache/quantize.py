@@ -23,7 +23,6 @@ from pydantic import Field, field_validator, model_validator
 
 from optc.calibration import CalibrationOptions
 from optc.config import PassOptions, no_float
-from optc.errors import OptcError
 from optc.passes.base import (CACHE_POLICY, CACHE_QUANTIZED, EVICTS_SINGLE_TOKENS, KEY_GROUPS_SPAN_TOKENS,
                               LAYERS_ROUTED, MODEL_DECODER, TOKENS_DROPPED, Contract, OptcPass, PassConfigError)
 from optc.passes.rules.builders import const
@@ -130,11 +129,8 @@ class KVQuantize(OptcPass):
                                           kivi=KiviSpec(o.bits, o.group_size, o.residual, symmetric, o.key_quant))
         return ir.passes.PassResult(model, True)
 
-
     def _static(self, model: ir.Model) -> ir.passes.PassResult:
-        from pathlib import Path
-
-        from optc.calibration import channel_stats, read_calibration_texts, token_windows
+        from optc.calibration import calibration_windows, channel_stats
         from optc.passes.kv_cache.static_int8 import (calibration_values, rewrite_static, rotary_partner,
                                                       scales_from_absmax)
 
@@ -146,14 +142,9 @@ class KVQuantize(OptcPass):
             return ir.passes.PassResult(model, False)  # already quantised (a second run)
         stored = calibration_values(model, info)
         names = {key: v.name for key, v in stored.items()}
-        if self.context.tokenizer is None:
-            raise OptcError("kv_quantize (scales: static): calibration needs a tokenizer (tokenizer.json beside the "
-                            "model, or --tokenizer)")
-        if o.calibration.text is not None and not Path(o.calibration.text).is_file():
-            raise PassConfigError("calibration.text", f"{o.calibration.text}: no such file")
-        texts = read_calibration_texts(Path(o.calibration.text) if o.calibration.text else None)
-        windows = token_windows(Path(self.context.tokenizer), texts, samples=o.calibration.samples,
-                                length=o.calibration.length, bos=self.context.bos_token_id)
+        windows = calibration_windows("kv_quantize (scales: static)", self.context.tokenizer, o.calibration.text,
+                                      samples=o.calibration.samples, length=o.calibration.length,
+                                      bos=self.context.bos_token_id)
         self.context.log(f"  kv_quantize: calibrating {len(names)} cache tensors' scales on {len(windows)} windows "
                          f"({sum(len(w) for w in windows):,} tokens)")
         stats = channel_stats(model, sorted(set(names.values())), windows, label="kv_quantize calibration",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -10,7 +9,6 @@ import onnx_ir as ir
 from pydantic import Field, model_validator
 
 from optc.config import PassOptions
-from optc.errors import OptcError
 from optc.passes.base import (EVICTS_ALL_LAYERS_ALIKE, LAYERS_ROUTED, MODEL_DECODER, SPARSE_PREFILL,
                               Contract, OptcPass, PassConfigError)
 from optc.passes.layer_routing.route import rewrite_routing
@@ -85,16 +83,12 @@ class LayerRouting(OptcPass):
         """Mean change per routable layer, every layer running, over calibration windows."""
         import onnxruntime as ort
 
-        from optc.calibration import feeds_for, read_calibration_texts, token_windows
+        from optc.calibration import calibration_windows, feeds_for
 
         o: LayerRoutingOptions = self.options
-        if self.context.tokenizer is None:
-            raise OptcError("layer_routing mode static: calibration needs a tokenizer (tokenizer.json beside the model)")
-        if o.calibration_text is not None and not Path(o.calibration_text).is_file():
-            raise PassConfigError("calibration_text", f"{o.calibration_text}: no such file")
-        texts = read_calibration_texts(Path(o.calibration_text) if o.calibration_text else None)
-        windows = token_windows(self.context.tokenizer, texts, samples=CALIBRATION_SAMPLES, length=CALIBRATION_LENGTH,
-                                bos=self.context.bos_token_id)
+        windows = calibration_windows("layer_routing mode static", self.context.tokenizer, o.calibration_text,
+                                      samples=CALIBRATION_SAMPLES, length=CALIBRATION_LENGTH,
+                                      bos=self.context.bos_token_id, text_key="calibration_text")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), sess_options=opts,

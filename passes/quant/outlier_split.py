@@ -47,7 +47,6 @@ and without the split.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -55,9 +54,8 @@ import onnx_ir as ir
 from pydantic import Field, field_validator, model_validator
 
 from optc.calibration import CalibrationOptions
-from optc.config import PassOptions, no_float
-from optc.errors import OptcError
-from optc.passes.base import LAYERS_ROUTED, ROUTED_MATMULS, Contract, OptcPass, PassConfigError
+from optc.config import PassOptions
+from optc.passes.base import LAYERS_ROUTED, ROUTED_MATMULS, Contract, OptcPass
 from optc.passes.quant.weight_quant import (WEIGHTS_QUANTIZED, _constant_weight, _rank_ok,
                                              apply_skip, check_skip_patterns)
 from optc.passes.rules.builders import replace_keeping_output
@@ -191,7 +189,7 @@ class OutlierSplit(OptcPass):
         return {"min_embedding_cosine": 0.995, "min_retrieval_agreement": 0.95}  # issue 19's MiniLM goal
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from optc.calibration import channel_stats, read_calibration_texts, token_windows
+        from optc.calibration import calibration_windows, channel_stats
 
         o: OutlierSplitOptions = self.options
         graph = model.graph
@@ -200,15 +198,9 @@ class OutlierSplit(OptcPass):
             {v.name for n in graph for v in n.outputs if v.name} | {n.name for n in graph if n.name}
         if not todo:
             return ir.passes.PassResult(model, False)
-        tok = self.context.tokenizer
-        if tok is None:
-            raise OptcError("outlier_split: calibration needs a tokenizer (tokenizer.json beside the model, or "
-                            "--tokenizer)")
-        if o.calibration.text is not None and not Path(o.calibration.text).is_file():
-            raise PassConfigError("calibration.text", f"{o.calibration.text}: no such file")
-        texts = read_calibration_texts(Path(o.calibration.text) if o.calibration.text else None)
-        windows = token_windows(Path(tok), texts, samples=o.calibration.samples, length=o.calibration.length,
-                                bos=self.context.bos_token_id)
+        windows = calibration_windows("outlier_split", self.context.tokenizer, o.calibration.text,
+                                      samples=o.calibration.samples, length=o.calibration.length,
+                                      bos=self.context.bos_token_id)
         groups: dict[ir.Value, list] = {}
         for node, weight in todo:
             groups.setdefault(node.inputs[0], []).append((node, weight))

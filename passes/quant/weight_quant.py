@@ -28,7 +28,6 @@ The result runs on ONNX Runtime only: MatMulNBits is a contrib op, and the TVM b
 from __future__ import annotations
 
 import fnmatch
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -37,7 +36,6 @@ from pydantic import Field, field_validator, model_serializer, model_validator
 
 from optc.calibration import CalibrationOptions
 from optc.config import PassOptions, no_float
-from optc.errors import OptcError
 from optc.passes.base import LAYERS_ROUTED, ROUTED_MATMULS, Contract, OptcPass, PassConfigError
 from optc.passes.quant.awq import DEFAULT_ALPHAS, clip_to
 from optc.passes.quant.blockwise import quantize_blockwise
@@ -243,21 +241,14 @@ class WeightQuant(OptcPass):
         """Calibrate, search alpha per activation and fold 1/s into the graph (awq.py); returns
         each MatMul's s where it is not 1 (its weight is then quantised as diag(s) W). Without
         the quantisation that follows, the graph with diag(s) W in float computes what it did."""
-        from optc.calibration import channel_stats, read_calibration_texts, token_windows
+        from optc.calibration import calibration_windows, channel_stats
         from optc.passes.quant import awq
 
         o: WeightQuantOptions = self.options
         graph = model.graph
-        tok = self.context.tokenizer
-        if tok is None:
-            raise OptcError("weight_quant: method awq calibrates on text and needs a tokenizer (tokenizer.json "
-                            "beside the model, or --tokenizer)")
         cal = o.calibration
-        if cal.text is not None and not Path(cal.text).is_file():
-            raise PassConfigError("calibration.text", f"{cal.text}: no such file")
-        texts = read_calibration_texts(Path(cal.text) if cal.text else None)
-        windows = token_windows(Path(tok), texts, samples=cal.samples, length=cal.length,
-                                bos=self.context.bos_token_id)
+        windows = calibration_windows("weight_quant (method awq)", self.context.tokenizer, cal.text,
+                                      samples=cal.samples, length=cal.length, bos=self.context.bos_token_id)
         groups: dict[ir.Value, awq.Group] = {}
         for node, weight in todo:
             groups.setdefault(node.inputs[0], awq.Group(node.inputs[0], [])).members.append((node, weight))
