@@ -315,10 +315,10 @@ def pack_shared_input_pairs(model: ir.Model) -> int:
             if (node.domain, node.op_type) in (("", "MatMul"), ("com.microsoft", "MatMulNBits")) \
                     and node.inputs[0] is not None:
                 by_input.setdefault(node.inputs[0], []).append(node)
-        for nodes in by_input.values():
-            if len(nodes) != 2 or _gate_first(nodes) is None:
+        for pair in by_input.values():
+            nodes = _gate_first(pair) if len(pair) == 2 else None
+            if nodes is None:
                 continue
-            nodes = _gate_first(nodes)
             packed = _packed_projections(model.graph, nodes, nodes[0])  # (constants in the main graph)
             if packed is None:
                 continue
@@ -343,15 +343,13 @@ def _gate_first(nodes: list[ir.Node]) -> list[ir.Node] | None:
             if use.node.op_type != "Mul" or len(use.node.inputs) != 2:
                 continue
             other = use.node.inputs[1 - use.idx]
-            for _ in range(3):  # (SiLU: Mul(g, Sigmoid(g)); GELU: a few element-wise ops)
+            for _ in range(4):  # (SiLU: Mul(g, Sigmoid(g)); GELU: a few element-wise ops)
                 if other is gate.outputs[0]:
                     return [gate, up]
                 node = other.producer() if other is not None else None
                 if node is None or not node.inputs:
                     break
                 other = node.inputs[0]
-            if other is gate.outputs[0]:
-                return [gate, up]
     return None
 
 
@@ -597,7 +595,6 @@ def lower(model: ir.Model, info, context: int | None, log=print, kv_cache: dict 
     buffer (its default: the row it writes), and an additive attention bias input lets the
     runtime hide the rows the window has left until it compacts the buffer (runtime/cache/window.py)."""
     from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass
-    from onnx_ir.traversal import RecursiveGraphIterator
 
     graph = model.graph
     policy = (kv_cache or {}).get("policy")
@@ -614,7 +611,7 @@ def lower(model: ir.Model, info, context: int | None, log=print, kv_cache: dict 
     pruned = (kv_cache or {}).get(PRUNED_FROM_LAYER)
     late = _PrunedLayers(model, pruned, windowed=bias is not None) if pruned is not None else None
     tables: dict[int, tuple[ir.Value, ir.Value]] = {}
-    packed_layers = 0
+    packed_layers = quantized_layers = 0
     for layer in info.layers:
         (q_rope, k_rope, attn, catk, catv), _ = _layer(model, layer.index)
         in_pruned = late is not None and layer.index >= pruned
@@ -659,6 +656,7 @@ def lower(model: ir.Model, info, context: int | None, log=print, kv_cache: dict 
                 scales.append(value)
             extra = [*(extra or [None, None]), None, *scales]  # (slot 11, between the bias and the scales)
             attributes.update(kv_cache_bit_width=8, k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL")
+            quantized_layers += 1
         gqa = ir.node(FUSED_OP, [*qkv, past_k, past_v, *lengths, cos, sin, *extra], attributes=attributes,
                       domain="com.microsoft", num_outputs=3, name=f"optc_gqa_{layer.index}")
         attn.graph.insert_before(attn, gqa)  # (constants stay in the main graph; a routed layer's ops in its If)
@@ -687,11 +685,9 @@ def lower(model: ir.Model, info, context: int | None, log=print, kv_cache: dict 
         f"cache written in place; rotary tables for {positions} positions); Q/K/V packed into one MatMul in "
         f"{packed_layers}, {pairs} pair(s) of projections of one input packed (gate/up), {skip_norms} residual "
         f"Add + RMSNorm fused")
-    quantized = [n for n in RecursiveGraphIterator(graph) if n.op_type == FUSED_OP
-                 and n.attributes.get_int("kv_cache_bit_width", 0)]
-    if quantized:
+    if quantized_layers:
         log(f"onnxruntime: kv_quantize scales: static on the fused path: GQA keeps the int8 cache in place "
-            f"(kv_cache_bit_width 8, fixed per-channel scales) in {len(quantized)} layer(s)")
+            f"(kv_cache_bit_width 8, fixed per-channel scales) in {quantized_layers} layer(s)")
     if routed:
         log(f"onnxruntime: layer_routing on the fused path: {len(routed)} routed layer(s) run GQA inside their If "
             f"(the cache buffer is the If's bound output, written in place; a skipped layer passes it through)")
