@@ -480,6 +480,9 @@ def main() -> None:
                          "and llama.cpp's")
     ap.add_argument("--no-genai", action="store_true", help="--perplexity-only without building genai's models")
     ap.add_argument("--no-llamacpp", action="store_true", help="leave llama.cpp out")
+    ap.add_argument("--only", action="append", default=[],
+                    help="time only the engines whose name contains this (repeatable): fewer idle engine processes "
+                         "beside the one running")
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--llamacpp-build", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -509,6 +512,10 @@ def main() -> None:
         if not a.no_llamacpp:
             engines += [("llamacpp", k, v) for k, v in _build_llamacpp(a.llamacpp_python, a.llamacpp_convert, a.hf,
                                                                         work, log).items()]
+        if a.only:
+            engines = [e for e in engines if any(o in e[1] for o in a.only)]
+            if not engines:
+                raise SystemExit(f"--only {a.only}: no engine's name contains it")
         pythons = {"optc": sys.executable, "genai": a.genai_python, "llamacpp": a.llamacpp_python}
         workers = {}
         for i, (kind, name, path) in enumerate(engines):  # every engine loaded at once, idle until asked
