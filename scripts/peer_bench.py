@@ -469,10 +469,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds; in each, every figure is measured --repeats "
                                                           "times on every engine, the engines taking turns run by "
                                                           "run; figures are medians over rounds x repeats")
-    ap.add_argument("--turns", choices=("run", "block"), default="run",
+    ap.add_argument("--turns", choices=("run", "block", "alone"), default="run",
                     help="run: engines take turns run by run (a shared machine's load hits all alike; each run "
                          "finds its weights evicted by the others); block: each engine does a figure's --repeats "
-                         "runs in a row after one uncounted run (an app alone on an idle machine)")
+                         "runs in a row after one uncounted run (an app alone on an idle machine); alone: as block, "
+                         "with only that engine's process alive (started and stopped per round, so no idle "
+                         "engine's thread pool shares the cores)")
     ap.add_argument("--windows", type=int, default=8, help="held-out windows of 512 tokens for perplexity")
     ap.add_argument("--out", type=Path, help="write the table (markdown) here and its JSON beside it")
     ap.add_argument("--perplexity-only", action="store_true",
@@ -517,23 +519,40 @@ def main() -> None:
             if not engines:
                 raise SystemExit(f"--only {a.only}: no engine's name contains it")
         pythons = {"optc": sys.executable, "genai": a.genai_python, "llamacpp": a.llamacpp_python}
-        workers = {}
-        for i, (kind, name, path) in enumerate(engines):  # every engine loaded at once, idle until asked
-            python = pythons[kind]
+
+        def start(i: int, kind: str, name: str, path) -> subprocess.Popen:
             with open(work / f"worker{i}.err", "w") as err:  # (a file: a full stderr pipe would block it)
-                proc = subprocess.Popen([python, __file__, "--worker", kind, str(path), str(job_file)], text=True,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, bufsize=1)
+                proc = subprocess.Popen([pythons[kind], __file__, "--worker", kind, str(path), str(job_file)],
+                                        text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                        bufsize=1)
             proc.err_path = err.name
-            workers[name] = proc
             _ask(proc, name, None)
             _ask(proc, name, f"decode {job['contexts'][0]}")  # warm-up, not counted
+            return proc
 
         results = {name: {"ttft_ms": {str(n): [] for n in job["prompt_lengths"]},
-                          "decode_ms": {str(c): [] for c in job["contexts"]}} for name in workers}
+                          "decode_ms": {str(c): [] for c in job["contexts"]}} for _, name, _ in engines}
         requests = [("ttft_ms", "ttft", n) for n in job["prompt_lengths"]]
         requests += [("decode_ms", "decode", c) for c in job["contexts"]]
+        if a.turns == "alone":
+            for r in range(a.rounds):
+                log(f"round {r + 1}/{a.rounds}")
+                shift = r % len(engines)
+                for i, (kind, name, path) in enumerate(engines[shift:] + engines[:shift]):
+                    proc = start(i, kind, name, path)  # the only engine process alive
+                    for key, what, arg in requests:
+                        _ask(proc, name, f"{what} {arg}")
+                        for rep in range(a.repeats):
+                            results[name][key][str(arg)].append(_ask(proc, name, f"{what} {arg}"))
+                    if r == a.rounds - 1:
+                        log(f"perplexity: {name}")
+                        results[name]["perplexity"] = _ask(proc, name, "perplexity")
+                    proc.stdin.close()
+                    proc.wait()
+            engines = []  # (measured: no loaded workers below)
+        workers = {name: start(i, kind, name, path) for i, (kind, name, path) in enumerate(engines)}
         names = list(workers)
-        for r in range(a.rounds):
+        for r in range(a.rounds if workers else 0):
             log(f"round {r + 1}/{a.rounds}")
             for key, what, arg in requests:
                 if a.turns == "block":
