@@ -374,6 +374,8 @@ def _compile_optc(hf: Path, work: Path, log, variants: dict | None = None) -> di
         "optc int4 awq+clip b32": (_wq(4, 32, "awq+clip"), {}),
         # the same, symmetric (no zero points, as genai's int4)
         "optc int4 awq+clip b32, symmetric": (_wq(4, 32, "awq+clip", symmetric=True), {}),
+        # the same with the embedding table in int4 too (GatherBlockQuantized, as genai's int4)
+        "optc int4 awq+clip b32, int4 embedding": ([{**_wq(4, 32, "awq+clip")[0], "embedding": True}], {}),
     }
     out = {}
     for name, (passes, options) in variants.items():

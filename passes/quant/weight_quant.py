@@ -87,6 +87,9 @@ class WeightQuantOptions(PassOptions):
                           "before rounding (AWQ's auto-clip; ratios 1.0 down to 0.55); default false")
     calibration: CalibrationOptions | None = Field(
         None, description="awq only: text, samples, length (default: models/data/calibration.jsonl, 16, 256)")
+    embedding: bool = Field(False, description="also store the token embedding table with `bits` per weight "
+                                               "(symmetric, blocks along the hidden axis; ONNX Runtime's "
+                                               "GatherBlockQuantized): its float copy no longer takes memory and cache")
 
     @model_validator(mode="before")
     @classmethod
@@ -116,6 +119,8 @@ class WeightQuantOptions(PassOptions):
         if self.method == "rtn":
             for key in ("method", "alphas", "clip", "calibration"):
                 d.pop(key, None)
+        if not self.embedding:  # (likewise: a float embedding table records no key)
+            d.pop("embedding", None)
         return d
 
     @field_validator("alphas")
@@ -196,12 +201,45 @@ class WeightQuant(OptcPass):
         for t in replaced:
             if t is not None and t.graph is graph and not t.outputs[0].uses():
                 graph.remove(t, safe=True)
+        if o.embedding:
+            self._quantize_embedding(graph)
         for name in {key[0] for key in packed}:
-            v = graph.initializers[name]
-            if not v.uses() and v not in graph.outputs:
+            v = graph.initializers.get(name)
+            if v is not None and not v.uses() and v not in graph.outputs:
                 del graph.initializers[name]
         model.opset_imports.setdefault(CONTRIB_DOMAIN, 1)
         return ir.passes.PassResult(model, True)
+
+    def _quantize_embedding(self, graph: ir.Graph) -> None:
+        """Gather(table [vocab, hidden], input_ids) -> GatherBlockQuantized of the table quantised
+        symmetrically in blocks of `block_size` along the hidden axis (the layout MatMulNBits gives
+        a transposed weight, so the blocks come from the same quantiser)."""
+        o: WeightQuantOptions = self.options
+        gathers = [n for n in graph if n.op_type == "Gather" and n.domain == "" and len(n.inputs) == 2
+                   and n.inputs[1] is not None and n.inputs[1].is_graph_input() and n.inputs[1].name == "input_ids"
+                   and n.inputs[0] is not None and n.inputs[0].const_value is not None
+                   and len(n.inputs[0].const_value.shape) == 2 and n.attributes.get_int("axis", 0) == 0]
+        if len(gathers) != 1:
+            raise PassConfigError("embedding", f"expected one Gather of a constant table by input_ids, found "
+                                               f"{len(gathers)}")
+        gather = gathers[0]
+        table = gather.inputs[0]
+        w = table.const_value.numpy()
+        if w.shape[1] % o.block_size:
+            raise PassConfigError("embedding", f"block_size {o.block_size} does not divide the hidden size "
+                                               f"{w.shape[1]}")
+        B, scales, _ = quantize_blockwise(np.ascontiguousarray(w.T), o.bits, o.block_size, symmetric=True)
+        data = ir.Value(name=f"{table.name}.q{o.bits}", const_value=ir.tensor(B.reshape(w.shape[0], -1)))
+        scale = ir.Value(name=f"{table.name}.q{o.bits}_scales", const_value=ir.tensor(scales))
+        graph.register_initializer(data)
+        graph.register_initializer(scale)
+        new = ir.Node(CONTRIB_DOMAIN, "GatherBlockQuantized", [data, gather.inputs[1], scale],
+                      attributes=[ir.AttrInt64("bits", o.bits), ir.AttrInt64("block_size", o.block_size),
+                                  ir.AttrInt64("gather_axis", 0), ir.AttrInt64("quantize_axis", 1)],
+                      name=f"{gather.name}/weight_quant")
+        replace_keeping_output(graph, gather, new)
+        if not table.uses() and table not in graph.outputs and table.name in graph.initializers:
+            del graph.initializers[table.name]
 
     def _pack(self, graph: ir.Graph, source: ir.Value, transposed: bool,
               row_scale: np.ndarray | None = None, clip: np.ndarray | None = None) -> tuple[ir.Value, ...]:

@@ -376,3 +376,37 @@ def test_torchscript_export_verified(tmp_path):
     v = manifest["verification"]
     # a tiny random model: flat next-token distributions, so near-ties flip more often than in a trained one
     assert abs(v["perplexity_increase"]) <= 0.01 and v["top1_agreement"] >= 0.9, v
+
+
+def test_embedding_table_in_int4(tmp_path, exported_decoder):
+    """embedding: true stores the token embedding table as symmetric int4 blocks along the hidden
+    axis (GatherBlockQuantized): the float table is gone from the weights file, the stored blocks
+    dequantise to the table within one int4 step, and the model still predicts like the int4 one
+    with a float table."""
+    import onnx
+
+    from optc.passes.quant.blockwise import dequantize_blockwise
+    from optc.runtime import load
+
+    wq = {"name": "weight_quant", "bits": 4}
+    _compile(exported_decoder, tmp_path / "float_table", [wq], verify=False)
+    _compile(exported_decoder, tmp_path / "int4_table", [{**wq, "embedding": True}], verify=False)
+    proto = onnx.load(str(tmp_path / "int4_table" / "model.onnx"))
+    (gather,) = [n for n in proto.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert not [n for n in proto.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids"]
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    data, scales = inits[gather.input[0]], inits[gather.input[2]]
+    vocab, hidden = data.shape[0], data.shape[1] * 2
+    # the same blocks as a [hidden, vocab] MatMulNBits weight: dequantised, row t is token t's embedding
+    table = dequantize_blockwise(data.reshape(vocab, hidden // 32, 16), scales, None, 4, 32, hidden).T
+    ref = onnx.load(str(exported_decoder))
+    floats = {t.name: onnx.numpy_helper.to_array(t) for t in ref.graph.initializer}
+    original = next(v for v in floats.values() if v.shape == (vocab, hidden))
+    assert np.abs(table - original).max() <= np.abs(original).max() / 7 + 1e-6  # (within one int4 step)
+    size = lambda d: (tmp_path / d / "model.onnx.data").stat().st_size  # noqa: E731
+    assert size("int4_table") < size("float_table") - vocab * hidden * 3  # (4 bytes -> half a byte each)
+    a, b = load(tmp_path / "float_table"), load(tmp_path / "int4_table")
+    ids = np.random.default_rng(3).integers(1, 4096, 120)
+    agree = [a.prefill(ids[:60]).argmax() == b.prefill(ids[:60]).argmax()]
+    agree += [a.decode(int(t)).argmax() == b.decode(int(t)).argmax() for t in ids[60:]]
+    assert np.mean(agree) >= 0.8, np.mean(agree)
