@@ -73,7 +73,9 @@ def logits_of_last_rows(model: ir.Model, log=print) -> str | None:
         return None
     x = head.inputs[0]
     source = x.producer() if x is not None else None
-    if x is None or x.shape is None or len(x.shape) != 3 or (source is not None and source.op_type == "DequantizeLinear"):
+    if x is None or x.shape is None or len(x.shape) != 3:
+        return None
+    if source is not None and source.op_type == "DequantizeLinear":
         return None  # (a QDQ head: onnxruntime_int8 matches its quantised input as it stands)
     rows = ir.val(LOGIT_ROWS_INPUT, ir.DataType.INT64, [1])
     model.graph.inputs.append(rows)

@@ -244,9 +244,10 @@ class OnnxRuntimeExecutor:
         (KVCache.buffers), the first `cached` entries filled; the graph writes this step's keys and
         values after them, in place. Returns the logits [1, n, vocab] (the caller's to keep); the
         caller advances the cache. `bias`: the sink_window artifact's attention bias and, with
-        token_dropping, the pruned layers' bias row (runtime/cache/window.py; (None, None) without). `pruned_cached`: a token_dropping artifact's cache length in the
-        pruned layers (the logits then have a row per kept token: the caller advances those layers
-        by that many). `logit_rows`: logits for the step's last rows only (None: every row's)."""
+        token_dropping, the pruned layers' bias row (runtime/cache/window.py; (None, None)
+        without). `pruned_cached`: a token_dropping artifact's cache length in the pruned layers
+        (the logits then have a row per kept token: the caller advances those layers by that
+        many). `logit_rows`: logits for the step's last rows only (None: every row's)."""
         n = input_ids.shape[1]
         ids, logits = self._bind_step(buffers, cached, n, bias, pruned_cached, logit_rows)
         ids[...] = input_ids
