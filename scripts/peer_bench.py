@@ -506,6 +506,13 @@ def main() -> None:
            "repeats": a.repeats}
     if a.perplexity_only:
         return _perplexity_only(a, job, log)
+    # genai sizes its generator (and llama.cpp its context) to the longest run plus 8: refuse here, before any
+    # build, a run that would not fit the model's context rather than fail in the first worker
+    needed = max(job["contexts"] + job["prompt_lengths"]) + job["decode_tokens"] + 8
+    if needed > cfg.get("max_position_embeddings", needed):
+        raise SystemExit(f"peer_bench: the longest run needs {needed} positions (longest prompt or context + "
+                         f"--decode-tokens + 8), more than {a.hf}'s max_position_embeddings "
+                         f"{cfg['max_position_embeddings']}: shorten --prompt-lengths / --contexts")
     results = {}
     with tempfile.TemporaryDirectory(prefix="optc-peer-bench-") as tmp:
         work = Path(tmp)
